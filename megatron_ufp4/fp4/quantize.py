@@ -1,0 +1,168 @@
+"""The one quantizer: block scaling + optional RHT + RTNE/SR rounding onto a 4-bit grid.
+
+``quantize`` returns real storage (4-bit codes, block scales, NVFP4 tensor scale);
+``fake_quantize`` returns the dequantized values directly, bitwise equal to
+``quantize(...).dequantize(rotated=True)``, for emulated GEMMs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .formats import FP4Format, block_scales, make_format, scale_values
+from .grids import ROUNDINGS
+from .hadamard import RHT
+
+
+@dataclass
+class QuantizedTensor:
+    codes: torch.Tensor  # uint8, one code per element, same shape as the source tensor
+    scales: torch.Tensor  # per-block scales in storage dtype (fp32 / float8_e4m3fn / float8_e8m0fnu)
+    tensor_scale: torch.Tensor | None  # NVFP4 fp32 second-level decode factor (1/S_enc), else None
+    fmt: FP4Format
+    axis: int
+    rht: RHT | None
+    decode_scales: torch.Tensor  # fp32 per-block multipliers (scales x tensor_scale)
+    orig_dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def packed(self) -> torch.Tensor:
+        """Two codes per byte along the last dim: element 2i in the low nibble, 2i+1 in the high."""
+        return pack_codes(self.codes)
+
+    def nbytes(self) -> int:
+        sc = self.scales.numel() * self.scales.element_size()
+        return self.codes.numel() // 2 + sc + (4 if self.tensor_scale is not None else 0)
+
+    def dequantize(self, rotated: bool = False) -> torch.Tensor:
+        """fp32 values; in the original basis unless ``rotated`` (the basis the GEMM uses)."""
+        lut = self.fmt.grid_obj.signed_lut(self.codes.device)
+        moved = self.codes.movedim(self.axis, -1)
+        vals = _blocked(lut[moved.long()], self.fmt)
+        out = _unblocked(vals * self.decode_scales, moved.shape)
+        if self.rht is not None and not rotated:
+            out = self.rht.unrotate(out)
+        return out.movedim(-1, self.axis)
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    if codes.shape[-1] % 2:
+        raise ValueError(f"packing needs an even last dimension (got {codes.shape[-1]})")
+    c = codes.contiguous()
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
+    out = torch.stack([packed & 0xF, packed >> 4], dim=-1)
+    return out.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def _blocked(moved: torch.Tensor, fmt: FP4Format) -> torch.Tensor:
+    b = fmt.block
+    if fmt.block_2d:
+        r, c = moved.shape
+        return moved.reshape(r // b, b, c // b, b)
+    return moved.reshape(*moved.shape[:-1], moved.shape[-1] // b, b)
+
+
+def _unblocked(blocked: torch.Tensor, moved_shape) -> torch.Tensor:
+    return blocked.reshape(moved_shape)
+
+
+def _check(x: torch.Tensor, fmt: FP4Format, axis: int, rounding: str, rht: RHT | None) -> int:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"quantize expects a floating-point tensor (got {getattr(x, 'dtype', type(x).__name__)})")
+    if x.dim() == 0:
+        raise ValueError("quantize expects at least a 1-D tensor")
+    if not -x.dim() <= axis < x.dim():
+        raise ValueError(f"axis {axis} is out of range for a {x.dim()}-D tensor")
+    axis %= x.dim()
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}; expected one of {ROUNDINGS}")
+    n, b = x.shape[axis], fmt.block
+    if n % b:
+        raise ValueError(f"{fmt.name}: axis {axis} has size {n}, not a multiple of the block size {b}")
+    if fmt.block_2d:
+        if x.dim() != 2:
+            raise ValueError(f"{fmt.name}: 2D {b}x{b} blocks need a 2-D tensor (got shape {tuple(x.shape)})")
+        if x.shape[1 - axis] % b:
+            raise ValueError(f"{fmt.name}: shape {tuple(x.shape)} is not a multiple of the {b}x{b} block")
+    if rht is not None and n % rht.size:
+        raise ValueError(f"RHT of size {rht.size} needs axis {axis} (size {n}) to be a multiple of {rht.size}")
+    return axis
+
+
+def _quantize_values(x, fmt, axis, rounding, rht, generator, tensor_amax, nonfinite):
+    """Shared core: returns (grid values blocked, scales, decode, tensor_scale, moved shape)."""
+    moved = x.movedim(axis, -1)
+    xr = rht.rotate(moved) if rht is not None else moved.float().contiguous()
+    xb = _blocked(xr, fmt)
+    red = (1, 3) if fmt.block_2d else (-1,)
+    amax = xb.abs().amax(dim=red, keepdim=True)
+    finite = torch.isfinite(amax)
+    if nonfinite == "raise" and not bool(finite.all()):
+        raise ValueError(f"{fmt.name}: tensor of shape {tuple(x.shape)} contains NaN or Inf; refusing to quantize")
+    if fmt.scale == "e4m3" and tensor_amax is None:
+        tensor_amax = amax.max()
+    stored, dec, enc, tscale = block_scales(amax, fmt, tensor_amax)
+    q = fmt.grid_obj.round_(scale_values(xb, dec, enc), rounding, generator)
+    if nonfinite != "raise":  # a block holding NaN/Inf dequantizes to NaN, never to a number
+        dec = torch.where(finite, dec, float("nan"))
+    return q, stored, dec, tscale, moved.shape
+
+
+def _operand_stats(x, q, dec, fmt, rht, axis) -> dict:
+    """Telemetry for one quantized operand: amax, attenuation alpha, NMSE, clipped fraction."""
+    src = (rht.rotate(x.movedim(axis, -1)) if rht is not None else x.movedim(axis, -1).float()).reshape(q.shape)
+    deq = q * dec
+    energy = src.double().pow(2).sum()
+    inner = (deq.double() * src.double()).sum()
+    err = (deq.double() - src.double()).pow(2).sum()
+    clipped = (src.abs() > fmt.grid_obj.max * dec * (1 + 2 ** -20)) & (dec > 0)
+    return {"amax": float(src.abs().max()), "alpha": float(inner / energy) if energy > 0 else 1.0,
+            "nmse": float(err / energy) if energy > 0 else 0.0, "saturated": float(clipped.float().mean()),
+            "zeroed": float(((deq == 0) & (src != 0)).float().mean())}
+
+
+def _scale_layout(s: torch.Tensor, fmt: FP4Format, axis: int) -> torch.Tensor:
+    s = s.squeeze(3).squeeze(1) if fmt.block_2d else s.squeeze(-1)
+    return s.movedim(-1, axis)
+
+
+def quantize(x: torch.Tensor, fmt: str | FP4Format, axis: int = -1, rounding: str = "rtne",
+             rht: RHT | None = None, generator: torch.Generator | None = None, *,
+             tensor_amax: torch.Tensor | None = None, nonfinite: str = "raise",
+             **fmt_options) -> QuantizedTensor:
+    """Quantize ``x`` in blocks along ``axis``.
+
+    fmt: "e2m1" | "int4" | "nvfp4" | "mxfp4" or an FP4Format; ``fmt_options`` override its
+    fields (block, block_2d, max_level, scale_mode, scale).  rounding: "rtne" | "sr" (SR
+    draws from ``generator``).  rht: rotate blocks along ``axis`` first.  tensor_amax: a
+    precomputed NVFP4 tensor amax (e.g. all-reduced across tensor-parallel ranks).
+    nonfinite: "raise" (default) or "propagate" (blocks with NaN/Inf decode to NaN).
+    """
+    fmt = make_format(fmt, **fmt_options)
+    axis = _check(x, fmt, axis, rounding, rht)
+    q, stored, dec, tscale, mshape = _quantize_values(x, fmt, axis, rounding, rht, generator, tensor_amax, nonfinite)
+    codes = fmt.grid_obj.encode(q).reshape(mshape).movedim(-1, axis)
+    return QuantizedTensor(codes, _scale_layout(stored, fmt, axis), tscale, fmt, axis, rht, dec, x.dtype)
+
+
+def fake_quantize(x: torch.Tensor, fmt: str | FP4Format, axis: int = -1, rounding: str = "rtne",
+                  rht: RHT | None = None, generator: torch.Generator | None = None, *,
+                  tensor_amax: torch.Tensor | None = None, nonfinite: str = "raise",
+                  stats: dict | None = None, **fmt_options) -> torch.Tensor:
+    """Dequantized fp32 values in the rotated basis (what an FP4 GEMM multiplies).
+
+    If ``stats`` is a dict it is filled with telemetry (see ``_operand_stats``).
+    """
+    fmt = make_format(fmt, **fmt_options)
+    axis = _check(x, fmt, axis, rounding, rht)
+    q, _, dec, _, mshape = _quantize_values(x, fmt, axis, rounding, rht, generator, tensor_amax, nonfinite)
+    if stats is not None:
+        stats.update(_operand_stats(x, q, dec, fmt, rht, axis))
+    return q.mul_(dec).reshape(mshape).movedim(-1, axis)

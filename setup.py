@@ -1,0 +1,21 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_ufp4",
+    version="0.1.0",
+    description="Megatron-style LLM pretraining with pluggable FP4 GEMMs and the UFP4 recipe",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["megatron_ufp4", "megatron_ufp4.*"]),
+    python_requires=">=3.10",
+    # torch is deliberately unpinned here; install torch (CPU: torch==2.13.0) first.
+    install_requires=["torch>=2.4", "numpy", "pyyaml", "sentencepiece", "tqdm", "rich"],
+    extras_require={
+        "dev": ["pytest", "pytest-timeout", "matplotlib"],
+        "plot": ["matplotlib"],
+        "gpu": ["triton"],
+        "wandb": ["wandb"],
+        "tensorboard": ["tensorboard"],
+    },
+    entry_points={"console_scripts": []},
+)
