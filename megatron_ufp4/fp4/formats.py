@@ -15,6 +15,7 @@ branch in ``block_scales``).  Scale kinds:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 import torch
 
@@ -101,7 +102,7 @@ def block_scales(amax: torch.Tensor, fmt: FP4Format, tensor_amax: torch.Tensor |
         enc = (1.0 / dec).clamp(max=FP32_MAX)
         return s_dec_b, dec, enc, g_dec
     # e8m0: exact exponent arithmetic through frexp (m in [0.5, 1): floor(log2 a) = e - 1)
-    emax = int(torch.tensor(gmax).frexp().exponent) - 1
+    emax = math.frexp(gmax)[1] - 1
     if fmt.scale_mode == "floor":
         _, e = torch.frexp(amax)
         exp = e - 1 - emax
@@ -109,9 +110,14 @@ def block_scales(amax: torch.Tensor, fmt: FP4Format, tensor_amax: torch.Tensor |
         m, e = torch.frexp(amax / gmax)
         exp = torch.where(m == 0.5, e - 1, e)
     exp = torch.where(amax > 0, exp, -127).clamp_(-127, 127)
-    stored = (exp + 127).to(torch.uint8).view(torch.float8_e8m0fnu)
+    stored = (exp + 127).to(torch.uint8)  # biased exponent; see storage_dtype_view
     dec = torch.ldexp(torch.ones_like(amax), exp)
     return stored, dec, torch.ldexp(torch.ones_like(amax), -exp), None
+
+
+def storage_dtype_view(stored: torch.Tensor, fmt: FP4Format) -> torch.Tensor:
+    """E8M0 scales are computed as biased-exponent bytes; present them as float8_e8m0fnu."""
+    return stored.view(torch.float8_e8m0fnu) if fmt.scale == "e8m0" else stored
 
 
 def scale_values(xb: torch.Tensor, dec: torch.Tensor, enc: torch.Tensor | None) -> torch.Tensor:

@@ -42,47 +42,54 @@ class Grid:
         return _signed_lut(self.levels, str(device))
 
     # -- rounding ---------------------------------------------------------------------
-    def round_(self, v: torch.Tensor, rounding: str = "rtne", generator: torch.Generator | None = None) -> torch.Tensor:
+    def round_(self, v: torch.Tensor, rounding: str = "rtne", u: torch.Tensor | None = None) -> torch.Tensor:
         """Round scaled fp32 values onto the signed grid, saturating at ±max.
 
         Works in place on ``v`` (a fresh fp32 tensor owned by the caller) and returns it.
-        RTNE sends ties to the even magnitude code, as hardware converters do.
-        SR rounds up with probability equal to the fractional position between the
-        two neighbouring levels, so E[SR(v)] = v inside the range.
+        RTNE sends ties to the even magnitude code, as hardware converters do.  SR rounds
+        up with probability equal to the fractional position between the two neighbouring
+        levels (``u``: uniform [0, 1) draws, one per element), so E[SR(v)] = v in range.
         """
-        if rounding == "rtne":
-            return self._rtne_(v)
-        if rounding == "sr":
-            return self._sr_(v, generator)
-        raise ValueError(f"unknown rounding {rounding!r}; expected one of {ROUNDINGS}")
-
-    def _rtne_(self, v: torch.Tensor) -> torch.Tensor:
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"unknown rounding {rounding!r}; expected one of {ROUNDINGS}")
         v.clamp_(-self.max, self.max)
-        if self.uniform:  # integer grid: torch.round is half-to-even on integers == even code
-            return v.round_()
-        if self.levels[:5] == (0.0, 0.5, 1.0, 1.5, 2.0) and self.levels[5:] == (3.0, 4.0, 6.0)[: len(self.levels) - 5]:
-            return _e2m1_rtne_(v)
-        mag = v.abs()
-        mids = _mids(self.levels, str(v.device))
-        idx = torch.bucketize(mag, mids, right=True, out_int32=True)  # ties round up here ...
-        lv = self.levels_tensor(v.device)
-        tie = (idx > 0) & (idx % 2 == 1) & (mag == mids[(idx - 1).clamp_(min=0).long()])
-        idx = idx - tie.to(idx.dtype)  # ... and back down when the lower code is the even one
-        return lv[idx.long()].copysign_(v)
+        step = self._step(v)
+        if step is None:
+            return self._round_by_table(v, rounding, u)
+        if rounding == "rtne":  # within a step region, round-half-even of v/step is even-code rounding
+            return v.div_(step).round_().mul_(step)
+        lo = v.abs().div_(step).floor_()
+        up = (u < v.abs().div_(step).sub_(lo)).to(v.dtype)
+        return lo.add_(up).mul_(step).copysign_(v)
 
-    def _sr_(self, v: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        v.clamp_(-self.max, self.max)
-        u = torch.rand(v.shape, generator=generator, device=v.device, dtype=torch.float32)
+    def _step(self, v: torch.Tensor) -> torch.Tensor | float | None:
+        """Local grid spacing at each value, for grids that are piecewise uniform.
+
+        INT4: 1 everywhere.  E2M1 (and its range-restricted variants): 0.5 below 2, 1 below
+        4, 2 above; codes inside each region are affine in value/step with an even offset
+        (0, +2, +4), so even multiples of the step are even codes, and ties on a region
+        boundary (1.75, 3.5) land on the upper, even-coded level.
+        """
         if self.uniform:
-            lo = v.abs().floor_()
-            up = (u < (v.abs() - lo)).to(v.dtype)
-            return (lo + up).copysign_(v)
+            return 1.0
+        if self.levels == E2M1_LEVELS[: len(self.levels)] and len(self.levels) >= 5:
+            mag = v.abs()
+            return torch.where(mag < 2.0, 0.5, torch.where(mag < 4.0, 1.0, 2.0))
+        return None
+
+    def _round_by_table(self, v, rounding, u):
+        """Generic path for any ascending level set (binary search on the levels)."""
         mag = v.abs()
         lv = self.levels_tensor(v.device)
+        if rounding == "rtne":
+            mids = _mids(self.levels, str(v.device))
+            idx = torch.bucketize(mag, mids, right=True, out_int32=True)  # ties round up here ...
+            tie = (idx % 2 == 1) & (mag == mids[(idx - 1).clamp_(min=0).long()])
+            idx = idx - tie.to(idx.dtype)  # ... and back down when the lower code is the even one
+            return lv[idx.long()].copysign_(v)
         lo_idx = (torch.bucketize(mag, lv, right=True) - 1).clamp_(0, len(self.levels) - 2)
         lo, hi = lv[lo_idx], lv[lo_idx + 1]
-        p = (mag - lo) / (hi - lo)
-        return torch.where(u < p, hi, lo).copysign_(v)
+        return torch.where(u < (mag - lo) / (hi - lo), hi, lo).copysign_(v)
 
     # -- codes ------------------------------------------------------------------------
     def encode(self, q: torch.Tensor) -> torch.Tensor:
@@ -94,18 +101,6 @@ class Grid:
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         return self.signed_lut(codes.device)[codes.long()]
-
-
-def _e2m1_rtne_(v: torch.Tensor) -> torch.Tensor:
-    """E2M1 RTNE by arithmetic: the grid is uniform with step 0.5 below 2, 1 below 4, 2 above.
-
-    Within each step region the magnitude code is affine in value/step with an even
-    offset (0, +2, +4), so round-half-even of value/step is round-to-even-code; ties on a
-    region boundary (1.75, 3.5) land on the larger, even-coded level either way.
-    """
-    mag = v.abs()
-    step = torch.where(mag < 2.0, 0.5, torch.where(mag < 4.0, 1.0, 2.0))
-    return v.div_(step).round_().mul_(step)
 
 
 @lru_cache(maxsize=None)
@@ -125,7 +120,8 @@ def _signed_lut(levels: tuple[float, ...], device: str) -> torch.Tensor:
     return torch.tensor(lv + [-x for x in lv], dtype=torch.float32, device=device)
 
 
-E2M1 = Grid("e2m1", (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0))
+E2M1_LEVELS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+E2M1 = Grid("e2m1", E2M1_LEVELS)
 INT4 = Grid("int4", tuple(float(i) for i in range(8)))
 
 
@@ -140,5 +136,5 @@ def get_grid(name: str, max_level: float | None = None) -> Grid:
             return E2M1
         if max_level not in (2, 3, 4):
             raise ValueError(f"max_level must be 2, 3 or 4 (got {max_level})")
-        return Grid(f"e2m1_max{int(max_level)}", tuple(x for x in E2M1.levels if x <= max_level))
+        return Grid(f"e2m1_max{int(max_level)}", tuple(x for x in E2M1_LEVELS if x <= max_level))
     raise ValueError(f"unknown grid {name!r}; expected 'e2m1' or 'int4'")

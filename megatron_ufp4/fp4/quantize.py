@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .formats import FP4Format, block_scales, make_format, scale_values
+from .formats import FP4Format, block_scales, make_format, scale_values, storage_dtype_view
 from .grids import ROUNDINGS
 from .hadamard import RHT
 
@@ -96,29 +96,57 @@ def _check(x: torch.Tensor, fmt: FP4Format, axis: int, rounding: str, rht: RHT |
     return axis
 
 
-def _quantize_values(x, fmt, axis, rounding, rht, generator, tensor_amax, nonfinite):
-    """Shared core: returns (grid values blocked, scales, decode, tensor_scale, moved shape)."""
-    moved = x.movedim(axis, -1)
-    xr = rht.rotate(moved) if rht is not None else moved.float().contiguous()
+def _blocks_core(xm, fmt: FP4Format, rounding: str, rot, u, tensor_amax, dequantize: bool):
+    """Pure tensor math shared by every path (and compiled whole by the fused backend).
+
+    xm: the input with the blocked axis last; rot: the RHT matrix or None; u: SR draws.
+    Returns (grid values or dequantized values, blocked; stored scales; fp32 decode
+    multipliers; tensor scale; whether every block was finite).
+    """
+    xr = (xm.reshape(-1, rot.shape[0]).float() @ rot).reshape(xm.shape) if rot is not None else xm.float()
     xb = _blocked(xr, fmt)
-    red = (1, 3) if fmt.block_2d else (-1,)
-    amax = xb.abs().amax(dim=red, keepdim=True)
+    amax = xb.abs().amax(dim=(1, 3) if fmt.block_2d else (-1,), keepdim=True)
     finite = torch.isfinite(amax)
-    if nonfinite == "raise" and not bool(finite.all()):
-        raise ValueError(f"{fmt.name}: tensor of shape {tuple(x.shape)} contains NaN or Inf; refusing to quantize")
     if fmt.scale == "e4m3" and tensor_amax is None:
-        tensor_amax = amax.max()
+        tensor_amax = amax.amax()
     stored, dec, enc, tscale = block_scales(amax, fmt, tensor_amax)
-    q = fmt.grid_obj.round_(scale_values(xb, dec, enc), rounding, generator)
-    if nonfinite != "raise":  # a block holding NaN/Inf dequantizes to NaN, never to a number
-        dec = torch.where(finite, dec, float("nan"))
+    q = fmt.grid_obj.round_(scale_values(xb, dec, enc), rounding, None if u is None else _blocked(u, fmt))
+    dec = torch.where(finite, dec, float("nan"))  # a block holding NaN/Inf decodes to NaN, never a number
+    if dequantize:
+        q = q.mul_(dec)
+    return q, stored, dec, tscale, finite.all()
+
+
+_compiled_core = None
+
+
+def _core(fused: bool):
+    """The eager core, or the same function through torch.compile: one fused C++/Triton
+    kernel per (format, rounding, RHT) instead of ~10 memory passes; bitwise identical."""
+    global _compiled_core
+    if not fused:
+        return _blocks_core
+    if _compiled_core is None:
+        _compiled_core = torch.compile(_blocks_core, dynamic=True)
+    return _compiled_core
+
+
+def _quantize_values(x, fmt, axis, rounding, rht, generator, tensor_amax, nonfinite, dequantize=False, fused=False):
+    moved = x.movedim(axis, -1).contiguous()
+    u = None
+    if rounding == "sr":
+        u = torch.rand(moved.shape, generator=generator, device=x.device, dtype=torch.float32)
+    rot = rht.matrix(x.device) if rht is not None else None
+    q, stored, dec, tscale, all_finite = _core(fused)(moved, fmt, rounding, rot, u, tensor_amax, dequantize)
+    if nonfinite == "raise" and not bool(all_finite):
+        raise ValueError(f"{fmt.name}: tensor of shape {tuple(x.shape)} contains NaN or Inf; refusing to quantize")
     return q, stored, dec, tscale, moved.shape
 
 
 def _operand_stats(x, q, dec, fmt, rht, axis) -> dict:
     """Telemetry for one quantized operand: amax, attenuation alpha, NMSE, clipped fraction."""
     src = (rht.rotate(x.movedim(axis, -1)) if rht is not None else x.movedim(axis, -1).float()).reshape(q.shape)
-    deq = q * dec
+    deq = q
     energy = src.double().pow(2).sum()
     inner = (deq.double() * src.double()).sum()
     err = (deq.double() - src.double()).pow(2).sum()
@@ -149,20 +177,22 @@ def quantize(x: torch.Tensor, fmt: str | FP4Format, axis: int = -1, rounding: st
     axis = _check(x, fmt, axis, rounding, rht)
     q, stored, dec, tscale, mshape = _quantize_values(x, fmt, axis, rounding, rht, generator, tensor_amax, nonfinite)
     codes = fmt.grid_obj.encode(q).reshape(mshape).movedim(-1, axis)
-    return QuantizedTensor(codes, _scale_layout(stored, fmt, axis), tscale, fmt, axis, rht, dec, x.dtype)
+    scales = _scale_layout(storage_dtype_view(stored, fmt), fmt, axis)
+    return QuantizedTensor(codes, scales, tscale, fmt, axis, rht, dec, x.dtype)
 
 
 def fake_quantize(x: torch.Tensor, fmt: str | FP4Format, axis: int = -1, rounding: str = "rtne",
                   rht: RHT | None = None, generator: torch.Generator | None = None, *,
                   tensor_amax: torch.Tensor | None = None, nonfinite: str = "raise",
-                  stats: dict | None = None, **fmt_options) -> torch.Tensor:
+                  stats: dict | None = None, fused: bool = False, **fmt_options) -> torch.Tensor:
     """Dequantized fp32 values in the rotated basis (what an FP4 GEMM multiplies).
 
     If ``stats`` is a dict it is filled with telemetry (see ``_operand_stats``).
+    fused: run the torch.compile'd core (same bits, fewer memory passes).
     """
     fmt = make_format(fmt, **fmt_options)
     axis = _check(x, fmt, axis, rounding, rht)
-    q, _, dec, _, mshape = _quantize_values(x, fmt, axis, rounding, rht, generator, tensor_amax, nonfinite)
+    q, _, dec, _, mshape = _quantize_values(x, fmt, axis, rounding, rht, generator, tensor_amax, nonfinite, True, fused)
     if stats is not None:
         stats.update(_operand_stats(x, q, dec, fmt, rht, axis))
-    return q.mul_(dec).reshape(mshape).movedim(-1, axis)
+    return q.reshape(mshape).movedim(-1, axis)
