@@ -158,3 +158,16 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         mode = self.recipe.name if self.quantized else "high precision"
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {mode}"
+
+
+def precision_table(model: nn.Module) -> str:
+    """One line per transformer layer: which recipe its quantized linears run (from the modules)."""
+    rows: dict[str, set] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantizedLinear):
+            layer = name.split(".")[1] if name.startswith("layers.") else name
+            rows.setdefault(layer, set()).add(mod.recipe.name if mod.quantized else "high precision")
+    lines = ["layer  linears run as"]
+    for layer, kinds in rows.items():
+        lines.append(f"{layer:<6} {', '.join(sorted(kinds))}")
+    return "\n".join(lines)

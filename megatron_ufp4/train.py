@@ -1,0 +1,47 @@
+"""Pretrain a model: ``python -m megatron_ufp4.train CONFIG.yaml [section.key=value ...]``.
+
+Examples:
+    python -m megatron_ufp4.train configs/tiny_dense.yaml
+    python -m megatron_ufp4.train configs/tiny_dense.yaml recipe.name=e2m1_ref training.run_dir=runs/e2m1
+    python -m megatron_ufp4.train configs/tiny_moe.yaml optimizer.lr=3e-4 training.dtype=bf16
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="megatron-ufp4-train", description="Pretrain with FP4 GEMMs.",
+                                 epilog="Overrides: section.key=value, e.g. recipe.name=nvfp4 optimizer.lr=3e-4")
+    ap.add_argument("config", help="YAML config file (see configs/)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, section.key=value")
+    ap.add_argument("--exit-after", type=int, default=None, help="stop (with a checkpoint) after this step")
+    args = ap.parse_args(argv)
+
+    from .config import ConfigError, dump_config, load_config
+    from .training.checkpoint import CheckpointError
+    from .linear import precision_table
+    from .training.trainer import Trainer, TrainingAborted
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        print("resolved config:\n" + dump_config(cfg))
+        trainer = Trainer(cfg)
+        print(trainer.recipe.table())
+        print(precision_table(trainer.model))
+        result = trainer.train(exit_after=args.exit_after)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, TrainingAborted) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if not isinstance(e, TrainingAborted) else 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if "val_loss" in result:
+        print(f"final validation loss {result['val_loss']:.4f} (perplexity {result['val_ppl']:.2f}) "
+              f"at step {result['step']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

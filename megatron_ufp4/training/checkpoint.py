@@ -1,0 +1,120 @@
+"""Single-process checkpoints: atomic directories, keep-last-N, everything needed for an
+exact resume (model incl. SR generators and RHT signs, optimizer, step, data position,
+all RNG states, resolved config).
+
+Layout: ``<run_dir>/checkpoints/step_00000100/{state.pt, config.yaml}``.  A checkpoint is
+written into ``step_...tmp-<pid>`` and renamed into place, so a crash mid-write leaves the
+previous checkpoints intact and never a partial one under a final name.  Loading uses
+``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (missing, corrupt, or from an incompatible config)."""
+
+
+# -- RNG states in weights_only-loadable form ------------------------------------------------
+def capture_rng() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
+             "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos),
+             "numpy_has_gauss": int(has_gauss), "numpy_gauss": float(gauss)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- directories ---------------------------------------------------------------------------
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "state.pt").is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: str | Path, step: int, state: dict, config_yaml: str, keep_last: int,
+                    _before_rename=None) -> Path:
+    """Write ``state`` atomically as checkpoint ``step`` and prune to ``keep_last``."""
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f"{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        torch.save(state, tmp / "state.pt")
+        (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        if _before_rename is not None:  # test hook: simulate a crash before the commit point
+            _before_rename(tmp)
+        if final.exists():  # re-saving the same step (e.g. final save after an interval save)
+            old = root / f"{final.name}.old-{os.getpid()}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    f = path / "state.pt" if path.is_dir() else path
+    if not f.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt / foreign file: one line, naming it
+        raise CheckpointError(f"cannot read checkpoint {f}: {str(e).splitlines()[0]}") from None
+
+
+def config_differences(saved: dict, current: dict, sections=("model", "recipe")) -> list[str]:
+    """Dotted keys whose values differ in the sections that decide the parameter layout/math."""
+    diffs = []
+
+    def walk(a, b, prefix):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{prefix}.{k}")
+        elif a != b:
+            diffs.append(f"{prefix}: checkpoint has {a!r}, config has {b!r}")
+
+    for s in sections:
+        walk(saved.get(s), current.get(s), s)
+    return diffs

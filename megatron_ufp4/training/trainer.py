@@ -1,0 +1,231 @@
+"""The single-process training loop: data → model (FP4 linears) → AdamW, with exact resume.
+
+Exactness: the sample order is a pure function of (seed, consumed samples); evaluation
+uses a fixed unshuffled order; SR generators, RHT signs, optimizer state and every RNG go
+into the checkpoint; so a run stopped after step k and resumed reproduces an uninterrupted
+run's losses bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import RunConfig, dump_config
+from ..data.gpt_dataset import GPTDataset
+from ..data.indexed_dataset import IndexedDataset
+from ..model import GPTModel, LinearFactory, count_params
+from .checkpoint import (CheckpointError, capture_rng, config_differences, latest_checkpoint, load_checkpoint,
+                         restore_rng, save_checkpoint)
+from .metrics import MetricsLogger, measured_peak_flops
+from .optim import build_optimizer, clip_grad_norm
+from .schedule import lr_at
+
+
+class TrainingAborted(RuntimeError):
+    """Training stopped on purpose (e.g. too many non-finite steps in a row)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("training.device is cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def dataset_files(prefix: str, split: str) -> str:
+    p = f"{prefix}_{split}"
+    if not Path(p + ".bin").is_file() or not Path(p + ".idx").is_file():
+        raise FileNotFoundError(f"data.prefix: no prepared dataset {p}.bin/.idx (run megatron_ufp4.data.prepare "
+                                f"or scripts/prepare_demo_corpus.sh first)")
+    return p
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, console=print):
+        self.cfg, self.console = cfg, console
+        t = cfg.training
+        if any(v > 1 for v in (cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.expert, cfg.parallel.data)):
+            raise ValueError("parallel: sizes > 1 need a torchrun launch (scripts/pretrain.sh)")
+        self.device = resolve_device(t.device)
+        self.run_dir = Path(t.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        seed_everything(t.seed)
+        self.recipe, backend = cfg.build_recipe()
+        factory = LinearFactory(self.recipe, num_layers=cfg.model.num_layers, backend=backend, seed=t.seed)
+        with torch.device(self.device):
+            self.model = GPTModel(cfg.model, factory)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer.lr, cfg.optimizer.weight_decay,
+                                         (cfg.optimizer.beta1, cfg.optimizer.beta2), cfg.optimizer.eps)
+        self.accum = t.global_batch_size // t.micro_batch_size
+        self._build_data()
+        self.step = 0  # optimizer iterations done (skipped non-finite steps included)
+        self.skipped_total = 0
+        self.consecutive_nonfinite = 0
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.dtype == "bf16")
+        self._resume()
+        c = cfg.logging
+        self.logger = MetricsLogger(self.run_dir, cfg.to_dict(), c.wandb, c.wandb_project, c.wandb_mode,
+                                    c.tensorboard, self.step, console)
+        total, active = count_params(self.model)
+        seq = cfg.data.seq_len
+        emb = cfg.model.vocab_size * cfg.model.hidden_size * (1 if cfg.model.tie_embeddings else 2)
+        # 6 FLOPs per active non-embedding parameter per token, plus causal attention (fwd+bwd)
+        self.flops_per_token = 6 * (active - emb) + 6 * cfg.model.num_layers * cfg.model.hidden_size * seq
+        self.peak_flops = None
+
+    # -- data ---------------------------------------------------------------------------
+    def _build_data(self) -> None:
+        cfg, t = self.cfg, self.cfg.training
+        train = IndexedDataset(dataset_files(cfg.data.prefix, "train"))
+        val = IndexedDataset(dataset_files(cfg.data.prefix, "val"))
+        vocab_json = Path(cfg.data.prefix + ".json")
+        if vocab_json.is_file():
+            vocab = json.loads(vocab_json.read_text()).get("vocab_size", 0)
+            if vocab > cfg.model.vocab_size:
+                raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                                 f"vocabulary ({vocab}) in {vocab_json}")
+        self.train_ds = GPTDataset(train, cfg.data.seq_len, seed=t.seed, num_samples=t.train_steps * t.global_batch_size)
+        self.val_ds = GPTDataset(val, cfg.data.seq_len, seed=t.seed, shuffle=False)
+
+    def _batch(self, ds: GPTDataset, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        items = [ds[int(i) % len(ds)] for i in indices]
+        tokens = torch.stack([it["tokens"] for it in items]).to(self.device)
+        labels = torch.stack([it["labels"] for it in items]).to(self.device)
+        return tokens, labels
+
+    # -- one step -------------------------------------------------------------------------
+    def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+    def train_step(self) -> dict:
+        t, o = self.cfg.training, self.cfg.optimizer
+        lr = lr_at(self.step, t.train_steps, o.lr, self.cfg.schedule.kind, self.cfg.schedule.warmup_steps,
+                   self.cfg.schedule.min_lr_ratio, self.cfg.schedule.decay_fraction)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.model.train()
+        start = self.step * t.global_batch_size
+        loss_sum = torch.zeros((), device=self.device)
+        for m in range(self.accum):
+            idx = range(start + m * t.micro_batch_size, start + (m + 1) * t.micro_batch_size)
+            tokens, labels = self._batch(self.train_ds, idx)
+            with self.autocast:
+                logits = self.model(tokens)
+            loss = self.loss_fn(logits, labels) / self.accum
+            loss.backward()
+            loss_sum += loss.detach()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = clip_grad_norm(params, o.grad_clip)
+        finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
+            self.model.update_expert_bias()
+            self.consecutive_nonfinite = 0
+        else:
+            self.skipped_total += 1
+            self.consecutive_nonfinite += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.consecutive_nonfinite >= t.max_consecutive_nonfinite:
+            raise TrainingAborted(f"loss or gradients were NaN/Inf for {self.consecutive_nonfinite} steps in a row "
+                                  f"(last: step {self.step}); stopping. Lower optimizer.lr or try another recipe")
+        return {"step": self.step, "loss": float(loss_sum), "lr": lr, "grad_norm": float(grad_norm),
+                "skipped": int(not finite), "skipped_total": self.skipped_total}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        t = self.cfg.training
+        self.model.eval()
+        n = min(t.eval_iters * t.micro_batch_size, len(self.val_ds))
+        total, count = 0.0, 0
+        for s in range(0, n, t.micro_batch_size):
+            tokens, labels = self._batch(self.val_ds, range(s, min(n, s + t.micro_batch_size)))
+            with self.autocast:
+                logits = self.model(tokens)
+            total += float(self.loss_fn(logits, labels)) * tokens.shape[0]
+            count += tokens.shape[0]
+        self.model.train()
+        return total / max(count, 1)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                "consumed_samples": self.step * self.cfg.training.global_batch_size,
+                "skipped_total": self.skipped_total, "consecutive_nonfinite": self.consecutive_nonfinite,
+                "rng": capture_rng(), "config": self.cfg.to_dict()}
+
+    def save(self, _before_rename=None) -> Path:
+        path = save_checkpoint(self.run_dir, self.step, self.state_dict(), dump_config(self.cfg),
+                               self.cfg.checkpoint.keep_last, _before_rename)
+        return path
+
+    def _resume(self) -> None:
+        mode = self.cfg.training.resume
+        if mode == "none":
+            return
+        path = latest_checkpoint(self.run_dir) if mode == "auto" else Path(mode)
+        if path is None:
+            return
+        state = load_checkpoint(path)
+        diffs = config_differences(state.get("config", {}), self.cfg.to_dict())
+        if diffs:
+            raise CheckpointError(f"checkpoint {path} is from an incompatible config: {diffs[0]}"
+                                  + (f" (+{len(diffs) - 1} more)" if len(diffs) > 1 else ""))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.skipped_total = int(state["step"]), int(state["skipped_total"])
+        self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
+        restore_rng(state["rng"])
+        self.console(f"resumed from {path} at step {self.step}")
+
+    # -- the loop ---------------------------------------------------------------------------
+    def train(self, exit_after: int | None = None) -> dict:
+        t, cfg = self.cfg.training, self.cfg
+        tokens_per_step = t.global_batch_size * cfg.data.seq_len
+        if self.peak_flops is None:
+            self.peak_flops = measured_peak_flops(self.device)
+        result = {"step": self.step}
+        t_last, steps_since = time.perf_counter(), 0
+        t_start, start_step = t_last, self.step
+        while self.step < t.train_steps:
+            rec = self.train_step()
+            steps_since += 1
+            now = time.perf_counter()
+            rec["tokens_per_s"] = tokens_per_step * steps_since / max(now - t_last, 1e-9)
+            rec["mfu"] = rec["tokens_per_s"] * self.flops_per_token / self.peak_flops
+            moe = self.model.moe_stats()
+            if moe:
+                rec["moe"] = moe
+            if self.step % cfg.logging.interval == 0 or self.step == t.train_steps:
+                eta = (now - t_start) / (self.step - start_step) * (t.train_steps - self.step)
+                self.logger.progress(rec, t.train_steps, eta)
+                t_last, steps_since = now, 0
+            if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.train_steps):
+                rec["val_loss"] = self.evaluate()
+                rec["val_ppl"] = math.exp(min(rec["val_loss"], 50))
+                self.console(f"step {self.step:>6} | validation loss {rec['val_loss']:.4f} | "
+                             f"perplexity {rec['val_ppl']:.2f}")
+            self.logger.log(rec)
+            result = rec
+            done = self.step == t.train_steps or (exit_after is not None and self.step >= exit_after)
+            interval = cfg.checkpoint.interval
+            if (interval and self.step % interval == 0) or (done and cfg.checkpoint.save_final):
+                self.console(f"saved checkpoint {self.save()}")
+            if done:
+                break
+        self.logger.close()
+        return result
