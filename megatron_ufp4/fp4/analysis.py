@@ -128,14 +128,17 @@ def load_tensor(path: str, multiple: int = 32) -> torch.Tensor:
     ``multiple`` (every block and RHT tile then lies inside a row, so the analysis is the same
     as on the original shape). Dict entries that are not floating-point tensors (step counters,
     ...) are skipped; if the last dimensions differ, rows are re-chunked to ``multiple`` wide.
+    A dict is analyzed as one tensor (so NVFP4's per-tensor scale spans all of its entries).
     """
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ValueError(f"no such file: {path}") from None
-    except Exception as e:  # unpickling / weights_only refusals: keep the first line of the reason
-        raise ValueError(f"cannot load {path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+    except Exception as e:  # not a torch file, or pickled objects that weights_only refuses
+        raise ValueError(f"cannot load {path}: {_load_error_reason(e)}") from None
     if isinstance(obj, torch.Tensor):
+        if not obj.is_floating_point():
+            raise ValueError(f"{path}: expected a floating-point tensor (got {obj.dtype})")
         named = {"tensor": obj}
     elif isinstance(obj, Mapping):
         named = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
@@ -143,8 +146,6 @@ def load_tensor(path: str, multiple: int = 32) -> torch.Tensor:
             raise ValueError(f"{path}: the dict holds no floating-point tensors")
     else:
         raise ValueError(f"{path}: expected a tensor or a dict of tensors (got {type(obj).__name__})")
-    if isinstance(obj, torch.Tensor) and not obj.is_floating_point():
-        raise ValueError(f"{path}: expected a floating-point tensor (got {obj.dtype})")
     rows = []
     for name, t in named.items():
         if t.dim() == 0 or t.numel() == 0 or t.shape[-1] % multiple:
@@ -154,6 +155,15 @@ def load_tensor(path: str, multiple: int = 32) -> torch.Tensor:
     if len({r.shape[-1] for r in rows}) > 1:
         rows = [r.reshape(-1, multiple) for r in rows]
     return torch.cat(rows) if len(rows) > 1 else rows[0]
+
+
+def _load_error_reason(e: Exception) -> str:
+    """torch.load's weights_only errors open with a generic paragraph; keep the specific cause."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        cause = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+        return f"not a weights-only torch file ({' '.join(cause.split())})"
+    return " ".join(text.split()) or type(e).__name__
 
 
 def required_multiple(formats=DEFAULT_FORMATS, rht_size: int = 16) -> int:
