@@ -79,8 +79,10 @@ def make_format(fmt: str | FP4Format, **overrides) -> FP4Format:
 
 
 def nvfp4_tensor_encode_scale(tensor_amax: torch.Tensor, gmax: float) -> torch.Tensor:
-    s_enc = (E4M3_MAX * gmax / tensor_amax.float()).clamp(max=FP32_MAX)
-    return torch.where((tensor_amax == 0) | (s_enc == 0), torch.ones_like(s_enc), s_enc)
+    amax = tensor_amax.float()
+    # a true fp32 division (a Python scalar over a tensor would be reciprocal-then-multiply)
+    s_enc = torch.div(torch.full_like(amax, E4M3_MAX * gmax), amax).clamp(max=FP32_MAX)
+    return torch.where((amax == 0) | (s_enc == 0), torch.ones_like(s_enc), s_enc)
 
 
 def block_scales(amax: torch.Tensor, fmt: FP4Format, tensor_amax: torch.Tensor | None):

@@ -1,8 +1,9 @@
 """The one quantizer: block scaling + optional RHT + RTNE/SR rounding onto a 4-bit grid.
 
 ``quantize`` returns real storage (4-bit codes, block scales, NVFP4 tensor scale);
-``fake_quantize`` returns the dequantized values directly, bitwise equal to
-``quantize(...).dequantize(rotated=True)``, for emulated GEMMs.
+``fake_quantize`` returns the dequantized values directly, for emulated GEMMs: bitwise
+equal to ``quantize(...).dequantize(rotated=True)`` except that a negative value rounding
+to zero stays -0.0 here (code 0 stores +0; the two are equal and multiply identically).
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def _unblocked(blocked: torch.Tensor, moved_shape) -> torch.Tensor:
     return blocked.reshape(moved_shape)
 
 
-def _check(x: torch.Tensor, fmt: FP4Format, axis: int, rounding: str, rht: RHT | None) -> int:
+def _check(x: torch.Tensor, fmt: FP4Format, axis: int, rounding: str, rht: RHT | None, nonfinite: str) -> int:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ValueError(f"quantize expects a floating-point tensor (got {getattr(x, 'dtype', type(x).__name__)})")
     if x.dim() == 0:
@@ -83,6 +84,8 @@ def _check(x: torch.Tensor, fmt: FP4Format, axis: int, rounding: str, rht: RHT |
     axis %= x.dim()
     if rounding not in ROUNDINGS:
         raise ValueError(f"unknown rounding {rounding!r}; expected one of {ROUNDINGS}")
+    if nonfinite not in ("raise", "propagate"):
+        raise ValueError(f"nonfinite must be 'raise' or 'propagate' (got {nonfinite!r})")
     n, b = x.shape[axis], fmt.block
     if n % b:
         raise ValueError(f"{fmt.name}: axis {axis} has size {n}, not a multiple of the block size {b}")
@@ -107,8 +110,8 @@ def _blocks_core(xm, fmt: FP4Format, rounding: str, rot, u, tensor_amax, dequant
     xb = _blocked(xr, fmt)
     amax = xb.abs().amax(dim=(1, 3) if fmt.block_2d else (-1,), keepdim=True)
     finite = torch.isfinite(amax)
-    if fmt.scale == "e4m3" and tensor_amax is None:
-        tensor_amax = amax.amax()
+    if fmt.scale == "e4m3" and tensor_amax is None:  # over finite blocks: one NaN must not poison the rest
+        tensor_amax = torch.where(finite, amax, 0.0).amax()
     stored, dec, enc, tscale = block_scales(amax, fmt, tensor_amax)
     q = fmt.grid_obj.round_(scale_values(xb, dec, enc), rounding, None if u is None else _blocked(u, fmt))
     dec = torch.where(finite, dec, float("nan"))  # a block holding NaN/Inf decodes to NaN, never a number
@@ -174,7 +177,7 @@ def quantize(x: torch.Tensor, fmt: str | FP4Format, axis: int = -1, rounding: st
     nonfinite: "raise" (default) or "propagate" (blocks with NaN/Inf decode to NaN).
     """
     fmt = make_format(fmt, **fmt_options)
-    axis = _check(x, fmt, axis, rounding, rht)
+    axis = _check(x, fmt, axis, rounding, rht, nonfinite)
     q, stored, dec, tscale, mshape = _quantize_values(x, fmt, axis, rounding, rht, generator, tensor_amax, nonfinite)
     codes = fmt.grid_obj.encode(q).reshape(mshape).movedim(-1, axis)
     scales = _scale_layout(storage_dtype_view(stored, fmt), fmt, axis)
@@ -191,7 +194,7 @@ def fake_quantize(x: torch.Tensor, fmt: str | FP4Format, axis: int = -1, roundin
     fused: run the torch.compile'd core (same bits, fewer memory passes).
     """
     fmt = make_format(fmt, **fmt_options)
-    axis = _check(x, fmt, axis, rounding, rht)
+    axis = _check(x, fmt, axis, rounding, rht, nonfinite)
     q, _, dec, _, mshape = _quantize_values(x, fmt, axis, rounding, rht, generator, tensor_amax, nonfinite, True, fused)
     if stats is not None:
         stats.update(_operand_stats(x, q, dec, fmt, rht, axis))

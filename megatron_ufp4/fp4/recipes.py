@@ -114,7 +114,6 @@ class Recipe:
         if "name" in d and name not in PRESETS:
             raise ValueError(f"unknown recipe {name!r}; presets: {sorted(PRESETS)}")
         spec = _merge(copy.deepcopy(PRESETS.get(name, {})), d)
-        spec["name"] = name
         gemms = {g: _build_gemm(g, spec) for g in GEMM_ROLES}
         rht_size = spec.get("rht_size", 16)
         if rht_size not in RHT_SIZES:
@@ -150,7 +149,9 @@ class Recipe:
             return False
         if layer in self.bf16_layers:
             return True
-        n = num_layers or 0
+        if num_layers is None:  # counts from the end (and fractions) need the layer count
+            return isinstance(self.bf16_first, int) and layer < self.bf16_first
+        n = num_layers
         first = round(self.bf16_first * n) if isinstance(self.bf16_first, float) else self.bf16_first
         last = round(self.bf16_last * n) if isinstance(self.bf16_last, float) else self.bf16_last
         return layer < first or layer >= n - last

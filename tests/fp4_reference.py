@@ -1,0 +1,103 @@
+"""Independent reference arithmetic for the FP4 tests (pure Python / numpy float32).
+
+Nothing here imports ``megatron_ufp4``: these helpers restate UFP4.md §1-2 from scratch so
+that the tests compare the package against an independent derivation, not against itself.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+E2M1_LEVELS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+INT4_LEVELS = tuple(float(i) for i in range(8))
+F32 = np.float32
+
+
+def levels_for(grid: str, max_level=None) -> tuple[float, ...]:
+    if grid == "int4":
+        return INT4_LEVELS
+    if max_level is None:
+        return E2M1_LEVELS
+    return tuple(v for v in E2M1_LEVELS if v <= max_level)
+
+
+def rtne_ref(v: float, levels) -> float:
+    """Nearest level to v (saturating at ±max); exact ties go to the even magnitude *code*."""
+    mag = min(abs(float(v)), levels[-1])
+    best = min(range(len(levels)), key=lambda i: (abs(levels[i] - mag), i % 2))
+    out = levels[best]
+    return -out if v < 0 else out
+
+
+def sr_neighbours(v: float, levels) -> tuple[float, float, float]:
+    """(lo, hi, p_up) in magnitude for a value inside the range, in float64."""
+    mag = min(abs(float(v)), levels[-1])
+    for lo, hi in zip(levels[:-1], levels[1:]):
+        if lo <= mag <= hi:
+            if mag == hi:
+                return hi, hi, 0.0
+            return lo, hi, (mag - lo) / (hi - lo)
+    raise AssertionError("unreachable")
+
+
+def half_gap(levels) -> float:
+    return max(b - a for a, b in zip(levels[:-1], levels[1:])) / 2
+
+
+def e4m3_ref(v: float) -> float:
+    """Round a non-negative finite value (<= 448) to float8 e4m3fn, round-half-even.
+
+    Bias 7, 3 mantissa bits, min normal 2^-6, subnormal step 2^-9, max 448.
+    """
+    v = float(v)
+    assert 0.0 <= v <= 448.0
+    if v == 0.0:
+        return 0.0
+    e = max(math.floor(math.log2(v)), -6)
+    # guard log2 inexactness near binade edges
+    if 2.0 ** e > v and e > -6:
+        e -= 1
+    if 2.0 ** (e + 1) <= v:
+        e += 1
+    step = 2.0 ** (e - 3)
+    return round(v / step) * step  # v/step is exact (power-of-two step); round() is half-even
+
+
+def nvfp4_ref(blocks, tensor_amax=None):
+    """TE's NVFP4 arithmetic, one fp32 operation at a time (numpy float32).
+
+    ``blocks``: list of 1-D float sequences (already fp32 values).  Returns
+    (S_enc, [S_dec_b], g_dec, [decode], [[dequantized element]]).
+    """
+    blocks = [[F32(x) for x in b] for b in blocks]
+    amaxes = [max(abs(x) for x in b) for b in blocks]
+    t_amax = F32(max(amaxes) if tensor_amax is None else tensor_amax)
+    with np.errstate(divide="ignore", over="ignore"):
+        s_enc = F32(F32(448.0 * 6.0) / t_amax) if t_amax != 0 else F32(1.0)
+    if s_enc == 0:
+        s_enc = F32(1.0)
+    if not np.isfinite(s_enc):
+        s_enc = F32(np.finfo(np.float32).max)
+    s_enc_over_6 = F32(s_enc * F32(F32(1.0) / F32(6.0)))
+    g_dec = F32(F32(1.0) / s_enc)
+    s_dec, dec, deq = [], [], []
+    for b, a in zip(blocks, amaxes):
+        sd = F32(e4m3_ref(min(float(F32(a * s_enc_over_6)), 448.0)))
+        d = F32(sd * g_dec)
+        with np.errstate(divide="ignore"):
+            enc = F32(F32(1.0) / d) if d != 0 else F32(np.finfo(np.float32).max)
+        with np.errstate(over="ignore"):
+            vals = [F32(rtne_ref(float(F32(x * enc)), E2M1_LEVELS)) * d for x in b]
+        s_dec.append(float(sd))
+        dec.append(float(d))
+        deq.append([float(F32(v)) for v in vals])
+    return float(s_enc), s_dec, float(g_dec), dec, deq
+
+
+def hadamard_ref(n: int) -> np.ndarray:
+    """Sylvester Hadamard matrix by the closed form H[i, j] = (-1)^popcount(i & j)."""
+    i = np.arange(n)[:, None]
+    j = np.arange(n)[None, :]
+    bits = np.vectorize(lambda v: bin(int(v)).count("1"))(i & j)
+    return np.where(bits % 2 == 0, 1.0, -1.0)
