@@ -17,15 +17,15 @@ RHT_SIZES = (16, 32, 64, 128)
 def sylvester_hadamard(n: int) -> torch.Tensor:
     if n < 1 or n & (n - 1):
         raise ValueError(f"Hadamard size must be a power of two (got {n})")
-    h = torch.ones(1, 1, dtype=torch.float64)
+    h = torch.ones(1, 1, dtype=torch.float64, device="cpu")  # built on CPU whatever the default device
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h
 
 
 def random_signs(n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(int(seed))
-    return torch.randint(0, 2, (n,), generator=g).to(torch.float32).mul_(2).sub_(1)
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randint(0, 2, (n,), generator=g, device="cpu").to(torch.float32).mul_(2).sub_(1)
 
 
 class RHT:

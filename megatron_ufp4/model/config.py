@@ -1,0 +1,152 @@
+"""Model shape as a dataclass: one place that says what a GPT (dense or MoE) looks like.
+
+``ModelConfig.validate()`` rejects impossible shapes with a ``ValueError`` that names the
+field; ``from_dict`` rejects unknown keys (typos in YAML fail loudly).  ``PRESETS`` holds
+the shapes this project uses for the paper's model sizes (UFP4.md §6: the paper gives
+names only, so these are our documented choices; totals come from ``num_params``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+ROUTER_SCORES = ("softmax", "sigmoid")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    ffn_hidden_size: int
+    max_seq_len: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    bias: bool = False  # bias on the attention / MLP / expert linears
+    # -- mixture of experts (num_experts == 0: every layer dense) -------------------------
+    num_experts: int = 0
+    moe_top_k: int = 2
+    moe_ffn_hidden_size: int | None = None  # per routed/shared expert; None: ffn_hidden_size
+    num_shared_experts: int = 0
+    first_k_dense: int = 0  # layers [0, first_k_dense) stay dense
+    router_score: str = "softmax"  # "softmax" | "sigmoid"
+    router_norm_topk: bool = True  # renormalise the k selected weights to sum to 1
+    aux_loss_coeff: float = 0.01  # Switch/GShard load-balancing loss; 0: off
+    expert_bias_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3) update speed; 0: off
+    moe_capacity_factor: float | None = None  # None: no token dropping
+
+    # -- derived ----------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        return self.moe_ffn_hidden_size if self.moe_ffn_hidden_size is not None else self.ffn_hidden_size
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, layer_index: int) -> bool:
+        return self.num_experts > 0 and layer_index >= self.first_k_dense
+
+    # -- checks -------------------------------------------------------------------------------
+    def validate(self) -> "ModelConfig":
+        def bad(name, why):
+            raise ValueError(f"ModelConfig.{name} {why} (got {getattr(self, name)!r})")
+
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
+                     "max_seq_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                bad(name, "must be a positive integer")
+        if self.hidden_size % self.num_heads:
+            bad("num_heads", f"must divide hidden_size={self.hidden_size}")
+        if self.num_heads % self.num_kv_heads:
+            bad("num_kv_heads", f"must divide num_heads={self.num_heads}")
+        if self.head_dim % 2:
+            bad("num_heads", f"gives an odd head_dim={self.head_dim}; rotary embeddings need it even")
+        if not self.rope_theta > 0:
+            bad("rope_theta", "must be > 0")
+        if not self.norm_eps > 0:
+            bad("norm_eps", "must be > 0")
+        if not self.init_std > 0:
+            bad("init_std", "must be > 0")
+        for name in ("num_experts", "num_shared_experts", "first_k_dense"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                bad(name, "must be an integer >= 0")
+        if self.first_k_dense > self.num_layers:
+            bad("first_k_dense", f"must be <= num_layers={self.num_layers}")
+        if self.router_score not in ROUTER_SCORES:
+            bad("router_score", f"must be one of {ROUTER_SCORES}")
+        if self.aux_loss_coeff < 0:
+            bad("aux_loss_coeff", "must be >= 0")
+        if self.expert_bias_rate < 0:
+            bad("expert_bias_rate", "must be >= 0")
+        if self.num_experts > 0:
+            if isinstance(self.moe_top_k, bool) or not isinstance(self.moe_top_k, int) or self.moe_top_k < 1:
+                bad("moe_top_k", "must be a positive integer")
+            if self.moe_top_k > self.num_experts:
+                bad("moe_top_k", f"must be <= num_experts={self.num_experts}")
+            f = self.moe_ffn_hidden_size
+            if f is not None and (isinstance(f, bool) or not isinstance(f, int) or f < 1):
+                bad("moe_ffn_hidden_size", "must be a positive integer or None")
+            c = self.moe_capacity_factor
+            if c is not None and not c > 0:
+                bad("moe_capacity_factor", "must be > 0 or None")
+        elif self.num_shared_experts:
+            bad("num_shared_experts", "needs num_experts > 0")
+        return self
+
+    # -- (de)serialisation ----------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """Build and validate from a mapping; ``preset: NAME`` starts from ``PRESETS[NAME]``."""
+        d = dict(d)
+        if "preset" in d:
+            name = d.pop("preset")
+            if name not in PRESETS:
+                _unknown_preset(name)
+            d = {**PRESETS[name], **d}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig key {unknown[0]!r}; known keys: {sorted(known)}")
+        return cls(**d).validate()
+
+
+def _unknown_preset(name):
+    raise ValueError(f"unknown model preset {name!r}; presets: {sorted(PRESETS)}")
+
+
+LING_VOCAB = 157184
+# Llama-style stacks with standard GQA attention in place of Ling 3.0's hybrid linear attention
+# (a documented substitution, UFP4.md §6); every width a multiple of 32 so all FP4 recipes
+# (MXFP4's 1x32 blocks included) apply.  num_params (untied head, embeddings included):
+#   dense-1.5b  1.512B
+#   moe-7.9b    7.917B total / 1.270B active  (24 layers, 128 experts top-8 + 1 shared, Ling-3.0-tiny-like)
+#   moe-124b  124.140B total / 5.232B active  (42 layers, first 2 dense, 512 experts top-8 + 1 shared)
+PRESETS: dict[str, dict] = {
+    "dense-1.5b": dict(vocab_size=LING_VOCAB, hidden_size=2048, num_layers=18, num_heads=16, num_kv_heads=4,
+                       ffn_hidden_size=6144, max_seq_len=4096),
+    "moe-7.9b": dict(vocab_size=LING_VOCAB, hidden_size=1792, num_layers=24, num_heads=28, num_kv_heads=4,
+                     ffn_hidden_size=4864, max_seq_len=4096, num_experts=128, moe_top_k=8,
+                     moe_ffn_hidden_size=448, num_shared_experts=1, first_k_dense=1, router_score="sigmoid"),
+    "moe-124b": dict(vocab_size=LING_VOCAB, hidden_size=4096, num_layers=42, num_heads=32, num_kv_heads=4,
+                     ffn_hidden_size=6144, max_seq_len=4096, num_experts=512, moe_top_k=8,
+                     moe_ffn_hidden_size=480, num_shared_experts=1, first_k_dense=2, router_score="sigmoid"),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A preset shape with fields overridden (e.g. ``preset("moe-124b", num_layers=4)``)."""
+    return ModelConfig.from_dict({"preset": name, **overrides})

@@ -1,0 +1,163 @@
+"""GPT: embedding -> pre-norm blocks (attention + MLP or MoE) -> final norm -> output head.
+
+    model = GPTModel(config, LinearFactory("ufp4", config.num_layers))
+    logits = model(tokens)                  # (B, T, vocab) float32; MoE aux losses ride on autograd
+
+Pipeline parallelism can split ``model.embed``, ``model.layers`` (an ``nn.ModuleList``
+whose blocks carry their global ``layer_index``), ``model.norm`` and ``model.head``;
+``forward`` skips any of embed / norm / head that a stage has set to ``None``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .layers import Attention, RotaryEmbedding, SwiGLU, rms_norm
+from .linear_factory import LinearFactory
+from .moe import MoE
+
+
+class Block(nn.Module):
+    """x + attn(norm(x)), then h + mlp(norm(h)); ``mlp`` is a SwiGLU or an MoE."""
+
+    def __init__(self, config: ModelConfig, linear_factory, layer_index: int, rope: RotaryEmbedding, device=None):
+        super().__init__()
+        self.layer_index = layer_index
+        self.attn_norm = rms_norm(config, device)
+        self.attn = Attention(config, linear_factory, layer_index, rope)
+        self.mlp_norm = rms_norm(config, device)
+        if config.is_moe_layer(layer_index):
+            self.mlp = MoE(config, linear_factory, layer_index, device=device)
+        else:
+            self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size, linear_factory, layer_index, name="mlp",
+                              bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.attn_norm.reset_parameters()
+        self.mlp_norm.reset_parameters()
+        self.attn.init_weights(std, out_std)
+        self.mlp.init_weights(std, out_std)
+
+
+class GPTModel(nn.Module):
+    """Decoder-only transformer; see module docstring.  ``linear_factory`` makes every
+    attention / MLP / expert linear (default: high-precision ``LinearFactory("bf16")``)."""
+
+    def __init__(self, config: ModelConfig, linear_factory=None, *, device=None):
+        super().__init__()
+        config.validate()
+        if linear_factory is None:
+            linear_factory = LinearFactory("bf16", config.num_layers, device=device)
+        n = getattr(linear_factory, "num_layers", None)
+        if n is not None and n != config.num_layers:
+            raise ValueError(f"linear_factory.num_layers={n} but config.num_layers={config.num_layers}; the recipe's "
+                             "high-precision first/last layers are placed using the factory's count")
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size, device=device)
+        self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta, device=device)
+        self.layers = nn.ModuleList(Block(config, linear_factory, i, self.rope, device=device)
+                                    for i in range(config.num_layers))
+        self.norm = rms_norm(config, device)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.init_weights()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) int64 -> logits (B, T, vocab) float32."""
+        h = self.embed(tokens) if self.embed is not None else tokens
+        for layer in self.layers:
+            h = layer(h)
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.head(h).float() if self.head is not None else h
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """N(0, init_std) weights, output projections (attention out, MLP / expert down)
+        with std / sqrt(2 * num_layers), zero biases, unit norms, zero expert biases;
+        deterministic given ``torch.manual_seed``.  Also recomputes the RoPE tables (call
+        after ``to_empty`` on a model built on the meta device)."""
+        self.rope.reset_parameters()
+        if any(p.is_meta for p in self.parameters()):
+            return  # nothing to fill on the meta device (and meta normal_ is slow); re-run after to_empty
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.num_layers)
+        if self.embed is not None:
+            nn.init.normal_(self.embed.weight, mean=0.0, std=std)
+        for layer in self.layers:
+            layer.init_weights(std, out_std)
+        if self.norm is not None:
+            self.norm.reset_parameters()
+        if self.head is not None and not self.config.tie_embeddings:
+            nn.init.normal_(self.head.weight, mean=0.0, std=std)
+
+    # -- MoE helpers ------------------------------------------------------------------------
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def moe_stats(self) -> dict[int, dict]:
+        """Per MoE layer (by global layer index) after the last forward: ``load`` (tokens
+        routed to each expert, a list), ``aux_loss`` (float) and ``dropped`` (slots over
+        capacity).  Synchronises with the device; call at logging time."""
+        stats = {}
+        for m in self.moe_layers():
+            if m.last_load is not None:
+                stats[m.layer_index] = {"load": m.last_load.tolist(), "aux_loss": float(m.last_aux_loss),
+                                        "dropped": int(m.last_dropped)}
+        return stats
+
+    def update_expert_bias(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[int, list]:
+        """One aux-loss-free balancing step on every MoE layer (call once per optimizer
+        step; ``reduce`` sums loads over data-parallel ranks).  Returns the loads used."""
+        return {m.layer_index: m.update_expert_bias(reduce).tolist() for m in self.moe_layers()}
+
+
+# -- parameter counts ------------------------------------------------------------------------
+class ParamCount(NamedTuple):
+    total: int
+    active: int  # parameters one token uses: routed experts counted top_k times of num_experts
+
+
+def _swiglu_params(h: int, f: int, bias: bool) -> int:
+    return 3 * h * f + ((2 * f + h) if bias else 0)
+
+
+def num_params(config: ModelConfig) -> ParamCount:
+    """Total / active parameter counts from the config alone (embedding, head when untied,
+    norms and routers included; RoPE has none)."""
+    c = config.validate()
+    h, hd = c.hidden_size, c.head_dim
+    qkv_out = (c.num_heads + 2 * c.num_kv_heads) * hd
+    attn = h * qkv_out + c.num_heads * hd * h + ((qkv_out + h) if c.bias else 0)
+    total = active = c.vocab_size * h * (1 if c.tie_embeddings else 2) + h  # embed, head, final norm
+    for i in range(c.num_layers):
+        layer = attn + 2 * h
+        if c.is_moe_layer(i):
+            expert = _swiglu_params(h, c.expert_ffn_hidden_size, c.bias)
+            shared = _swiglu_params(h, c.num_shared_experts * c.expert_ffn_hidden_size, c.bias) \
+                if c.num_shared_experts else 0
+            layer += c.num_experts * h + c.num_experts * expert + shared
+            active += layer - (c.num_experts - c.moe_top_k) * expert
+        else:
+            layer += _swiglu_params(h, c.ffn_hidden_size, c.bias)
+            active += layer
+        total += layer
+    return ParamCount(total, active)
+
+
+def count_params(model: nn.Module) -> ParamCount:
+    """Total / active parameters of a built model (tied weights counted once); works on
+    meta-device models and on pipeline stages (counts what the module holds)."""
+    total = sum(p.numel() for p in model.parameters())
+    inactive = sum((m.num_experts - m.top_k) * m.expert_params() for m in model.modules() if isinstance(m, MoE))
+    return ParamCount(total, total - inactive)

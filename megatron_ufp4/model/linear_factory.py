@@ -1,0 +1,76 @@
+"""The one place where the model's attention / MLP / expert linears are made.
+
+Model code never constructs those linears itself; it calls a factory
+
+    factory(in_features, out_features, *, kind, layer_index, name, bias=False) -> nn.Module
+
+``kind`` is "column" (the output dimension may be split: fused qkv, fused gate+up) or
+"row" (the input dimension may be split: attention output, MLP/expert down).  The
+single-process ``LinearFactory`` ignores it; a tensor-parallel factory returns
+Megatron-style column/row-parallel layers from the same call sites.  ``name`` is the
+module's path inside its transformer block (e.g. "attn.qkv", "mlp.experts.7.down"), so
+``f"layers.{layer_index}.{name}"`` is its state-dict prefix.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Protocol
+
+from torch import nn
+
+from ..fp4.recipes import Recipe
+from ..linear import QuantizedLinear
+
+KINDS = ("column", "row")
+
+
+class LinearFactoryProtocol(Protocol):
+    def __call__(self, in_features: int, out_features: int, *, kind: str, layer_index: int, name: str,
+                 bias: bool = False) -> nn.Module:
+        ...
+
+
+def derive_sr_seed(base_seed: int, layer_index: int, name: str) -> int:
+    """A stable 63-bit seed for one module's stochastic rounding.
+
+    blake2b of "base_seed/layer_index/name" (never Python's salted ``hash()``), so the same
+    module gets the same seed in every process, run and parallel layout; 63 bits keep
+    collisions away even with tens of thousands of expert linears.
+    """
+    digest = hashlib.blake2b(f"{int(base_seed)}/{int(layer_index)}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class LinearFactory:
+    """Builds ``QuantizedLinear`` modules that follow one FP4 ``recipe``.
+
+    num_layers must be the model's layer count: the recipe's bf16_first / bf16_last
+    fractions are resolved against it.  ``seed`` is the base of every module's SR seed.
+    """
+
+    def __init__(self, recipe: Recipe | dict | str | None, num_layers: int, *,
+                 backend: str = "emulated", seed: int = 0, collect_stats: bool = False, device=None, dtype=None):
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"LinearFactory.num_layers must be the model's positive layer count (got {num_layers!r})")
+        self.recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_dict(recipe)
+        self.num_layers = num_layers
+        self.backend = backend
+        self.seed = int(seed)
+        self.collect_stats = collect_stats
+        self.device, self.dtype = device, dtype
+
+    def sr_seed(self, layer_index: int, name: str) -> int:
+        return derive_sr_seed(self.seed, layer_index, name)
+
+    def __call__(self, in_features: int, out_features: int, *, kind: str, layer_index: int, name: str,
+                 bias: bool = False) -> nn.Module:
+        if kind not in KINDS:
+            raise ValueError(f"linear {name!r}: kind must be one of {KINDS} (got {kind!r})")
+        return QuantizedLinear(in_features, out_features, bias, self.recipe, layer_index=layer_index,
+                               num_layers=self.num_layers, sr_seed=self.sr_seed(layer_index, name),
+                               backend=self.backend, collect_stats=self.collect_stats,
+                               device=self.device, dtype=self.dtype)
+
+    def __repr__(self) -> str:
+        return (f"LinearFactory(recipe={self.recipe.name}, num_layers={self.num_layers}, backend={self.backend}, "
+                f"seed={self.seed})")

@@ -1,0 +1,200 @@
+"""Mixture-of-experts layer: router, token dispatch / combine, load balancing.
+
+Router (high precision): scores = softmax or sigmoid of x W_r^T; the top-k experts are
+picked on scores + expert_bias (the bias steers *selection only*), and the k weights are
+the plain scores, optionally renormalised to sum to 1.
+
+Dispatch has no loop over tokens: token-slots are sorted by expert id, the sorted slice of
+each expert runs through that expert (experts with no tokens are skipped), and the
+weighted outputs are scattered back with one ``index_add_``.
+
+Load balancing, two mechanisms (either, both, or neither):
+- Switch/GShard auxiliary loss  coeff * E * sum_i f_i * P_i  (f_i: fraction of the N*k
+  token-slots routed to expert i; P_i: mean router probability of expert i, for sigmoid
+  scores the per-token normalised scores).  It is attached to the layer output with
+  ``AuxLossScaler`` so that backward adds d(aux)/d(params) while the forward returns only
+  hidden states (Megatron's MoEAuxLossAutoScaler).
+- Aux-loss-free bias (DeepSeek-V3): ``update_expert_bias()`` moves
+  b_i += rate * sign(mean_load - load_i) using the loads accumulated (in training mode)
+  since the previous update.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .layers import SwiGLU
+
+
+class AuxLossScaler(torch.autograd.Function):
+    """Identity on ``output``; in backward the ``aux_loss`` receives gradient ``scale``.
+
+    ``scale`` is read when the forward runs: a training loop that divides the LM loss by
+    the number of micro-batches (or multiplies it by a loss scale) sets the same factor
+    with ``set_aux_loss_scale`` so both losses reach the gradient with the same weight.
+    """
+    scale: float = 1.0
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(aux_loss)
+        ctx.scale = AuxLossScaler.scale
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (aux_loss,) = ctx.saved_tensors
+        return grad_output, torch.full_like(aux_loss, ctx.scale)
+
+
+def set_aux_loss_scale(scale: float) -> None:
+    """Weight of every MoE aux loss in backward (default 1; e.g. 1 / num_microbatches)."""
+    AuxLossScaler.scale = float(scale)
+
+
+class Router(nn.Module):
+    """Top-k router; computes in at least float32 with autocast off."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, *, score: str = "softmax",
+                 norm_topk: bool = True, device=None):
+        super().__init__()
+        self.num_experts, self.top_k, self.score, self.norm_topk = num_experts, top_k, score, norm_topk
+        self.linear = nn.Linear(hidden_size, num_experts, bias=False, device=device)
+        # selection-only bias of aux-loss-free balancing: a buffer (never trained), saved in checkpoints
+        self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32, device=device))
+
+    def forward(self, x: torch.Tensor):
+        """x (N, hidden) -> weights (N, k), expert ids (N, k), scores (N, E)."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.to(dtype), self.linear.weight.to(dtype))
+        scores = logits.softmax(dim=-1) if self.score == "softmax" else logits.sigmoid()
+        _, idx = torch.topk(scores.detach() + self.expert_bias.to(dtype), self.top_k, dim=-1)
+        weights = scores.gather(-1, idx)
+        if self.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+        return weights, idx, scores
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, top_k={self.top_k}, score={self.score}, norm_topk={self.norm_topk}"
+
+
+class MoE(nn.Module):
+    """Routed SwiGLU experts (+ optional shared experts) replacing the dense MLP of a block.
+
+    After each forward: ``last_load`` (tokens routed to each expert, before any capacity
+    dropping), ``last_dropped`` (token-slots dropped by the capacity limit) and
+    ``last_aux_loss`` (detached) are kept on the module for logging.
+    """
+
+    def __init__(self, config: ModelConfig, linear_factory, layer_index: int, device=None):
+        super().__init__()
+        h, f = config.hidden_size, config.expert_ffn_hidden_size
+        self.layer_index = layer_index
+        self.num_experts, self.top_k = config.num_experts, config.moe_top_k
+        self.aux_loss_coeff, self.expert_bias_rate = config.aux_loss_coeff, config.expert_bias_rate
+        self.capacity_factor = config.moe_capacity_factor
+        self.router = Router(h, config.num_experts, config.moe_top_k, score=config.router_score,
+                             norm_topk=config.router_norm_topk, device=device)
+        self.experts = nn.ModuleList(SwiGLU(h, f, linear_factory, layer_index, name=f"mlp.experts.{e}",
+                                            bias=config.bias) for e in range(config.num_experts))
+        # the shared experts run on every token; n of them equal one SwiGLU of width n * f
+        self.shared = (SwiGLU(h, config.num_shared_experts * f, linear_factory, layer_index, name="mlp.shared",
+                              bias=config.bias) if config.num_shared_experts else None)
+        self.register_buffer("load_accum", torch.zeros(config.num_experts, dtype=torch.long, device=device),
+                             persistent=False)
+        self.last_load: torch.Tensor | None = None
+        self.last_dropped: torch.Tensor | None = None
+        self.last_aux_loss: torch.Tensor | None = None
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        weights, idx, scores = self.router(x2)
+        load = torch.bincount(idx.reshape(-1), minlength=self.num_experts)
+        if self.training:
+            self.load_accum += load
+        aux = self.aux_loss(scores, load)
+        self.last_load, self.last_aux_loss = load.detach(), aux.detach()
+        out = self._dispatch_combine(x2, weights, idx)
+        if self.shared is not None:
+            out = out + self.shared(x2)
+        out = out.to(x.dtype).view(x.shape)
+        if self.aux_loss_coeff > 0 and aux.requires_grad and out.requires_grad:
+            out = AuxLossScaler.apply(out, aux)
+        return out
+
+    def aux_loss(self, scores: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
+        """coeff * E * sum_i f_i * P_i for one forward (0 when the coefficient is 0)."""
+        n = scores.shape[0]
+        if self.aux_loss_coeff == 0 or n == 0:
+            return scores.sum() * 0.0
+        probs = scores if self.router.score == "softmax" else scores / scores.sum(-1, keepdim=True)
+        frac = load.to(probs.dtype) / (n * self.top_k)
+        return self.aux_loss_coeff * self.num_experts * (frac * probs.mean(dim=0)).sum()
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Most token-slots one expert takes: ceil(factor * N * k / E), or None (no dropping)."""
+        if self.capacity_factor is None:
+            return None
+        return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
+
+    def _dispatch_combine(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        n, k = idx.shape
+        expert, w = idx.reshape(-1), weights.reshape(-1)  # token-slot s belongs to token s // k
+        counts = torch.bincount(expert, minlength=self.num_experts)
+        cap = self.capacity(n)
+        if cap is None:
+            order = torch.argsort(expert, stable=True)
+            self.last_dropped = counts.new_zeros(())
+        else:  # keep, per expert, the `cap` slots with the largest router weight (Megatron's "probs" policy)
+            order = torch.argsort(w.detach(), descending=True, stable=True)
+            order = order[torch.argsort(expert[order], stable=True)]
+            starts = torch.cumsum(counts, 0) - counts
+            rank = torch.arange(order.numel(), device=x.device) - starts[expert[order]]
+            order = order[rank < cap]
+            kept = counts.clamp(max=cap)
+            self.last_dropped, counts = (counts - kept).sum(), kept
+        token = order // k
+        outs = [self.experts[e](chunk) for e, chunk in enumerate(x[token].split(counts.tolist())) if chunk.shape[0]]
+        if not outs:  # every slot dropped (or no tokens): only the residual / shared path remains
+            return x.new_zeros(x.shape, dtype=torch.promote_types(x.dtype, w.dtype))
+        ys = torch.cat(outs) * w[order].unsqueeze(-1)
+        return torch.zeros(x.shape, dtype=ys.dtype, device=x.device).index_add_(0, token, ys)
+
+    # -- balancing and init -----------------------------------------------------------------
+    @torch.no_grad()
+    def update_expert_bias(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Aux-loss-free step: b_i += rate * sign(mean_load - load_i) with the loads
+        accumulated since the last call (``reduce``, e.g. a data-parallel all-reduce, sums
+        them over ranks first).  Resets the accumulator; returns the loads used."""
+        load = self.load_accum.clone()
+        self.load_accum.zero_()
+        if reduce is not None:
+            load = reduce(load)
+        if self.expert_bias_rate > 0 and int(load.sum()) > 0:
+            lf = load.to(self.router.expert_bias.dtype)
+            self.router.expert_bias += self.expert_bias_rate * torch.sign(lf.mean() - lf)
+        return load
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.router.linear.weight, mean=0.0, std=std)
+        self.router.expert_bias.zero_()
+        self.load_accum.zero_()
+        for expert in self.experts:
+            expert.init_weights(std, out_std)
+        if self.shared is not None:
+            self.shared.init_weights(std, out_std)
+
+    def expert_params(self) -> int:
+        """Parameters of one routed expert."""
+        return sum(p.numel() for p in self.experts[0].parameters())
+
+
+__all__ = ["AuxLossScaler", "MoE", "Router", "set_aux_loss_scale"]
