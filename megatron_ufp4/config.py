@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    prefix: str = "data/shakespeare"  # prepared dataset: <prefix>_train.bin/.idx, <prefix>_val.*, <prefix>.model
+    prefix: str = "data/shakespeare/shakespeare"  # prepared dataset: <prefix>_train.bin/.idx, <prefix>_val.*, <prefix>.model
     seq_len: int = 256
 
 

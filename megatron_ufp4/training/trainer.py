@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..config import RunConfig, dump_config
 from ..data.gpt_dataset import GPTDataset
 from ..data.indexed_dataset import IndexedDataset
-from ..model import GPTModel, LinearFactory, count_params
+from ..model import GPTModel, LinearFactory, count_params, set_aux_loss_scale
 from .checkpoint import (CheckpointError, capture_rng, config_differences, latest_checkpoint, load_checkpoint,
                          restore_rng, save_checkpoint)
 from .metrics import MetricsLogger, measured_peak_flops
@@ -54,6 +54,50 @@ def dataset_files(prefix: str, split: str) -> str:
     return p
 
 
+def check_vocab(cfg: RunConfig) -> None:
+    vocab_json = Path(cfg.data.prefix + ".json")
+    if vocab_json.is_file():
+        vocab = json.loads(vocab_json.read_text()).get("vocab_size", 0)
+        if vocab > cfg.model.vocab_size:
+            raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                             f"vocabulary ({vocab}) in {vocab_json}")
+
+
+def validation_dataset(cfg: RunConfig) -> GPTDataset:
+    """Unshuffled: every evaluation sees the same samples, and draws no randomness."""
+    return GPTDataset(IndexedDataset(dataset_files(cfg.data.prefix, "val")), cfg.data.seq_len,
+                      seed=cfg.training.seed, shuffle=False)
+
+
+def make_batch(ds: GPTDataset, indices, device) -> tuple[torch.Tensor, torch.Tensor]:
+    items = [ds[int(i) % len(ds)] for i in indices]
+    tokens = torch.stack([it["tokens"] for it in items]).to(device)
+    labels = torch.stack([it["labels"] for it in items]).to(device)
+    return tokens, labels
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+
+@torch.no_grad()
+def evaluate_loss(model, ds: GPTDataset, batch_size: int, iters: int, autocast) -> float:
+    """Mean next-token loss over the first ``iters`` micro-batches of ``ds``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    n = min(iters * batch_size, len(ds))
+    total, count = 0.0, 0
+    for s in range(0, n, batch_size):
+        tokens, labels = make_batch(ds, range(s, min(n, s + batch_size)), device)
+        with autocast:
+            logits = model(tokens)
+        total += float(lm_loss(logits, labels)) * tokens.shape[0]
+        count += tokens.shape[0]
+    model.train(was_training)
+    return total / max(count, 1)
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, console=print):
         self.cfg, self.console = cfg, console
@@ -71,6 +115,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optimizer.lr, cfg.optimizer.weight_decay,
                                          (cfg.optimizer.beta1, cfg.optimizer.beta2), cfg.optimizer.eps)
         self.accum = t.global_batch_size // t.micro_batch_size
+        set_aux_loss_scale(1.0 / self.accum)  # the LM loss is averaged over micro-batches; so are aux losses
         self._build_data()
         self.step = 0  # optimizer iterations done (skipped non-finite steps included)
         self.skipped_total = 0
@@ -90,26 +135,13 @@ class Trainer:
     # -- data ---------------------------------------------------------------------------
     def _build_data(self) -> None:
         cfg, t = self.cfg, self.cfg.training
+        check_vocab(cfg)
         train = IndexedDataset(dataset_files(cfg.data.prefix, "train"))
-        val = IndexedDataset(dataset_files(cfg.data.prefix, "val"))
-        vocab_json = Path(cfg.data.prefix + ".json")
-        if vocab_json.is_file():
-            vocab = json.loads(vocab_json.read_text()).get("vocab_size", 0)
-            if vocab > cfg.model.vocab_size:
-                raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                                 f"vocabulary ({vocab}) in {vocab_json}")
         self.train_ds = GPTDataset(train, cfg.data.seq_len, seed=t.seed, num_samples=t.train_steps * t.global_batch_size)
-        self.val_ds = GPTDataset(val, cfg.data.seq_len, seed=t.seed, shuffle=False)
-
-    def _batch(self, ds: GPTDataset, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        items = [ds[int(i) % len(ds)] for i in indices]
-        tokens = torch.stack([it["tokens"] for it in items]).to(self.device)
-        labels = torch.stack([it["labels"] for it in items]).to(self.device)
-        return tokens, labels
+        self.val_ds = validation_dataset(cfg)
 
     # -- one step -------------------------------------------------------------------------
-    def loss_fn(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+    loss_fn = staticmethod(lm_loss)  # an attribute so tests can inject failures
 
     def train_step(self) -> dict:
         t, o = self.cfg.training, self.cfg.optimizer
@@ -122,7 +154,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for m in range(self.accum):
             idx = range(start + m * t.micro_batch_size, start + (m + 1) * t.micro_batch_size)
-            tokens, labels = self._batch(self.train_ds, idx)
+            tokens, labels = make_batch(self.train_ds, idx, self.device)
             with self.autocast:
                 logits = self.model(tokens)
             loss = self.loss_fn(logits, labels) / self.accum
@@ -146,20 +178,9 @@ class Trainer:
         return {"step": self.step, "loss": float(loss_sum), "lr": lr, "grad_norm": float(grad_norm),
                 "skipped": int(not finite), "skipped_total": self.skipped_total}
 
-    @torch.no_grad()
     def evaluate(self) -> float:
         t = self.cfg.training
-        self.model.eval()
-        n = min(t.eval_iters * t.micro_batch_size, len(self.val_ds))
-        total, count = 0.0, 0
-        for s in range(0, n, t.micro_batch_size):
-            tokens, labels = self._batch(self.val_ds, range(s, min(n, s + t.micro_batch_size)))
-            with self.autocast:
-                logits = self.model(tokens)
-            total += float(self.loss_fn(logits, labels)) * tokens.shape[0]
-            count += tokens.shape[0]
-        self.model.train()
-        return total / max(count, 1)
+        return evaluate_loss(self.model, self.val_ds, t.micro_batch_size, t.eval_iters, self.autocast)
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -207,10 +228,10 @@ class Trainer:
             now = time.perf_counter()
             rec["tokens_per_s"] = tokens_per_step * steps_since / max(now - t_last, 1e-9)
             rec["mfu"] = rec["tokens_per_s"] * self.flops_per_token / self.peak_flops
-            moe = self.model.moe_stats()
-            if moe:
-                rec["moe"] = moe
-            if self.step % cfg.logging.interval == 0 or self.step == t.train_steps:
+            log_now = self.step % cfg.logging.interval == 0 or self.step == t.train_steps
+            if log_now and cfg.model.num_experts:
+                rec["moe"] = {str(k): v for k, v in self.model.moe_stats().items()}  # syncs: log steps only
+            if log_now:
                 eta = (now - t_start) / (self.step - start_step) * (t.train_steps - self.step)
                 self.logger.progress(rec, t.train_steps, eta)
                 t_last, steps_since = now, 0

@@ -1,0 +1,44 @@
+"""Validation loss and perplexity of a checkpoint.
+
+    python -m megatron_ufp4.eval runs/tiny_dense [--iters 20] [--data-prefix data/shakespeare]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="megatron-ufp4-eval", description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", help="checkpoint directory (step_*) or run directory (latest checkpoint)")
+    ap.add_argument("--iters", type=int, default=None, help="validation micro-batches (default: training.eval_iters)")
+    ap.add_argument("--data-prefix", default=None, help="prepared dataset prefix (default: the run's data.prefix)")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from .config import ConfigError
+    from .training.checkpoint import CheckpointError
+    from .training.inference import load_trained_model
+    from .training.trainer import evaluate_loss, validation_dataset
+
+    try:
+        model, cfg, step = load_trained_model(args.checkpoint)
+        if args.data_prefix:
+            cfg.data.prefix = args.data_prefix
+        if args.iters:
+            cfg.training.eval_iters = args.iters
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.training.dtype == "bf16")
+        loss = evaluate_loss(model, validation_dataset(cfg), cfg.training.micro_batch_size,
+                             cfg.training.eval_iters, autocast)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"step {step}: validation loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.2f} "
+          f"({cfg.training.eval_iters} x {cfg.training.micro_batch_size} samples of {cfg.data.seq_len} tokens)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Load a trained checkpoint for evaluation or sampling."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig, config_from_dict
+from ..model import GPTModel, LinearFactory
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory (→ its latest checkpoint)."""
+    p = Path(path)
+    if (p / "state.pt").is_file():
+        return p
+    latest = latest_checkpoint(p)
+    if latest is None:
+        raise CheckpointError(f"no checkpoint found at {p} (expected a step_* directory or a run directory)")
+    return latest
+
+
+def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPTModel, RunConfig, int]:
+    ckpt = resolve_checkpoint(path)
+    state = load_checkpoint(ckpt)
+    cfg = config_from_dict(state["config"])
+    recipe, backend = cfg.build_recipe()
+    factory = LinearFactory(recipe, num_layers=cfg.model.num_layers, backend=backend, seed=cfg.training.seed)
+    with torch.device(device):
+        model = GPTModel(cfg.model, factory)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, cfg, int(state["step"])
+
+
+@torch.no_grad()
+def generate(model: GPTModel, prompt_ids: list[int], max_new_tokens: int, max_seq_len: int,
+             temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None,
+             eos_id: int | None = None) -> list[int]:
+    """Autoregressive sampling (full recompute per token: simple, fine for small models)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    for _ in range(max_new_tokens):
+        logits = model(ids[:, -max_seq_len:])[:, -1, :].float()
+        if temperature <= 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+        ids = torch.cat([ids, nxt], dim=1)
+        if eos_id is not None and int(nxt) == eos_id:
+            break
+    return ids[0, len(prompt_ids):].tolist()
