@@ -17,5 +17,10 @@ setup(
         "wandb": ["wandb"],
         "tensorboard": ["tensorboard"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "megatron-ufp4-train=megatron_ufp4.train:main",
+        "megatron-ufp4-eval=megatron_ufp4.eval:main",
+        "megatron-ufp4-sample=megatron_ufp4.sample:main",
+        "megatron-ufp4-prepare=megatron_ufp4.data.prepare:main",
+    ]},
 )
