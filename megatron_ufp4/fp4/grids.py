@@ -56,6 +56,12 @@ class Grid:
         step = self._step(v)
         if step is None:
             return self._round_by_table(v, rounding, u)
+        if isinstance(step, float):  # the uniform grid: no per-element step to divide by
+            if rounding == "rtne":
+                return v.round_()
+            mag = v.abs()
+            lo = mag.floor()
+            return lo.add_((u < mag.sub_(lo)).to(v.dtype)).copysign_(v)
         if rounding == "rtne":  # within a step region, round-half-even of v/step is even-code rounding
             return v.div_(step).round_().mul_(step)
         lo = v.abs().div_(step).floor_()
