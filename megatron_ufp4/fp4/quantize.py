@@ -14,6 +14,7 @@ import torch
 from .formats import FP4Format, block_scales, make_format, scale_values, storage_dtype_view
 from .grids import ROUNDINGS
 from .hadamard import RHT
+from .sr_random import SRIndex, draw_key, element_index, needs_wide_index, uniform_from_index
 
 
 @dataclass
@@ -99,10 +100,11 @@ def _check(x: torch.Tensor, fmt: FP4Format, axis: int, rounding: str, rht: RHT |
     return axis
 
 
-def _blocks_core(xm, fmt: FP4Format, rounding: str, rot, u, tensor_amax, dequantize: bool):
+def _blocks_core(xm, fmt: FP4Format, rounding: str, rot, sr_key, sr_index, tensor_amax, dequantize: bool):
     """Pure tensor math shared by every path (and compiled whole by the fused backend).
 
-    xm: the input with the blocked axis last; rot: the RHT matrix or None; u: SR draws.
+    xm: the input with the blocked axis last; rot: the RHT matrix or None; sr_key (0-d
+    int64 tensor) and sr_index: where the SR draws come from (see sr_random).
     Returns (grid values or dequantized values, blocked; stored scales; fp32 decode
     multipliers; tensor scale; whether every block was finite).
     """
@@ -113,7 +115,11 @@ def _blocks_core(xm, fmt: FP4Format, rounding: str, rot, u, tensor_amax, dequant
     if fmt.scale == "e4m3" and tensor_amax is None:  # over finite blocks: one NaN must not poison the rest
         tensor_amax = torch.where(finite, amax, 0.0).amax()
     stored, dec, enc, tscale = block_scales(amax, fmt, tensor_amax)
-    q = fmt.grid_obj.round_(scale_values(xb, dec, enc), rounding, None if u is None else _blocked(u, fmt))
+    u = None
+    if rounding == "sr":
+        idx = element_index(xm.shape, sr_index, xm.device)
+        u = _blocked(uniform_from_index(idx, sr_key, needs_wide_index(xm.shape, sr_index)), fmt)
+    q = fmt.grid_obj.round_(scale_values(xb, dec, enc), rounding, u)
     dec = torch.where(finite, dec, float("nan"))  # a block holding NaN/Inf decodes to NaN, never a number
     if dequantize:
         q = q.mul_(dec)
@@ -134,13 +140,13 @@ def _core(fused: bool):
     return _compiled_core
 
 
-def _quantize_values(x, fmt, axis, rounding, rht, generator, tensor_amax, nonfinite, dequantize=False, fused=False):
+def _quantize_values(x, fmt, axis, rounding, rht, generator, tensor_amax, nonfinite, dequantize=False, fused=False,
+                     sr_index=None):
     moved = x.movedim(axis, -1).contiguous()
-    u = None
-    if rounding == "sr":
-        u = torch.rand(moved.shape, generator=generator, device=x.device, dtype=torch.float32)
+    key = torch.tensor(draw_key(generator), dtype=torch.int64, device=x.device) if rounding == "sr" else None
     rot = rht.matrix(x.device) if rht is not None else None
-    q, stored, dec, tscale, all_finite = _core(fused)(moved, fmt, rounding, rot, u, tensor_amax, dequantize)
+    q, stored, dec, tscale, all_finite = _core(fused)(moved, fmt, rounding, rot, key, sr_index, tensor_amax,
+                                                      dequantize)
     if nonfinite == "raise" and not bool(all_finite):
         raise ValueError(f"{fmt.name}: tensor of shape {tuple(x.shape)} contains NaN or Inf; refusing to quantize")
     return q, stored, dec, tscale, moved.shape
@@ -167,18 +173,21 @@ def _scale_layout(s: torch.Tensor, fmt: FP4Format, axis: int) -> torch.Tensor:
 def quantize(x: torch.Tensor, fmt: str | FP4Format, axis: int = -1, rounding: str = "rtne",
              rht: RHT | None = None, generator: torch.Generator | None = None, *,
              tensor_amax: torch.Tensor | None = None, nonfinite: str = "raise",
-             **fmt_options) -> QuantizedTensor:
+             sr_index: SRIndex | None = None, **fmt_options) -> QuantizedTensor:
     """Quantize ``x`` in blocks along ``axis``.
 
     fmt: "e2m1" | "int4" | "nvfp4" | "mxfp4" or an FP4Format; ``fmt_options`` override its
     fields (block, block_2d, max_level, scale_mode, scale).  rounding: "rtne" | "sr" (SR
     draws from ``generator``).  rht: rotate blocks along ``axis`` first.  tensor_amax: a
     precomputed NVFP4 tensor amax (e.g. all-reduced across tensor-parallel ranks).
+    sr_index: where this tensor (as rows x blocked axis) sits in a larger logical tensor, so
+    a shard's SR draws equal the unsplit tensor's (one key is drawn from ``generator``).
     nonfinite: "raise" (default) or "propagate" (blocks with NaN/Inf decode to NaN).
     """
     fmt = make_format(fmt, **fmt_options)
     axis = _check(x, fmt, axis, rounding, rht, nonfinite)
-    q, stored, dec, tscale, mshape = _quantize_values(x, fmt, axis, rounding, rht, generator, tensor_amax, nonfinite)
+    q, stored, dec, tscale, mshape = _quantize_values(x, fmt, axis, rounding, rht, generator, tensor_amax, nonfinite,
+                                                      sr_index=sr_index)
     codes = fmt.grid_obj.encode(q).reshape(mshape).movedim(-1, axis)
     scales = _scale_layout(storage_dtype_view(stored, fmt), fmt, axis)
     return QuantizedTensor(codes, scales, tscale, fmt, axis, rht, dec, x.dtype)
@@ -187,7 +196,8 @@ def quantize(x: torch.Tensor, fmt: str | FP4Format, axis: int = -1, rounding: st
 def fake_quantize(x: torch.Tensor, fmt: str | FP4Format, axis: int = -1, rounding: str = "rtne",
                   rht: RHT | None = None, generator: torch.Generator | None = None, *,
                   tensor_amax: torch.Tensor | None = None, nonfinite: str = "raise",
-                  stats: dict | None = None, fused: bool = False, **fmt_options) -> torch.Tensor:
+                  stats: dict | None = None, fused: bool = False, sr_index: SRIndex | None = None,
+                  **fmt_options) -> torch.Tensor:
     """Dequantized fp32 values in the rotated basis (what an FP4 GEMM multiplies).
 
     If ``stats`` is a dict it is filled with telemetry (see ``_operand_stats``).
@@ -195,7 +205,8 @@ def fake_quantize(x: torch.Tensor, fmt: str | FP4Format, axis: int = -1, roundin
     """
     fmt = make_format(fmt, **fmt_options)
     axis = _check(x, fmt, axis, rounding, rht, nonfinite)
-    q, _, dec, _, mshape = _quantize_values(x, fmt, axis, rounding, rht, generator, tensor_amax, nonfinite, True, fused)
+    q, _, dec, _, mshape = _quantize_values(x, fmt, axis, rounding, rht, generator, tensor_amax, nonfinite, True, fused,
+                                            sr_index)
     if stats is not None:
         stats.update(_operand_stats(x, q, dec, fmt, rht, axis))
     return q.reshape(mshape).movedim(-1, axis)

@@ -101,7 +101,8 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt / foreign file: one line, naming it
-        raise CheckpointError(f"cannot read checkpoint {f}: {str(e).splitlines()[0]}") from None
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"cannot read checkpoint {f}: {first_line}") from None
 
 
 def config_differences(saved: dict, current: dict, sections=("model", "recipe")) -> list[str]:

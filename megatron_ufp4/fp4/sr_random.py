@@ -1,0 +1,77 @@
+"""Counter-based uniform draws for stochastic rounding.
+
+``u = hash(key, global element index)``: the key comes from the caller's seeded
+``torch.Generator`` (one small draw per quantized tensor, so the generator's state is what
+checkpoints save), the index is the element's position in the *logical* tensor.  Because a
+draw depends only on (key, position), a tensor-parallel shard that passes its offset gets
+exactly the draws the unsplit tensor would — SR results do not depend on the split.  It is
+also plain elementwise integer math, so the fused (compiled) quantizer folds it into the
+same kernel instead of running a serial CPU generator.
+
+All arithmetic stays in 31-bit values multiplied by 31-bit odd constants (products < 2^62),
+so there is no signed overflow anywhere; every mixing step is a bijection on [0, 2^31).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_M31 = 0x7FFFFFFF
+
+
+@dataclass(frozen=True)
+class SRIndex:
+    """Where a 2-D operand (rows, cols) sits in its logical tensor (for sharded operands)."""
+    row_offset: int = 0
+    col_offset: int = 0
+    row_stride: int | None = None  # columns of the logical tensor (default: this tensor's)
+
+
+def draw_key(generator: torch.Generator | None) -> int:
+    return int(torch.randint(0, _M31, (1,), generator=generator))
+
+
+def _mix31(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = (x * 0x2C1B3C6D) & _M31
+    x = x ^ (x >> 15)
+    x = (x * 0x297A2D39) & _M31
+    return x ^ (x >> 16)
+
+
+def element_index(shape, index: SRIndex | None, device) -> torch.Tensor:
+    """int64 global index of every element of a tensor viewed as (rows, last dim)."""
+    cols = shape[-1]
+    rows = 1
+    for s in shape[:-1]:
+        rows *= s
+    index = index or SRIndex()
+    stride = index.row_stride or cols
+    r = torch.arange(rows, device=device, dtype=torch.int64).add_(index.row_offset).mul_(stride)
+    c = torch.arange(cols, device=device, dtype=torch.int64).add_(index.col_offset)
+    return (r[:, None] + c[None, :]).reshape(shape)
+
+
+def uniform_from_index(idx: torch.Tensor, key, wide: bool = True) -> torch.Tensor:
+    """Uniform [0, 1) float32 with 24 random bits per element, a pure function of (idx, key).
+
+    ``wide=False`` promises every index is below 2^31 (true for any tensor smaller than
+    2 G elements at zero offset) and skips mixing in the high bits.
+    """
+    if not wide:
+        x = _mix31(idx ^ key)
+    else:
+        x = _mix31((idx & _M31) ^ key)
+        x = _mix31(x ^ (((idx >> 31) * 0x3C6EF35F + key) & _M31))
+    return (x >> 7).to(torch.float32).mul_(2.0 ** -24)
+
+
+def needs_wide_index(shape, index: SRIndex | None) -> bool:
+    cols = shape[-1]
+    rows = 1
+    for s in shape[:-1]:
+        rows *= s
+    index = index or SRIndex()
+    last = (rows - 1 + index.row_offset) * (index.row_stride or cols) + cols - 1 + index.col_offset
+    return last >= _M31
