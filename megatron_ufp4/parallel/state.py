@@ -1,0 +1,138 @@
+"""Process groups for tensor, pipeline, data and expert parallelism.
+
+Rank layout (tensor innermost, pipeline outermost)::
+
+    rank = tp_rank + TP * (dp_rank + DP * pp_rank)
+
+so a tensor-parallel group is TP consecutive ranks (one node's fast links), a pipeline
+group strides by TP*DP.  Expert parallelism is carved out of data parallelism, as in
+Megatron-Core: dense layers are replicated over the DP ranks, routed experts are sharded
+over groups of EP consecutive DP ranks and replicated over the remaining DP/EP ("expert
+data parallel"):
+
+    ep_rank = dp_rank % EP,   edp_rank = dp_rank // EP
+
+Example, 8 ranks, TP=2 PP=2 DP=2 EP=2: tp groups [0,1] [2,3] [4,5] [6,7]; dp groups [0,2]
+[1,3] [4,6] [5,7]; pp groups [0,4] [1,5] [2,6] [3,7]; ep groups = dp groups; edp groups are
+single ranks.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class ParallelState:
+    world_size: int = 1
+    rank: int = 0
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    ep: int = 1
+    vpp: int = 1
+    sequence_parallel: bool = False
+    tp_rank: int = 0
+    pp_rank: int = 0
+    dp_rank: int = 0
+    ep_rank: int = 0
+    edp_rank: int = 0
+    groups: dict = field(default_factory=dict)  # name -> ProcessGroup (None when single process)
+    ranks: dict = field(default_factory=dict)  # name -> global ranks of this rank's group
+
+    def group(self, name: str):
+        return self.groups.get(name)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    def describe(self) -> str:
+        return (f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp} pp {self.pp_rank}/{self.pp} "
+                f"dp {self.dp_rank}/{self.dp} ep {self.ep_rank}/{self.ep}")
+
+
+def rank_of(tp_rank: int, dp_rank: int, pp_rank: int, tp: int, dp: int) -> int:
+    return tp_rank + tp * (dp_rank + dp * pp_rank)
+
+
+def validate_layout(world_size: int, tp: int, pp: int, dp: int, ep: int, vpp: int, model_cfg=None) -> None:
+    """One-line ValueError naming the offending size for a layout that cannot work."""
+    for name, v in (("tensor", tp), ("pipeline", pp), ("data", dp), ("expert", ep), ("virtual_pipeline", vpp)):
+        if v < 1:
+            raise ValueError(f"parallel.{name} must be >= 1 (got {v})")
+    if tp * pp * dp != world_size:
+        raise ValueError(f"parallel.tensor x pipeline x data = {tp}x{pp}x{dp} = {tp * pp * dp} "
+                         f"but the world size is {world_size}")
+    if dp % ep:
+        raise ValueError(f"parallel.expert={ep} must divide parallel.data={dp} (experts are sharded over DP ranks)")
+    if model_cfg is None:
+        return
+    m = model_cfg
+    if m.num_heads % tp:
+        raise ValueError(f"parallel.tensor={tp} must divide model.num_heads={m.num_heads}")
+    if m.num_kv_heads % tp:
+        raise ValueError(f"parallel.tensor={tp} must divide model.num_kv_heads={m.num_kv_heads}")
+    if m.vocab_size % tp:
+        raise ValueError(f"parallel.tensor={tp} must divide model.vocab_size={m.vocab_size}")
+    if m.num_layers < pp * vpp:
+        raise ValueError(f"model.num_layers={m.num_layers} is fewer than pipeline x virtual stages = {pp * vpp}")
+    if ep > 1 and not m.num_experts:
+        raise ValueError(f"parallel.expert={ep} needs an MoE model (model.num_experts > 0)")
+    if m.num_experts and m.num_experts % ep:
+        raise ValueError(f"parallel.expert={ep} must divide model.num_experts={m.num_experts}")
+
+
+def init_distributed(timeout_s: float = 300.0) -> tuple[int, int]:
+    """Initialise torch.distributed from torchrun's environment (NCCL with GPUs, else gloo)."""
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            return 0, 1
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def build_parallel_state(tp: int = 1, pp: int = 1, dp: int | None = None, ep: int = 1, vpp: int = 1,
+                         sequence_parallel: bool = False, model_cfg=None) -> ParallelState:
+    """Create every process group (collectively: all ranks must call this in the same order)."""
+    initialized = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if initialized else 1
+    rank = dist.get_rank() if initialized else 0
+    if dp is None:
+        dp = world // (tp * pp) if world % (tp * pp) == 0 else 0
+    validate_layout(world, tp, pp, dp, ep, vpp, model_cfg)
+    tp_rank, rest = rank % tp, rank // tp
+    dp_rank, pp_rank = rest % dp, rest // dp
+    st = ParallelState(world, rank, tp, pp, dp, ep, vpp, sequence_parallel, tp_rank, pp_rank, dp_rank,
+                       dp_rank % ep, dp_rank // ep)
+    layouts = {
+        "tp": [[rank_of(t, d, p, tp, dp) for t in range(tp)] for p in range(pp) for d in range(dp)],
+        "dp": [[rank_of(t, d, p, tp, dp) for d in range(dp)] for p in range(pp) for t in range(tp)],
+        "pp": [[rank_of(t, d, p, tp, dp) for p in range(pp)] for d in range(dp) for t in range(tp)],
+        "ep": [[rank_of(t, g * ep + e, p, tp, dp) for e in range(ep)]
+               for p in range(pp) for t in range(tp) for g in range(dp // ep)],
+        "edp": [[rank_of(t, g * ep + e, p, tp, dp) for g in range(dp // ep)]
+                for p in range(pp) for t in range(tp) for e in range(ep)],
+        # tensor x data: the ranks one pipeline stage spans (for stage-wide reductions)
+        "tp_dp": [[rank_of(t, d, p, tp, dp) for d in range(dp) for t in range(tp)] for p in range(pp)],
+    }
+    for name, groups in layouts.items():
+        for ranks in groups:
+            # new_group is collective over the whole world: every rank creates every group
+            g = dist.new_group(ranks) if initialized and world > 1 else None
+            if rank in ranks:
+                st.groups[name], st.ranks[name] = g, ranks
+    st.groups["world"] = dist.group.WORLD if initialized else None
+    st.ranks["world"] = list(range(world))
+    return st
