@@ -15,6 +15,7 @@ import torch
 from ..fp4.hadamard import RHT
 from ..fp4.quantize import fake_quantize
 from ..fp4.recipes import GemmQuant, OperandQuant
+from ..fp4.sr_random import SRIndex
 
 
 class GemmBackend(Protocol):
@@ -22,7 +23,10 @@ class GemmBackend(Protocol):
 
     def gemm(self, a: torch.Tensor, b: torch.Tensor, spec: GemmQuant, rht: RHT | None,
              generator: torch.Generator | None, stats: dict | None = None,
-             amax_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+             amax_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             sr_index: tuple[SRIndex | None, SRIndex | None] = (None, None)) -> torch.Tensor:
+        """A @ B^T; amax_reduce: all-reduce(max) for NVFP4 tensor amaxes of sharded operands;
+        sr_index: where A and B sit in their logical (unsharded) tensors, for SR draws."""
         ...
 
 
@@ -69,23 +73,24 @@ class EmulatedBackend:
         self.fused = fused
         self.name = "fused" if fused else "emulated"
 
-    def _operand(self, t, op: OperandQuant, rht, generator, stats, amax_reduce):
+    def _operand(self, t, op: OperandQuant, rht, generator, stats, amax_reduce, sr_index):
         tensor_amax = None
         if op.fmt.scale == "e4m3" and amax_reduce is not None:
             src = rht.rotate(t) if rht is not None else t
             tensor_amax = amax_reduce(src.abs().amax().float())
         return fake_quantize(t, op.fmt, -1, op.rounding, rht, generator,
-                             tensor_amax=tensor_amax, nonfinite="propagate", stats=stats, fused=self.fused)
+                             tensor_amax=tensor_amax, nonfinite="propagate", stats=stats, fused=self.fused,
+                             sr_index=sr_index)
 
-    def gemm(self, a, b, spec, rht, generator, stats=None, amax_reduce=None):
+    def gemm(self, a, b, spec, rht, generator, stats=None, amax_reduce=None, sr_index=(None, None)):
         rht = rht if spec.rht else None
         multiple = max(spec.a.fmt.block, spec.b.fmt.block, rht.size if rht is not None else 1)
         a, b = _pad_reduction(a, b, multiple)
         sa = sb = None
         if stats is not None:
             sa, sb = stats.setdefault("a", {}), stats.setdefault("b", {})
-        qa = self._operand(a, spec.a, rht, generator, sa, amax_reduce)
-        qb = self._operand(b, spec.b, rht, generator, sb, amax_reduce)
+        qa = self._operand(a, spec.a, rht, generator, sa, amax_reduce, sr_index[0])
+        qb = self._operand(b, spec.b, rht, generator, sb, amax_reduce, sr_index[1])
         return qa @ qb.T
 
 

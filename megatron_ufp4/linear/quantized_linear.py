@@ -28,6 +28,7 @@ class GemmContext:
     backend_name: str
     collect_stats: bool = False
     amax_reduce: Callable | None = None  # set by tensor-parallel wrappers for NVFP4 tensor amax
+    sr_index: dict = field(default_factory=dict)  # gemm -> (SRIndex of A, of B), set for sharded operands
     log: dict = field(default_factory=dict)  # gemm -> what actually ran (+ stats)
 
     def run(self, gemm: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -42,7 +43,8 @@ class GemmContext:
                      ran={ra: f"{spec.a.fmt.describe()} {spec.a.rounding}",
                           rb: f"{spec.b.fmt.describe()} {spec.b.rounding}"})
         stats = {} if self.collect_stats else None
-        out = get_backend(self.backend_name).gemm(a, b, spec, self.rht, self.generator, stats, self.amax_reduce)
+        out = get_backend(self.backend_name).gemm(a, b, spec, self.rht, self.generator, stats, self.amax_reduce,
+                                                  self.sr_index.get(gemm, (None, None)))
         if stats is not None:
             entry["stats"] = {ra: stats["a"], rb: stats["b"]}
         return out
