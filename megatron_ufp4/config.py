@@ -9,6 +9,7 @@ saved with every checkpoint).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -81,12 +82,19 @@ class LoggingConfig:
 
 @dataclass
 class ParallelConfig:
+    """Sizes must multiply to the world size (data may be left 0: the rest of the world)."""
     tensor: int = 1
     pipeline: int = 1
-    expert: int = 1
-    data: int = 1
-    virtual_pipeline: int = 1
+    expert: int = 1  # carved out of data: experts sharded over groups of this many DP ranks
+    data: int = 0
+    virtual_pipeline: int = 1  # > 1: interleaved 1F1B with this many model chunks per rank
     sequence_parallel: bool = False
+    pipeline_schedule: str = "1f1b"  # 1f1b | interleaved_1f1b | gpipe
+    first_stage_layers: int | None = None  # uneven split: layers on the first/last stage
+    last_stage_layers: int | None = None
+    expert_dispatcher: str = "alltoall"  # alltoall | allgather
+    zero1: bool = True  # shard optimizer state over data-parallel ranks
+    timeout_s: float = 600.0  # a rank that dies or hangs makes the others exit after this
 
 
 @dataclass
@@ -122,13 +130,13 @@ class RunConfig:
         checks = [
             (t.train_steps > 0, "training.train_steps must be > 0"),
             (t.micro_batch_size > 0, "training.micro_batch_size must be > 0"),
-            (t.global_batch_size % (t.micro_batch_size * self.parallel.data) == 0,
+            (t.global_batch_size % (t.micro_batch_size * max(1, self.parallel.data)) == 0,
              "training.global_batch_size must be a multiple of micro_batch_size x parallel.data"),
             (t.dtype in ("fp32", "bf16"), f"training.dtype must be fp32 or bf16 (got {t.dtype!r})"),
             (t.device in ("auto", "cpu", "cuda"), f"training.device must be auto, cpu or cuda (got {t.device!r})"),
             (t.eval_interval >= 0 and t.eval_iters >= 0, "training.eval_interval/eval_iters must be >= 0"),
             (t.max_consecutive_nonfinite >= 1, "training.max_consecutive_nonfinite must be >= 1"),
-            (o.lr > 0, "optimizer.lr must be > 0"),
+            (0 < o.lr < float("inf"), "optimizer.lr must be a finite number > 0"),
             (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optimizer.beta1/beta2 must be in [0, 1)"),
             (o.grad_clip >= 0, "optimizer.grad_clip must be >= 0"),
             (s.kind in ("cosine", "wsd", "constant"), f"schedule.kind must be cosine, wsd or constant (got {s.kind!r})"),
@@ -142,8 +150,20 @@ class RunConfig:
             (self.logging.interval > 0, "logging.interval must be > 0"),
             (self.logging.wandb_mode in ("offline", "online", "disabled"),
              "logging.wandb_mode must be offline, online or disabled"),
-            (all(v >= 1 for v in dataclasses.astuple(self.parallel)[:5]), "parallel sizes must be >= 1"),
+            (all(v >= 1 for v in (self.parallel.tensor, self.parallel.pipeline, self.parallel.expert,
+                                   self.parallel.virtual_pipeline)) and self.parallel.data >= 0,
+             "parallel sizes must be >= 1 (parallel.data may be 0: the rest of the world)"),
+            (self.parallel.pipeline_schedule in ("1f1b", "interleaved_1f1b", "gpipe"),
+             "parallel.pipeline_schedule must be 1f1b, interleaved_1f1b or gpipe"),
+            (self.parallel.expert_dispatcher in ("alltoall", "allgather"),
+             "parallel.expert_dispatcher must be alltoall or allgather"),
+            (self.parallel.timeout_s > 0, "parallel.timeout_s must be > 0"),
         ]
+        floats = [("optimizer." + f.name, getattr(o, f.name)) for f in dataclasses.fields(o)]
+        floats += [("schedule.min_lr_ratio", s.min_lr_ratio), ("schedule.decay_fraction", s.decay_fraction)]
+        for key, v in floats:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{key} must be finite (got {v})")
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
@@ -171,6 +191,8 @@ def _check_type(value, tp, key):
             return float(value)
         except ValueError:
             pass
+    if tp is float:
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp in (int, str, bool):
         if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
             return value

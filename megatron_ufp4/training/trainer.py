@@ -102,7 +102,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, console=print):
         self.cfg, self.console = cfg, console
         t = cfg.training
-        if any(v > 1 for v in (cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.expert, cfg.parallel.data)):
+        if any(v > 1 for v in (cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.expert, cfg.parallel.data,
+                               cfg.parallel.virtual_pipeline)):
             raise ValueError("parallel: sizes > 1 need a torchrun launch (scripts/pretrain.sh)")
         self.device = resolve_device(t.device)
         self.run_dir = Path(t.run_dir)
