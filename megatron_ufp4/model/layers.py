@@ -84,9 +84,10 @@ class Attention(nn.Module):
         self.rope = rope  # shared by all layers; non-persistent buffers, so no state-dict keys
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        b, t, _ = x.shape
         r, hd = self.q_per_kv, self.head_dim
-        qkv = self.qkv(x).view(b, t, -1, (r + 2) * hd)  # (B, T, kv groups, (r + 2) * hd)
+        qkv = self.qkv(x)
+        b, t = qkv.shape[:2]  # from the output: a sequence-parallel x holds only this rank's T / tp positions
+        qkv = qkv.view(b, t, -1, (r + 2) * hd)  # (B, T, kv groups, (r + 2) * hd)
         q, k, v = qkv.split([r * hd, hd, hd], dim=-1)
         q = q.reshape(b, t, -1, hd).transpose(1, 2)  # (B, heads, T, hd)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, kv heads, T, hd)

@@ -1,0 +1,214 @@
+"""Tensor-parallel model construction, gradient sync and (re)sharding of state dicts.
+
+    state = build_parallel_state(tp=2, sequence_parallel=True, model_cfg=cfg)
+    factory = ParallelLinearFactory("ufp4", cfg.num_layers, state, seed=seed)
+    torch.manual_seed(seed)
+    model = build_tensor_parallel_gpt(cfg, factory)     # shards == the single-process init
+    logits = model(tokens)                              # [b, s, V/tp] (this rank's vocab shard)
+    loss = vocab_parallel_cross_entropy(logits, labels, state.group("tp"))
+    loss.backward()
+    sync_sequence_parallel_grads(model, state)          # before DP grad sync / clipping / step
+    sq = tp_grad_sq_norm(model.parameters(), state)     # TP-only squared grad norm (optimizer.global_grad_norm
+                                                        # covers TP + DP + PP + EP)
+
+Sequence parallelism is for dense layers: the factory refuses MoE expert / shared linears
+when it is on (MoE flattens the tokens); TP without SP shards experts like dense MLPs.
+
+``ParallelLinearFactory`` is a drop-in ``LinearFactory``: the same call sites get
+column/row-parallel layers by ``kind``, with the per-module SR seeds of ``LinearFactory``
+(``derive_sr_seed``), so every TP rank and the single-process model run the same
+generator streams.  Its ``embedding`` / ``head`` methods make the vocabulary-parallel
+embedding and output head (``GPTModel(..., **factory.model_kwargs())``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..model.gpt import GPTModel
+from ..model.linear_factory import KINDS, LinearFactory
+from .mappings import all_reduce
+from .state import ParallelState
+from .tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead
+
+
+def partition_stride_for(name: str) -> int:
+    """The fused SwiGLU ``gate_up`` ([gate; up] rows) shards as [gate shard; up shard]."""
+    return 2 if name.split(".")[-1] == "gate_up" else 1
+
+
+class ParallelLinearFactory(LinearFactory):
+    """``LinearFactory`` whose "column" / "row" linears are split over ``state``'s TP group."""
+
+    def __init__(self, recipe, num_layers: int, state: ParallelState, backend: str = "emulated", seed: int = 0, *,
+                 collect_stats: bool = False, device=None, dtype=None):
+        super().__init__(recipe, num_layers, backend=backend, seed=seed, collect_stats=collect_stats, device=device,
+                         dtype=dtype)
+        if not isinstance(state, ParallelState):
+            raise ValueError(f"ParallelLinearFactory needs a ParallelState (got {type(state).__name__})")
+        self.state = state
+
+    def __call__(self, in_features: int, out_features: int, *, kind: str, layer_index: int, name: str,
+                 bias: bool = False) -> nn.Module:
+        if kind not in KINDS:
+            raise ValueError(f"linear {name!r}: kind must be one of {KINDS} (got {kind!r})")
+        full_name = f"layers.{layer_index}.{name}"
+        if self.state.sequence_parallel and self.state.tp > 1 and name.startswith(("mlp.experts.", "mlp.shared.")):
+            raise ValueError(f"{full_name}: sequence parallelism does not support MoE layers (their tokens are "
+                             "flattened); set parallel.sequence_parallel=false")
+        common = dict(recipe=self.recipe, state=self.state, layer_index=layer_index, num_layers=self.num_layers,
+                      sr_seed=self.sr_seed(layer_index, name), backend=self.backend, name=full_name,
+                      collect_stats=self.collect_stats, device=self.device, dtype=self.dtype)
+        if kind == "column":
+            return ColumnParallelLinear(in_features, out_features, bias, partition_stride=partition_stride_for(name),
+                                        **common)
+        return RowParallelLinear(in_features, out_features, bias, **common)
+
+    def embedding(self, num_embeddings: int, embedding_dim: int) -> nn.Module:
+        return VocabParallelEmbedding(num_embeddings, embedding_dim, state=self.state, device=self.device,
+                                      dtype=self.dtype)
+
+    def head(self, in_features: int, out_features: int) -> nn.Module:
+        return VocabParallelLMHead(in_features, out_features, state=self.state, device=self.device, dtype=self.dtype)
+
+    def model_kwargs(self) -> dict:
+        """Keyword arguments of ``GPTModel`` that make its embedding and head vocabulary-parallel."""
+        return {"embedding_factory": self.embedding, "head_factory": self.head}
+
+    def single_process_factory(self) -> LinearFactory:
+        """The ``LinearFactory`` of the equivalent single-process model (same recipe, seeds)."""
+        return LinearFactory(self.recipe, self.num_layers, backend=self.backend, seed=self.seed,
+                             collect_stats=self.collect_stats)
+
+    def __repr__(self) -> str:
+        st = self.state
+        return (f"ParallelLinearFactory(recipe={self.recipe.name}, num_layers={self.num_layers}, "
+                f"backend={self.backend}, seed={self.seed}, tp={st.tp_rank}/{st.tp}, "
+                f"sequence_parallel={st.sequence_parallel})")
+
+
+# -- model construction -------------------------------------------------------------------------
+def mark_sequence_parallel_params(model: nn.Module, state: ParallelState) -> int:
+    """With sequence parallelism every parameter that is not TP-sharded (norms, row-parallel
+    biases) acts on this rank's tokens only: mark it ``sequence_parallel=True`` so that
+    ``sync_sequence_parallel_grads`` sums its gradient over TP.  Returns how many."""
+    if not state.sequence_parallel:
+        return 0
+    n = 0
+    for p in model.parameters():
+        if not getattr(p, "tensor_parallel", False):
+            p.sequence_parallel = True
+            n += 1
+    return n
+
+
+def build_tensor_parallel_gpt(config, factory: ParallelLinearFactory, *, device=None) -> GPTModel:
+    """A TP ``GPTModel`` whose shards equal the single-process model's initialisation.
+
+    The rule: build the full single-process model on CPU from the *current* global RNG
+    state (seed it as the single-process trainer would, then call this), build the TP
+    model under a forked RNG, and load its shards from the full state dict.  The global
+    RNG ends where the single-process build leaves it.  SR generators are not copied: the
+    TP modules are seeded with the same per-module seeds already.  (The full model lives
+    in CPU memory for the duration; for models that do not fit, load shards from a full
+    checkpoint with ``shard_state_dict`` instead.)
+    """
+    state = factory.state
+    device = device if device is not None else factory.device
+    full = GPTModel(config, factory.single_process_factory(), device="cpu")
+    with torch.random.fork_rng(devices=[]):
+        model = GPTModel(config, factory, device=device, **factory.model_kwargs())
+    sd = shard_state_dict(full.state_dict(), model, state)
+    own = model.state_dict(keep_vars=True)
+    sd.update({k: v for k, v in own.items() if k.endswith("_extra_state")})
+    model.load_state_dict(sd)
+    mark_sequence_parallel_params(model, state)
+    del full
+    return model
+
+
+# -- gradients -----------------------------------------------------------------------------------
+def sync_sequence_parallel_grads(model: nn.Module, state: ParallelState) -> int:
+    """Sum the gradients of ``sequence_parallel`` parameters over the TP group (one
+    coalesced FP32 all-reduce).  Call after backward (after the last micro-batch), before
+    data-parallel reduction, clipping and the optimizer step.  Returns the count synced."""
+    group = state.group("tp")
+    grads = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    if not grads or state.tp == 1 or group is None:
+        return len(grads)
+    flat = all_reduce(torch.cat([g.reshape(-1).float() for g in grads]), group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return len(grads)
+
+
+def tp_grad_sq_norm(parameters, state: ParallelState) -> torch.Tensor:
+    """Squared L2 norm of the gradients of a TP model, summed over the TP group: sharded
+    parameters contribute their shard on every rank, replicated ones count once (rank 0).
+    Add pipeline stages' values before the sqrt."""
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    dev = params[0].grad.device
+    total = torch.zeros((), device=dev, dtype=torch.float32)
+    for p in params:
+        if getattr(p, "tensor_parallel", False) or state.tp_rank == 0:
+            total = total + p.grad.detach().float().pow(2).sum()
+    return all_reduce(total, state.group("tp")) if state.tp > 1 else total
+
+
+# -- state dicts ---------------------------------------------------------------------------------
+def shard_tensor(full: torch.Tensor, dim: int, stride: int, tp: int, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s TP shard of ``full``: its slice of each of the ``stride`` parts along ``dim``."""
+    parts = full.chunk(stride, dim=dim)
+    return torch.cat([p.chunk(tp, dim=dim)[rank] for p in parts], dim=dim).contiguous()
+
+
+def unshard_tensor(shards: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
+    """Inverse of ``shard_tensor``: the full tensor from every rank's shard (in rank order)."""
+    per_rank = [s.chunk(stride, dim=dim) for s in shards]
+    return torch.cat([per_rank[r][p] for p in range(stride) for r in range(len(shards))], dim=dim)
+
+
+def shard_state_dict(full_sd: dict, model: nn.Module, state: ParallelState) -> dict:
+    """This rank's state dict for ``model`` cut from a full (single-process) state dict:
+    TP-sharded parameters are sliced along ``partition_dim`` honouring ``partition_stride``,
+    everything else is copied.  Keys ``model`` lacks are ignored (pipeline stages)."""
+    out = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        if k not in full_sd:
+            raise KeyError(f"shard_state_dict: the full state dict has no {k!r}")
+        src = full_sd[k]
+        if isinstance(v, torch.Tensor) and getattr(v, "tensor_parallel", False):
+            src = shard_tensor(src, v.partition_dim, v.partition_stride, state.tp, state.tp_rank)
+            if src.shape != v.shape:
+                raise ValueError(f"shard_state_dict: {k} shard has shape {tuple(src.shape)}, the model's is "
+                                 f"{tuple(v.shape)}")
+        out[k] = src
+    return out
+
+
+def gather_state_dict(model: nn.Module, state: ParallelState) -> dict:
+    """The full (single-process layout) state dict of a TP model, on every TP rank
+    (collective over TP: all ranks must call it)."""
+    group = state.group("tp")
+    out = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        if isinstance(v, torch.Tensor):
+            t = v.detach()
+            if getattr(v, "tensor_parallel", False) and state.tp > 1 and group is not None:
+                shards = [torch.empty_like(t) for _ in range(state.tp)]
+                dist.all_gather(shards, t.contiguous(), group=group)
+                t = unshard_tensor(shards, v.partition_dim, v.partition_stride)
+            out[k] = t
+        else:
+            out[k] = v
+    return out
+
+
+__all__ = ["ParallelLinearFactory", "partition_stride_for", "build_tensor_parallel_gpt",
+           "mark_sequence_parallel_params", "sync_sequence_parallel_grads", "tp_grad_sq_norm", "shard_state_dict",
+           "gather_state_dict", "shard_tensor", "unshard_tensor"]
