@@ -6,14 +6,22 @@ the plain scores, optionally renormalised to sum to 1.
 
 Dispatch has no loop over tokens: token-slots are sorted by expert id, the sorted slice of
 each expert runs through that expert (experts with no tokens are skipped), and the
-weighted outputs are scattered back with one ``index_add_``.
+weighted outputs are scattered back with one ``index_add_``.  The dispatch is pluggable:
+``MoE.dispatcher`` (default ``LocalDispatcher()``, every expert on this rank) is any object
+with ``__call__(moe, x, weights, idx) -> combined output`` and ``global_load(load) -> load``;
+expert parallelism (parallel/expert.py) swaps in all-to-all / all-gather dispatchers that
+send token slices to the ranks holding their experts.
 
 Load balancing, two mechanisms (either, both, or neither):
 - Switch/GShard auxiliary loss  coeff * E * sum_i f_i * P_i  (f_i: fraction of the N*k
   token-slots routed to expert i; P_i: mean router probability of expert i, for sigmoid
-  scores the per-token normalised scores).  It is attached to the layer output with
-  ``AuxLossScaler`` so that backward adds d(aux)/d(params) while the forward returns only
-  hidden states (Megatron's MoEAuxLossAutoScaler).
+  scores the per-token normalised scores).  In training, f_i comes from the loads
+  ``dispatcher.global_load`` returns (summed over the data-parallel ranks when the batch is
+  split over them) while P_i stays this rank's mean, so the data-parallel average of the
+  gradients equals the gradient of the loss on the whole (concatenated) batch.  It is
+  attached to the layer output with ``AuxLossScaler`` so that backward adds
+  d(aux)/d(params) while the forward returns only hidden states (Megatron's
+  MoEAuxLossAutoScaler).
 - Aux-loss-free bias (DeepSeek-V3): ``update_expert_bias()`` moves
   b_i += rate * sign(mean_load - load_i) using the loads accumulated (in training mode)
   since the previous update.
@@ -84,6 +92,37 @@ class Router(nn.Module):
         return f"num_experts={self.num_experts}, top_k={self.top_k}, score={self.score}, norm_topk={self.norm_topk}"
 
 
+def combine(x: torch.Tensor, ys: torch.Tensor, token: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Weighted expert outputs back onto their tokens: out[token[s]] += w[s] * ys[s]."""
+    ys = ys * w.unsqueeze(-1)
+    return torch.zeros(x.shape, dtype=ys.dtype, device=x.device).index_add_(0, token, ys)
+
+
+class LocalDispatcher:
+    """Every routed expert lives on this rank: gather each expert's slots, run, combine.
+
+    ``load_reduce`` (optional): sums per-expert loads over the ranks that split the batch
+    (data parallelism without expert parallelism); ``global_load`` applies it.
+    """
+
+    def __init__(self, load_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.load_reduce = load_reduce
+
+    def global_load(self, load: torch.Tensor) -> torch.Tensor:
+        return load if self.load_reduce is None else self.load_reduce(load)
+
+    def __call__(self, moe: "MoE", x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        order, counts = moe.sort_slots(weights, idx)
+        token = order // idx.shape[1]  # token-slot s belongs to token s // k
+        outs = moe.run_experts(x[token], counts)
+        if not outs:  # every slot dropped (or no tokens): only the residual / shared path remains
+            return x.new_zeros(x.shape, dtype=torch.promote_types(x.dtype, weights.dtype))
+        return combine(x, torch.cat(outs), token, weights.reshape(-1)[order])
+
+    def __repr__(self) -> str:
+        return f"LocalDispatcher(load_reduce={self.load_reduce!r})"
+
+
 class MoE(nn.Module):
     """Routed SwiGLU experts (+ optional shared experts) replacing the dense MLP of a block.
 
@@ -111,6 +150,7 @@ class MoE(nn.Module):
         self.last_load: torch.Tensor | None = None
         self.last_dropped: torch.Tensor | None = None
         self.last_aux_loss: torch.Tensor | None = None
+        self.dispatcher = LocalDispatcher()  # a plain attribute: not a submodule, nothing in the state dict
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,9 +159,9 @@ class MoE(nn.Module):
         load = torch.bincount(idx.reshape(-1), minlength=self.num_experts)
         if self.training:
             self.load_accum += load
-        aux = self.aux_loss(scores, load)
+        aux = self.aux_loss(scores, self.balance_load(load))
         self.last_load, self.last_aux_loss = load.detach(), aux.detach()
-        out = self._dispatch_combine(x2, weights, idx)
+        out = self.dispatcher(self, x2, weights, idx)
         if self.shared is not None:
             out = out + self.shared(x2)
         out = out.to(x.dtype).view(x.shape)
@@ -129,13 +169,21 @@ class MoE(nn.Module):
             out = AuxLossScaler.apply(out, aux)
         return out
 
+    def balance_load(self, load: torch.Tensor) -> torch.Tensor:
+        """The loads the aux loss balances: this rank's, or in training with the aux loss on,
+        the dispatcher's ``global_load`` (a collective over the ranks that split the batch)."""
+        if self.training and self.aux_loss_coeff > 0:
+            return self.dispatcher.global_load(load)
+        return load
+
     def aux_loss(self, scores: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
-        """coeff * E * sum_i f_i * P_i for one forward (0 when the coefficient is 0)."""
+        """coeff * E * sum_i f_i * P_i for one forward (0 when the coefficient is 0).
+        ``load``: token-slots per expert, local or summed over ranks; f = load / load.sum()."""
         n = scores.shape[0]
         if self.aux_loss_coeff == 0 or n == 0:
             return scores.sum() * 0.0
         probs = scores if self.router.score == "softmax" else scores / scores.sum(-1, keepdim=True)
-        frac = load.to(probs.dtype) / (n * self.top_k)
+        frac = load.to(probs.dtype) / load.sum().clamp_min(1).to(probs.dtype)
         return self.aux_loss_coeff * self.num_experts * (frac * probs.mean(dim=0)).sum()
 
     def capacity(self, num_tokens: int) -> int | None:
@@ -144,9 +192,11 @@ class MoE(nn.Module):
             return None
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
 
-    def _dispatch_combine(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def sort_slots(self, weights: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token-slots (s = token * k + j) ordered by expert id, stable, after capacity
+        dropping; returns (order, counts per expert).  Sets ``last_dropped``."""
         n, k = idx.shape
-        expert, w = idx.reshape(-1), weights.reshape(-1)  # token-slot s belongs to token s // k
+        expert, w = idx.reshape(-1), weights.reshape(-1)
         counts = torch.bincount(expert, minlength=self.num_experts)
         cap = self.capacity(n)
         if cap is None:
@@ -156,16 +206,17 @@ class MoE(nn.Module):
             order = torch.argsort(w.detach(), descending=True, stable=True)
             order = order[torch.argsort(expert[order], stable=True)]
             starts = torch.cumsum(counts, 0) - counts
-            rank = torch.arange(order.numel(), device=x.device) - starts[expert[order]]
+            rank = torch.arange(order.numel(), device=idx.device) - starts[expert[order]]
             order = order[rank < cap]
             kept = counts.clamp(max=cap)
             self.last_dropped, counts = (counts - kept).sum(), kept
-        token = order // k
-        outs = [self.experts[e](chunk) for e, chunk in enumerate(x[token].split(counts.tolist())) if chunk.shape[0]]
-        if not outs:  # every slot dropped (or no tokens): only the residual / shared path remains
-            return x.new_zeros(x.shape, dtype=torch.promote_types(x.dtype, w.dtype))
-        ys = torch.cat(outs) * w[order].unsqueeze(-1)
-        return torch.zeros(x.shape, dtype=ys.dtype, device=x.device).index_add_(0, token, ys)
+        return order, counts
+
+    def run_experts(self, xs: torch.Tensor, counts, first: int = 0) -> list[torch.Tensor]:
+        """Rows of ``xs`` grouped by expert (``counts[j]`` rows for expert ``first + j``)
+        through their experts; experts with no rows are skipped.  Returns the outputs."""
+        counts = counts.tolist() if torch.is_tensor(counts) else list(counts)
+        return [self.experts[first + j](chunk) for j, chunk in enumerate(xs.split(counts)) if chunk.shape[0]]
 
     # -- balancing and init -----------------------------------------------------------------
     @torch.no_grad()
@@ -194,7 +245,7 @@ class MoE(nn.Module):
 
     def expert_params(self) -> int:
         """Parameters of one routed expert."""
-        return sum(p.numel() for p in self.experts[0].parameters())
+        return sum(p.numel() for p in next(iter(self.experts)).parameters())
 
 
-__all__ = ["AuxLossScaler", "MoE", "Router", "set_aux_loss_scale"]
+__all__ = ["AuxLossScaler", "LocalDispatcher", "MoE", "Router", "combine", "set_aux_loss_scale"]
