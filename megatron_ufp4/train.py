@@ -8,7 +8,14 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+
+def distributed_launch(cfg) -> bool:
+    """torchrun sets WORLD_SIZE; parallel sizes > 1 without it are a configuration error."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world > 1 or "RANK" in os.environ
 
 
 def main(argv=None) -> int:
@@ -26,10 +33,16 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        print("resolved config:\n" + dump_config(cfg))
-        trainer = Trainer(cfg)
-        print(trainer.recipe.table())
-        print(precision_table(trainer.model))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("resolved config:\n" + dump_config(cfg))
+        if distributed_launch(cfg):
+            from .training.distributed import DistributedTrainer
+            trainer = DistributedTrainer(cfg)
+        else:
+            trainer = Trainer(cfg)
+        trainer.console(trainer.recipe.table())
+        trainer.console(precision_table(trainer.model) if hasattr(trainer, "model") else
+                        "\n".join(precision_table(s) for s in trainer.stages))
         result = trainer.train(exit_after=args.exit_after)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError, TrainingAborted) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -37,7 +50,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    if "val_loss" in result:
+    if "val_loss" in result and int(os.environ.get("RANK", "0")) == 0:
         print(f"final validation loss {result['val_loss']:.4f} (perplexity {result['val_ppl']:.2f}) "
               f"at step {result['step']}")
     return 0

@@ -55,7 +55,8 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "state.pt").is_file()]
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)
+             and ((p / "state.pt").is_file() or (p / ".metadata").is_file())]  # single-process or DCP
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
@@ -96,6 +97,9 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, config_yaml: st
 def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     f = path / "state.pt" if path.is_dir() else path
+    if path.is_dir() and (path / ".metadata").is_file():
+        raise CheckpointError(f"{path} is a sharded (DCP) checkpoint: resume it under torchrun, or turn it into one "
+                              "file with tools/convert_checkpoint.py to-single")
     if not f.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:

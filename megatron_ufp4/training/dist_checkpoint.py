@@ -1,0 +1,134 @@
+"""Sharded, reshardable checkpoints with torch.distributed.checkpoint (DCP).
+
+Every rank writes only what it holds.  Keys are layout-independent: parameters keep their
+global names (``layers.<global index>...``, ``mlp.experts.<global expert>...``) under any
+pipeline or expert split, and tensor-parallel shards are saved as DTensors over the TP
+group (``Shard(partition_dim)``), so DCP can load them into any other TP size.  A fused
+parameter whose TP shard is not contiguous in the full tensor (``partition_stride`` s > 1,
+e.g. ``[gate; up]``) is saved as s separate keys ``<name>.part<j>``, each contiguous.
+Replicated tensors (data-parallel copies, SR generator states) are deduplicated by DCP.
+
+Atomicity: ranks write into ``step_XXXXXXXX.tmp``; after a barrier rank 0 renames it into
+place, so a crash mid-write never leaves a checkpoint under a final name.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
+
+from .checkpoint import STEP_DIR, checkpoint_root, list_checkpoints
+
+PART = ".part"
+
+
+def _mesh(state):
+    if not hasattr(state, "_tp_mesh"):
+        group = state.group("tp")
+        state._tp_mesh = DeviceMesh.from_group(group, device_type="cpu") if group is not None else None
+    return state._tp_mesh
+
+
+def _is_tp_sharded(t: torch.Tensor, state) -> bool:
+    return bool(getattr(t, "tensor_parallel", False)) and state.tp > 1
+
+
+def to_checkpoint_entries(name: str, local: torch.Tensor, like: torch.Tensor, state) -> dict:
+    """Local tensor → checkpoint entries (DTensor shards for TP-partitioned tensors).
+
+    ``like`` carries the partition attributes (the parameter itself; optimizer moments
+    of a parameter are partitioned like it).
+    """
+    if not _is_tp_sharded(like, state):
+        return {name: local}
+    dim, stride = like.partition_dim, getattr(like, "partition_stride", 1)
+    mesh = _mesh(state)
+    parts = local.chunk(stride, dim=dim)
+    if stride == 1:
+        return {name: DTensor.from_local(local, mesh, [Shard(dim)], run_check=False)}
+    return {f"{name}{PART}{j}": DTensor.from_local(p.contiguous(), mesh, [Shard(dim)], run_check=False)
+            for j, p in enumerate(parts)}
+
+
+def from_checkpoint_entries(name: str, entries: dict, like: torch.Tensor, state) -> torch.Tensor:
+    if not _is_tp_sharded(like, state):
+        return entries[name]
+    stride = getattr(like, "partition_stride", 1)
+    if stride == 1:
+        return entries[name].to_local()
+    return torch.cat([entries[f"{name}{PART}{j}"].to_local() for j in range(stride)], dim=like.partition_dim)
+
+
+def model_entries(modules: list[nn.Module], state) -> tuple[dict, dict]:
+    """(checkpoint entries, name → parameter/buffer for restoring) over this rank's modules."""
+    entries, owners = {}, {}
+    for module in modules:
+        named = dict(module.named_parameters())
+        for name, value in module.state_dict(keep_vars=True).items():
+            like = named.get(name, value)
+            if isinstance(value, dict):  # QuantizedLinear extra state: SR generator + RHT signs
+                for k, v in value.items():
+                    entries[f"{name}.{k}"] = v
+                owners[name] = value
+                continue
+            entries.update(to_checkpoint_entries(name, value.detach(), like, state))
+            owners[name] = like
+    return entries, owners
+
+
+def save_distributed(run_dir: str | Path, step: int, entries: dict, state, config_yaml: str, keep_last: int,
+                     extra_files: dict[str, str] | None = None) -> Path:
+    root = checkpoint_root(run_dir)
+    final = root / f"step_{step:08d}"
+    tmp = root / f"{final.name}.tmp"
+    if state.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dcp.save(entries, checkpoint_id=str(tmp))
+    dist.barrier()
+    if state.rank == 0:
+        (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)  # the commit point
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_distributed(path: str | Path, entries: dict) -> dict:
+    """Fill ``entries`` (same keys/placements as this rank would save) from a DCP checkpoint."""
+    dcp.load(entries, checkpoint_id=str(path))
+    return entries
+
+
+def is_distributed_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / ".metadata").is_file()
+
+
+def restore_model(modules: list[nn.Module], entries: dict, owners: dict, state) -> None:
+    """Copy loaded ``entries`` (keys as ``model_entries`` made them) into the modules."""
+    for module in modules:
+        sd = {}
+        for name in module.state_dict(keep_vars=True):
+            like = owners[name]
+            if isinstance(like, dict):
+                sd[name] = {k: entries[f"{name}.{k}"] for k in like}
+            else:
+                sd[name] = from_checkpoint_entries(name, entries, like, state)
+        module.load_state_dict(sd)
+
+
+def step_of(path: Path) -> int:
+    m = STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else -1

@@ -1,0 +1,279 @@
+"""The multi-process training loop (launched by torchrun): TP x PP x DP (x EP) on the same
+models, recipes and data as the single-process ``Trainer``.
+
+Per step: this data-parallel rank takes its contiguous slice of the global batch, the
+pipeline runner runs its micro-batches (forward + backward, gradients scaled like the
+single-process trainer's), gradients are all-reduced over data-parallel replicas (expert
+parameters over their expert-data-parallel replicas), sequence-parallel gradients summed
+over TP, the global norm clipped, and ZeRO-1 AdamW updates each parameter on its owner
+and broadcasts it.  Checkpoints are sharded DCP directories that load into other layouts.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..config import RunConfig, dump_config
+from ..data.gpt_dataset import GPTDataset
+from ..data.indexed_dataset import IndexedDataset
+from ..parallel.data_parallel import DataParallel
+from ..parallel.expert import build_expert_parallel_model, reduced_moe_stats, update_expert_bias
+from ..parallel.optimizer import DistributedOptimizer
+from ..parallel.parallel_factory import ParallelLinearFactory, build_tensor_parallel_gpt, sync_sequence_parallel_grads
+from ..parallel.pipeline import PipelineRunner, build_stage_modules, lm_loss, unique_parameters
+from ..parallel.state import build_parallel_state, init_distributed
+from ..parallel.tensor_parallel import vocab_parallel_cross_entropy
+from . import dist_checkpoint as dcpk
+from .checkpoint import CheckpointError, config_differences, latest_checkpoint
+from .metrics import MetricsLogger, measured_peak_flops
+from .schedule import lr_at
+from .trainer import TrainingAborted, check_vocab, dataset_files, make_batch, seed_everything, validation_dataset
+
+
+class DistributedTrainer:
+    def __init__(self, cfg: RunConfig, console=print):
+        self.cfg = cfg
+        par, t = cfg.parallel, cfg.training
+        init_distributed(par.timeout_s)
+        self.state = st = build_parallel_state(tp=par.tensor, pp=par.pipeline, dp=par.data or None, ep=par.expert,
+                                               vpp=par.virtual_pipeline, sequence_parallel=par.sequence_parallel,
+                                               model_cfg=cfg.model)
+        self.console = console if st.rank == 0 else (lambda *a, **k: None)
+        self.device = torch.device("cpu")
+        self.run_dir = Path(t.run_dir)
+        if st.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        local_batch, rem = divmod(t.global_batch_size, st.dp)
+        if rem or local_batch % t.micro_batch_size:
+            raise ValueError(f"training.global_batch_size={t.global_batch_size} must be a multiple of "
+                             f"micro_batch_size x data-parallel size = {t.micro_batch_size * st.dp}")
+        self.local_batch, self.num_micro = local_batch, local_batch // t.micro_batch_size
+
+        seed_everything(t.seed)
+        self.recipe, backend = cfg.build_recipe()
+        factory = ParallelLinearFactory(self.recipe, cfg.model.num_layers, st, backend=backend, seed=t.seed)
+        model = build_tensor_parallel_gpt(cfg.model, factory)  # shards equal the single-process init
+        if cfg.model.num_experts:
+            build_expert_parallel_model(model, st, par.expert_dispatcher, "dp")
+        self.stages = build_stage_modules(model, st, vpp=par.virtual_pipeline,
+                                          first_stage_layers=par.first_stage_layers,
+                                          last_stage_layers=par.last_stage_layers)
+        del model
+        tp_group = st.group("tp")
+        loss_fn = (lambda logits, labels: vocab_parallel_cross_entropy(logits, labels, tp_group)) if st.tp > 1 \
+            else lm_loss
+        seq = cfg.data.seq_len
+        shape = (t.micro_batch_size, seq // st.tp if st.sequence_parallel else seq, cfg.model.hidden_size)
+        autocast = torch.bfloat16 if t.dtype == "bf16" else None
+        self.runner = PipelineRunner(self.stages, st, schedule=par.pipeline_schedule, num_microbatches=self.num_micro,
+                                     micro_batch_size=t.micro_batch_size, seq_len=seq, loss_fn=loss_fn,
+                                     activation_shape=shape, autocast_dtype=autocast)
+        self.ddp = DataParallel(self.stages, st, overlap=self.num_micro == 1)
+        o = cfg.optimizer
+        if not par.zero1:
+            raise ValueError("parallel.zero1=false is not supported by the multi-process trainer yet")
+        self.optimizer = DistributedOptimizer(self.stages, st, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
+        self.norm_params = unique_parameters(self.stages, st)
+
+        check_vocab(cfg)
+        train = IndexedDataset(dataset_files(cfg.data.prefix, "train"))
+        self.train_ds = GPTDataset(train, seq, seed=t.seed, num_samples=t.train_steps * t.global_batch_size)
+        self.val_ds = validation_dataset(cfg)
+        self.step, self.skipped_total, self.consecutive_nonfinite = 0, 0, 0
+        self._resume()
+        c = cfg.logging
+        self.logger = MetricsLogger(self.run_dir, cfg.to_dict(), c.wandb and st.rank == 0, c.wandb_project,
+                                    c.wandb_mode, c.tensorboard and st.rank == 0, self.step, self.console) \
+            if st.rank == 0 else None
+        self.console(f"{st.world_size} ranks: tensor {st.tp} x pipeline {st.pp} (virtual {st.vpp}) x data {st.dp} "
+                     f"(expert {st.ep}); {self.num_micro} micro-batches of {t.micro_batch_size} per rank per step")
+
+    # -- one step -------------------------------------------------------------------------
+    def _local_batch(self, base: int, ds: GPTDataset):
+        first = base + self.state.dp_rank * self.local_batch
+        return make_batch(ds, range(first, first + self.local_batch), self.device)
+
+    def _dp_mean(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().clone().float()
+        if self.state.dp > 1:
+            dist.all_reduce(x, group=self.state.group("dp"))
+            x /= self.state.dp
+        return x
+
+    def train_step(self) -> dict:
+        t, o, s, st = self.cfg.training, self.cfg.optimizer, self.cfg.schedule, self.state
+        lr = lr_at(self.step, t.train_steps, o.lr, s.kind, s.warmup_steps, s.min_lr_ratio, s.decay_fraction)
+        self.optimizer.set_lr(lr)
+        tokens, labels = self._local_batch(self.step * t.global_batch_size, self.train_ds)
+        self.runner.train()
+        sync_ctx = self.ddp.no_sync() if self.num_micro > 1 else contextlib.nullcontext()
+        with sync_ctx:
+            loss = self.runner.step(tokens if st.is_first_stage else None, labels if st.is_last_stage else None)
+        self.ddp.finish_grad_sync()
+        for stage in self.stages:
+            sync_sequence_parallel_grads(stage, st)
+        grad_norm = self.optimizer.clip_grad_norm(o.grad_clip, norm_params=self.norm_params)
+        loss = self._dp_mean(loss)
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
+            for stage in self.stages:
+                update_expert_bias(stage, st.group("dp"))
+            self.consecutive_nonfinite = 0
+        else:
+            for stage in self.stages:
+                for m in stage.moe_layers():
+                    m.load_accum.zero_()
+            self.skipped_total += 1
+            self.consecutive_nonfinite += 1
+        self.optimizer.zero_grad()
+        self.step += 1
+        if self.consecutive_nonfinite >= t.max_consecutive_nonfinite:
+            raise TrainingAborted(f"loss or gradients were NaN/Inf for {self.consecutive_nonfinite} steps in a row "
+                                  f"(last: step {self.step}); stopping")
+        return {"step": self.step, "loss": float(loss), "lr": lr, "grad_norm": float(grad_norm),
+                "skipped": int(not finite), "skipped_total": self.skipped_total}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        t = self.cfg.training
+        # the single-process trainer evaluates eval_iters x micro_batch_size samples; here every
+        # round evaluates one local batch on each data-parallel rank
+        per_round = self.local_batch * self.state.dp
+        n = max(1, min(t.eval_iters * t.micro_batch_size, len(self.val_ds)) // per_round)
+        self.runner.eval()
+        total = torch.zeros(())
+        for i in range(n):
+            tokens, labels = self._local_batch(i * self.local_batch * self.state.dp, self.val_ds)
+            total += self.runner.evaluate(tokens if self.state.is_first_stage else None,
+                                          labels if self.state.is_last_stage else None)
+        self.runner.train()
+        return float(self._dp_mean(total / n))
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def _entries(self, with_optimizer_templates: bool = False) -> tuple[dict, dict]:
+        model_entries, owners = dcpk.model_entries(self.stages, self.state)
+        entries = {f"model.{k}": v for k, v in model_entries.items()}
+        named = dict(self.optimizer.named)
+        states = self.optimizer.state_dict()
+        if with_optimizer_templates:  # what this rank owns in *this* layout, to be filled by load
+            states = {n: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p),
+                          "step": torch.zeros(())} for n, p in self.optimizer.owned}
+        for fqn, sd in states.items():
+            for field in ("exp_avg", "exp_avg_sq"):
+                entries.update({f"optim.{k}": v for k, v in
+                                dcpk.to_checkpoint_entries(f"{fqn}.{field}", sd[field], named[fqn], self.state).items()})
+            entries[f"optim.{fqn}.step"] = sd["step"]
+        entries["trainer.step"] = torch.tensor(self.step)
+        entries["trainer.skipped_total"] = torch.tensor(self.skipped_total)
+        entries["trainer.consecutive_nonfinite"] = torch.tensor(self.consecutive_nonfinite)
+        return entries, owners
+
+    def _partitions(self) -> dict:
+        mine = {"model": {}, "optim": {}}
+        for n, p in self.optimizer.named:
+            if getattr(p, "tensor_parallel", False):
+                info = {"dim": p.partition_dim, "stride": getattr(p, "partition_stride", 1)}
+                mine["model"][n] = info
+                mine["optim"].update({f"{n}.exp_avg": info, f"{n}.exp_avg_sq": info})
+        gathered = [None] * self.state.world_size
+        dist.all_gather_object(gathered, mine)
+        merged = {"model": {}, "optim": {}}
+        for g in gathered:
+            for k in merged:
+                merged[k].update(g[k])
+        return merged
+
+    def save(self) -> Path:
+        entries, _ = self._entries()
+        partitions = self._partitions()
+        path = dcpk.save_distributed(self.run_dir, self.step, entries, self.state, dump_config(self.cfg),
+                                     self.cfg.checkpoint.keep_last,
+                                     extra_files={"partitions.json": json.dumps({**partitions,
+                                                                                 "config": self.cfg.to_dict()})})
+        return path
+
+    def _resume(self) -> None:
+        mode = self.cfg.training.resume
+        if mode == "none":
+            return
+        path = latest_checkpoint(self.run_dir) if mode == "auto" else Path(mode)
+        if path is None:
+            return
+        if not dcpk.is_distributed_checkpoint(path):
+            raise CheckpointError(f"{path} is a single-process checkpoint; convert it with tools/convert_checkpoint.py "
+                                  "or start a new run_dir")
+        meta = json.loads((path / "partitions.json").read_text())
+        diffs = config_differences(meta.get("config", {}), self.cfg.to_dict())
+        if diffs:
+            raise CheckpointError(f"checkpoint {path} is from an incompatible config: {diffs[0]}")
+        entries, owners = self._entries(with_optimizer_templates=True)
+        dcpk.load_distributed(path, entries)
+        dcpk.restore_model(self.stages, {k[len("model."):]: v for k, v in entries.items() if k.startswith("model.")},
+                           owners, self.state)
+        named = dict(self.optimizer.named)
+        states = {}
+        for fqn, _ in self.optimizer.owned:
+            sd = {}
+            for field in ("exp_avg", "exp_avg_sq"):
+                sub = {k[len("optim."):]: v for k, v in entries.items() if k.startswith(f"optim.{fqn}.{field}")}
+                sd[field] = dcpk.from_checkpoint_entries(f"{fqn}.{field}", sub, named[fqn], self.state)
+            sd["step"] = entries[f"optim.{fqn}.step"]
+            states[fqn] = sd
+        self.optimizer.load_state_dict(states)
+        self.step = int(entries["trainer.step"])
+        self.skipped_total = int(entries["trainer.skipped_total"])
+        self.consecutive_nonfinite = int(entries["trainer.consecutive_nonfinite"])
+        self.console(f"resumed from {path} at step {self.step}")
+
+    # -- the loop ---------------------------------------------------------------------------
+    def train(self, exit_after: int | None = None) -> dict:
+        t, cfg = self.cfg.training, self.cfg
+        tokens_per_step = t.global_batch_size * cfg.data.seq_len
+        peak = measured_peak_flops(self.device) * self.state.world_size
+        n_active = sum(p.numel() for p in self.norm_params)  # this rank's share; summed below
+        n = torch.tensor(float(n_active))
+        dist.all_reduce(n)
+        flops_per_token = 6 * float(n) / max(1, self.state.dp)  # dp replicas hold copies
+        result, t_last, since = {"step": self.step}, time.perf_counter(), 0
+        t_start, start_step = t_last, self.step
+        while self.step < t.train_steps:
+            rec = self.train_step()
+            since += 1
+            now = time.perf_counter()
+            rec["tokens_per_s"] = tokens_per_step * since / max(now - t_last, 1e-9)
+            rec["mfu"] = rec["tokens_per_s"] * flops_per_token / peak
+            log_now = self.step % cfg.logging.interval == 0 or self.step == t.train_steps
+            if log_now and cfg.model.num_experts:
+                stats = {}
+                for stage in self.stages:
+                    stats.update(reduced_moe_stats(stage, self.state.group("dp")))
+                rec["moe"] = {str(k): v for k, v in stats.items()}
+            if log_now and self.logger is not None:
+                eta = (now - t_start) / (self.step - start_step) * (t.train_steps - self.step)
+                self.logger.progress(rec, t.train_steps, eta)
+            if log_now:
+                t_last, since = now, 0
+            if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.train_steps):
+                rec["val_loss"] = self.evaluate()
+                rec["val_ppl"] = math.exp(min(rec["val_loss"], 50))
+                self.console(f"step {self.step:>6} | validation loss {rec['val_loss']:.4f} | "
+                             f"perplexity {rec['val_ppl']:.2f}")
+            if self.logger is not None:
+                self.logger.log(rec)
+            result = rec
+            done = self.step == t.train_steps or (exit_after is not None and self.step >= exit_after)
+            interval = cfg.checkpoint.interval
+            if (interval and self.step % interval == 0) or (done and cfg.checkpoint.save_final):
+                self.console(f"saved checkpoint {self.save()}")
+            if done:
+                break
+        if self.logger is not None:
+            self.logger.close()
+        return result
