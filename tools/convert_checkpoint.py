@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -73,7 +74,8 @@ def to_single(src: Path, dst: Path) -> None:
     for k, v in _merge_parts(optim, meta.get("optim", {})).items():
         fqn, _, field = k.rpartition(".")
         optimizer.setdefault(fqn, {})[field] = v
-    out = {"model": model, "optimizer": optimizer, "step": int(flat.get("step", torch.tensor(0))),
+    trainer = {k[len("trainer."):]: int(v) for k, v in flat.items() if k.startswith("trainer.")}
+    out = {"model": model, "optimizer": optimizer, "step": trainer.get("step", 0), "trainer": trainer,
            "config": meta.get("config", {}),
            "partitions": {"model": meta.get("model", {}), "optim": meta.get("optim", {})}}
     torch.save(out, dst)
@@ -84,7 +86,8 @@ def to_dcp(src: Path, dst: Path) -> None:
 
     data = torch.load(src, map_location="cpu", weights_only=True)
     partitions = data.get("partitions", {})
-    flat: dict = {"step": torch.tensor(int(data.get("step", 0)))}
+    trainer = data.get("trainer") or {"step": int(data.get("step", 0)), "skipped_total": 0, "consecutive_nonfinite": 0}
+    flat: dict = {f"trainer.{k}": torch.tensor(int(v)) for k, v in trainer.items()}
     for k, v in data["model"].items():
         if isinstance(v, dict):
             flat.update({f"model.{k}.{f}": t for f, t in v.items()})
@@ -95,7 +98,9 @@ def to_dcp(src: Path, dst: Path) -> None:
     flat = _split_parts(flat, {f"model.{k}": i for k, i in partitions.get("model", {}).items()}
                         | {f"optim.{k}": i for k, i in partitions.get("optim", {}).items()})
     dst.mkdir(parents=True, exist_ok=True)
-    dcp.save(flat, checkpoint_id=str(dst), no_dist=True)
+    with warnings.catch_warnings():  # "no process group: saving from one process" is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(flat, checkpoint_id=str(dst), no_dist=True)
     (dst / "partitions.json").write_text(json.dumps({**partitions, "config": data.get("config", {})}))
 
 

@@ -36,7 +36,8 @@ def _mesh(state):
 
 
 def _is_tp_sharded(t: torch.Tensor, state) -> bool:
-    return bool(getattr(t, "tensor_parallel", False)) and state.tp > 1
+    # also at TP=1 (a one-rank mesh), so the key layout (".part<j>") never depends on TP size
+    return bool(getattr(t, "tensor_parallel", False)) and state.group("tp") is not None
 
 
 def to_checkpoint_entries(name: str, local: torch.Tensor, like: torch.Tensor, state) -> dict:
