@@ -142,7 +142,7 @@ def _core(fused: bool):
 
 def _quantize_values(x, fmt, axis, rounding, rht, generator, tensor_amax, nonfinite, dequantize=False, fused=False,
                      sr_index=None):
-    moved = x.movedim(axis, -1).contiguous()
+    moved = x.detach().movedim(axis, -1).contiguous()  # quantization is not differentiated through
     key = torch.tensor(draw_key(generator), dtype=torch.int64, device=x.device) if rounding == "sr" else None
     rot = rht.matrix(x.device) if rht is not None else None
     q, stored, dec, tscale, all_finite = _core(fused)(moved, fmt, rounding, rot, key, sr_index, tensor_amax,
