@@ -79,7 +79,8 @@ def test_layout_matches_single_process(shakespeare_prefix, tmp_path, world, extr
     ref_loss, ref_norm, ref_val = _single(shakespeare_prefix, tmp_path / "single", extra)
     (loss, norm, val), *_ = run_ranks(world, _train_ranks, shakespeare_prefix, tmp_path / "dist", extra, None)
     assert _close(loss, ref_loss, tol), (loss, ref_loss)
-    assert _close(norm, ref_norm, max(tol, 1e-3) * 10), (norm, ref_norm)
+    # gradient norms see FP4 rounding of dY directly: one flipped rounding moves them by ~1%
+    assert _close(norm, ref_norm, 1e-3 if recipe == "bf16" else 5e-2), (norm, ref_norm)
     assert math.isclose(val, ref_val, rel_tol=tol * 2), (val, ref_val)
     assert loss[-1] < loss[0]
 

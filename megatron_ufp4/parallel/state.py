@@ -110,7 +110,9 @@ def build_parallel_state(tp: int = 1, pp: int = 1, dp: int | None = None, ep: in
     world = dist.get_world_size() if initialized else 1
     rank = dist.get_rank() if initialized else 0
     if dp is None:
-        dp = world // (tp * pp) if world % (tp * pp) == 0 else 0
+        if tp < 1 or pp < 1 or world % (tp * pp):
+            raise ValueError(f"parallel.tensor x parallel.pipeline = {tp}x{pp} does not divide the world size {world}")
+        dp = world // (tp * pp)
     validate_layout(world, tp, pp, dp, ep, vpp, model_cfg)
     tp_rank, rest = rank % tp, rank // tp
     dp_rank, pp_rank = rest % dp, rest // dp
