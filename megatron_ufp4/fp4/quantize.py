@@ -136,6 +136,12 @@ def _core(fused: bool):
     if not fused:
         return _blocks_core
     if _compiled_core is None:
+        # one graph per (format, rounding, RHT, 2D, dequantize) a model uses: allow them all,
+        # or dynamo silently falls back to eager after its default of 8
+        cfg = torch._dynamo.config
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(cfg, knob):
+                setattr(cfg, knob, max(getattr(cfg, knob), 64))
         _compiled_core = torch.compile(_blocks_core, dynamic=True)
     return _compiled_core
 

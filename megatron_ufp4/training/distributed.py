@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
-import time
 from pathlib import Path
 
 import torch
@@ -31,12 +29,13 @@ from ..parallel.state import build_parallel_state, init_distributed
 from ..parallel.tensor_parallel import vocab_parallel_cross_entropy
 from . import dist_checkpoint as dcpk
 from .checkpoint import CheckpointError, config_differences, latest_checkpoint
+from .loop import TrainingLoop, flops_per_token
 from .metrics import MetricsLogger, measured_peak_flops
 from .schedule import lr_at
 from .trainer import TrainingAborted, check_vocab, dataset_files, make_batch, seed_everything, validation_dataset
 
 
-class DistributedTrainer:
+class DistributedTrainer(TrainingLoop):
     def __init__(self, cfg: RunConfig, console=print):
         self.cfg = cfg
         par, t = cfg.parallel, cfg.training
@@ -91,6 +90,8 @@ class DistributedTrainer:
         self.logger = MetricsLogger(self.run_dir, cfg.to_dict(), c.wandb and st.rank == 0, c.wandb_project,
                                     c.wandb_mode, c.tensorboard and st.rank == 0, self.step, self.console) \
             if st.rank == 0 else None
+        self.peak_flops = measured_peak_flops(self.device) * st.world_size
+        self.flops_per_token = flops_per_token(cfg)
         self.console(f"{st.world_size} ranks: tensor {st.tp} x pipeline {st.pp} (virtual {st.vpp}) x data {st.dp} "
                      f"(expert {st.ep}); {self.num_micro} micro-batches of {t.micro_batch_size} per rank per step")
 
@@ -175,6 +176,12 @@ class DistributedTrainer:
         entries["trainer.consecutive_nonfinite"] = torch.tensor(self.consecutive_nonfinite)
         return entries, owners
 
+    def moe_stats(self) -> dict:
+        stats = {}
+        for stage in self.stages:
+            stats.update(reduced_moe_stats(stage, self.state.group("dp")))
+        return stats
+
     def _partitions(self) -> dict:
         mine = {"model": {}, "optim": {}}
         for n, p in self.optimizer.named:
@@ -231,49 +238,3 @@ class DistributedTrainer:
         self.skipped_total = int(entries["trainer.skipped_total"])
         self.consecutive_nonfinite = int(entries["trainer.consecutive_nonfinite"])
         self.console(f"resumed from {path} at step {self.step}")
-
-    # -- the loop ---------------------------------------------------------------------------
-    def train(self, exit_after: int | None = None) -> dict:
-        t, cfg = self.cfg.training, self.cfg
-        tokens_per_step = t.global_batch_size * cfg.data.seq_len
-        peak = measured_peak_flops(self.device) * self.state.world_size
-        n_active = sum(p.numel() for p in self.norm_params)  # this rank's share; summed below
-        n = torch.tensor(float(n_active))
-        dist.all_reduce(n)
-        flops_per_token = 6 * float(n) / max(1, self.state.dp)  # dp replicas hold copies
-        result, t_last, since = {"step": self.step}, time.perf_counter(), 0
-        t_start, start_step = t_last, self.step
-        while self.step < t.train_steps:
-            rec = self.train_step()
-            since += 1
-            now = time.perf_counter()
-            rec["tokens_per_s"] = tokens_per_step * since / max(now - t_last, 1e-9)
-            rec["mfu"] = rec["tokens_per_s"] * flops_per_token / peak
-            log_now = self.step % cfg.logging.interval == 0 or self.step == t.train_steps
-            if log_now and cfg.model.num_experts:
-                stats = {}
-                for stage in self.stages:
-                    stats.update(reduced_moe_stats(stage, self.state.group("dp")))
-                rec["moe"] = {str(k): v for k, v in stats.items()}
-            if log_now and self.logger is not None:
-                eta = (now - t_start) / (self.step - start_step) * (t.train_steps - self.step)
-                self.logger.progress(rec, t.train_steps, eta)
-            if log_now:
-                t_last, since = now, 0
-            if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.train_steps):
-                rec["val_loss"] = self.evaluate()
-                rec["val_ppl"] = math.exp(min(rec["val_loss"], 50))
-                self.console(f"step {self.step:>6} | validation loss {rec['val_loss']:.4f} | "
-                             f"perplexity {rec['val_ppl']:.2f}")
-            if self.logger is not None:
-                self.logger.log(rec)
-            result = rec
-            done = self.step == t.train_steps or (exit_after is not None and self.step >= exit_after)
-            interval = cfg.checkpoint.interval
-            if (interval and self.step % interval == 0) or (done and cfg.checkpoint.save_final):
-                self.console(f"saved checkpoint {self.save()}")
-            if done:
-                break
-        if self.logger is not None:
-            self.logger.close()
-        return result

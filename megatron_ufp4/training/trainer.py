@@ -8,9 +8,7 @@ run's losses bit for bit.
 from __future__ import annotations
 
 import json
-import math
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +18,10 @@ import torch.nn.functional as F
 from ..config import RunConfig, dump_config
 from ..data.gpt_dataset import GPTDataset
 from ..data.indexed_dataset import IndexedDataset
-from ..model import GPTModel, LinearFactory, count_params, set_aux_loss_scale
+from ..model import GPTModel, LinearFactory, set_aux_loss_scale
 from .checkpoint import (CheckpointError, capture_rng, config_differences, latest_checkpoint, load_checkpoint,
                          restore_rng, save_checkpoint)
+from .loop import TrainingLoop, flops_per_token
 from .metrics import MetricsLogger, measured_peak_flops
 from .optim import build_optimizer, clip_grad_norm
 from .schedule import lr_at
@@ -98,7 +97,7 @@ def evaluate_loss(model, ds: GPTDataset, batch_size: int, iters: int, autocast) 
     return total / max(count, 1)
 
 
-class Trainer:
+class Trainer(TrainingLoop):
     def __init__(self, cfg: RunConfig, console=print):
         self.cfg, self.console = cfg, console
         t = cfg.training
@@ -126,12 +125,8 @@ class Trainer:
         c = cfg.logging
         self.logger = MetricsLogger(self.run_dir, cfg.to_dict(), c.wandb, c.wandb_project, c.wandb_mode,
                                     c.tensorboard, self.step, console)
-        total, active = count_params(self.model)
-        seq = cfg.data.seq_len
-        emb = cfg.model.vocab_size * cfg.model.hidden_size * (1 if cfg.model.tie_embeddings else 2)
-        # 6 FLOPs per active non-embedding parameter per token, plus causal attention (fwd+bwd)
-        self.flops_per_token = 6 * (active - emb) + 6 * cfg.model.num_layers * cfg.model.hidden_size * seq
-        self.peak_flops = None
+        self.flops_per_token = flops_per_token(cfg)
+        self.peak_flops = measured_peak_flops(self.device)
 
     # -- data ---------------------------------------------------------------------------
     def _build_data(self) -> None:
@@ -185,6 +180,9 @@ class Trainer:
         return evaluate_loss(self.model, self.val_ds, t.micro_batch_size, t.eval_iters, self.autocast)
 
     # -- checkpoints ----------------------------------------------------------------------
+    def moe_stats(self) -> dict:
+        return self.model.moe_stats()
+
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
                 "consumed_samples": self.step * self.cfg.training.global_batch_size,
@@ -214,41 +212,3 @@ class Trainer:
         self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
         restore_rng(state["rng"])
         self.console(f"resumed from {path} at step {self.step}")
-
-    # -- the loop ---------------------------------------------------------------------------
-    def train(self, exit_after: int | None = None) -> dict:
-        t, cfg = self.cfg.training, self.cfg
-        tokens_per_step = t.global_batch_size * cfg.data.seq_len
-        if self.peak_flops is None:
-            self.peak_flops = measured_peak_flops(self.device)
-        result = {"step": self.step}
-        t_last, steps_since = time.perf_counter(), 0
-        t_start, start_step = t_last, self.step
-        while self.step < t.train_steps:
-            rec = self.train_step()
-            steps_since += 1
-            now = time.perf_counter()
-            rec["tokens_per_s"] = tokens_per_step * steps_since / max(now - t_last, 1e-9)
-            rec["mfu"] = rec["tokens_per_s"] * self.flops_per_token / self.peak_flops
-            log_now = self.step % cfg.logging.interval == 0 or self.step == t.train_steps
-            if log_now and cfg.model.num_experts:
-                rec["moe"] = {str(k): v for k, v in self.model.moe_stats().items()}  # syncs: log steps only
-            if log_now:
-                eta = (now - t_start) / (self.step - start_step) * (t.train_steps - self.step)
-                self.logger.progress(rec, t.train_steps, eta)
-                t_last, steps_since = now, 0
-            if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.train_steps):
-                rec["val_loss"] = self.evaluate()
-                rec["val_ppl"] = math.exp(min(rec["val_loss"], 50))
-                self.console(f"step {self.step:>6} | validation loss {rec['val_loss']:.4f} | "
-                             f"perplexity {rec['val_ppl']:.2f}")
-            self.logger.log(rec)
-            result = rec
-            done = self.step == t.train_steps or (exit_after is not None and self.step >= exit_after)
-            interval = cfg.checkpoint.interval
-            if (interval and self.step % interval == 0) or (done and cfg.checkpoint.save_final):
-                self.console(f"saved checkpoint {self.save()}")
-            if done:
-                break
-        self.logger.close()
-        return result
