@@ -11,7 +11,6 @@ import copy
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -19,7 +18,7 @@ from megatron_ufp4.data.gpt_dataset import GlobalBatchSampler
 from megatron_ufp4.parallel import build_parallel_state
 from megatron_ufp4.parallel.data_parallel import DataParallel, named_parameters
 from megatron_ufp4.parallel.expert import build_expert_parallel_model, update_expert_bias
-from megatron_ufp4.parallel.optimizer import (DistributedOptimizer, clip_grad_norm_parallel, greedy_partition,
+from megatron_ufp4.parallel.optimizer import (DistributedOptimizer, greedy_partition,
                                               merge_state_dicts, torch_adamw_state_to_fqn)
 from megatron_ufp4.training.optim import build_optimizer, clip_grad_norm
 

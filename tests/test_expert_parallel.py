@@ -17,7 +17,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_ufp4.model import GPTModel, LinearFactory, ModelConfig
-from megatron_ufp4.model.moe import LocalDispatcher
 from megatron_ufp4.parallel import build_parallel_state
 from megatron_ufp4.parallel.data_parallel import DataParallel, is_expert_param
 from megatron_ufp4.parallel.expert import (AllGatherDispatcher, AllToAllDispatcher, ExpertShard, _chunk_transpose,

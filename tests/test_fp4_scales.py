@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_ufp4.fp4 import quantize
-from fp4_reference import E2M1_LEVELS, INT4_LEVELS, e4m3_ref, levels_for, nvfp4_ref, rtne_ref
+from fp4_reference import E2M1_LEVELS, INT4_LEVELS, levels_for, nvfp4_ref, rtne_ref
 
 F32 = np.float32
 
