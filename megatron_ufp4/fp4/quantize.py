@@ -147,9 +147,11 @@ def _core(fused: bool):
 
 
 def _quantize_values(x, fmt, axis, rounding, rht, generator, tensor_amax, nonfinite, dequantize=False, fused=False,
-                     sr_index=None):
+                     sr_index=None, sr_key=None):
     moved = x.detach().movedim(axis, -1).contiguous()  # quantization is not differentiated through
-    key = torch.tensor(draw_key(generator), dtype=torch.int64, device=x.device) if rounding == "sr" else None
+    key = None
+    if rounding == "sr":
+        key = torch.tensor(draw_key(generator) if sr_key is None else sr_key, dtype=torch.int64, device=x.device)
     rot = rht.matrix(x.device) if rht is not None else None
     q, stored, dec, tscale, all_finite = _core(fused)(moved, fmt, rounding, rot, key, sr_index, tensor_amax,
                                                       dequantize)
@@ -179,7 +181,7 @@ def _scale_layout(s: torch.Tensor, fmt: FP4Format, axis: int) -> torch.Tensor:
 def quantize(x: torch.Tensor, fmt: str | FP4Format, axis: int = -1, rounding: str = "rtne",
              rht: RHT | None = None, generator: torch.Generator | None = None, *,
              tensor_amax: torch.Tensor | None = None, nonfinite: str = "raise",
-             sr_index: SRIndex | None = None, **fmt_options) -> QuantizedTensor:
+             sr_index: SRIndex | None = None, sr_key: int | None = None, **fmt_options) -> QuantizedTensor:
     """Quantize ``x`` in blocks along ``axis``.
 
     fmt: "e2m1" | "int4" | "nvfp4" | "mxfp4" or an FP4Format; ``fmt_options`` override its
@@ -187,13 +189,14 @@ def quantize(x: torch.Tensor, fmt: str | FP4Format, axis: int = -1, rounding: st
     draws from ``generator``).  rht: rotate blocks along ``axis`` first.  tensor_amax: a
     precomputed NVFP4 tensor amax (e.g. all-reduced across tensor-parallel ranks).
     sr_index: where this tensor (as rows x blocked axis) sits in a larger logical tensor, so
-    a shard's SR draws equal the unsplit tensor's (one key is drawn from ``generator``).
+    a shard's SR draws equal the unsplit tensor's (one key is drawn from ``generator``, or
+    ``sr_key`` is used as given).
     nonfinite: "raise" (default) or "propagate" (blocks with NaN/Inf decode to NaN).
     """
     fmt = make_format(fmt, **fmt_options)
     axis = _check(x, fmt, axis, rounding, rht, nonfinite)
     q, stored, dec, tscale, mshape = _quantize_values(x, fmt, axis, rounding, rht, generator, tensor_amax, nonfinite,
-                                                      sr_index=sr_index)
+                                                      sr_index=sr_index, sr_key=sr_key)
     codes = fmt.grid_obj.encode(q).reshape(mshape).movedim(-1, axis)
     scales = _scale_layout(storage_dtype_view(stored, fmt), fmt, axis)
     return QuantizedTensor(codes, scales, tscale, fmt, axis, rht, dec, x.dtype)
@@ -203,7 +206,7 @@ def fake_quantize(x: torch.Tensor, fmt: str | FP4Format, axis: int = -1, roundin
                   rht: RHT | None = None, generator: torch.Generator | None = None, *,
                   tensor_amax: torch.Tensor | None = None, nonfinite: str = "raise",
                   stats: dict | None = None, fused: bool = False, sr_index: SRIndex | None = None,
-                  **fmt_options) -> torch.Tensor:
+                  sr_key: int | None = None, **fmt_options) -> torch.Tensor:
     """Dequantized fp32 values in the rotated basis (what an FP4 GEMM multiplies).
 
     If ``stats`` is a dict it is filled with telemetry (see ``_operand_stats``).
@@ -212,7 +215,7 @@ def fake_quantize(x: torch.Tensor, fmt: str | FP4Format, axis: int = -1, roundin
     fmt = make_format(fmt, **fmt_options)
     axis = _check(x, fmt, axis, rounding, rht, nonfinite)
     q, _, dec, _, mshape = _quantize_values(x, fmt, axis, rounding, rht, generator, tensor_amax, nonfinite, True, fused,
-                                            sr_index)
+                                            sr_index, sr_key)
     if stats is not None:
         stats.update(_operand_stats(x, q, dec, fmt, rht, axis))
     return q.reshape(mshape).movedim(-1, axis)

@@ -32,6 +32,41 @@ def draw_key(generator: torch.Generator | None) -> int:
     return int(torch.randint(0, _M31, (1,), generator=generator))
 
 
+def derive_key(*parts: int) -> int:
+    """A 31-bit key that is a pure function of integers (module seed, step, micro-batch, ...)."""
+    x = 0x1B873593
+    for part in parts:
+        for word in (int(part) & _M31, (int(part) >> 31) & _M31):
+            x = _mix31_int(x ^ word)
+    return x
+
+
+def _mix31_int(x: int) -> int:
+    x ^= x >> 16
+    x = (x * 0x2C1B3C6D) & _M31
+    x ^= x >> 15
+    x = (x * 0x297A2D39) & _M31
+    return x ^ (x >> 16)
+
+
+# -- where in training we are: SR keys derived from it are the same under any parallel layout --
+_POSITION: tuple[int, int] | None = None
+
+
+def set_sr_position(step: int | None, micro_batch: int = 0) -> None:
+    """Training loops call this before each micro-batch's forward (``micro_batch`` counted
+    over the whole global batch, across data-parallel ranks).  Quantized linears then derive
+    SR keys from (module seed, step, micro-batch, GEMM, operand) instead of drawing them
+    from their generator, so every layout, schedule and resume draws identical noise.
+    ``None`` goes back to generator draws (standalone use, evaluation)."""
+    global _POSITION
+    _POSITION = None if step is None else (int(step), int(micro_batch))
+
+
+def sr_position() -> tuple[int, int] | None:
+    return _POSITION
+
+
 def _mix31(x: torch.Tensor) -> torch.Tensor:
     x = x ^ (x >> 16)
     x = (x * 0x2C1B3C6D) & _M31

@@ -24,9 +24,11 @@ class GemmBackend(Protocol):
     def gemm(self, a: torch.Tensor, b: torch.Tensor, spec: GemmQuant, rht: RHT | None,
              generator: torch.Generator | None, stats: dict | None = None,
              amax_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-             sr_index: tuple[SRIndex | None, SRIndex | None] = (None, None)) -> torch.Tensor:
+             sr_index: tuple[SRIndex | None, SRIndex | None] = (None, None),
+             sr_keys: tuple[int | None, int | None] = (None, None)) -> torch.Tensor:
         """A @ B^T; amax_reduce: all-reduce(max) for NVFP4 tensor amaxes of sharded operands;
-        sr_index: where A and B sit in their logical (unsharded) tensors, for SR draws."""
+        sr_index: where A and B sit in their logical (unsharded) tensors, for SR draws;
+        sr_keys: SR keys to use (None: draw one from ``generator``)."""
         ...
 
 
@@ -73,24 +75,25 @@ class EmulatedBackend:
         self.fused = fused
         self.name = "fused" if fused else "emulated"
 
-    def _operand(self, t, op: OperandQuant, rht, generator, stats, amax_reduce, sr_index):
+    def _operand(self, t, op: OperandQuant, rht, generator, stats, amax_reduce, sr_index, sr_key):
         tensor_amax = None
         if op.fmt.scale == "e4m3" and amax_reduce is not None:
             src = rht.rotate(t) if rht is not None else t
             tensor_amax = amax_reduce(src.abs().amax().float())
         return fake_quantize(t, op.fmt, -1, op.rounding, rht, generator,
                              tensor_amax=tensor_amax, nonfinite="propagate", stats=stats, fused=self.fused,
-                             sr_index=sr_index)
+                             sr_index=sr_index, sr_key=sr_key)
 
-    def gemm(self, a, b, spec, rht, generator, stats=None, amax_reduce=None, sr_index=(None, None)):
+    def gemm(self, a, b, spec, rht, generator, stats=None, amax_reduce=None, sr_index=(None, None),
+             sr_keys=(None, None)):
         rht = rht if spec.rht else None
         multiple = max(spec.a.fmt.block, spec.b.fmt.block, rht.size if rht is not None else 1)
         a, b = _pad_reduction(a, b, multiple)
         sa = sb = None
         if stats is not None:
             sa, sb = stats.setdefault("a", {}), stats.setdefault("b", {})
-        qa = self._operand(a, spec.a, rht, generator, sa, amax_reduce, sr_index[0])
-        qb = self._operand(b, spec.b, rht, generator, sb, amax_reduce, sr_index[1])
+        qa = self._operand(a, spec.a, rht, generator, sa, amax_reduce, sr_index[0], sr_keys[0])
+        qb = self._operand(b, spec.b, rht, generator, sb, amax_reduce, sr_index[1], sr_keys[1])
         return qa @ qb.T
 
 

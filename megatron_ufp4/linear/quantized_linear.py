@@ -16,6 +16,9 @@ from torch import nn
 
 from ..fp4.hadamard import RHT
 from ..fp4.recipes import GEMM_ROLES, Recipe
+from ..fp4.sr_random import derive_key, sr_position
+
+GEMM_ORDER = {g: i for i, g in enumerate(GEMM_ROLES)}
 from .backends import get_backend
 
 
@@ -29,6 +32,8 @@ class GemmContext:
     collect_stats: bool = False
     amax_reduce: Callable | None = None  # set by tensor-parallel wrappers for NVFP4 tensor amax
     sr_index: dict = field(default_factory=dict)  # gemm -> (SRIndex of A, of B), set for sharded operands
+    sr_seed: int = 0
+    position: tuple[int, int] | None = None  # (step, micro-batch) the current GEMMs belong to
     log: dict = field(default_factory=dict)  # gemm -> what actually ran (+ stats)
 
     def run(self, gemm: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -43,8 +48,12 @@ class GemmContext:
                      ran={ra: f"{spec.a.fmt.describe()} {spec.a.rounding}",
                           rb: f"{spec.b.fmt.describe()} {spec.b.rounding}"})
         stats = {} if self.collect_stats else None
+        keys = (None, None)
+        if self.position is not None:  # keys from where we are in training, not from generator draws
+            g = GEMM_ORDER[gemm]
+            keys = (derive_key(self.sr_seed, *self.position, g, 0), derive_key(self.sr_seed, *self.position, g, 1))
         out = get_backend(self.backend_name).gemm(a, b, spec, self.rht, self.generator, stats, self.amax_reduce,
-                                                  self.sr_index.get(gemm, (None, None)))
+                                                  self.sr_index.get(gemm, (None, None)), keys)
         if stats is not None:
             entry["stats"] = {ra: stats["a"], rb: stats["b"]}
         return out
@@ -54,6 +63,7 @@ class _QuantizedLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, gctx: GemmContext, out_dtype):
         ctx.gctx, ctx.has_bias = gctx, bias is not None
+        gctx.position = ctx.sr_position = sr_position()  # backward may run after other micro-batches
         ctx.save_for_backward(x, weight)
         x2 = x.reshape(-1, x.shape[-1])
         with torch.autocast(x.device.type, enabled=False):
@@ -66,6 +76,7 @@ class _QuantizedLinearFn(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         gctx = ctx.gctx
+        gctx.position = ctx.sr_position
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dw = db = None
         with torch.autocast(dy.device.type, enabled=False):
@@ -101,7 +112,8 @@ class QuantizedLinear(nn.Module):
             self._check_dims()
         gen_device = device if device is not None and torch.device(device).type != "meta" else "cpu"
         self.ctx = GemmContext(recipe, RHT(recipe.rht_size, recipe.rht_seed),
-                               torch.Generator(device=gen_device).manual_seed(int(sr_seed)), backend, collect_stats)
+                               torch.Generator(device=gen_device).manual_seed(int(sr_seed)), backend, collect_stats,
+                               sr_seed=int(sr_seed))
         self.reset_parameters()
 
     def _check_dims(self):

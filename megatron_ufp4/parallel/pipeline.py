@@ -74,6 +74,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..fp4.sr_random import set_sr_position
 from ..model.gpt import GPTModel
 from ..model.moe import set_aux_loss_scale
 from .state import ParallelState, rank_of
@@ -154,6 +155,7 @@ class GPTStage(nn.Module):
 
     def __init__(self, model: GPTModel, layer_indices: Sequence[int], stage_index: int, num_stages: int):
         super().__init__()
+        self.sr_counter: list[int] | None = None  # set by PipelineRunner.step
         self.config = model.config
         self.stage_index, self.num_stages = stage_index, num_stages
         self.is_first, self.is_last = stage_index == 0, stage_index == num_stages - 1
@@ -169,6 +171,10 @@ class GPTStage(nn.Module):
         return [int(k) for k in self.layers]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sr_counter is not None:  # [step, first micro-batch, forwards so far]: SR position
+            step, base, n = self.sr_counter
+            set_sr_position(step, base + n)
+            self.sr_counter[2] += 1
         dev = x.device.type
         ctx = torch.autocast(dev, dtype=self.autocast_dtype) if self.autocast_dtype is not None else nullcontext()
         with ctx:
@@ -455,7 +461,8 @@ class PipelineRunner:
         return total
 
     # -- entry points ---------------------------------------------------------------------------
-    def step(self, tokens: torch.Tensor | None, labels: torch.Tensor | None) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor | None, labels: torch.Tensor | None, sr_step: int | None = None,
+             sr_micro_base: int = 0) -> torch.Tensor:
         """Forward + backward of one global batch (``num_microbatches * micro_batch_size`` rows,
         micro-batch m = rows [m * mbs, (m + 1) * mbs)).  The first stage passes ``tokens``, the
         last ``labels``, the others may pass None.  Gradients accumulate into the chunks'
@@ -464,7 +471,14 @@ class PipelineRunner:
             raise RuntimeError("PipelineRunner.step needs gradients enabled; use evaluate() for forward only")
         self._check_batch(tokens, labels)
         set_aux_loss_scale(1.0 / self.num_microbatches)
-        loss = self._run(tokens, labels, backward=True)
+        for stage in self.stages:  # micro-batch m of this step quantizes at SR position (sr_step, base + m)
+            stage.sr_counter = None if sr_step is None else [sr_step, sr_micro_base, 0]
+        try:
+            loss = self._run(tokens, labels, backward=True)
+        finally:
+            for stage in self.stages:
+                stage.sr_counter = None
+            set_sr_position(None)
         if self.tied:
             self._reduce_tied_embedding()
         return self._broadcast_loss(loss)

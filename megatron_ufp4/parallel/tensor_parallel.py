@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..fp4.recipes import Recipe
-from ..fp4.sr_random import SRIndex
-from ..linear.quantized_linear import QuantizedLinear
+from ..fp4.sr_random import SRIndex, sr_position
+from ..linear.quantized_linear import GemmContext, QuantizedLinear
 from .mappings import (SEQ_DIM, all_gather, all_reduce, gather_from_tp, group_size, reduce_from_tp, reduce_scatter,
                        reduce_scatter_to_sp, scatter_to_tp)
 from .state import ParallelState
@@ -196,6 +196,12 @@ class _TensorParallelLinear(_TPGroupMixin, QuantizedLinear):
 
 
 # -- column parallel ------------------------------------------------------------------------
+def _set_position(layer, position) -> None:
+    """Backward may run after later micro-batches' forwards: restore the SR position."""
+    if isinstance(getattr(layer, "ctx", None), GemmContext):
+        layer.ctx.position = position
+
+
 class _ColumnParallelFn(torch.autograd.Function):
     """Column-parallel GEMMs (FP4 through the layer's recipe, or high precision when
     ``hp_dtype`` is set) with the TP collectives inside: the Dgrad partial sums are reduced
@@ -204,6 +210,8 @@ class _ColumnParallelFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layer, out_dtype, hp_dtype):
         ctx.layer, ctx.has_bias, ctx.hp_dtype = layer, bias is not None, hp_dtype
+        ctx.sr_position = sr_position()
+        _set_position(layer, ctx.sr_position)
         ctx.save_for_backward(x, weight)  # sequence parallel: the local slice; re-gathered in backward
         x_total = all_gather(x, SEQ_DIM, layer.tp_group) if layer.sequence_parallel else x
         with torch.autocast(x.device.type, enabled=False):
@@ -216,6 +224,7 @@ class _ColumnParallelFn(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         layer, hp = ctx.layer, ctx.hp_dtype
+        _set_position(layer, ctx.sr_position)
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dw = db = None
         with torch.autocast(dy.device.type, enabled=False):
@@ -325,6 +334,8 @@ class _RowParallelFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layer, out_dtype, hp_dtype):
         ctx.layer, ctx.has_bias, ctx.hp_dtype = layer, bias is not None, hp_dtype
+        ctx.sr_position = sr_position()
+        _set_position(layer, ctx.sr_position)
         ctx.save_for_backward(x, weight)
         with torch.autocast(x.device.type, enabled=False):
             y = _layer_gemm(layer, "fprop", x.reshape(-1, x.shape[-1]), weight, hp_dtype)
@@ -338,6 +349,7 @@ class _RowParallelFn(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         layer, hp = ctx.layer, ctx.hp_dtype
+        _set_position(layer, ctx.sr_position)
         dy_total = all_gather(dy, SEQ_DIM, layer.tp_group) if layer.sequence_parallel else dy
         dy2 = dy_total.reshape(-1, dy.shape[-1])
         dx = dw = db = None

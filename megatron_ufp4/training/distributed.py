@@ -115,7 +115,9 @@ class DistributedTrainer(TrainingLoop):
         self.runner.train()
         sync_ctx = self.ddp.no_sync() if self.num_micro > 1 else contextlib.nullcontext()
         with sync_ctx:
-            loss = self.runner.step(tokens if st.is_first_stage else None, labels if st.is_last_stage else None)
+            # SR positions count micro-batches over the global batch, as the single-process trainer does
+            loss = self.runner.step(tokens if st.is_first_stage else None, labels if st.is_last_stage else None,
+                                    sr_step=self.step, sr_micro_base=st.dp_rank * self.num_micro)
         self.ddp.finish_grad_sync()
         for stage in self.stages:
             sync_sequence_parallel_grads(stage, st)

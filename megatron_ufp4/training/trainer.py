@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..config import RunConfig, dump_config
 from ..data.gpt_dataset import GPTDataset
+from ..fp4.sr_random import set_sr_position
 from ..data.indexed_dataset import IndexedDataset
 from ..model import GPTModel, LinearFactory, set_aux_loss_scale
 from .checkpoint import (CheckpointError, capture_rng, config_differences, latest_checkpoint, load_checkpoint,
@@ -151,11 +152,13 @@ class Trainer(TrainingLoop):
         for m in range(self.accum):
             idx = range(start + m * t.micro_batch_size, start + (m + 1) * t.micro_batch_size)
             tokens, labels = make_batch(self.train_ds, idx, self.device)
+            set_sr_position(self.step, m)  # SR keys from (step, micro-batch): layout-independent
             with self.autocast:
                 logits = self.model(tokens)
             loss = self.loss_fn(logits, labels) / self.accum
             loss.backward()
             loss_sum += loss.detach()
+        set_sr_position(None)
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = clip_grad_norm(params, o.grad_clip)
         finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm))
