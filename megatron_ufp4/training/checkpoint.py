@@ -65,6 +65,13 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_to_resume(run_dir: str | Path, mode: str) -> Path | None:
+    """``training.resume``: "none" → None, "auto" → the latest in run_dir (or None), else a path."""
+    if mode == "none":
+        return None
+    return latest_checkpoint(run_dir) if mode == "auto" else Path(mode)
+
+
 def save_checkpoint(run_dir: str | Path, step: int, state: dict, config_yaml: str, keep_last: int,
                     _before_rename=None) -> Path:
     """Write ``state`` atomically as checkpoint ``step`` and prune to ``keep_last``."""

@@ -28,7 +28,7 @@ from ..parallel.pipeline import PipelineRunner, build_stage_modules, lm_loss, un
 from ..parallel.state import build_parallel_state, init_distributed
 from ..parallel.tensor_parallel import vocab_parallel_cross_entropy
 from . import dist_checkpoint as dcpk
-from .checkpoint import CheckpointError, config_differences, latest_checkpoint
+from .checkpoint import CheckpointError, checkpoint_to_resume, config_differences
 from .loop import TrainingLoop, flops_per_token
 from .metrics import MetricsLogger, measured_peak_flops
 from .schedule import lr_at
@@ -209,10 +209,7 @@ class DistributedTrainer(TrainingLoop):
         return path
 
     def _resume(self) -> None:
-        mode = self.cfg.training.resume
-        if mode == "none":
-            return
-        path = latest_checkpoint(self.run_dir) if mode == "auto" else Path(mode)
+        path = checkpoint_to_resume(self.run_dir, self.cfg.training.resume)
         if path is None:
             return
         if not dcpk.is_distributed_checkpoint(path):

@@ -20,7 +20,7 @@ from ..data.gpt_dataset import GPTDataset
 from ..fp4.sr_random import set_sr_position
 from ..data.indexed_dataset import IndexedDataset
 from ..model import GPTModel, LinearFactory, set_aux_loss_scale
-from .checkpoint import (CheckpointError, capture_rng, config_differences, latest_checkpoint, load_checkpoint,
+from .checkpoint import (CheckpointError, capture_rng, checkpoint_to_resume, config_differences, load_checkpoint,
                          restore_rng, save_checkpoint)
 from .loop import TrainingLoop, flops_per_token
 from .metrics import MetricsLogger, measured_peak_flops
@@ -198,10 +198,7 @@ class Trainer(TrainingLoop):
         return path
 
     def _resume(self) -> None:
-        mode = self.cfg.training.resume
-        if mode == "none":
-            return
-        path = latest_checkpoint(self.run_dir) if mode == "auto" else Path(mode)
+        path = checkpoint_to_resume(self.run_dir, self.cfg.training.resume)
         if path is None:
             return
         state = load_checkpoint(path)
