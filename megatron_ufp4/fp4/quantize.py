@@ -36,16 +36,12 @@ class QuantizedTensor:
         """Two codes per byte along the last dim: element 2i in the low nibble, 2i+1 in the high."""
         return pack_codes(self.codes)
 
-    def nbytes(self) -> int:
-        sc = self.scales.numel() * self.scales.element_size()
-        return self.codes.numel() // 2 + sc + (4 if self.tensor_scale is not None else 0)
-
     def dequantize(self, rotated: bool = False) -> torch.Tensor:
         """fp32 values; in the original basis unless ``rotated`` (the basis the GEMM uses)."""
         lut = self.fmt.grid_obj.signed_lut(self.codes.device)
         moved = self.codes.movedim(self.axis, -1)
         vals = _blocked(lut[moved.long()], self.fmt)
-        out = _unblocked(vals * self.decode_scales, moved.shape)
+        out = (vals * self.decode_scales).reshape(moved.shape)
         if self.rht is not None and not rotated:
             out = self.rht.unrotate(out)
         return out.movedim(-1, self.axis)
@@ -69,10 +65,6 @@ def _blocked(moved: torch.Tensor, fmt: FP4Format) -> torch.Tensor:
         r, c = moved.shape
         return moved.reshape(r // b, b, c // b, b)
     return moved.reshape(*moved.shape[:-1], moved.shape[-1] // b, b)
-
-
-def _unblocked(blocked: torch.Tensor, moved_shape) -> torch.Tensor:
-    return blocked.reshape(moved_shape)
 
 
 def _check(x: torch.Tensor, fmt: FP4Format, axis: int, rounding: str, rht: RHT | None, nonfinite: str) -> int:

@@ -189,6 +189,7 @@ class GPTStage(nn.Module):
     moe_layers = GPTModel.moe_layers
     moe_stats = GPTModel.moe_stats
     update_expert_bias = GPTModel.update_expert_bias
+    discard_expert_loads = GPTModel.discard_expert_loads
 
     def extra_repr(self) -> str:
         idx = self.layer_indices

@@ -23,7 +23,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from .checkpoint import STEP_DIR, checkpoint_root, list_checkpoints
+from .checkpoint import checkpoint_root, list_checkpoints
 
 PART = ".part"
 
@@ -107,12 +107,6 @@ def save_distributed(run_dir: str | Path, step: int, entries: dict, state, confi
     return final
 
 
-def load_distributed(path: str | Path, entries: dict) -> dict:
-    """Fill ``entries`` (same keys/placements as this rank would save) from a DCP checkpoint."""
-    dcp.load(entries, checkpoint_id=str(path))
-    return entries
-
-
 def is_distributed_checkpoint(path: str | Path) -> bool:
     return (Path(path) / ".metadata").is_file()
 
@@ -128,8 +122,3 @@ def restore_model(modules: list[nn.Module], entries: dict, owners: dict, state) 
             else:
                 sd[name] = from_checkpoint_entries(name, entries, like, state)
         module.load_state_dict(sd)
-
-
-def step_of(path: Path) -> int:
-    m = STEP_DIR.match(path.name)
-    return int(m.group(1)) if m else -1

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
 from ..config import RunConfig, dump_config
 from ..data.gpt_dataset import GPTDataset
@@ -131,8 +132,7 @@ class DistributedTrainer(TrainingLoop):
             self.consecutive_nonfinite = 0
         else:
             for stage in self.stages:
-                for m in stage.moe_layers():
-                    m.load_accum.zero_()
+                stage.discard_expert_loads()
             self.skipped_total += 1
             self.consecutive_nonfinite += 1
         self.optimizer.zero_grad()
@@ -220,7 +220,7 @@ class DistributedTrainer(TrainingLoop):
         if diffs:
             raise CheckpointError(f"checkpoint {path} is from an incompatible config: {diffs[0]}")
         entries, owners = self._entries(with_optimizer_templates=True)
-        dcpk.load_distributed(path, entries)
+        dcp.load(entries, checkpoint_id=str(path))  # fills this layout's entries, resharding as needed
         dcpk.restore_model(self.stages, {k[len("model."):]: v for k, v in entries.items() if k.startswith("model.")},
                            owners, self.state)
         named = dict(self.optimizer.named)
