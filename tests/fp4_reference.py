@@ -101,3 +101,74 @@ def hadamard_ref(n: int) -> np.ndarray:
     j = np.arange(n)[None, :]
     bits = np.vectorize(lambda v: bin(int(v)).count("1"))(i & j)
     return np.where(bits % 2 == 0, 1.0, -1.0)
+
+
+# -----------------------------------------------------------------------------
+# element codes, the way hardware / Transformer Engine / torchao convert fp32 -> FP4:
+# code = sign << 3 | magnitude index, the sign taken from the fp32 sign bit of the scaled
+# value (so a negative value, or -0.0, that rounds to magnitude 0 is code 8, "-0")
+
+def nearest_level_index(mag: np.ndarray, levels) -> np.ndarray:
+    """Index of the nearest level to each magnitude (float64), saturating; ties -> even index."""
+    mag = np.minimum(np.asarray(mag, dtype=np.float64), levels[-1])
+    lv = np.asarray(levels, dtype=np.float64)
+    dist = np.abs(mag[..., None] - lv)  # exact: fp32 values and dyadic levels in float64
+    cand = dist == dist.min(axis=-1, keepdims=True)
+    even = cand & (np.arange(len(lv)) % 2 == 0)
+    return np.where(even.any(axis=-1), even.argmax(axis=-1), cand.argmax(axis=-1))
+
+
+def sr_level_indices(mag: np.ndarray, levels) -> tuple[np.ndarray, np.ndarray]:
+    """(lower, upper) neighbouring level indices of each magnitude (equal when on a level)."""
+    mag = np.minimum(np.asarray(mag, dtype=np.float64), levels[-1])
+    lv = np.asarray(levels, dtype=np.float64)
+    lo = np.searchsorted(lv, mag, side="right") - 1
+    hi = np.where(lv[lo] == mag, lo, np.minimum(lo + 1, len(lv) - 1))
+    return lo, hi
+
+
+def fp4_codes_ref(scaled: np.ndarray, levels) -> np.ndarray:
+    """RTNE codes of already-scaled fp32 values: sign bit from the input's sign bit."""
+    scaled = np.asarray(scaled, dtype=np.float32)
+    sign = np.signbit(scaled).astype(np.uint8) << 3
+    return sign | nearest_level_index(np.abs(scaled), levels).astype(np.uint8)
+
+
+def pack_ref(codes: np.ndarray) -> np.ndarray:
+    """Two codes per byte along the last axis: element 2i in the low nibble, 2i+1 in the high."""
+    codes = np.asarray(codes, dtype=np.uint8)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def scaled_blocks_ref(x: np.ndarray, fmt: str, block: int, levels) -> np.ndarray:
+    """The fp32 values each format hands to the element conversion, blocks along the last axis.
+
+    fp32 scale (e2m1, int4, range-restricted e2m1): x / f32(amax / gmax) (an all-zero block
+    divides by 1); nvfp4: x * enc_b with TE's two-level arithmetic (as in ``nvfp4_ref``);
+    mxfp4 (OCP floor rule): x * 2^-(floor(log2 amax) - floor(log2 gmax)), exact.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    xb = x.reshape(*x.shape[:-1], x.shape[-1] // block, block)
+    amax = np.abs(xb).max(axis=-1, keepdims=True)
+    gmax = F32(levels[-1])
+    if fmt in ("e2m1", "int4"):
+        dec = (amax / gmax).astype(np.float32)
+        out = xb / np.where(dec > 0, dec, F32(1.0))
+    elif fmt == "nvfp4":
+        t_amax = F32(amax.max())
+        s_enc = F32(F32(448.0 * 6.0) / t_amax) if t_amax != 0 else F32(1.0)
+        s_enc_over_6 = F32(s_enc * F32(F32(1.0) / F32(6.0)))
+        g_dec = F32(F32(1.0) / s_enc)
+        sd = np.vectorize(lambda a: e4m3_ref(min(float(F32(F32(a) * s_enc_over_6)), 448.0)))(amax).astype(np.float32)
+        d = (sd * g_dec).astype(np.float32)
+        fmax = np.finfo(np.float32).max
+        with np.errstate(divide="ignore", over="ignore"):
+            enc = np.minimum(np.where(d != 0, F32(1.0) / np.where(d != 0, d, F32(1.0)), fmax), fmax)
+        out = xb * enc.astype(np.float32)
+    elif fmt == "mxfp4":
+        e = np.vectorize(lambda a: math.frexp(float(a))[1] - 1 if a > 0 else -127)(amax)
+        exp = np.clip(e - (math.frexp(float(gmax))[1] - 1), -127, 127)
+        out = np.ldexp(xb.astype(np.float64), -exp).astype(np.float32)  # a power of two: exact
+    else:
+        raise ValueError(fmt)
+    return out.astype(np.float32).reshape(x.shape)

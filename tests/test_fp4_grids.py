@@ -114,7 +114,7 @@ def test_rtne_generic_path_on_non_uniform_grid():
 
 
 # ---------------------------------------------------------------------------------------------
-# code layout: sign bit 3, magnitude code bits 0-2, -0 collapses to code 0
+# code layout: sign bit 3 (the value's sign bit, so -0 is code 8), magnitude code bits 0-2
 # ---------------------------------------------------------------------------------------------
 
 
@@ -124,20 +124,23 @@ def test_code_layout(fmt, levels, anchor):
     x = torch.tensor(vals + [0.0] * (16 - len(vals)))
     codes = quantize(x, fmt).codes
     assert codes.dtype == torch.uint8
-    expected = [i for i in range(8)] + [8 | i for i in range(1, 8)] + [0]
+    expected = [i for i in range(8)] + [8 | i for i in range(1, 8)] + [8]  # -0.0 -> code 8, as hardware
     assert codes.tolist() == expected + [0] * (16 - len(expected))
     # decode the layout by hand: value = (-1)^bit3 * levels[bits 0..2]
     by_hand = [(-1.0 if c & 8 else 1.0) * levels[c & 7] for c in codes.tolist()]
-    assert by_hand == [v + 0.0 for v in x.tolist()]  # +0.0 turns -0.0 into 0.0
+    assert by_hand == x.tolist()
+    assert [math.copysign(1.0, v) for v in by_hand] == [math.copysign(1.0, v) for v in x.tolist()]  # -0 too
 
 
 @pytest.mark.parametrize("fmt,anchor", [("e2m1", 6.0), ("int4", 7.0), ("mxfp4", 6.0), ("nvfp4", 6.0)])
-def test_negative_values_rounding_to_zero_get_code_zero(fmt, anchor):
+def test_negative_values_rounding_to_zero_get_code_eight(fmt, anchor):
+    # TE / torchao / the hardware cast copy the input's sign bit: -0.0 and negatives that
+    # round to magnitude 0 are code 8 ("-0"); +0.0 and positives that round to 0 are code 0
     block = 32 if fmt == "mxfp4" else 16
     x = torch.zeros(block)
-    x[0], x[1], x[2], x[3] = anchor, -0.0, -1e-3, -0.2
+    x[0], x[1], x[2], x[3], x[4] = anchor, -0.0, -1e-3, -0.2, 1e-3
     codes = quantize(x, fmt).codes
-    assert codes[1:4].tolist() == [0, 0, 0]  # never 8 (a "-0" code)
+    assert codes[1:6].tolist() == [8, 8, 8, 0, 0]
 
 
 # ---------------------------------------------------------------------------------------------

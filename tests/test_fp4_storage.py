@@ -85,16 +85,16 @@ def test_fake_quantize_equals_dequantize_nvfp4_2d(axis):
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_fake_quantize_signed_zero_matches_dequantize(fmt):
-    # a small negative value that rounds to zero is stored as code 0 (+0); the fake-quant path
-    # may keep -0.0 (documented), which is equal in value and multiplies identically
+    # a small negative value that rounds to zero is stored as code 8 (-0, as hardware does) and
+    # both paths give -0.0: bitwise equal, sign bit included
     x = torch.zeros(2, 32)
     x[:, 0] = 6.0
     x[:, 1] = -1e-4
     q = quantize(x, fmt)
     fq = fake_quantize(x, fmt)
-    assert bool((q.codes[:, 1] == 0).all())
-    assert torch.equal(fq, q.dequantize(rotated=True))
-    assert bool((fq[:, 1] == 0).all())
+    assert bool((q.codes[:, 1] == 8).all())
+    assert torch.equal(fq.view(torch.int32), q.dequantize(rotated=True).view(torch.int32))
+    assert bool((fq[:, 1] == 0).all()) and bool(torch.signbit(fq[:, 1]).all())
 
 
 # ---------------------------------------------------------------------------------------------

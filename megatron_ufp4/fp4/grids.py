@@ -1,7 +1,8 @@
 """4-bit element grids and the rounding of scaled values onto them.
 
 A grid is the set of non-negative magnitudes a 4-bit code can take; the sign is a
-separate bit, so a code is ``sign << 3 | magnitude_index``.  Rounding happens in the
+separate bit, so a code is ``sign << 3 | magnitude_index`` (the sign bit of the value, so
+-0 is code 8).  Rounding happens in the
 *value* domain (scaled values in, grid values out) so that the fake-quant GEMM path
 and the packed-storage path share one rounding rule; codes are derived afterwards.
 """
@@ -99,10 +100,16 @@ class Grid:
 
     # -- codes ------------------------------------------------------------------------
     def encode(self, q: torch.Tensor) -> torch.Tensor:
-        """Grid values (signed) -> uint8 codes; -0 collapses to +0."""
+        """Grid values (signed) -> uint8 codes, the sign bit copied from the value's sign bit.
+
+        As in hardware / Transformer Engine / torchao FP4 conversion, a negative value that
+        rounded to magnitude 0 (rounding keeps its sign, so it is -0.0), and -0.0 itself,
+        is code 8 ("-0"); it decodes to -0.0.  NaN (blocks kept by nonfinite="propagate",
+        which decode to NaN through their scale) is not given a sign here.
+        """
         mag = q.abs()
         idx = torch.bucketize(mag, self.levels_tensor(q.device), out_int32=True).to(torch.uint8)
-        neg = (q < 0).to(torch.uint8) << 3
+        neg = (torch.signbit(q) & ~torch.isnan(q)).to(torch.uint8) << 3
         return idx | neg
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

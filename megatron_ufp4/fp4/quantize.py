@@ -2,8 +2,12 @@
 
 ``quantize`` returns real storage (4-bit codes, block scales, NVFP4 tensor scale);
 ``fake_quantize`` returns the dequantized values directly, for emulated GEMMs: bitwise
-equal to ``quantize(...).dequantize(rotated=True)`` except that a negative value rounding
-to zero stays -0.0 here (code 0 stores +0; the two are equal and multiply identically).
+equal to ``quantize(...).dequantize(rotated=True)``, signed zeros included.
+
+Codes are ``sign << 3 | magnitude_index`` with the sign bit taken from the scaled value's
+fp32 sign bit, as the hardware / Transformer Engine / torchao conversion does: a negative
+value that rounds to zero (and -0.0) is stored as code 8 ("-0"), so codes and packed bytes
+match those converters bit for bit.  Code 8 decodes to -0.0, as fake_quantize keeps it.
 """
 from __future__ import annotations
 
