@@ -29,6 +29,7 @@ def main(argv=None) -> int:
     from .config import ConfigError, dump_config, load_config
     from .training.checkpoint import CheckpointError
     from .linear import precision_table
+    from .training.loop import Preempted
     from .training.trainer import Trainer, TrainingAborted
 
     try:
@@ -47,9 +48,22 @@ def main(argv=None) -> int:
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError, TrainingAborted) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, TrainingAborted) else 1
+    except Preempted as e:  # a checkpoint was saved: exit as the signal would, so schedulers requeue
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(str(e), file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        from .training.distributed import CollectiveFailure
+        if not isinstance(e, CollectiveFailure):
+            raise
+        if e.report:
+            print(f"error: {e}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)  # a hung peer can block the process-group teardown at interpreter exit
     if "val_loss" in result and int(os.environ.get("RANK", "0")) == 0:
         print(f"final validation loss {result['val_loss']:.4f} (perplexity {result['val_ppl']:.2f}) "
               f"at step {result['step']}")

@@ -102,9 +102,15 @@ def trained_run(tiny_overrides, tmp_path_factory):
 
 
 # -- helpers shared by the training and checkpoint tests -----------------------------------------
+def _no_bare_constants(name):
+    raise ValueError(f"metrics.jsonl holds {name}, which is not JSON")
+
+
 def read_metrics(run_dir) -> list[dict]:
+    """Strict JSON: a bare NaN/Infinity (Python's json extension) fails the test."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line, parse_constant=_no_bare_constants) for line in path.read_text().splitlines()
+            if line.strip()]
 
 
 def snapshot(obj):

@@ -104,8 +104,14 @@ def init_distributed(timeout_s: float = 300.0) -> tuple[int, int]:
 
 
 def build_parallel_state(tp: int = 1, pp: int = 1, dp: int | None = None, ep: int = 1, vpp: int = 1,
-                         sequence_parallel: bool = False, model_cfg=None) -> ParallelState:
-    """Create every process group (collectively: all ranks must call this in the same order)."""
+                         sequence_parallel: bool = False, model_cfg=None,
+                         timeout_s: float | None = None) -> ParallelState:
+    """Create every process group (collectively: all ranks must call this in the same order).
+
+    ``timeout_s`` bounds every collective on every group: a peer that hangs makes the
+    others fail after that long instead of torch's default 30 minutes.  None: the default
+    group's timeout.
+    """
     initialized = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if initialized else 1
     rank = dist.get_rank() if initialized else 0
@@ -114,6 +120,7 @@ def build_parallel_state(tp: int = 1, pp: int = 1, dp: int | None = None, ep: in
             raise ValueError(f"parallel.tensor x parallel.pipeline = {tp}x{pp} does not divide the world size {world}")
         dp = world // (tp * pp)
     validate_layout(world, tp, pp, dp, ep, vpp, model_cfg)
+    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s is not None else None
     tp_rank, rest = rank % tp, rank // tp
     dp_rank, pp_rank = rest % dp, rest // dp
     st = ParallelState(world, rank, tp, pp, dp, ep, vpp, sequence_parallel, tp_rank, pp_rank, dp_rank,
@@ -132,7 +139,7 @@ def build_parallel_state(tp: int = 1, pp: int = 1, dp: int | None = None, ep: in
     for name, groups in layouts.items():
         for ranks in groups:
             # new_group is collective over the whole world: every rank creates every group
-            g = dist.new_group(ranks) if initialized and world > 1 else None
+            g = dist.new_group(ranks, timeout=timeout) if initialized and world > 1 else None
             if rank in ranks:
                 st.groups[name], st.ranks[name] = g, ranks
     st.groups["world"] = dist.group.WORLD if initialized else None

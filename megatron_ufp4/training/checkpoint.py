@@ -5,7 +5,8 @@ all RNG states, resolved config).
 Layout: ``<run_dir>/checkpoints/step_00000100/{state.pt, config.yaml}``.  A checkpoint is
 written into ``step_...tmp-<pid>`` and renamed into place, so a crash mid-write leaves the
 previous checkpoints intact and never a partial one under a final name.  Loading uses
-``torch.load(weights_only=True)``.
+``torch.load(weights_only=True)``.  Files are fsynced around the rename; pruning renames a
+checkpoint away before deleting it.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .fsutil import fsync_dir, os_error_line, remove_checkpoint
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -74,31 +77,54 @@ def checkpoint_to_resume(run_dir: str | Path, mode: str) -> Path | None:
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict, config_yaml: str, keep_last: int,
                     _before_rename=None) -> Path:
-    """Write ``state`` atomically as checkpoint ``step`` and prune to ``keep_last``."""
+    """Write ``state`` atomically as checkpoint ``step`` and prune to ``keep_last``.
+
+    Files are fsynced before the rename and the directory after it, so a power cut never
+    leaves a renamed checkpoint with unwritten data.  A failed write (disk full, read-only
+    file system) raises ``CheckpointError`` with one line naming the file and the previous
+    checkpoint, which is untouched.
+    """
     root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f"{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    previous = latest_checkpoint(run_dir)
     try:
-        torch.save(state, tmp / "state.pt")
-        (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        with open(tmp / "state.pt", "wb") as f:  # a file object: write errors surface as OSError(errno)
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        with open(tmp / "config.yaml", "w", encoding="utf-8") as f:
+            f.write(config_yaml)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(tmp)
         if _before_rename is not None:  # test hook: simulate a crash before the commit point
             _before_rename(tmp)
+        old = root / f"{final.name}.old-{os.getpid()}"
         if final.exists():  # re-saving the same step (e.g. final save after an interval save)
-            old = root / f"{final.name}.old-{os.getpid()}"
             final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
+        tmp.rename(final)  # the commit point
+        fsync_dir(root)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(f"cannot save checkpoint step {step}: {os_error_line(e, str(tmp))}; {kept}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(run_dir, keep_last, keep=final)
     return final
+
+
+def prune_checkpoints(run_dir: str | Path, keep_last: int, keep: Path) -> None:
+    """Keep the newest ``keep_last`` checkpoints, and always ``keep`` (the one just written)."""
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        if old != keep:
+            remove_checkpoint(old)
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -8,11 +8,14 @@ parameter whose TP shard is not contiguous in the full tensor (``partition_strid
 e.g. ``[gate; up]``) is saved as s separate keys ``<name>.part<j>``, each contiguous.
 Replicated tensors (data-parallel copies, SR generator states) are deduplicated by DCP.
 
-Atomicity: ranks write into ``step_XXXXXXXX.tmp``; after a barrier rank 0 renames it into
-place, so a crash mid-write never leaves a checkpoint under a final name.
+Atomicity: ranks write into ``step_XXXXXXXX.tmp`` (each shard file fsynced); after a barrier
+rank 0 writes and fsyncs the small files, renames the directory into place and fsyncs its
+parent, so a crash mid-write never leaves a checkpoint under a final name.  A failed write
+(disk full, read-only) raises ``CheckpointError`` on every rank with one line.
 """
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -23,7 +26,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from .checkpoint import checkpoint_root, list_checkpoints
+from .checkpoint import CheckpointError, checkpoint_root, latest_checkpoint, prune_checkpoints
+from .fsutil import fsync_dir, os_error_line
 
 PART = ".part"
 
@@ -83,27 +87,69 @@ def model_entries(modules: list[nn.Module], state) -> tuple[dict, dict]:
     return entries, owners
 
 
+def _save_error_line(e: BaseException, step: int, tmp: Path, previous) -> str:
+    """One line for a failed sharded save, from the first rank's underlying error."""
+    failures = getattr(e, "failures", None) or {}  # DCP's CheckpointException: rank -> exception
+    cause = next(iter(failures.values()), e)
+    if isinstance(cause, tuple):  # (exception, traceback) in some torch versions
+        cause = cause[0]
+    what = os_error_line(cause, str(tmp)) if isinstance(cause, OSError) else \
+        (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    return f"cannot save checkpoint step {step}: {what}; {kept}"
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save_distributed(run_dir: str | Path, step: int, entries: dict, state, config_yaml: str, keep_last: int,
                      extra_files: dict[str, str] | None = None) -> Path:
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f"{final.name}.tmp"
-    if state.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    previous = latest_checkpoint(run_dir)
+    ok, error = torch.ones(()), None
+    try:
+        if state.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+    except OSError as e:
+        error, ok = _save_error_line(e, step, tmp, previous), torch.zeros(())
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank learns whether rank 0 could start
+    if not ok:
+        raise CheckpointError(error if state.rank == 0 else f"cannot save checkpoint step {step} (see rank 0)")
+    try:
+        dcp.save(entries, checkpoint_id=str(tmp))  # FileSystemWriter fsyncs each shard file
+    except Exception as e:  # raised on every rank alike, with each rank's failure collected
+        if state.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(_save_error_line(e, step, tmp, previous)) from None
     dist.barrier()
-    dcp.save(entries, checkpoint_id=str(tmp))
-    dist.barrier()
     if state.rank == 0:
-        (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)  # the commit point
-        for old in list_checkpoints(run_dir)[:-keep_last]:
+        try:
+            _write_synced(tmp / "config.yaml", config_yaml)
+            for name, text in (extra_files or {}).items():
+                _write_synced(tmp / name, text)
+            fsync_dir(tmp)
+            old = root / f"{final.name}.old"
+            if final.exists():
+                final.rename(old)
+            tmp.rename(final)  # the commit point
+            fsync_dir(root)
             shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = _save_error_line(e, step, tmp, previous)
+        else:
+            prune_checkpoints(run_dir, keep_last, keep=final)
+    ok = torch.tensor(0.0 if error else 1.0)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not ok:
+        raise CheckpointError(error if state.rank == 0 else f"cannot save checkpoint step {step} (see rank 0)")
     return final
 
 

@@ -7,11 +7,19 @@ single-process trainer's), gradients are all-reduced over data-parallel replicas
 parameters over their expert-data-parallel replicas), sequence-parallel gradients summed
 over TP, the global norm clipped, and ZeRO-1 AdamW updates each parameter on its owner
 and broadcasts it.  Checkpoints are sharded DCP directories that load into other layouts.
+
+Hung or dead ranks: every process group is created with ``parallel.timeout_s``, so a
+collective whose peer stopped responding fails after that long.  The trainer records which
+phase of the step it was in and raises ``CollectiveFailure``: one line for the whole job
+(the first rank to fail claims it through the rendezvous store) naming the phase and the
+last good checkpoint.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -29,11 +37,60 @@ from ..parallel.pipeline import PipelineRunner, build_stage_modules, lm_loss, un
 from ..parallel.state import build_parallel_state, init_distributed
 from ..parallel.tensor_parallel import vocab_parallel_cross_entropy
 from . import dist_checkpoint as dcpk
-from .checkpoint import CheckpointError, checkpoint_to_resume, config_differences
+from .checkpoint import CheckpointError, checkpoint_to_resume, config_differences, latest_checkpoint
 from .loop import TrainingLoop, flops_per_token
 from .metrics import MetricsLogger, measured_peak_flops
 from .schedule import lr_at
-from .trainer import TrainingAborted, check_vocab, dataset_files, make_batch, seed_everything, validation_dataset
+from .run_dir import RunDirLock, check_fresh_start, clean_leftovers, make_run_dir
+from .trainer import check_vocab, dataset_files, make_batch, seed_everything, validation_dataset
+
+
+# what a collective that lost its peer raises (gloo: "Timed out waiting ...", a closed socket; NCCL: watchdog)
+_COMM_FAILURE = re.compile(r"timed out|timeout|connection (closed|reset|refused)|broken pipe", re.I)
+
+
+class CollectiveFailure(RuntimeError):
+    """A collective did not complete (a rank hung or died).  ``report`` is True on exactly one
+    rank of the job, which prints the line."""
+
+    def __init__(self, message: str, report: bool):
+        super().__init__(message)
+        self.report = report
+
+
+def _claim_report() -> bool:
+    """True for the first rank that asks: the job prints one line, not one per rank."""
+    try:
+        return dist.distributed_c10d._get_default_store().add("megatron_ufp4/failure_reported", 1) == 1
+    except Exception:  # the store is gone too: better a line per rank than none
+        return True
+
+
+def _is_comm_failure(e: BaseException) -> bool:
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and bool(_COMM_FAILURE.search(str(e))))
+
+
+def guarded(phase: str):
+    """Turn a collective failure inside the method into ``CollectiveFailure`` naming where it was."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(self, *args, **kwargs):
+            try:
+                return fn(self, *args, **kwargs)
+            except (CollectiveFailure, CheckpointError):
+                raise
+            except Exception as e:
+                if not _is_comm_failure(e):
+                    raise
+                where = getattr(self, "phase", phase)
+                latest = latest_checkpoint(self.run_dir)
+                raise CollectiveFailure(
+                    f"rank {self.state.rank}: {where} did not complete within parallel.timeout_s="
+                    f"{self.cfg.parallel.timeout_s:g} s (a rank hung or died); last good checkpoint: "
+                    f"{latest or 'none'}" + (" (continue with training.resume=auto)" if latest else ""),
+                    _claim_report()) from None
+        return run
+    return wrap
 
 
 class DistributedTrainer(TrainingLoop):
@@ -43,12 +100,12 @@ class DistributedTrainer(TrainingLoop):
         init_distributed(par.timeout_s)
         self.state = st = build_parallel_state(tp=par.tensor, pp=par.pipeline, dp=par.data or None, ep=par.expert,
                                                vpp=par.virtual_pipeline, sequence_parallel=par.sequence_parallel,
-                                               model_cfg=cfg.model)
+                                               model_cfg=cfg.model, timeout_s=par.timeout_s)
         self.console = console if st.rank == 0 else (lambda *a, **k: None)
         self.device = torch.device("cpu")
         self.run_dir = Path(t.run_dir)
-        if st.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = None
+        resume_from = self._on_rank0(lambda: self._prepare_run_dir(console))
         local_batch, rem = divmod(t.global_batch_size, st.dp)
         if rem or local_batch % t.micro_batch_size:
             raise ValueError(f"training.global_batch_size={t.global_batch_size} must be a multiple of "
@@ -86,7 +143,7 @@ class DistributedTrainer(TrainingLoop):
         self.train_ds = GPTDataset(train, seq, seed=t.seed, num_samples=t.train_steps * t.global_batch_size)
         self.val_ds = validation_dataset(cfg)
         self.step, self.skipped_total, self.consecutive_nonfinite = 0, 0, 0
-        self._resume()
+        self._resume(resume_from)
         c = cfg.logging
         self.logger = MetricsLogger(self.run_dir, cfg.to_dict(), c.wandb and st.rank == 0, c.wandb_project,
                                     c.wandb_mode, c.tensorboard and st.rank == 0, self.step, self.console) \
@@ -95,6 +152,40 @@ class DistributedTrainer(TrainingLoop):
         self.flops_per_token = flops_per_token(cfg)
         self.console(f"{st.world_size} ranks: tensor {st.tp} x pipeline {st.pp} (virtual {st.vpp}) x data {st.dp} "
                      f"(expert {st.ep}); {self.num_micro} micro-batches of {t.micro_batch_size} per rank per step")
+
+    # -- run directory (rank 0) --------------------------------------------------------------
+    def _prepare_run_dir(self, console) -> Path | None:
+        t = self.cfg.training
+        self.run_dir = make_run_dir(t.run_dir)
+        self.lock = RunDirLock(self.run_dir).acquire()  # rank 0 holds it for the job
+        resume_from = checkpoint_to_resume(self.run_dir, t.resume)
+        check_fresh_start(self.run_dir, resume_from, t.overwrite, console)
+        clean_leftovers(self.run_dir, console)
+        return resume_from
+
+    def _on_rank0(self, fn):
+        """Run ``fn`` on rank 0; every rank returns its result or raises its one-line error."""
+        out = [None, None]
+        if self.state.rank == 0:
+            try:
+                out = [fn(), None]
+            except (CheckpointError, ValueError, OSError) as e:
+                out = [None, str(e)]
+        dist.broadcast_object_list(out, src=0)
+        if out[1] is not None:
+            raise CheckpointError(out[1])
+        return out[0]
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    @guarded("the stop-signal agreement")
+    def agree_to_stop(self, local: bool) -> bool:
+        self.phase = "the stop-signal agreement (all-reduce over all ranks)"
+        flag = torch.tensor(float(local))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag)
 
     # -- one step -------------------------------------------------------------------------
     def _local_batch(self, base: int, ds: GPTDataset):
@@ -108,8 +199,10 @@ class DistributedTrainer(TrainingLoop):
             x /= self.state.dp
         return x
 
+    @guarded("a training step")
     def train_step(self) -> dict:
         t, o, s, st = self.cfg.training, self.cfg.optimizer, self.cfg.schedule, self.state
+        self.phase = f"step {self.step + 1}: the pipeline forward/backward (stage send/recv, TP and EP collectives)"
         lr = lr_at(self.step, t.train_steps, o.lr, s.kind, s.warmup_steps, s.min_lr_ratio, s.decay_fraction)
         self.optimizer.set_lr(lr)
         tokens, labels = self._local_batch(self.step * t.global_batch_size, self.train_ds)
@@ -119,13 +212,16 @@ class DistributedTrainer(TrainingLoop):
             # SR positions count micro-batches over the global batch, as the single-process trainer does
             loss = self.runner.step(tokens if st.is_first_stage else None, labels if st.is_last_stage else None,
                                     sr_step=self.step, sr_micro_base=st.dp_rank * self.num_micro)
+        self.phase = f"step {self.step + 1}: the data-parallel gradient all-reduce"
         self.ddp.finish_grad_sync()
         for stage in self.stages:
             sync_sequence_parallel_grads(stage, st)
+        self.phase = f"step {self.step + 1}: the gradient-norm all-reduce"
         grad_norm = self.optimizer.clip_grad_norm(o.grad_clip, norm_params=self.norm_params)
         loss = self._dp_mean(loss)
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
         if finite:
+            self.phase = f"step {self.step + 1}: the ZeRO-1 optimizer step (parameter broadcast)"
             self.optimizer.step()
             for stage in self.stages:
                 update_expert_bias(stage, st.group("dp"))
@@ -136,16 +232,15 @@ class DistributedTrainer(TrainingLoop):
             self.skipped_total += 1
             self.consecutive_nonfinite += 1
         self.optimizer.zero_grad()
-        self.step += 1
-        if self.consecutive_nonfinite >= t.max_consecutive_nonfinite:
-            raise TrainingAborted(f"loss or gradients were NaN/Inf for {self.consecutive_nonfinite} steps in a row "
-                                  f"(last: step {self.step}); stopping")
+        self.step += 1  # the loop aborts after max_consecutive_nonfinite skipped steps in a row
         return {"step": self.step, "loss": float(loss), "lr": lr, "grad_norm": float(grad_norm),
                 "skipped": int(not finite), "skipped_total": self.skipped_total}
 
+    @guarded("evaluation")
     @torch.no_grad()
     def evaluate(self) -> float:
         t = self.cfg.training
+        self.phase = f"evaluation after step {self.step}"
         # the single-process trainer evaluates eval_iters x micro_batch_size samples; here every
         # round evaluates one local batch on each data-parallel rank
         per_round = self.local_batch * self.state.dp
@@ -178,7 +273,9 @@ class DistributedTrainer(TrainingLoop):
         entries["trainer.consecutive_nonfinite"] = torch.tensor(self.consecutive_nonfinite)
         return entries, owners
 
+    @guarded("the MoE load all-reduce")
     def moe_stats(self) -> dict:
+        self.phase = f"the MoE load all-reduce after step {self.step}"
         stats = {}
         for stage in self.stages:
             stats.update(reduced_moe_stats(stage, self.state.group("dp")))
@@ -199,7 +296,9 @@ class DistributedTrainer(TrainingLoop):
                 merged[k].update(g[k])
         return merged
 
+    @guarded("checkpoint save")
     def save(self) -> Path:
+        self.phase = f"the checkpoint save at step {self.step}"
         entries, _ = self._entries()
         partitions = self._partitions()
         path = dcpk.save_distributed(self.run_dir, self.step, entries, self.state, dump_config(self.cfg),
@@ -208,8 +307,7 @@ class DistributedTrainer(TrainingLoop):
                                                                                  "config": self.cfg.to_dict()})})
         return path
 
-    def _resume(self) -> None:
-        path = checkpoint_to_resume(self.run_dir, self.cfg.training.resume)
+    def _resume(self, path: Path | None) -> None:
         if path is None:
             return
         if not dcpk.is_distributed_checkpoint(path):

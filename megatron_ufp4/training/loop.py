@@ -1,15 +1,64 @@
 """The outer training loop shared by the single-process and multi-process trainers.
 
-A trainer provides ``cfg``, ``step``, ``console``, ``logger`` (None on ranks that do not
-log), ``flops_per_token``, ``peak_flops`` and the methods ``train_step() -> record``,
-``evaluate() -> loss``, ``moe_stats() -> dict`` and ``save() -> path``.
+A trainer provides ``cfg``, ``step``, ``skipped_total``, ``consecutive_nonfinite``,
+``console``, ``logger`` (None on ranks that do not log), ``flops_per_token``, ``peak_flops``
+and the methods ``train_step() -> record``, ``evaluate() -> loss``, ``moe_stats() -> dict``,
+``save() -> path`` and ``agree_to_stop(local: bool) -> bool`` (every rank's answer is True
+if any rank's ``local`` is).
+
+Preemption (``checkpoint.save_on_signal``): SIGTERM (what SLURM and Kubernetes send) or
+SIGINT only sets a flag; at the next step boundary the ranks agree to stop, save a
+checkpoint and raise ``Preempted``.  The bound on the time to exit is the rest of the
+current step plus one save.  A second SIGINT interrupts at once.
 """
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 
 from ..model import num_params
+
+
+class TrainingAborted(RuntimeError):
+    """Training stopped on purpose (e.g. too many non-finite steps in a row)."""
+
+
+class Preempted(RuntimeError):
+    """Stopped by a signal after saving a checkpoint; ``signum`` is the signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopSignals:
+    """Context manager: while active, SIGTERM and SIGINT set ``received`` instead of killing."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, enabled: bool):
+        # handlers can only be installed from the main thread (not from a test's worker thread)
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.received = signum
+
+    def __enter__(self) -> "StopSignals":
+        if self.enabled:
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()
 
 
 def flops_per_token(cfg) -> float:
@@ -19,21 +68,40 @@ def flops_per_token(cfg) -> float:
     return 6 * (num_params(m).active - embeddings) + 6 * m.num_layers * m.hidden_size * cfg.data.seq_len
 
 
+def _json_safe(value):
+    """NaN/Inf → None: metrics.jsonl stays strict JSON (a skipped step's loss is NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
 class TrainingLoop:
     def train(self, exit_after: int | None = None) -> dict:
         """Train to ``training.train_steps`` (or stop, with a checkpoint, after ``exit_after``)."""
+        with StopSignals(self.cfg.checkpoint.save_on_signal) as signals:
+            try:
+                return self._train(exit_after, signals)
+            finally:
+                if self.logger is not None:
+                    self.logger.close()
+
+    def _train(self, exit_after: int | None, signals: StopSignals) -> dict:
         t, cfg = self.cfg.training, self.cfg
         tokens_per_step = t.global_batch_size * cfg.data.seq_len
         result = {"step": self.step}
         t_last, steps_since = time.perf_counter(), 0
         t_start, start_step = t_last, self.step
+        skipped_before = self.skipped_total
         while self.step < t.train_steps:
             rec = self.train_step()
             steps_since += 1
             now = time.perf_counter()
             rec["tokens_per_s"] = tokens_per_step * steps_since / max(now - t_last, 1e-9)
             rec["mfu"] = rec["tokens_per_s"] * self.flops_per_token / self.peak_flops
-            log_now = self.step % cfg.logging.interval == 0 or self.step == t.train_steps
+            aborting = self.consecutive_nonfinite >= t.max_consecutive_nonfinite
+            log_now = self.step % cfg.logging.interval == 0 or self.step == t.train_steps or aborting
             if log_now and cfg.model.num_experts:
                 rec["moe"] = {str(k): v for k, v in self.moe_stats().items()}  # syncs: log steps only
             if log_now:
@@ -41,20 +109,35 @@ class TrainingLoop:
                     eta = (now - t_start) / (self.step - start_step) * (t.train_steps - self.step)
                     self.logger.progress(rec, t.train_steps, eta)
                 t_last, steps_since = now, 0
+            if aborting:  # the record of the step that triggers the stop is kept
+                if self.logger is not None:
+                    self.logger.log(_json_safe(rec))
+                raise TrainingAborted(f"loss or gradients were NaN/Inf for {self.consecutive_nonfinite} steps in a "
+                                      f"row (last: step {self.step}); stopping. Lower optimizer.lr or try another "
+                                      "recipe")
             if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.train_steps):
                 rec["val_loss"] = self.evaluate()
                 rec["val_ppl"] = math.exp(min(rec["val_loss"], 50))
                 self.console(f"step {self.step:>6} | validation loss {rec['val_loss']:.4f} | "
                              f"perplexity {rec['val_ppl']:.2f}")
             if self.logger is not None:
-                self.logger.log(rec)
+                self.logger.log(_json_safe(rec))
             result = rec
             done = self.step == t.train_steps or (exit_after is not None and self.step >= exit_after)
             interval = cfg.checkpoint.interval
+            saved = None
             if (interval and self.step % interval == 0) or (done and cfg.checkpoint.save_final):
-                self.console(f"saved checkpoint {self.save()}")
+                saved = self.save()
+                self.console(f"saved checkpoint {saved}")
+            if signals.enabled and not done and self.agree_to_stop(signals.received is not None):
+                saved = saved or self.save()
+                name = signal.Signals(signals.received).name if signals.received else "a signal on another rank"
+                raise Preempted(f"stopped by {name} at step {self.step}: saved checkpoint {saved}; "
+                                "continue with training.resume=auto", signals.received or signal.SIGTERM)
             if done:
                 break
-        if self.logger is not None:
-            self.logger.close()
+        ran = self.step - start_step
+        if ran and self.skipped_total - skipped_before == ran:
+            raise TrainingAborted(f"every step of this run ({ran}) was skipped: loss or gradients were NaN/Inf. "
+                                  "Lower optimizer.lr or try another recipe")
         return result

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -66,11 +67,13 @@ class MetricsLogger:
                 continue
             if record.get("step", 0) <= step:
                 keep.append(line)
-        self.path.write_text("".join(line + "\n" for line in keep))
+        tmp = self.path.with_name(self.path.name + ".tmp")  # atomic: a kill mid-rewrite keeps the old file
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.path)
 
     def log(self, record: dict) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")  # strict JSON: NaN is logged as null
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self.wandb is not None:
             self.wandb.log(scalars, step=record["step"])

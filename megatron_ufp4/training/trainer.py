@@ -22,14 +22,11 @@ from ..data.indexed_dataset import IndexedDataset
 from ..model import GPTModel, LinearFactory, set_aux_loss_scale
 from .checkpoint import (CheckpointError, capture_rng, checkpoint_to_resume, config_differences, load_checkpoint,
                          restore_rng, save_checkpoint)
-from .loop import TrainingLoop, flops_per_token
+from .loop import TrainingAborted, TrainingLoop, flops_per_token  # noqa: F401 (re-exported)
 from .metrics import MetricsLogger, measured_peak_flops
+from .run_dir import RunDirLock, check_fresh_start, clean_leftovers, make_run_dir
 from .optim import build_optimizer, clip_grad_norm
 from .schedule import lr_at
-
-
-class TrainingAborted(RuntimeError):
-    """Training stopped on purpose (e.g. too many non-finite steps in a row)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -106,8 +103,11 @@ class Trainer(TrainingLoop):
                                cfg.parallel.virtual_pipeline)):
             raise ValueError("parallel: sizes > 1 need a torchrun launch (scripts/pretrain.sh)")
         self.device = resolve_device(t.device)
-        self.run_dir = Path(t.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = make_run_dir(t.run_dir)
+        self.lock = RunDirLock(self.run_dir).acquire()  # held until close() or process exit
+        resume_from = checkpoint_to_resume(self.run_dir, t.resume)
+        check_fresh_start(self.run_dir, resume_from, t.overwrite, console)
+        clean_leftovers(self.run_dir, console)
         seed_everything(t.seed)
         self.recipe, backend = cfg.build_recipe()
         factory = LinearFactory(self.recipe, num_layers=cfg.model.num_layers, backend=backend, seed=t.seed)
@@ -122,7 +122,7 @@ class Trainer(TrainingLoop):
         self.skipped_total = 0
         self.consecutive_nonfinite = 0
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.dtype == "bf16")
-        self._resume()
+        self._resume(resume_from)
         c = cfg.logging
         self.logger = MetricsLogger(self.run_dir, cfg.to_dict(), c.wandb, c.wandb_project, c.wandb_mode,
                                     c.tensorboard, self.step, console)
@@ -171,10 +171,7 @@ class Trainer(TrainingLoop):
             self.skipped_total += 1
             self.consecutive_nonfinite += 1
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        if self.consecutive_nonfinite >= t.max_consecutive_nonfinite:
-            raise TrainingAborted(f"loss or gradients were NaN/Inf for {self.consecutive_nonfinite} steps in a row "
-                                  f"(last: step {self.step}); stopping. Lower optimizer.lr or try another recipe")
+        self.step += 1  # the loop aborts after max_consecutive_nonfinite skipped steps in a row
         return {"step": self.step, "loss": float(loss_sum), "lr": lr, "grad_norm": float(grad_norm),
                 "skipped": int(not finite), "skipped_total": self.skipped_total}
 
@@ -197,8 +194,14 @@ class Trainer(TrainingLoop):
                                self.cfg.checkpoint.keep_last, _before_rename)
         return path
 
-    def _resume(self) -> None:
-        path = checkpoint_to_resume(self.run_dir, self.cfg.training.resume)
+    def agree_to_stop(self, local: bool) -> bool:
+        return local
+
+    def close(self) -> None:
+        """Release the run-dir lock (also released when the process ends)."""
+        self.lock.release()
+
+    def _resume(self, path: Path | None) -> None:
         if path is None:
             return
         state = load_checkpoint(path)

@@ -1,0 +1,135 @@
+"""The run directory: one training at a time, never silently overwritten, no leftovers.
+
+* ``RunDirLock`` takes an exclusive lock on ``<run_dir>/.lock`` (``fcntl.lockf``): the
+  kernel drops it when the process ends in any way, kill -9 included, so a stale lock
+  never blocks a restart.  A second training in the same directory is refused with one
+  line naming the holder's PID.  POSIX locks belong to the process: the same process may
+  take it again (tests build several trainers in one process).
+* ``check_fresh_start`` refuses to start a run over another one (metrics or checkpoints
+  that are not the ones being resumed) unless ``training.overwrite`` is set, which moves
+  the old run aside to ``<run_dir>.old-<time>``: nothing is ever deleted.
+* ``clean_leftovers`` removes what a killed save or prune left behind (temporary and
+  half-deleted checkpoint directories); it runs under the lock, so no live writer owns them.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from .checkpoint import STEP_DIR, CheckpointError, checkpoint_root, list_checkpoints
+from .fsutil import fsync_dir, os_error_line
+
+LOCK_NAME = ".lock"
+# what a killed writer can leave next to the step directories
+LEFTOVER = re.compile(r"^step_\d{8}\.(tmp|old|del)(-\d+)?$")
+
+
+class RunDirError(CheckpointError):
+    """The run directory cannot be used as asked (locked, holds another run, not writable)."""
+
+
+def make_run_dir(run_dir: str | Path) -> Path:
+    p = Path(run_dir)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunDirError(f"training.run_dir {p} is not writable: {os_error_line(e, str(p))}") from None
+    return p
+
+
+class RunDirLock:
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunDirLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            raise RunDirError(f"training.run_dir {self.path.parent} is in use by another training "
+                              f"(PID {self.holder() or '?'} holds {self.path}); wait for it or use another "
+                              "run_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def holder(self) -> int | None:
+        try:
+            text = self.path.read_text().strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the lock
+            self.fd = None
+
+
+def run_artifacts(run_dir: Path) -> list[str]:
+    """What marks a directory as holding a run (leftovers and the lock do not)."""
+    found = [p.name for p in list_checkpoints(run_dir)]
+    if (run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").stat().st_size:
+        found.append("metrics.jsonl")
+    return found
+
+
+def check_fresh_start(run_dir: Path, resume_from: Path | None, overwrite: bool, console=print) -> None:
+    """Refuse (or, with overwrite, move aside) a run that this start would clobber.
+
+    Continuing is fine when resuming from this run_dir's latest checkpoint.  Anything else
+    (``resume=none``, or a checkpoint from elsewhere) into a directory that already holds
+    checkpoints or metrics would truncate its metrics and let its higher-numbered
+    checkpoints win ``keep_last`` over the new ones.
+    """
+    found = run_artifacts(run_dir)
+    latest = list_checkpoints(run_dir)[-1:] or [None]
+    if not found or (resume_from is not None and latest[0] is not None
+                     and resume_from.resolve() == latest[0].resolve()):
+        return
+    if not overwrite:
+        raise RunDirError(f"training.run_dir {run_dir} already holds a run ({', '.join(found[-3:])}): resume it "
+                          "with training.resume=auto, choose another run_dir, or set training.overwrite=true "
+                          "to move it aside")
+    aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 0
+    while aside.exists():
+        n += 1
+        aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+    aside.mkdir()
+    for entry in run_dir.iterdir():
+        if entry.name != LOCK_NAME:
+            entry.rename(aside / entry.name)
+    fsync_dir(run_dir)
+    console(f"moved the previous run in {run_dir} to {aside}")
+
+
+def clean_leftovers(run_dir: Path, console=print) -> list[str]:
+    """Delete temporary / half-written / half-pruned checkpoint directories (call under the lock)."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    complete = {p.name for p in list_checkpoints(run_dir)}
+    removed = []
+    for entry in sorted(root.iterdir()):
+        partial = STEP_DIR.match(entry.name) and entry.name not in complete
+        if entry.is_dir() and (LEFTOVER.match(entry.name) or partial):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    if removed:
+        console(f"removed {len(removed)} incomplete checkpoint director{'y' if len(removed) == 1 else 'ies'} "
+                f"left by an interrupted run: {', '.join(removed[:4])}{' ...' if len(removed) > 4 else ''}")
+    return removed
