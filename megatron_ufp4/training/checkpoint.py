@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .fsutil import fsync_dir, os_error_line, remove_checkpoint
+from .fsutil import SyncedWriter, fsync_dir, os_error_line, remove_checkpoint, write_synced
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -92,14 +92,9 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, config_yaml: st
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        with open(tmp / "state.pt", "wb") as f:  # a file object: write errors surface as OSError(errno)
+        with SyncedWriter(tmp / "state.pt") as f:  # write errors surface as OSError with their errno
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        with open(tmp / "config.yaml", "w", encoding="utf-8") as f:
-            f.write(config_yaml)
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(tmp / "config.yaml", config_yaml)
         fsync_dir(tmp)
         if _before_rename is not None:  # test hook: simulate a crash before the commit point
             _before_rename(tmp)
@@ -128,6 +123,15 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int, keep: Path) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
+    """The state dict of a single-process checkpoint (directory or ``state.pt``).
+
+    Loaded with ``torch.load(weights_only=True)``: a file that references anything else
+    (code) is refused, naming the global.  ``model``, ``config`` and ``step`` must be there;
+    a key read later that the file lacks (``optimizer``, ``rng``, ...) raises
+    ``CheckpointError("checkpoint FILE lacks 'optimizer'")``.
+    """
+    from .safe_load import load_state_file
+
     path = Path(path)
     f = path / "state.pt" if path.is_dir() else path
     if path.is_dir() and (path / ".metadata").is_file():
@@ -135,11 +139,7 @@ def load_checkpoint(path: str | Path) -> dict:
                               "file with tools/convert_checkpoint.py to-single")
     if not f.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
-    try:
-        return torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt / foreign file: one line, naming it
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"cannot read checkpoint {f}: {first_line}") from None
+    return load_state_file(f)  # corrupt / foreign / unsafe file: one line, naming it
 
 
 def config_differences(saved: dict, current: dict, sections=("model", "recipe")) -> list[str]:

@@ -15,7 +15,6 @@ parent, so a crash mid-write never leaves a checkpoint under a final name.  A fa
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from .checkpoint import CheckpointError, checkpoint_root, latest_checkpoint, prune_checkpoints
-from .fsutil import fsync_dir, os_error_line
+from .fsutil import fsync_dir, os_error_line, write_synced
 
 PART = ".part"
 
@@ -99,13 +98,6 @@ def _save_error_line(e: BaseException, step: int, tmp: Path, previous) -> str:
     return f"cannot save checkpoint step {step}: {what}; {kept}"
 
 
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def save_distributed(run_dir: str | Path, step: int, entries: dict, state, config_yaml: str, keep_last: int,
                      extra_files: dict[str, str] | None = None) -> Path:
     root = checkpoint_root(run_dir)
@@ -131,9 +123,9 @@ def save_distributed(run_dir: str | Path, step: int, entries: dict, state, confi
     dist.barrier()
     if state.rank == 0:
         try:
-            _write_synced(tmp / "config.yaml", config_yaml)
+            write_synced(tmp / "config.yaml", config_yaml)
             for name, text in (extra_files or {}).items():
-                _write_synced(tmp / name, text)
+                write_synced(tmp / name, text)
             fsync_dir(tmp)
             old = root / f"{final.name}.old"
             if final.exists():
@@ -168,3 +160,13 @@ def restore_model(modules: list[nn.Module], entries: dict, owners: dict, state) 
             else:
                 sd[name] = from_checkpoint_entries(name, entries, like, state)
         module.load_state_dict(sd)
+
+
+def load_sharded(entries: dict, path: str | Path) -> None:
+    """Fill ``entries`` from the DCP checkpoint ``path`` (resharding as needed), safely: the
+    ``.metadata`` is verified by a restricted unpickler first and DCP loads exactly that
+    object; pickled (non-tensor) entries are refused.  Failures: one ``CheckpointError`` line
+    naming the file, the same on every rank (see ``safe_load``)."""
+    from .safe_load import load_dcp
+
+    load_dcp(entries, path)

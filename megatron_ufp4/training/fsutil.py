@@ -41,3 +41,50 @@ def remove_checkpoint(path: Path) -> None:
     doomed = path.with_name(f"{path.name}.del-{os.getpid()}")
     path.rename(doomed)
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+class SyncedWriter:
+    """A binary file for ``torch.save``: leaving the ``with`` block fsyncs, and a failed write
+    comes out as ``OSError`` with its errno and file name.  (torch's zip writer swallows the
+    exception a Python ``write`` raises and reports "unexpected pos" instead; the real error
+    is kept here and re-raised in its place.)"""
+
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.path = path
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        total = len(view)
+        while view:
+            try:
+                n = os.write(self.fd, view)
+            except OSError as e:
+                self.error = OSError(e.errno, e.strerror, str(self.path))
+                raise self.error from None
+            view = view[n:]
+        return total
+
+    def flush(self) -> None:
+        pass
+
+    def __enter__(self) -> "SyncedWriter":
+        return self
+
+    def __exit__(self, exc_type, *rest) -> None:
+        try:
+            if exc_type is not None and self.error is not None:
+                raise self.error from None
+            if exc_type is None:
+                try:
+                    os.fsync(self.fd)
+                except OSError as e:
+                    raise OSError(e.errno, e.strerror, str(self.path)) from None
+        finally:
+            os.close(self.fd)
+
+
+def write_synced(path: Path, text: str) -> None:
+    with SyncedWriter(path) as f:
+        f.write(text.encode("utf-8"))
