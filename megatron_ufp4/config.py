@@ -9,7 +9,9 @@ saved with every checkpoint).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -121,53 +123,108 @@ class RunConfig:
         try:
             self.model.validate()
         except ValueError as e:
-            raise ConfigError(f"model: {e}") from None
+            raise ConfigError(_model_message(str(e))) from None
         try:
             self.build_recipe()
         except ValueError as e:
-            raise ConfigError(f"recipe: {e}") from None
-        t, s, o = self.training, self.schedule, self.optimizer
-        checks = [
-            (t.train_steps > 0, "training.train_steps must be > 0"),
-            (t.micro_batch_size > 0, "training.micro_batch_size must be > 0"),
-            (t.global_batch_size % (t.micro_batch_size * max(1, self.parallel.data)) == 0,
-             "training.global_batch_size must be a multiple of micro_batch_size x parallel.data"),
-            (t.dtype in ("fp32", "bf16"), f"training.dtype must be fp32 or bf16 (got {t.dtype!r})"),
-            (t.device in ("auto", "cpu", "cuda"), f"training.device must be auto, cpu or cuda (got {t.device!r})"),
-            (t.eval_interval >= 0 and t.eval_iters >= 0, "training.eval_interval/eval_iters must be >= 0"),
-            (t.max_consecutive_nonfinite >= 1, "training.max_consecutive_nonfinite must be >= 1"),
-            (0 < o.lr < float("inf"), "optimizer.lr must be a finite number > 0"),
-            (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optimizer.beta1/beta2 must be in [0, 1)"),
-            (o.grad_clip >= 0, "optimizer.grad_clip must be >= 0"),
-            (s.kind in ("cosine", "wsd", "constant"), f"schedule.kind must be cosine, wsd or constant (got {s.kind!r})"),
-            (0 <= s.warmup_steps, "schedule.warmup_steps must be >= 0"),
-            (0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio must be in [0, 1]"),
-            (0 < s.decay_fraction <= 1, "schedule.decay_fraction must be in (0, 1]"),
-            (self.data.seq_len > 0, "data.seq_len must be > 0"),
-            (self.data.seq_len <= self.model.max_seq_len, "data.seq_len must be <= model.max_seq_len"),
-            (self.checkpoint.interval >= 0 and self.checkpoint.keep_last >= 1,
-             "checkpoint.interval must be >= 0 and checkpoint.keep_last >= 1"),
-            (self.logging.interval > 0, "logging.interval must be > 0"),
-            (self.logging.wandb_mode in ("offline", "online", "disabled"),
-             "logging.wandb_mode must be offline, online or disabled"),
-            (all(v >= 1 for v in (self.parallel.tensor, self.parallel.pipeline, self.parallel.expert,
-                                   self.parallel.virtual_pipeline)) and self.parallel.data >= 0,
-             "parallel sizes must be >= 1 (parallel.data may be 0: the rest of the world)"),
-            (self.parallel.pipeline_schedule in ("1f1b", "interleaved_1f1b", "gpipe"),
-             "parallel.pipeline_schedule must be 1f1b, interleaved_1f1b or gpipe"),
-            (self.parallel.expert_dispatcher in ("alltoall", "allgather"),
-             "parallel.expert_dispatcher must be alltoall or allgather"),
-            (self.parallel.timeout_s > 0, "parallel.timeout_s must be > 0"),
+            msg = str(e)
+            raise ConfigError(msg if msg.startswith("recipe") else f"recipe: {msg}") from None
+        for key, v in _float_fields(self):  # every float: finite, and inside its meaningful range
+            desc, ok = _FLOAT_RULES.get(key, ("", None))
+            if not math.isfinite(v) or (ok is not None and not ok(v)):
+                raise ConfigError(f"{key}: must be finite{' and ' + desc if desc else ''} (got {v!r})")
+        t, p = self.training, self.parallel
+        ints = [  # (key, value, ok, what it must be)
+            ("training.seed", t.seed, 0 <= t.seed < 2 ** 32, "in [0, 2^32) (numpy's seed range)"),
+            ("training.train_steps", t.train_steps, t.train_steps >= 1, ">= 1"),
+            ("training.micro_batch_size", t.micro_batch_size, t.micro_batch_size >= 1, ">= 1"),
+            ("training.global_batch_size", t.global_batch_size, t.global_batch_size >= 1, ">= 1"),
+            ("training.eval_interval", t.eval_interval, t.eval_interval >= 0, ">= 0 (0: no evaluation)"),
+            ("training.eval_iters", t.eval_iters, t.eval_iters >= (1 if t.eval_interval > 0 else 0),
+             ">= 1 when training.eval_interval > 0" if t.eval_interval > 0 else ">= 0"),
+            ("training.max_consecutive_nonfinite", t.max_consecutive_nonfinite, t.max_consecutive_nonfinite >= 1,
+             ">= 1"),
+            ("schedule.warmup_steps", self.schedule.warmup_steps, self.schedule.warmup_steps >= 0, ">= 0"),
+            ("data.seq_len", self.data.seq_len, self.data.seq_len >= 1, ">= 1"),
+            ("data.seq_len", self.data.seq_len, self.data.seq_len <= self.model.max_seq_len,
+             f"<= model.max_seq_len={self.model.max_seq_len}"),
+            ("checkpoint.interval", self.checkpoint.interval, self.checkpoint.interval >= 0,
+             ">= 0 (0: only the final checkpoint)"),
+            ("checkpoint.keep_last", self.checkpoint.keep_last, self.checkpoint.keep_last >= 1, ">= 1"),
+            ("logging.interval", self.logging.interval, self.logging.interval >= 1, ">= 1"),
+            *((f"parallel.{k}", getattr(p, k), getattr(p, k) >= 1, ">= 1")
+              for k in ("tensor", "pipeline", "expert", "virtual_pipeline")),
+            ("parallel.data", p.data, p.data >= 0, ">= 0 (0: the rest of the world)"),
+            *((f"parallel.{k}", getattr(p, k), getattr(p, k) is None or getattr(p, k) >= 0, "null or >= 0")
+              for k in ("first_stage_layers", "last_stage_layers")),
         ]
-        floats = [("optimizer." + f.name, getattr(o, f.name)) for f in dataclasses.fields(o)]
-        floats += [("schedule.min_lr_ratio", s.min_lr_ratio), ("schedule.decay_fraction", s.decay_fraction)]
-        for key, v in floats:
-            if isinstance(v, float) and not math.isfinite(v):
-                raise ConfigError(f"{key} must be finite (got {v})")
-        for ok, msg in checks:
+        for key, v, ok, what in ints:
             if not ok:
-                raise ConfigError(msg)
+                raise ConfigError(f"{key}: must be {what} (got {v!r})")
+        if t.global_batch_size % (t.micro_batch_size * max(1, p.data)):
+            raise ConfigError(f"training.global_batch_size: must be a multiple of training.micro_batch_size x "
+                              f"parallel.data = {t.micro_batch_size} x {max(1, p.data)} "
+                              f"(got {t.global_batch_size})")
+        choices = [
+            ("training.dtype", t.dtype, ("fp32", "bf16")),
+            ("training.device", t.device, ("auto", "cpu", "cuda")),
+            ("schedule.kind", self.schedule.kind, ("cosine", "wsd", "constant")),
+            ("logging.wandb_mode", self.logging.wandb_mode, ("offline", "online", "disabled")),
+            ("parallel.pipeline_schedule", p.pipeline_schedule, ("1f1b", "interleaved_1f1b", "gpipe")),
+            ("parallel.expert_dispatcher", p.expert_dispatcher, ("alltoall", "allgather")),
+        ]
+        for key, v, allowed in choices:
+            if v not in allowed:
+                raise ConfigError(f"{key}: must be one of {', '.join(allowed)} (got {v!r})")
+        for key, v in (("data.prefix", self.data.prefix), ("training.run_dir", t.run_dir),
+                       ("training.resume", t.resume)):
+            if not v.strip():
+                raise ConfigError(f"{key}: must not be empty (got {v!r})")
         return self
+
+
+# (section.key) -> (the range in words, the check); any other float field only has to be finite.
+# model.* floats are checked by ModelConfig.validate (its messages are rewritten by _model_message).
+_FLOAT_RULES = {
+    "optimizer.lr": ("> 0", lambda v: v > 0),
+    "optimizer.weight_decay": (">= 0", lambda v: v >= 0),
+    "optimizer.beta1": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "optimizer.beta2": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "optimizer.eps": ("> 0", lambda v: v > 0),
+    "optimizer.grad_clip": (">= 0 (0: no clipping)", lambda v: v >= 0),
+    "schedule.min_lr_ratio": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "schedule.decay_fraction": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "parallel.timeout_s": ("> 0", lambda v: v > 0),
+}
+
+
+def _float_fields(cfg: RunConfig):
+    """(section.key, value) of every float-typed field set to a number, in every section."""
+    for sec in dataclasses.fields(cfg):
+        obj = getattr(cfg, sec.name)
+        if not dataclasses.is_dataclass(obj):
+            continue
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            tp = hints[f.name]
+            if tp is float or float in typing.get_args(tp):
+                v = getattr(obj, f.name)
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    yield f"{sec.name}.{f.name}", v
+
+
+def _model_message(msg: str) -> str:
+    """``ModelConfig.num_heads must ...`` -> ``model.num_heads: must ...`` (the key as written in YAML)."""
+    m = re.match(r"ModelConfig\.(\w+) (.*)", msg)
+    return f"model.{m.group(1)}: {m.group(2)}" if m else f"model: {msg}"
+
+
+def _unknown(kind: str, name, known, where: str = "", section: str = "") -> ConfigError:
+    """One line: the unknown name (``section.name``), where it came from, the known names, the closest."""
+    close = difflib.get_close_matches(str(name), list(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    shown = f"{section}.{name}" if section else str(name)
+    return ConfigError(f"unknown {kind} {shown!r}{where} (known: {', '.join(known)}{hint})")
 
 
 # -- generic typed loading -----------------------------------------------------------------
@@ -215,10 +272,12 @@ def _build(cls, d, prefix):
     if not isinstance(d, dict):
         raise ConfigError(f"{prefix}: expected a mapping, got {d!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted((k for k in d if k not in names), key=str)
     if unknown:
-        raise ConfigError(f"unknown config key {prefix + '.' if prefix else ''}{sorted(unknown)[0]}")
+        if not prefix:
+            raise _unknown("section", unknown[0], names)
+        raise _unknown("config key", unknown[0], names, section=prefix)
     kwargs = {k: _check_type(v, hints[k], f"{prefix + '.' if prefix else ''}{k}") for k, v in d.items()}
     try:
         return cls(**kwargs)
@@ -228,9 +287,9 @@ def _build(cls, d, prefix):
 
 def apply_override(d: dict, override: str) -> None:
     """``a.b.c=value`` (value parsed as YAML: 3e-4, true, [1, 2], null)."""
-    if "=" not in override:
-        raise ConfigError(f"override {override!r} must look like section.key=value")
-    key, raw = override.split("=", 1)
+    key, sep, raw = override.partition("=")
+    if not sep or any(not part.strip() for part in key.split(".")):  # no '=', or an empty name: '=5', 'a..b=1'
+        raise ConfigError(f"override {override!r}: expected section.key=value")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -244,7 +303,13 @@ def apply_override(d: dict, override: str) -> None:
     node[parts[-1]] = value
 
 
+SECTIONS = [f.name for f in dataclasses.fields(RunConfig)]
+
+
 def config_from_dict(d: dict) -> RunConfig:
+    for name in sorted(d, key=str):  # before "no model section": a misspelled 'model' is the likely cause
+        if name not in SECTIONS:
+            raise _unknown("section", name, SECTIONS)
     if "model" not in d:
         raise ConfigError("config has no model section")
     return _build(RunConfig, d, "").validate()
@@ -262,9 +327,15 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
             raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
+        for name in sorted(loaded, key=str):
+            if name not in SECTIONS:
+                raise _unknown("section", name, SECTIONS, f" in {p}")
         d.update(loaded)
     for o in overrides:
         apply_override(d, o)
+        section = o.partition("=")[0].split(".")[0]
+        if section not in SECTIONS:
+            raise _unknown("section", section, SECTIONS, f" in override {o!r}")
     return config_from_dict(d)
 
 

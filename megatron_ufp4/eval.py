@@ -15,6 +15,9 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=None, help="validation micro-batches (default: training.eval_iters)")
     ap.add_argument("--data-prefix", default=None, help="prepared dataset prefix (default: the run's data.prefix)")
     args = ap.parse_args(argv)
+    if args.iters is not None and args.iters < 1:  # checked before any checkpoint is read
+        print(f"error: --iters must be >= 1 (got {args.iters})", file=sys.stderr)
+        return 2
 
     import torch
 
@@ -27,8 +30,10 @@ def main(argv=None) -> int:
         model, cfg, step = load_trained_model(args.checkpoint)
         if args.data_prefix:
             cfg.data.prefix = args.data_prefix
-        if args.iters:
+        if args.iters is not None:
             cfg.training.eval_iters = args.iters
+        if cfg.training.eval_iters < 1:
+            raise ValueError(f"the run has training.eval_iters={cfg.training.eval_iters}; pass --iters N (N >= 1)")
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.training.dtype == "bf16")
         loss = evaluate_loss(model, validation_dataset(cfg), cfg.training.micro_batch_size,
                              cfg.training.eval_iters, autocast)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
@@ -12,12 +13,21 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="megatron-ufp4-sample", description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", help="checkpoint directory (step_*) or run directory (latest checkpoint)")
     ap.add_argument("--prompt", default="")
-    ap.add_argument("--max-new-tokens", type=int, default=200)
-    ap.add_argument("--temperature", type=float, default=0.8)
-    ap.add_argument("--top-k", type=int, default=50)
+    ap.add_argument("--max-new-tokens", type=int, default=200, help=">= 0")
+    ap.add_argument("--temperature", type=float, default=0.8, help="finite, >= 0 (0: greedy)")
+    ap.add_argument("--top-k", type=int, default=50, help=">= 0 (0: no top-k cut)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: <data.prefix>.model)")
     args = ap.parse_args(argv)
+    bad = [("--max-new-tokens must be >= 0", args.max_new_tokens, args.max_new_tokens >= 0),
+           ("--temperature must be a finite number >= 0 (0: greedy)", args.temperature,
+            math.isfinite(args.temperature) and args.temperature >= 0),
+           ("--top-k must be >= 0 (0: no top-k cut)", args.top_k, args.top_k >= 0),
+           ("--seed must be in [-2^63, 2^64)", args.seed, -2 ** 63 <= args.seed < 2 ** 64)]  # torch's seed range
+    for what, value, ok in bad:  # checked before any checkpoint is read
+        if not ok:
+            print(f"error: {what} (got {value})", file=sys.stderr)
+            return 2
 
     import torch
 

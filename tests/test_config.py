@@ -207,6 +207,184 @@ def test_infinite_learning_rate_is_rejected():
         load_config(DENSE, ["optimizer.lr=.inf"])
 
 
+# -- bad values: "section.key: must be ... (got VALUE)", one line naming the key -------------------
+def _float_keys():
+    """Every float-typed field of every section (from the dataclasses, not from config.py's checks)."""
+    import dataclasses
+    import typing
+
+    keys = []
+    for sec in dataclasses.fields(RunConfig):
+        tp = typing.get_type_hints(RunConfig)[sec.name]
+        if not dataclasses.is_dataclass(tp):
+            continue
+        hints = typing.get_type_hints(tp)
+        keys += [f"{sec.name}.{f.name}" for f in dataclasses.fields(tp)
+                 if hints[f.name] is float or float in typing.get_args(hints[f.name])]
+    return keys
+
+
+FLOAT_KEYS = _float_keys()
+
+
+def test_float_keys_cover_the_sections():
+    # the enumeration above must see the fields the rules are about
+    for key in ("model.aux_loss_coeff", "model.rope_theta", "model.moe_capacity_factor", "optimizer.lr",
+                "optimizer.eps", "schedule.min_lr_ratio", "parallel.timeout_s"):
+        assert key in FLOAT_KEYS
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_every_float_field_rejects_non_finite(key, value):
+    with pytest.raises(ConfigError) as info:
+        load_config(MOE, [f"{key}={value}"])
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"{key}: must be finite"), msg
+    assert msg.endswith(f"(got {float(value.replace('.', '')) if 'inf' in value else 'nan'})"), msg
+
+
+BAD_VALUES = [  # (override, the key the message must start with)
+    ("model.aux_loss_coeff=-0.5", "model.aux_loss_coeff"),
+    ("model.expert_bias_rate=-1", "model.expert_bias_rate"),
+    ("model.norm_eps=0", "model.norm_eps"),
+    ("model.moe_capacity_factor=0", "model.moe_capacity_factor"),
+    ("model.num_heads=6", "model.num_heads"),
+    ("optimizer.lr=-1e-3", "optimizer.lr"),
+    ("optimizer.eps=0", "optimizer.eps"),
+    ("optimizer.eps=-1e-8", "optimizer.eps"),
+    ("optimizer.weight_decay=-0.1", "optimizer.weight_decay"),
+    ("optimizer.beta1=1", "optimizer.beta1"),
+    ("optimizer.beta2=-0.1", "optimizer.beta2"),
+    ("optimizer.grad_clip=-1", "optimizer.grad_clip"),
+    ("schedule.warmup_steps=-1", "schedule.warmup_steps"),
+    ("schedule.min_lr_ratio=1.5", "schedule.min_lr_ratio"),
+    ("schedule.min_lr_ratio=-0.1", "schedule.min_lr_ratio"),
+    ("schedule.decay_fraction=0", "schedule.decay_fraction"),
+    ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+    ("checkpoint.interval=-1", "checkpoint.interval"),
+    ("training.eval_iters=0", "training.eval_iters"),  # eval_interval > 0 in the file: evaluates nothing
+    ("training.eval_iters=-1", "training.eval_iters"),
+    ("training.eval_interval=-1", "training.eval_interval"),
+    ("training.micro_batch_size=0", "training.micro_batch_size"),  # was a ZeroDivisionError
+    ("training.micro_batch_size=-8", "training.micro_batch_size"),
+    ("training.global_batch_size=0", "training.global_batch_size"),  # 0 % 8 == 0 passed the multiple check
+    ("training.global_batch_size=-8", "training.global_batch_size"),
+    ("training.global_batch_size=12", "training.global_batch_size"),
+    ("training.train_steps=0", "training.train_steps"),
+    ("training.max_consecutive_nonfinite=0", "training.max_consecutive_nonfinite"),
+    ("training.seed=-1", "training.seed"),  # numpy refuses it at trainer start
+    ("training.seed=4294967296", "training.seed"),
+    ("training.run_dir=", "training.run_dir"),
+    ("training.resume=", "training.resume"),
+    ("data.prefix=", "data.prefix"),
+    ("data.seq_len=0", "data.seq_len"),
+    ("data.seq_len=4096", "data.seq_len"),
+    ("logging.interval=0", "logging.interval"),
+    ("logging.interval=-1", "logging.interval"),
+    ("parallel.timeout_s=0", "parallel.timeout_s"),
+    ("parallel.timeout_s=-5", "parallel.timeout_s"),
+    ("parallel.tensor=0", "parallel.tensor"),
+    ("parallel.data=-1", "parallel.data"),
+    ("parallel.first_stage_layers=-1", "parallel.first_stage_layers"),
+    ("parallel.last_stage_layers=-2", "parallel.last_stage_layers"),
+    ("training.dtype=fp16", "training.dtype"),
+    ("recipe.bf16_first=.nan", "recipe.bf16_first"),
+    ("recipe.bf16_last=.inf", "recipe.bf16_last"),
+    ("recipe.rht_size=16.0", "recipe.rht_size"),
+    ("recipe.rht_seed=18446744073709551616", "recipe.rht_seed"),
+]
+
+
+@pytest.mark.parametrize("override, key", BAD_VALUES, ids=[o for o, _ in BAD_VALUES])
+def test_bad_value_is_one_line_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(MOE, [override])
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"{key}: must "), msg
+    assert "(got " in msg, msg
+
+
+def test_aux_loss_coeff_nan_message():
+    with pytest.raises(ConfigError) as info:
+        load_config(MOE, ["model.aux_loss_coeff=.nan"])
+    assert str(info.value) == "model.aux_loss_coeff: must be finite and >= 0 (got nan)"
+
+
+def test_bf16_first_nan_message():
+    with pytest.raises(ConfigError) as info:
+        load_config(DENSE, ["recipe.bf16_first=.nan"])
+    assert str(info.value).startswith("recipe.bf16_first: must be a finite number")
+    assert str(info.value).endswith("(got nan)")
+
+
+def test_no_evaluation_needs_no_eval_iters():
+    cfg = load_config(DENSE, ["training.eval_interval=0", "training.eval_iters=0"])
+    assert cfg.training.eval_iters == 0
+
+
+@pytest.mark.parametrize("override", ["=5", "=", ".lr=5", "optimizer.=5", "optimizer..lr=5", "optimizer.lr"])
+def test_override_without_a_key_names_the_override(override):
+    with pytest.raises(ConfigError) as info:
+        load_config(DENSE, [override])
+    assert str(info.value) == f"override {override!r}: expected section.key=value"
+
+
+def test_misspelled_section_in_file_names_it_and_suggests(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text(DENSE.read_text().replace("\nmodel:", "\nmodle:"))
+    assert "modle:" in path.read_text()
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"unknown section 'modle' in {path} (known: model, recipe, data, "), msg
+    assert msg.endswith("; did you mean 'model'?)"), msg
+
+
+def test_misspelled_section_in_override_and_key_suggest():
+    with pytest.raises(ConfigError) as info:
+        load_config(DENSE, ["optimiser.lr=1e-3"])
+    msg = str(info.value)
+    assert msg.startswith("unknown section 'optimiser' in override 'optimiser.lr=1e-3'") and \
+        msg.endswith("did you mean 'optimizer'?)"), msg
+    with pytest.raises(ConfigError) as info:
+        load_config(DENSE, ["model.hiden_size=64"])
+    assert str(info.value).startswith("unknown config key 'model.hiden_size'")
+    assert str(info.value).endswith("did you mean 'hidden_size'?)")
+
+
+def test_non_string_key_in_yaml_is_config_error(tmp_path):
+    path = tmp_path / "intkey.yaml"
+    path.write_text(DENSE.read_text() + "\n1: 2\n")
+    with pytest.raises(ConfigError, match="unknown section '1'"):
+        load_config(path)
+
+
+# -- eval / sample argument checks: before any checkpoint is read (the path does not exist) --------
+@pytest.mark.parametrize("module, args, needle", [
+    ("eval", ["--iters", "-3"], "--iters must be >= 1 (got -3)"),
+    ("eval", ["--iters", "0"], "--iters must be >= 1 (got 0)"),
+    ("sample", ["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0 (got -1)"),
+    ("sample", ["--top-k", "-1"], "--top-k must be >= 0"),
+    ("sample", ["--temperature", "-0.5"], "--temperature must be a finite number >= 0"),
+    ("sample", ["--temperature", "nan"], "(got nan)"),
+    ("sample", ["--temperature", "inf"], "(got inf)"),
+    ("sample", ["--seed", str(2 ** 64)], "--seed must be in"),
+])
+def test_cli_bad_arguments_exit_2_with_one_line(module, args, needle, capsys, tmp_path):
+    import importlib
+
+    main = importlib.import_module(f"megatron_ufp4.{module}").main
+    assert main([str(tmp_path / "no_such_run"), *args]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+    assert "checkpoint" not in lines[0]  # refused before looking for one
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found") as info:
         load_config(tmp_path / "nope.yaml")

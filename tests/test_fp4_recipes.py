@@ -271,6 +271,10 @@ def test_str_shows_nvfp4_details():
     ({"name": "ufp4", "bf16_first": -0.1}, r"bf16_first.*-0\.1"),
     ({"name": "ufp4", "bf16_first": -2}, r"bf16_first"),
     ({"name": "ufp4", "bf16_first": True}, r"bf16_first"),
+    ({"name": "ufp4", "bf16_first": float("nan")}, r"^recipe\.bf16_first: must be a finite number.*\(got nan\)$"),
+    ({"name": "ufp4", "bf16_last": float("inf")}, r"^recipe\.bf16_last: .*\(got inf\)$"),
+    ({"name": "ufp4", "rht_size": 16.0}, r"rht_size.*16\.0"),  # a float size breaks the Hadamard build
+    ({"name": "ufp4", "rht_seed": 2 ** 64}, r"rht_seed"),  # outside torch's seed range
     ({"name": "ufp4", "bf16_last": "10%"}, r"bf16_last.*10%"),
     ({"name": "ufp4", "bf16_layers": [-1]}, r"bf16_layers"),
     ({"name": "ufp4", "bf16_layers": "3"}, r"bf16_layers"),

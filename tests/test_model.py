@@ -35,6 +35,10 @@ def build(cfg, recipe="bf16", seed=0, **factory_kw):
     ("num_heads", 5), ("num_kv_heads", 3), ("hidden_size", 0), ("moe_top_k", 5), ("first_k_dense", 4),
     ("router_score", "relu"), ("moe_capacity_factor", 0.0), ("expert_bias_rate", -1.0), ("aux_loss_coeff", -0.1),
     ("num_experts", -1),
+    # NaN fails every comparison, so "v < 0" checks let it through; inf is just as meaningless
+    ("aux_loss_coeff", float("nan")), ("aux_loss_coeff", float("inf")), ("expert_bias_rate", float("nan")),
+    ("rope_theta", float("inf")), ("norm_eps", float("inf")), ("init_std", float("nan")),
+    ("moe_capacity_factor", float("nan")), ("moe_capacity_factor", float("inf")),
 ])
 def test_validate_names_the_field(field, value):
     cfg = tiny_moe(**{field: value})

@@ -78,8 +78,11 @@ class GemmQuant:
 
 
 def _fraction_or_count(v, key):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (isinstance(v, float) and v >= 1):
-        raise ValueError(f"recipe.{key} must be a layer count (int >= 0) or a fraction in [0, 1) (got {v!r})")
+    # written as "inside the range" so that NaN (which fails every comparison) is refused too
+    ok = not isinstance(v, bool) and (isinstance(v, int) and v >= 0 or isinstance(v, float) and 0 <= v < 1)
+    if not ok:
+        raise ValueError(f"recipe.{key}: must be a finite number, a layer count (int >= 0) or a fraction "
+                         f"in [0, 1) (got {v!r})")
     return v
 
 
@@ -116,14 +119,16 @@ class Recipe:
         spec = _merge(copy.deepcopy(PRESETS.get(name, {})), d)
         gemms = {g: _build_gemm(g, spec) for g in GEMM_ROLES}
         rht_size = spec.get("rht_size", 16)
-        if rht_size not in RHT_SIZES:
-            raise ValueError(f"recipe.rht_size must be one of {RHT_SIZES} (got {rht_size!r})")
+        if isinstance(rht_size, bool) or not isinstance(rht_size, int) or rht_size not in RHT_SIZES:
+            raise ValueError(f"recipe.rht_size: must be one of {RHT_SIZES} (got {rht_size!r})")
         layers = spec.get("bf16_layers", [])
-        if not isinstance(layers, (list, tuple)) or not all(isinstance(i, int) and i >= 0 for i in layers):
-            raise ValueError(f"recipe.bf16_layers must be a list of layer indices (got {layers!r})")
+        if not isinstance(layers, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+            raise ValueError(f"recipe.bf16_layers: must be a list of layer indices (got {layers!r})")
         seed = spec.get("rht_seed", 0)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"recipe.rht_seed must be an integer (got {seed!r})")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed < 2 ** 64:
+            # the range torch.Generator.manual_seed accepts
+            raise ValueError(f"recipe.rht_seed: must be an integer in [-2^63, 2^64) (got {seed!r})")
         return cls(name=name, **gemms, rht_size=rht_size, rht_seed=seed,
                    bf16_first=_fraction_or_count(spec.get("bf16_first", 0), "bf16_first"),
                    bf16_last=_fraction_or_count(spec.get("bf16_last", 0), "bf16_last"),

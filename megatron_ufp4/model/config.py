@@ -8,6 +8,7 @@ names only, so these are our documented choices; totals come from ``num_params``
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 ROUTER_SCORES = ("softmax", "sigmoid")
@@ -60,6 +61,11 @@ class ModelConfig:
         def bad(name, why):
             raise ValueError(f"ModelConfig.{name} {why} (got {getattr(self, name)!r})")
 
+        def finite(name, low, strict, alt=""):  # NaN fails every comparison: test "inside", never "outside"
+            v = getattr(self, name)
+            if not (math.isfinite(v) and (v > low if strict else v >= low)):
+                bad(name, f"must be finite and {'>' if strict else '>='} {low:g}{alt}")
+
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
                      "max_seq_len"):
             v = getattr(self, name)
@@ -71,12 +77,13 @@ class ModelConfig:
             bad("num_kv_heads", f"must divide num_heads={self.num_heads}")
         if self.head_dim % 2:
             bad("num_heads", f"gives an odd head_dim={self.head_dim}; rotary embeddings need it even")
-        if not self.rope_theta > 0:
-            bad("rope_theta", "must be > 0")
-        if not self.norm_eps > 0:
-            bad("norm_eps", "must be > 0")
-        if not self.init_std > 0:
-            bad("init_std", "must be > 0")
+        finite("rope_theta", 0, True)
+        finite("norm_eps", 0, True)
+        finite("init_std", 0, True)
+        finite("aux_loss_coeff", 0, False)
+        finite("expert_bias_rate", 0, False)
+        if self.moe_capacity_factor is not None:
+            finite("moe_capacity_factor", 0, True, " (or None: no token dropping)")
         for name in ("num_experts", "num_shared_experts", "first_k_dense"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -85,10 +92,6 @@ class ModelConfig:
             bad("first_k_dense", f"must be <= num_layers={self.num_layers}")
         if self.router_score not in ROUTER_SCORES:
             bad("router_score", f"must be one of {ROUTER_SCORES}")
-        if self.aux_loss_coeff < 0:
-            bad("aux_loss_coeff", "must be >= 0")
-        if self.expert_bias_rate < 0:
-            bad("expert_bias_rate", "must be >= 0")
         if self.num_experts > 0:
             if isinstance(self.moe_top_k, bool) or not isinstance(self.moe_top_k, int) or self.moe_top_k < 1:
                 bad("moe_top_k", "must be a positive integer")
@@ -97,9 +100,6 @@ class ModelConfig:
             f = self.moe_ffn_hidden_size
             if f is not None and (isinstance(f, bool) or not isinstance(f, int) or f < 1):
                 bad("moe_ffn_hidden_size", "must be a positive integer or None")
-            c = self.moe_capacity_factor
-            if c is not None and not c > 0:
-                bad("moe_capacity_factor", "must be > 0 or None")
         elif self.num_shared_experts:
             bad("num_shared_experts", "needs num_experts > 0")
         return self
