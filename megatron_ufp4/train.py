@@ -46,7 +46,8 @@ def main(argv=None) -> int:
                         "\n".join(precision_table(s) for s in trainer.stages))
         result = trainer.train(exit_after=args.exit_after)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError, TrainingAborted) as e:
-        print(f"error: {e}", file=sys.stderr)
+        from .training.errors import print_error
+        print_error(f"error: {e}")  # under torchrun: one line per job, not one per rank
         return 2 if not isinstance(e, TrainingAborted) else 1
     except Preempted as e:  # a checkpoint was saved: exit as the signal would, so schedulers requeue
         if int(os.environ.get("RANK", "0")) == 0:
