@@ -64,6 +64,7 @@ class TrainingConfig:
     eval_iters: int = 10
     max_consecutive_nonfinite: int = 5  # abort after this many skipped steps in a row
     resume: str = "auto"  # auto (latest checkpoint in run_dir) | none | <checkpoint path>
+    overwrite: bool = False  # start afresh in a run_dir holding another run: move that run aside (never deleted)
 
 
 @dataclass
@@ -71,6 +72,7 @@ class CheckpointConfig:
     interval: int = 100
     keep_last: int = 2
     save_final: bool = True
+    save_on_signal: bool = True  # SIGTERM/SIGINT: all ranks stop at the next step boundary, save, exit
 
 
 @dataclass
