@@ -142,8 +142,9 @@ class IndexedDataset:
     workers started with "spawn" re-open the files instead of copying the data.
     """
 
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str, vocab_size: int | None = None):
         self.prefix = prefix
+        self.vocab_size = vocab_size
         idx_file, bin_file = idx_path(prefix), bin_path(prefix)
         for path in (idx_file, bin_file):
             if not os.path.isfile(path):
@@ -178,9 +179,12 @@ class IndexedDataset:
         else:
             self.doc_lengths = np.zeros(0, dtype=np.int64)
             self.doc_offsets = np.zeros(0, dtype=np.int64)
+        check_index(idx_file, self.doc_lengths, self.doc_offsets, self.num_tokens)
         # mmap of an empty file is an error, so an empty dataset gets an empty array.
         self.tokens = (np.memmap(bin_file, dtype=self.dtype, mode="r") if num_tokens
                        else np.zeros(0, dtype=self.dtype))
+        if vocab_size is not None:
+            check_token_range(self, vocab_size)
 
     def __len__(self) -> int:
         return len(self.doc_lengths)
@@ -209,8 +213,66 @@ class IndexedDataset:
         return {"prefix": self.prefix}
 
     def __setstate__(self, state):
-        self.__init__(state["prefix"])
+        self.__init__(state["prefix"])  # the token range was checked where the dataset was first opened
 
     def __repr__(self) -> str:
         return (f"IndexedDataset({self.prefix!r}, docs={len(self)}, tokens={self.num_tokens}, "
                 f"dtype={self.dtype})")
+
+
+def check_index(idx_file: str, lengths: np.ndarray, offsets: np.ndarray, num_tokens: int) -> None:
+    """The document table of ``idx_file`` tiles the .bin exactly, as ``IndexedDatasetWriter``
+    writes it: lengths >= 0, offset 0 first, each document starting where the previous one
+    ends, the last ending at ``num_tokens``.  One vectorised pass; ``ValueError`` naming the
+    first bad document otherwise (a damaged index would silently read other documents'
+    tokens, or past the end of the .bin)."""
+    n = len(lengths)
+    if n == 0:
+        if num_tokens:
+            raise ValueError(f"{idx_file}: no documents, but the header counts {num_tokens} tokens")
+        return
+    lengths, offsets = np.asarray(lengths), np.asarray(offsets)
+    bad = np.flatnonzero((lengths < 0) | (lengths > num_tokens))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{idx_file}: document {i} has length {int(lengths[i])} (the dataset has {num_tokens} "
+                         "tokens); the index is damaged")
+    bad = np.flatnonzero((offsets < 0) | (offsets > num_tokens))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{idx_file}: document {i} starts at token {int(offsets[i])}, outside the "
+                         f"{num_tokens} tokens of the .bin; the index is damaged")
+    # all values are now in [0, num_tokens]: these int64 sums cannot overflow
+    expected = np.empty(n, dtype=np.int64)
+    expected[0] = 0
+    np.cumsum(lengths[:-1], out=expected[1:])
+    bad = np.flatnonzero(offsets != expected)
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{idx_file}: document {i} starts at token {int(offsets[i])}, but the documents before "
+                         f"it end at {int(expected[i])}; the index is damaged")
+    end = int(expected[-1]) + int(lengths[-1])
+    if end != num_tokens:
+        raise ValueError(f"{idx_file}: the documents hold {end} tokens, the header and the .bin {num_tokens}; "
+                         "the index is damaged")
+
+
+def check_token_range(ds: IndexedDataset, vocab_size: int, name: str = "model.vocab_size",
+                      chunk: int = 1 << 26) -> None:
+    """Every token id of ``ds`` is in ``[0, vocab_size)``; else ``ValueError`` naming the .bin,
+    the first offending id, where it is, and ``name``.  A vectorised min/max over the memory
+    map, in chunks of ``chunk`` tokens (bounded memory); skipped when the dtype cannot hold
+    an id >= vocab_size (e.g. uint16 tokens and a vocabulary of 65536 or more)."""
+    tokens = ds.tokens
+    info = np.iinfo(tokens.dtype)
+    if info.min >= 0 and info.max < vocab_size:
+        return
+    for start in range(0, len(tokens), chunk):
+        part = np.asarray(tokens[start:start + chunk])
+        lo, hi = int(part.min()), int(part.max())
+        if lo < 0 or hi >= vocab_size:
+            pos = start + int(np.flatnonzero((part < 0) | (part >= vocab_size))[0])
+            doc = int(np.searchsorted(ds.doc_offsets, pos, side="right")) - 1
+            raise ValueError(f"{bin_path(ds.prefix)}: token id {int(tokens[pos])} (document {doc}, token "
+                             f"{pos - int(ds.doc_offsets[doc])}) is outside {name}={vocab_size}; the data "
+                             f"was prepared with another tokenizer, or {name} is too small")
