@@ -126,8 +126,8 @@ def load_checkpoint(path: str | Path) -> dict:
     """The state dict of a single-process checkpoint (directory or ``state.pt``).
 
     Loaded with ``torch.load(weights_only=True)``: a file that references anything else
-    (code) is refused, naming the global.  ``model``, ``config`` and ``step`` must be there;
-    a key read later that the file lacks (``optimizer``, ``rng``, ...) raises
+    (code) is refused, naming the global.  Reading a key the file lacks (``optimizer``,
+    ``rng``, ...; ``model`` / ``config`` / ``step`` also through ``.get``) raises
     ``CheckpointError("checkpoint FILE lacks 'optimizer'")``.
     """
     from .safe_load import load_state_file

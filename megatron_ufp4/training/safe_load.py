@@ -93,25 +93,34 @@ def load_torch_file(f: str | Path):
 
 
 class CheckpointState(dict):
-    """A loaded state dict whose missing keys raise ``CheckpointError`` naming the file."""
+    """A loaded state dict whose missing keys raise ``CheckpointError`` naming the file.
 
-    def __init__(self, data: dict, source: str | Path, prefix: str = ""):
+    ``strict`` keys (those every training checkpoint has) raise even through ``.get``: a
+    caller's default must not turn a damaged file into a misleading error further on.
+    """
+
+    def __init__(self, data: dict, source: str | Path, prefix: str = "", strict=()):
         super().__init__(data)
-        self.source, self.prefix = str(source), prefix
+        self.source, self.prefix, self.strict = str(source), prefix, tuple(strict)
 
     def __missing__(self, key):
         raise CheckpointError(f"checkpoint {self.source} lacks {self.prefix + str(key)!r}")
 
+    def get(self, key, default=None):
+        return self[key] if key in self.strict else super().get(key, default)
 
-def checked_state(state, source: str | Path, require=("model", "config", "step")) -> CheckpointState:
-    """``state`` as a ``CheckpointState`` after checking it is a training state with ``require``.
 
-    Keys needed only for resuming (``optimizer``, ``rng``, ...) are checked when read.
-    """
+TRAINING_KEYS = ("model", "config", "step")  # what eval / sample / resume all read
+
+
+def checked_state(state, source: str | Path, require=(), strict=TRAINING_KEYS) -> CheckpointState:
+    """``state`` as a ``CheckpointState``: a dict, with every ``require`` key now, and the
+    ``strict`` keys whenever read (also through ``.get``).  Keys needed only for resuming
+    (``optimizer``, ``rng``, ...) raise when read."""
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {source} does not hold a training state (it holds a "
                               f"{type(state).__name__})")
-    out = CheckpointState(state, source)
+    out = CheckpointState(state, source, strict=strict)
     for key in require:
         out[key]  # noqa: B018 -- raises naming the key
     for key in ("model", "config", "optimizer"):
@@ -122,9 +131,9 @@ def checked_state(state, source: str | Path, require=("model", "config", "step")
     return out
 
 
-def load_state_file(f: str | Path, require=("model", "config", "step")) -> CheckpointState:
+def load_state_file(f: str | Path, require=(), strict=TRAINING_KEYS) -> CheckpointState:
     """A single-file state dict (``state.pt``), loaded safely and checked (see ``checked_state``)."""
-    return checked_state(load_torch_file(f), f, require)
+    return checked_state(load_torch_file(f), f, require, strict)
 
 
 # -- sharded (DCP) checkpoints ------------------------------------------------------------------
