@@ -548,3 +548,23 @@ def test_token_ids_outside_the_vocabulary_are_one_line(tmp_path):
         IndexedDataset(str(tmp_path / "d"), vocab_size=512)
     IndexedDataset(str(tmp_path / "d"), vocab_size=701)
     check_token_range(ds, 65536)  # uint16 ids are always < 65536: nothing to scan
+
+
+def test_train_cli_refuses_token_ids_outside_the_vocabulary_at_start(tmp_path, tiny_overrides, capsys):
+    """The trainer opens its datasets with model.vocab_size: one line before any step runs."""
+    from megatron_ufp4 import train
+    from megatron_ufp4.data.indexed_dataset import write_indexed_dataset
+
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(0, 512, 200) for _ in range(10)]
+    docs[3][17] = 600
+    write_indexed_dataset(str(tmp_path / "d_train"), docs, np.uint16)
+    write_indexed_dataset(str(tmp_path / "d_val"), docs[:2], np.uint16)
+    run = tmp_path / "run"
+    args = [*tiny_overrides("tiny_dense", run), f"data.prefix={tmp_path / 'd'}", "training.train_steps=1"]
+    assert train.main([str(CONFIGS / "tiny_dense.yaml"), *args]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == [f"error: {tmp_path / 'd_train.bin'}: token id 600 (document 3, token 17) is outside "
+                   "model.vocab_size=512; the data was prepared with another tokenizer, or model.vocab_size is "
+                   "too small"], err
+    assert not (run / "metrics.jsonl").exists()

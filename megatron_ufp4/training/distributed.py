@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 
 from ..config import RunConfig, dump_config
 from ..data.gpt_dataset import GPTDataset
@@ -41,6 +40,7 @@ from .checkpoint import CheckpointError, checkpoint_to_resume, config_difference
 from .loop import TrainingLoop, flops_per_token
 from .metrics import MetricsLogger, measured_peak_flops
 from .schedule import lr_at
+from .safe_load import read_partitions
 from .run_dir import RunDirLock, check_fresh_start, clean_leftovers, make_run_dir
 from .trainer import check_vocab, dataset_files, make_batch, seed_everything, validation_dataset
 
@@ -139,7 +139,7 @@ class DistributedTrainer(TrainingLoop):
         self.norm_params = unique_parameters(self.stages, st)
 
         check_vocab(cfg)
-        train = IndexedDataset(dataset_files(cfg.data.prefix, "train"))
+        train = IndexedDataset(dataset_files(cfg.data.prefix, "train"), vocab_size=cfg.model.vocab_size)
         self.train_ds = GPTDataset(train, seq, seed=t.seed, num_samples=t.train_steps * t.global_batch_size)
         self.val_ds = validation_dataset(cfg)
         self.step, self.skipped_total, self.consecutive_nonfinite = 0, 0, 0
@@ -313,7 +313,7 @@ class DistributedTrainer(TrainingLoop):
         if not dcpk.is_distributed_checkpoint(path):
             raise CheckpointError(f"{path} is a single-process checkpoint; convert it with tools/convert_checkpoint.py "
                                   "or start a new run_dir")
-        meta = json.loads((path / "partitions.json").read_text())
+        meta = read_partitions(path)
         diffs = config_differences(meta.get("config", {}), self.cfg.to_dict())
         if diffs:
             raise CheckpointError(f"checkpoint {path} is from an incompatible config: {diffs[0]}")

@@ -62,7 +62,8 @@ def check_vocab(cfg: RunConfig) -> None:
 
 def validation_dataset(cfg: RunConfig) -> GPTDataset:
     """Unshuffled: every evaluation sees the same samples, and draws no randomness."""
-    return GPTDataset(IndexedDataset(dataset_files(cfg.data.prefix, "val")), cfg.data.seq_len,
+    return GPTDataset(IndexedDataset(dataset_files(cfg.data.prefix, "val"), vocab_size=cfg.model.vocab_size),
+                      cfg.data.seq_len,
                       seed=cfg.training.seed, shuffle=False)
 
 
@@ -133,7 +134,7 @@ class Trainer(TrainingLoop):
     def _build_data(self) -> None:
         cfg, t = self.cfg, self.cfg.training
         check_vocab(cfg)
-        train = IndexedDataset(dataset_files(cfg.data.prefix, "train"))
+        train = IndexedDataset(dataset_files(cfg.data.prefix, "train"), vocab_size=cfg.model.vocab_size)
         self.train_ds = GPTDataset(train, cfg.data.seq_len, seed=t.seed, num_samples=t.train_steps * t.global_batch_size)
         self.val_ds = validation_dataset(cfg)
 
