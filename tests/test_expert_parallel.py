@@ -243,7 +243,9 @@ def test_expert_parallel_two_ranks_equals_single_process():
         # SR noise (dY's draws are keyed by element index, and a rank's rows sit elsewhere in the
         # single-process tensor), of the size another SR seed gives in one process
         assert o["ufp4_finite"] and o["ufp4_loss_gap"] < 1e-5, o
-        assert o["ufp4_grad_rel_gap"] < 2 * o["ufp4_sr_seed_gap"] + 1e-3, o
+        # both gaps are one draw of the same kind of noise (measured 0.086 vs 0.10): factor 2 for
+        # the spread of a single draw, no absolute slack
+        assert o["ufp4_grad_rel_gap"] < 2 * o["ufp4_sr_seed_gap"], o
     # rank 1 received no tokens: its experts have no gradient (None: no replica had one), rank 0's do
     for kind in ("alltoall", "allgather"):
         assert set(outs[1][f"zero_{kind}_expert_grads"]) <= {"none", "zero"}
