@@ -147,6 +147,22 @@ def test_nan_every_step_aborts(tiny_cfg, tmp_path):
     assert trainer.step == 3 and trainer.skipped_total == 3
     after = params_of(trainer.model)
     assert all(torch.equal(before[n], after[n]) for n in before)
+    # the step that triggered the stop is in metrics.jsonl, its NaN loss written as JSON null
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3] and all(r["loss"] is None for r in records)
+
+
+def test_a_run_whose_every_step_was_skipped_fails(tiny_cfg, tmp_path):
+    """Fewer steps than max_consecutive_nonfinite, all non-finite: nothing was trained, so the
+    run must not report success."""
+    cfg = tiny_cfg("tiny_dense", tmp_path, *NAN_RUN, "training.train_steps=3", "training.max_consecutive_nonfinite=5")
+    trainer = Trainer(cfg, console=quiet)
+    trainer.loss_fn = lambda logits, labels: lm_loss(logits, labels) * float("nan")
+    with pytest.raises(TrainingAborted) as info:
+        trainer.train()
+    msg = str(info.value)
+    assert "every step of this run (3) was skipped" in msg and "\n" not in msg, msg
+    assert [r["skipped"] for r in read_metrics(tmp_path)] == [1, 1, 1]
 
 
 def test_train_cli_reports_abort_in_one_line(tiny_overrides, tmp_path, monkeypatch, capsys):
