@@ -236,3 +236,21 @@ def test_read_only_run_dir_gives_one_line(tmp_path, tiny_overrides):
     err = [line for line in out.stderr.splitlines() if line.strip()]
     assert out.returncode == 2 and len(err) == 1, out.stderr
     assert "not writable" in err[0] and "read-only file system" in err[0].lower(), err[0]
+
+
+def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(tiny_cfg, tmp_path):
+    """Only metrics, no checkpoint: resume=auto starts over (its continuation); resume=none is
+    still refused."""
+    t = Trainer(tiny_cfg("tiny_dense", tmp_path, *SHORT, "checkpoint.interval=0", "checkpoint.save_final=false"),
+                console=quiet)
+    t.train()
+    t.close()
+    assert names(tmp_path) == [] and [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    with pytest.raises(RunDirError):
+        Trainer(tiny_cfg("tiny_dense", tmp_path, *SHORT, "training.resume=none"), console=quiet)
+    t = Trainer(tiny_cfg("tiny_dense", tmp_path, *SHORT), console=quiet)
+    assert t.step == 0
+    t.train()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2] and names(tmp_path) == ["step_00000001",
+                                                                                        "step_00000002"]
+    t.close()

@@ -41,6 +41,7 @@ from .loop import TrainingLoop, flops_per_token
 from .metrics import MetricsLogger, measured_peak_flops
 from .schedule import lr_at
 from .safe_load import read_partitions
+from .errors import claim_report
 from .run_dir import RunDirLock, check_fresh_start, clean_leftovers, make_run_dir
 from .trainer import check_vocab, dataset_files, make_batch, seed_everything, validation_dataset
 
@@ -56,14 +57,6 @@ class CollectiveFailure(RuntimeError):
     def __init__(self, message: str, report: bool):
         super().__init__(message)
         self.report = report
-
-
-def _claim_report() -> bool:
-    """True for the first rank that asks: the job prints one line, not one per rank."""
-    try:
-        return dist.distributed_c10d._get_default_store().add("megatron_ufp4/failure_reported", 1) == 1
-    except Exception:  # the store is gone too: better a line per rank than none
-        return True
 
 
 def _is_comm_failure(e: BaseException) -> bool:
@@ -88,7 +81,7 @@ def guarded(phase: str):
                     f"rank {self.state.rank}: {where} did not complete within parallel.timeout_s="
                     f"{self.cfg.parallel.timeout_s:g} s (a rank hung or died); last good checkpoint: "
                     f"{latest or 'none'}" + (" (continue with training.resume=auto)" if latest else ""),
-                    _claim_report()) from None
+                    claim_report()) from None
         return run
     return wrap
 
@@ -159,7 +152,7 @@ class DistributedTrainer(TrainingLoop):
         self.run_dir = make_run_dir(t.run_dir)
         self.lock = RunDirLock(self.run_dir).acquire()  # rank 0 holds it for the job
         resume_from = checkpoint_to_resume(self.run_dir, t.resume)
-        check_fresh_start(self.run_dir, resume_from, t.overwrite, console)
+        check_fresh_start(self.run_dir, t.resume, resume_from, t.overwrite, console)
         clean_leftovers(self.run_dir, console)
         return resume_from
 

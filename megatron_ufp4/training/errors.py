@@ -14,7 +14,7 @@ import datetime
 import os
 import sys
 
-CLAIM_KEY = "megatron_ufp4/failure_reported"  # shared with training.distributed's CollectiveFailure
+CLAIM_KEY = "megatron_ufp4/failure_reported"  # one claim per job, also for CollectiveFailure
 DONE_KEY = "megatron_ufp4/error_printed"
 
 
@@ -30,14 +30,19 @@ def _store():
     return None
 
 
+def claim_report() -> bool:
+    """True on the first rank of the job that asks (and on every rank without a store)."""
+    store = _store()
+    try:
+        return store is None or store.add(CLAIM_KEY, 1) == 1
+    except Exception:  # the store is gone: better a line per rank than none
+        return True
+
+
 def print_error(line: str, file=None, wait_s: float = 5.0) -> None:
     file = file if file is not None else sys.stderr
     store = _store()
-    try:
-        first = store is None or store.add(CLAIM_KEY, 1) == 1
-    except Exception:  # the store is gone: better a line per rank than none
-        first, store = True, None
-    if first:
+    if claim_report():
         print(line, file=file, flush=True)
         if store is not None:
             try:

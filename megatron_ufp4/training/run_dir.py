@@ -87,18 +87,22 @@ def run_artifacts(run_dir: Path) -> list[str]:
     return found
 
 
-def check_fresh_start(run_dir: Path, resume_from: Path | None, overwrite: bool, console=print) -> None:
+def check_fresh_start(run_dir: Path, resume_mode: str, resume_from: Path | None, overwrite: bool,
+                      console=print) -> None:
     """Refuse (or, with overwrite, move aside) a run that this start would clobber.
 
-    Continuing is fine when resuming from this run_dir's latest checkpoint.  Anything else
-    (``resume=none``, or a checkpoint from elsewhere) into a directory that already holds
-    checkpoints or metrics would truncate its metrics and let its higher-numbered
-    checkpoints win ``keep_last`` over the new ones.
+    Continuing is fine: resuming from this run_dir's latest checkpoint, or
+    ``resume=auto`` in a run_dir with no checkpoint yet (a run killed before its first save:
+    starting over is its continuation, and its metrics past step 0 would be dropped on any
+    resume).  Anything else (``resume=none``, or a checkpoint from elsewhere) into a
+    directory that holds checkpoints or metrics would truncate its metrics and let its
+    higher-numbered checkpoints win ``keep_last`` over the new ones.
     """
     found = run_artifacts(run_dir)
     latest = list_checkpoints(run_dir)[-1:] or [None]
-    if not found or (resume_from is not None and latest[0] is not None
-                     and resume_from.resolve() == latest[0].resolve()):
+    continuing = (resume_from is not None and latest[0] is not None
+                  and resume_from.resolve() == latest[0].resolve()) or (resume_mode == "auto" and latest[0] is None)
+    if not found or continuing:
         return
     if not overwrite:
         raise RunDirError(f"training.run_dir {run_dir} already holds a run ({', '.join(found[-3:])}): resume it "

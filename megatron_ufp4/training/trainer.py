@@ -107,7 +107,7 @@ class Trainer(TrainingLoop):
         self.run_dir = make_run_dir(t.run_dir)
         self.lock = RunDirLock(self.run_dir).acquire()  # held until close() or process exit
         resume_from = checkpoint_to_resume(self.run_dir, t.resume)
-        check_fresh_start(self.run_dir, resume_from, t.overwrite, console)
+        check_fresh_start(self.run_dir, t.resume, resume_from, t.overwrite, console)
         clean_leftovers(self.run_dir, console)
         seed_everything(t.seed)
         self.recipe, backend = cfg.build_recipe()
