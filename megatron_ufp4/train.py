@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     from .config import ConfigError, dump_config, load_config
     from .training.checkpoint import CheckpointError
     from .linear import precision_table
+    from .training.errors import print_error
+    from .training.fsutil import os_error_line
     from .training.loop import Preempted
     from .training.trainer import Trainer, TrainingAborted
 
@@ -46,24 +48,23 @@ def main(argv=None) -> int:
                         "\n".join(precision_table(s) for s in trainer.stages))
         result = trainer.train(exit_after=args.exit_after)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError, TrainingAborted) as e:
-        from .training.errors import print_error
         print_error(f"error: {e}")  # under torchrun: one line per job, not one per rank
         return 2 if not isinstance(e, TrainingAborted) else 1
+    except OSError as e:  # e.g. a full disk while appending to metrics.jsonl
+        print_error(f"error: {os_error_line(e, 'training.run_dir')}")
+        return 2
     except Preempted as e:  # a checkpoint was saved: exit as the signal would, so schedulers requeue
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(str(e), file=sys.stderr)
+        print_error(str(e), rank0=True)
         return 128 + e.signum
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print_error("interrupted", rank0=True)
         return 130
     except RuntimeError as e:
         from .training.distributed import CollectiveFailure
         if not isinstance(e, CollectiveFailure):
             raise
-        if e.report:
-            print(f"error: {e}", file=sys.stderr)
+        print_error(f"error: {e}")
         sys.stdout.flush()
-        sys.stderr.flush()
         os._exit(1)  # a hung peer can block the process-group teardown at interpreter exit
     if "val_loss" in result and int(os.environ.get("RANK", "0")) == 0:
         print(f"final validation loss {result['val_loss']:.4f} (perplexity {result['val_ppl']:.2f}) "

@@ -3,10 +3,8 @@ one clear line when a save cannot be written (disk full, read-only file system).
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -72,11 +70,20 @@ def test_train_cli_refuses_a_locked_run_dir_with_one_line(tiny_overrides, tmp_pa
     assert out.returncode == 2 and len(err) == 1 and f"PID {holder.pid}" in err[0], out.stderr
 
 
-def test_lock_is_released_by_close_and_reacquirable(tmp_path):
-    lock = RunDirLock(tmp_path).acquire()
-    assert lock.holder() == os.getpid()
-    lock.release()
-    RunDirLock(tmp_path).acquire().release()
+def _other_process_can_lock(run_dir: Path) -> bool:
+    code = ("import sys; from megatron_ufp4.training.run_dir import RunDirLock, RunDirError\n"
+            "try:\n    RunDirLock(sys.argv[1]).acquire()\nexcept RunDirError:\n    sys.exit(3)")
+    return subprocess.run([sys.executable, "-c", code, str(run_dir)], cwd=REPO_ROOT).returncode == 0
+
+
+def test_lock_is_counted_within_a_process_and_released_by_the_last_holder(tmp_path):
+    first = RunDirLock(tmp_path).acquire()
+    assert first.holder() == os.getpid()  # reading the file does not drop the lock
+    second = RunDirLock(tmp_path).acquire()  # a second trainer in this process
+    second.release()
+    assert not _other_process_can_lock(tmp_path)  # still held by `first`
+    first.release()
+    assert _other_process_can_lock(tmp_path)
 
 
 # -- never overwrite a run -------------------------------------------------------------------------
@@ -254,3 +261,39 @@ def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(tiny_cfg,
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2] and names(tmp_path) == ["step_00000001",
                                                                                         "step_00000002"]
     t.close()
+
+
+def test_a_save_killed_between_its_two_renames_is_restored(finished_run, tiny_cfg):
+    """Re-saving step 3 moves the old step_3 to step_3.old-<pid> and then renames the new one into
+    place; a kill in between leaves .old as the only complete copy: it must come back."""
+    root = finished_run / "checkpoints"
+    (root / "step_00000003").rename(root / "step_00000003.old-999")
+    (root / "step_00000003.tmp-999").mkdir()  # the new copy, maybe incomplete
+    logs = []
+    t = Trainer(tiny_cfg("tiny_dense", finished_run, *SHORT, "training.train_steps=3"), console=logs.append)
+    assert t.step == 3 and names(finished_run) == ["step_00000001", "step_00000002", "step_00000003"]
+    assert any("restored checkpoint" in line for line in logs), logs
+    t.close()
+
+
+def test_failed_resave_puts_the_old_copy_back(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, 1, {"x": torch.zeros(4)}, "", keep_last=2)
+    real_rename = Path.rename
+
+    def failing_rename(self, dst):
+        if self.name.startswith("step_00000001.tmp"):
+            raise OSError(28, "No space left on device", str(dst))
+        return real_rename(self, dst)
+
+    monkeypatch.setattr(Path, "rename", failing_rename)
+    with pytest.raises(CheckpointError):
+        save_checkpoint(tmp_path, 1, {"x": torch.ones(4)}, "", keep_last=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000001"]
+    assert torch.equal(torch.load(tmp_path / "checkpoints" / "step_00000001" / "state.pt")["x"], torch.zeros(4))
+
+
+def test_overwrite_refuses_to_move_away_the_checkpoint_it_resumes(finished_run, tiny_cfg):
+    with pytest.raises(RunDirError, match="lies inside training.run_dir"):
+        Trainer(tiny_cfg("tiny_dense", finished_run, *SHORT, "training.overwrite=true",
+                         f"training.resume={finished_run / 'checkpoints' / 'step_00000001'}"), console=quiet)
+    assert names(finished_run) == ["step_00000001", "step_00000002", "step_00000003"]

@@ -20,6 +20,7 @@ directly.  T is stored so a reader can detect a .bin/.idx pair from different ru
 """
 from __future__ import annotations
 
+import json
 import os
 import struct
 
@@ -257,22 +258,61 @@ def check_index(idx_file: str, lengths: np.ndarray, offsets: np.ndarray, num_tok
                          "the index is damaged")
 
 
+def _range_cache(ds: IndexedDataset) -> str:
+    return bin_path(ds.prefix) + ".range.json"
+
+
+def _cached_range(ds: IndexedDataset, stat) -> tuple[int, int] | None:
+    try:
+        with open(_range_cache(ds), encoding="utf-8") as f:
+            c = json.load(f)
+        if c["size"] == stat.st_size and c["mtime_ns"] == stat.st_mtime_ns:
+            return int(c["min"]), int(c["max"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _store_range(ds: IndexedDataset, stat, lo: int, hi: int) -> None:
+    """Best effort (the data directory may be read-only): later starts skip the scan."""
+    path = _range_cache(ds)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "min": lo, "max": hi}, f)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
 def check_token_range(ds: IndexedDataset, vocab_size: int, name: str = "model.vocab_size",
                       chunk: int = 1 << 26) -> None:
     """Every token id of ``ds`` is in ``[0, vocab_size)``; else ``ValueError`` naming the .bin,
     the first offending id, where it is, and ``name``.  A vectorised min/max over the memory
-    map, in chunks of ``chunk`` tokens (bounded memory); skipped when the dtype cannot hold
-    an id >= vocab_size (e.g. uint16 tokens and a vocabulary of 65536 or more)."""
+    map, in chunks of ``chunk`` tokens (bounded memory), once per .bin: the range is cached
+    next to it (``<prefix>.bin.range.json``, keyed by size and mtime), so restarts and other
+    ranks read one small file.  Skipped when the dtype cannot hold an id >= vocab_size."""
     tokens = ds.tokens
     info = np.iinfo(tokens.dtype)
     if info.min >= 0 and info.max < vocab_size:
         return
+    stat = os.stat(bin_path(ds.prefix))
+    cached = _cached_range(ds, stat)
+    if cached is not None and cached[0] >= 0 and cached[1] < vocab_size:
+        return
+    lo_all, hi_all = 0, -1
     for start in range(0, len(tokens), chunk):
         part = np.asarray(tokens[start:start + chunk])
         lo, hi = int(part.min()), int(part.max())
+        lo_all, hi_all = (lo, hi) if hi_all < 0 else (min(lo_all, lo), max(hi_all, hi))
         if lo < 0 or hi >= vocab_size:
             pos = start + int(np.flatnonzero((part < 0) | (part >= vocab_size))[0])
             doc = int(np.searchsorted(ds.doc_offsets, pos, side="right")) - 1
             raise ValueError(f"{bin_path(ds.prefix)}: token id {int(tokens[pos])} (document {doc}, token "
                              f"{pos - int(ds.doc_offsets[doc])}) is outside {name}={vocab_size}; the data "
                              f"was prepared with another tokenizer, or {name} is too small")
+    if len(tokens):
+        _store_range(ds, stat, lo_all, hi_all)

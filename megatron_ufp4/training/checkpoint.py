@@ -87,6 +87,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, config_yaml: st
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f"{final.name}.tmp-{os.getpid()}"
+    old = root / f"{final.name}.old-{os.getpid()}"
     previous = latest_checkpoint(run_dir)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -98,28 +99,39 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, config_yaml: st
         fsync_dir(tmp)
         if _before_rename is not None:  # test hook: simulate a crash before the commit point
             _before_rename(tmp)
-        old = root / f"{final.name}.old-{os.getpid()}"
         if final.exists():  # re-saving the same step (e.g. final save after an interval save)
             final.rename(old)
         tmp.rename(final)  # the commit point
         fsync_dir(root)
         shutil.rmtree(old, ignore_errors=True)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _undo_save(tmp, old, final)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointError(f"cannot save checkpoint step {step}: {os_error_line(e, str(tmp))}; {kept}") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _undo_save(tmp, old, final)
         raise
     prune_checkpoints(run_dir, keep_last, keep=final)
     return final
 
 
+def _undo_save(tmp: Path, old: Path, final: Path) -> None:
+    """A failed save leaves what was there: the temporary directory goes, a moved-away copy
+    of the same step comes back."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    if old.exists() and not final.exists():
+        old.rename(final)
+
+
 def prune_checkpoints(run_dir: str | Path, keep_last: int, keep: Path) -> None:
-    """Keep the newest ``keep_last`` checkpoints, and always ``keep`` (the one just written)."""
+    """Keep the newest ``keep_last`` checkpoints, and always ``keep`` (the one just written).
+    A checkpoint that cannot be removed now stays (pruned at a later save): never fatal."""
     for old in list_checkpoints(run_dir)[:-keep_last]:
         if old != keep:
-            remove_checkpoint(old)
+            try:
+                remove_checkpoint(old)
+            except OSError:
+                pass
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -26,6 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from .checkpoint import CheckpointError, checkpoint_root, latest_checkpoint, prune_checkpoints
+from .errors import is_comm_failure
 from .fsutil import fsync_dir, os_error_line, write_synced
 
 PART = ".part"
@@ -86,37 +87,51 @@ def model_entries(modules: list[nn.Module], state) -> tuple[dict, dict]:
     return entries, owners
 
 
+def _first_failure(e: BaseException) -> BaseException:
+    """The underlying error of the lowest failing rank of a DCP ``CheckpointException`` (else ``e``)."""
+    failures = getattr(e, "failures", None) or {}  # rank -> exception (or (exception, traceback))
+    if not failures:
+        return e
+    cause = failures[min(failures)]
+    return cause[0] if isinstance(cause, tuple) else cause
+
+
 def _save_error_line(e: BaseException, step: int, tmp: Path, previous) -> str:
     """One line for a failed sharded save, from the first rank's underlying error."""
-    failures = getattr(e, "failures", None) or {}  # DCP's CheckpointException: rank -> exception
-    cause = next(iter(failures.values()), e)
-    if isinstance(cause, tuple):  # (exception, traceback) in some torch versions
-        cause = cause[0]
+    cause = _first_failure(e)
     what = os_error_line(cause, str(tmp)) if isinstance(cause, OSError) else \
         (str(cause).strip().splitlines() or [type(cause).__name__])[0]
     kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
     return f"cannot save checkpoint step {step}: {what}; {kept}"
 
 
+def _agree(state, error: str | None) -> None:
+    """Every rank raises rank 0's error line (or none): the job's one line keeps the reason."""
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise CheckpointError(box[0])
+
+
 def save_distributed(run_dir: str | Path, step: int, entries: dict, state, config_yaml: str, keep_last: int,
                      extra_files: dict[str, str] | None = None) -> Path:
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:08d}"
-    tmp = root / f"{final.name}.tmp"
+    tmp, old = root / f"{final.name}.tmp", root / f"{final.name}.old"
     previous = latest_checkpoint(run_dir)
-    ok, error = torch.ones(()), None
-    try:
-        if state.rank == 0:
+    error = None
+    if state.rank == 0:
+        try:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-    except OSError as e:
-        error, ok = _save_error_line(e, step, tmp, previous), torch.zeros(())
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank learns whether rank 0 could start
-    if not ok:
-        raise CheckpointError(error if state.rank == 0 else f"cannot save checkpoint step {step} (see rank 0)")
+        except OSError as e:
+            error = _save_error_line(e, step, tmp, previous)
+    _agree(state, error)
     try:
         dcp.save(entries, checkpoint_id=str(tmp))  # FileSystemWriter fsyncs each shard file
     except Exception as e:  # raised on every rank alike, with each rank's failure collected
+        if is_comm_failure(_first_failure(e)):
+            raise  # a hung or dead peer, not a storage problem: the trainer reports it as such
         if state.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(_save_error_line(e, step, tmp, previous)) from None
@@ -127,21 +142,18 @@ def save_distributed(run_dir: str | Path, step: int, entries: dict, state, confi
             for name, text in (extra_files or {}).items():
                 write_synced(tmp / name, text)
             fsync_dir(tmp)
-            old = root / f"{final.name}.old"
             if final.exists():
                 final.rename(old)
             tmp.rename(final)  # the commit point
             fsync_dir(root)
             shutil.rmtree(old, ignore_errors=True)
+            prune_checkpoints(run_dir, keep_last, keep=final)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if old.exists() and not final.exists():
+                old.rename(final)
             error = _save_error_line(e, step, tmp, previous)
-        else:
-            prune_checkpoints(run_dir, keep_last, keep=final)
-    ok = torch.tensor(0.0 if error else 1.0)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    if not ok:
-        raise CheckpointError(error if state.rank == 0 else f"cannot save checkpoint step {step} (see rank 0)")
+    _agree(state, error)
     return final
 
 

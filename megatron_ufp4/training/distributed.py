@@ -11,15 +11,14 @@ and broadcasts it.  Checkpoints are sharded DCP directories that load into other
 Hung or dead ranks: every process group is created with ``parallel.timeout_s``, so a
 collective whose peer stopped responding fails after that long.  The trainer records which
 phase of the step it was in and raises ``CollectiveFailure``: one line for the whole job
-(the first rank to fail claims it through the rendezvous store) naming the phase and the
-last good checkpoint.
+(printed by ``errors.print_error``: the first rank to fail claims it through the
+rendezvous store) naming the phase and the last good checkpoint.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -41,26 +40,13 @@ from .loop import TrainingLoop, flops_per_token
 from .metrics import MetricsLogger, measured_peak_flops
 from .schedule import lr_at
 from .safe_load import read_partitions
-from .errors import claim_report
+from .errors import is_comm_failure
 from .run_dir import RunDirLock, check_fresh_start, clean_leftovers, make_run_dir
 from .trainer import check_vocab, dataset_files, make_batch, seed_everything, validation_dataset
 
 
-# what a collective that lost its peer raises (gloo: "Timed out waiting ...", a closed socket; NCCL: watchdog)
-_COMM_FAILURE = re.compile(r"timed out|timeout|connection (closed|reset|refused)|broken pipe", re.I)
-
-
 class CollectiveFailure(RuntimeError):
-    """A collective did not complete (a rank hung or died).  ``report`` is True on exactly one
-    rank of the job, which prints the line."""
-
-    def __init__(self, message: str, report: bool):
-        super().__init__(message)
-        self.report = report
-
-
-def _is_comm_failure(e: BaseException) -> bool:
-    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and bool(_COMM_FAILURE.search(str(e))))
+    """A collective did not complete (a rank hung or died)."""
 
 
 def guarded(phase: str):
@@ -73,15 +59,14 @@ def guarded(phase: str):
             except (CollectiveFailure, CheckpointError):
                 raise
             except Exception as e:
-                if not _is_comm_failure(e):
+                if not is_comm_failure(e):
                     raise
                 where = getattr(self, "phase", phase)
                 latest = latest_checkpoint(self.run_dir)
                 raise CollectiveFailure(
                     f"rank {self.state.rank}: {where} did not complete within parallel.timeout_s="
                     f"{self.cfg.parallel.timeout_s:g} s (a rank hung or died); last good checkpoint: "
-                    f"{latest or 'none'}" + (" (continue with training.resume=auto)" if latest else ""),
-                    claim_report()) from None
+                    f"{latest or 'none'}" + (" (continue with training.resume=auto)" if latest else "")) from None
         return run
     return wrap
 
@@ -151,20 +136,24 @@ class DistributedTrainer(TrainingLoop):
         t = self.cfg.training
         self.run_dir = make_run_dir(t.run_dir)
         self.lock = RunDirLock(self.run_dir).acquire()  # rank 0 holds it for the job
+        clean_leftovers(self.run_dir, console)  # first: it may restore an interrupted re-save
         resume_from = checkpoint_to_resume(self.run_dir, t.resume)
         check_fresh_start(self.run_dir, t.resume, resume_from, t.overwrite, console)
-        clean_leftovers(self.run_dir, console)
         return resume_from
 
     def _on_rank0(self, fn):
         """Run ``fn`` on rank 0; every rank returns its result or raises its one-line error."""
-        out = [None, None]
+        out, failure = [None, None], None
         if self.state.rank == 0:
             try:
                 out = [fn(), None]
             except (CheckpointError, ValueError, OSError) as e:
                 out = [None, str(e)]
+            except Exception as e:  # a bug: rank 0 shows the traceback, the others must not wait for it
+                failure, out = e, [None, f"rank 0 failed preparing the run directory: {type(e).__name__}: {e}"]
         dist.broadcast_object_list(out, src=0)
+        if failure is not None:
+            raise failure
         if out[1] is not None:
             raise CheckpointError(out[1])
         return out[0]

@@ -12,10 +12,20 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import sys
 
 CLAIM_KEY = "megatron_ufp4/failure_reported"  # one claim per job, also for CollectiveFailure
 DONE_KEY = "megatron_ufp4/error_printed"
+
+
+# what a collective that lost its peer raises (gloo: "Timed out waiting ...", a closed socket; NCCL: watchdog)
+_COMM_FAILURE = re.compile(r"timed out|timeout|connection (closed|reset|refused)|broken pipe", re.I)
+
+
+def is_comm_failure(e: BaseException) -> bool:
+    import torch.distributed as dist
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and bool(_COMM_FAILURE.search(str(e))))
 
 
 def _store():
@@ -39,10 +49,14 @@ def claim_report() -> bool:
         return True
 
 
-def print_error(line: str, file=None, wait_s: float = 5.0) -> None:
+def print_error(line: str, file=None, wait_s: float = 5.0, rank0: bool = False) -> None:
+    """Print ``line`` once for the job: on the first rank that claims it (``rank0``: on rank 0,
+    for a line every rank reaches together).  The others wait until it is out, so that
+    torchrun, which stops the remaining ranks when one exits, cannot cut it off."""
     file = file if file is not None else sys.stderr
     store = _store()
-    if claim_report():
+    printer = int(os.environ.get("RANK", "0")) == 0 if rank0 else claim_report()
+    if store is None or printer:
         print(line, file=file, flush=True)
         if store is not None:
             try:
@@ -50,7 +64,7 @@ def print_error(line: str, file=None, wait_s: float = 5.0) -> None:
             except Exception:
                 pass
         return
-    try:  # the claiming rank prints right after claiming; give it time before this rank exits
+    try:
         store.wait([DONE_KEY], datetime.timedelta(seconds=wait_s))
-    except Exception:  # e.g. the claim came from a collective-failure report, which sets no DONE_KEY
+    except Exception:  # the printer is gone or slow: exit anyway
         pass

@@ -9,7 +9,7 @@ if any rank's ``local`` is).
 Preemption (``checkpoint.save_on_signal``): SIGTERM (what SLURM and Kubernetes send) or
 SIGINT only sets a flag; at the next step boundary the ranks agree to stop, save a
 checkpoint and raise ``Preempted``.  The bound on the time to exit is the rest of the
-current step plus one save.  A second SIGINT interrupts at once.
+current step plus one save.  A second SIGINT (more than 2 s after the first) interrupts at once.
 """
 from __future__ import annotations
 
@@ -42,12 +42,19 @@ class StopSignals:
         # handlers can only be installed from the main thread (not from a test's worker thread)
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
         self.received: int | None = None
+        self._at = 0.0
         self._previous: dict = {}
 
+    # torchrun forwards the SIGINT that the terminal also sent its workers: a second SIGINT
+    # within this many seconds is that echo, not a second Ctrl-C
+    ECHO_S = 2.0
+
     def _handle(self, signum, frame):
-        if self.received is not None and signum == signal.SIGINT:
+        now = time.monotonic()
+        if self.received is not None and signum == signal.SIGINT and now - self._at > self.ECHO_S:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.received = signum
+        if self.received is None:
+            self.received, self._at = signum, now
 
     def __enter__(self) -> "StopSignals":
         if self.enabled:
@@ -74,6 +81,8 @@ def _json_safe(value):
         return None
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
     return value
 
 

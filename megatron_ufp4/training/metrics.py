@@ -73,7 +73,7 @@ class MetricsLogger:
 
     def log(self, record: dict) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(record, allow_nan=False) + "\n")  # strict JSON: NaN is logged as null
+            f.write(json.dumps(record, allow_nan=False) + "\n")  # strict JSON (the loop writes NaN as null)
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self.wandb is not None:
             self.wandb.log(scalars, step=record["step"])

@@ -1,10 +1,10 @@
 """The run directory: one training at a time, never silently overwritten, no leftovers.
 
-* ``RunDirLock`` takes an exclusive lock on ``<run_dir>/.lock`` (``fcntl.lockf``): the
+* ``RunDirLock`` takes an exclusive lock on ``<run_dir>/.lock`` (``fcntl.flock``): the
   kernel drops it when the process ends in any way, kill -9 included, so a stale lock
   never blocks a restart.  A second training in the same directory is refused with one
-  line naming the holder's PID.  POSIX locks belong to the process: the same process may
-  take it again (tests build several trainers in one process).
+  line naming the holder's PID.  The same process may take it again (tests build several
+  trainers in one process): it is counted, and dropped when the last holder releases it.
 * ``check_fresh_start`` refuses to start a run over another one (metrics or checkpoints
   that are not the ones being resumed) unless ``training.overwrite`` is set, which moves
   the old run aside to ``<run_dir>.old-<time>``: nothing is ever deleted.
@@ -45,38 +45,54 @@ def make_run_dir(run_dir: str | Path) -> Path:
     return p
 
 
+# path -> [fd, holders]: flock belongs to an open file, so a second acquire in this process
+# must reuse the descriptor (a second open would conflict with our own lock)
+_HELD: dict[str, list] = {}
+
+
 class RunDirLock:
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / LOCK_NAME
-        self.fd: int | None = None
+        self.key = os.path.realpath(self.path)
+        self.held = False
 
     def acquire(self) -> "RunDirLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if self.key in _HELD:  # this process holds it already (several trainers in one process)
+            _HELD[self.key][1] += 1
+            self.held = True
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by child processes
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             os.close(fd)
-            if e.errno not in (errno.EACCES, errno.EAGAIN):
+            if e.errno not in (errno.EACCES, errno.EAGAIN, errno.EWOULDBLOCK):
                 raise
             raise RunDirError(f"training.run_dir {self.path.parent} is in use by another training "
                               f"(PID {self.holder() or '?'} holds {self.path}); wait for it or use another "
                               "run_dir") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd = fd
+        _HELD[self.key] = [fd, 1]
+        self.held = True
         return self
 
     def holder(self) -> int | None:
-        try:
+        try:  # reading through another descriptor leaves a flock alone
             text = self.path.read_text().strip()
         except OSError:
             return None
         return int(text) if text.isdigit() else None
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor drops the lock
-            self.fd = None
+        if not self.held:
+            return
+        self.held = False
+        entry = _HELD[self.key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _HELD[self.key]
+            os.close(entry[0])  # closing the last descriptor drops the lock
 
 
 def run_artifacts(run_dir: Path) -> list[str]:
@@ -100,6 +116,8 @@ def check_fresh_start(run_dir: Path, resume_mode: str, resume_from: Path | None,
     """
     found = run_artifacts(run_dir)
     latest = list_checkpoints(run_dir)[-1:] or [None]
+    if resume_from is not None and resume_from.is_file():  # .../step_N/state.pt means step_N
+        resume_from = resume_from.parent
     continuing = (resume_from is not None and latest[0] is not None
                   and resume_from.resolve() == latest[0].resolve()) or (resume_mode == "auto" and latest[0] is None)
     if not found or continuing:
@@ -108,6 +126,10 @@ def check_fresh_start(run_dir: Path, resume_mode: str, resume_from: Path | None,
         raise RunDirError(f"training.run_dir {run_dir} already holds a run ({', '.join(found[-3:])}): resume it "
                           "with training.resume=auto, choose another run_dir, or set training.overwrite=true "
                           "to move it aside")
+    if resume_from is not None and run_dir.resolve() in resume_from.resolve().parents:
+        raise RunDirError(f"training.resume={resume_from} lies inside training.run_dir {run_dir}, which "
+                          "training.overwrite=true would move aside: copy the checkpoint out first")
+    run_dir = run_dir.resolve()
     aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
     n = 0
     while aside.exists():
@@ -121,11 +143,26 @@ def check_fresh_start(run_dir: Path, resume_mode: str, resume_from: Path | None,
     console(f"moved the previous run in {run_dir} to {aside}")
 
 
+def _complete(path: Path) -> bool:
+    return (path / "state.pt").is_file() or (path / ".metadata").is_file()
+
+
 def clean_leftovers(run_dir: Path, console=print) -> list[str]:
-    """Delete temporary / half-written / half-pruned checkpoint directories (call under the lock)."""
+    """Delete temporary / half-written / half-pruned checkpoint directories (call under the lock).
+
+    One leftover is kept: a save that re-writes step N moves the old ``step_N`` to
+    ``step_N.old`` before renaming the new one into place; a kill between the two renames
+    leaves ``.old`` as the only complete copy, so it is renamed back.
+    """
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
+    for entry in sorted(root.iterdir()):
+        m = LEFTOVER.match(entry.name)
+        final = root / entry.name.split(".")[0]
+        if m and m.group(1) == "old" and not final.exists() and _complete(entry):
+            entry.rename(final)
+            console(f"restored checkpoint {final} from {entry.name} (a save was interrupted)")
     complete = {p.name for p in list_checkpoints(run_dir)}
     removed = []
     for entry in sorted(root.iterdir()):

@@ -106,9 +106,9 @@ class Trainer(TrainingLoop):
         self.device = resolve_device(t.device)
         self.run_dir = make_run_dir(t.run_dir)
         self.lock = RunDirLock(self.run_dir).acquire()  # held until close() or process exit
+        clean_leftovers(self.run_dir, console)  # first: it may restore an interrupted re-save
         resume_from = checkpoint_to_resume(self.run_dir, t.resume)
         check_fresh_start(self.run_dir, t.resume, resume_from, t.overwrite, console)
-        clean_leftovers(self.run_dir, console)
         seed_everything(t.seed)
         self.recipe, backend = cfg.build_recipe()
         factory = LinearFactory(self.recipe, num_layers=cfg.model.num_layers, backend=backend, seed=t.seed)
