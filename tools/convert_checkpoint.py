@@ -197,6 +197,9 @@ def main(argv=None) -> int:
             if not args.src.is_file():
                 raise ValueError(f"{args.src}: no such file")
             to_dcp(args.src, args.dst)
+    except KeyError as e:  # a field the checkpoint should hold (e.g. an optimizer state's exp_avg)
+        print(f"convert_checkpoint.py: error: {args.src} lacks {e}", file=sys.stderr)
+        return 2
     except (ValueError, OSError, RuntimeError) as e:
         print(f"convert_checkpoint.py: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
               file=sys.stderr)
