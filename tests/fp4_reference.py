@@ -1,6 +1,6 @@
 """Independent reference arithmetic for the FP4 tests (pure Python / numpy float32).
 
-Nothing here imports ``megatron_ufp4``: these helpers restate UFP4.md §1-2 from scratch so
+Nothing here imports ``megatron_ufp4``: these helpers restate arXiv 2606.20381 from scratch so
 that the tests compare the package against an independent derivation, not against itself.
 """
 from __future__ import annotations

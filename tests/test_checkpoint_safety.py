@@ -186,10 +186,8 @@ def test_malicious_state_pt_is_refused_everywhere(evil_run, entry, tiny_override
     assert str(f) in line and f"references {REFUSED_NAME[kind]}" in line, line
 
 
-@pytest.mark.parametrize("key", ["optimizer", "model", "step", "rng", "skipped_total", "config"])
-def test_state_pt_missing_key_is_one_line_on_resume(trained_run, tiny_overrides, tmp_path, capsys, key):
-    from megatron_ufp4 import train
-
+def _run_without(trained_run, tmp_path, key: str) -> tuple[Path, Path]:
+    """A copy of the trained run whose checkpoint's state.pt lacks ``key``."""
     src, _ = trained_run
     run = tmp_path / "run"
     shutil.copytree(src / "checkpoints", run / "checkpoints")
@@ -197,6 +195,14 @@ def test_state_pt_missing_key_is_one_line_on_resume(trained_run, tiny_overrides,
     state = torch.load(f, weights_only=True)
     del state[key]
     torch.save(state, f)
+    return run, f
+
+
+@pytest.mark.parametrize("key", ["optimizer", "model", "step", "rng", "skipped_total", "config"])
+def test_state_pt_missing_key_is_one_line_on_resume(trained_run, tiny_overrides, tmp_path, capsys, key):
+    from megatron_ufp4 import train
+
+    run, f = _run_without(trained_run, tmp_path, key)
     overrides = tiny_overrides("tiny_dense", run, "recipe.name=ufp4", "training.train_steps=4",
                                "schedule.warmup_steps=1", "training.eval_interval=0")
     assert train.main([str(CONFIGS / "tiny_dense.yaml"), *overrides]) == 2
@@ -207,13 +213,7 @@ def test_state_pt_missing_key_is_one_line_on_resume(trained_run, tiny_overrides,
 def test_eval_needs_only_model_config_step(trained_run, tmp_path, capsys, key, ok):
     from megatron_ufp4 import eval as eval_cli
 
-    src, _ = trained_run
-    run = tmp_path / "run"
-    shutil.copytree(src / "checkpoints", run / "checkpoints")
-    f = run / "checkpoints" / "step_00000002" / "state.pt"
-    state = torch.load(f, weights_only=True)
-    del state[key]
-    torch.save(state, f)
+    run, f = _run_without(trained_run, tmp_path, key)
     rc = eval_cli.main([str(run), "--iters", "1"])
     captured = capsys.readouterr()
     if ok:

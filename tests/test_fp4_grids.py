@@ -1,4 +1,4 @@
-"""Element grids (UFP4.md §1): exact values, RTNE ties, code layout, saturation, range restriction."""
+"""Element grids (arXiv 2606.20381): exact values, RTNE ties, code layout, saturation, range restriction."""
 import math
 
 import pytest
@@ -48,7 +48,7 @@ def test_grid_objects_match_spec():
 
 
 # ---------------------------------------------------------------------------------------------
-# RTNE ties (UFP4.md §1): ties go to the even magnitude code
+# RTNE ties (arXiv 2606.20381): ties go to the even magnitude code
 # ---------------------------------------------------------------------------------------------
 
 E2M1_TIES = [(0.25, 0.0), (0.75, 1.0), (1.25, 1.0), (1.75, 2.0), (2.5, 2.0), (3.5, 4.0), (5.0, 4.0)]
@@ -245,7 +245,7 @@ def test_range_restricted_scale_and_levels_random(max_level):
 
 
 # ---------------------------------------------------------------------------------------------
-# per-level shrinkage bias (UFP4.md §4)
+# per-level shrinkage bias (arXiv 2606.20381)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Training recipes (UFP4.md §3): presets, overrides, high-precision layers, round trip, rejections."""
+"""Training recipes (arXiv 2606.20381): presets, overrides, high-precision layers, round trip, rejections."""
 import re
 
 import pytest
@@ -8,7 +8,7 @@ from megatron_ufp4.fp4.recipes import PRESETS, Recipe
 GEMMS = {"fprop": ("x", "w"), "dgrad": ("dy", "w"), "wgrad": ("dy", "x")}
 ALL = {"fprop", "dgrad", "wgrad"}
 
-# UFP4.md §3 table, restated by hand
+# arXiv 2606.20381 table, restated by hand
 TABLE = {
     "ufp4": dict(grid="int4", scale="fp32", block=16, rht=ALL, rht_size=16, w_2d=False),
     "e2m1_ref": dict(grid="e2m1", scale="fp32", block=16, rht={"wgrad"}, rht_size=16, w_2d=False),

@@ -1,4 +1,4 @@
-"""Random Hadamard Transform (UFP4.md §3): orthogonal, seeded, cancels inside a GEMM."""
+"""Random Hadamard Transform (arXiv 2606.20381): orthogonal, seeded, cancels inside a GEMM."""
 import math
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Stochastic rounding (UFP4.md §3): unbiased, only neighbouring levels, seeded and reproducible."""
+"""Stochastic rounding (arXiv 2606.20381): unbiased, only neighbouring levels, seeded and reproducible."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""Block scales (UFP4.md §2): NVFP4 (TE arithmetic), 2D weight blocks, MXFP4 E8M0, plain FP32."""
+"""Block scales (arXiv 2606.20381): NVFP4 (TE arithmetic), 2D weight blocks, MXFP4 E8M0, plain FP32."""
 import math
 
 import numpy as np

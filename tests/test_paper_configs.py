@@ -1,4 +1,4 @@
-"""The paper's three model configs load and have the sizes UFP4.md §6 names."""
+"""The paper's three model configs load and have the sizes arXiv 2606.20381 names."""
 import pytest
 
 from megatron_ufp4.config import load_config

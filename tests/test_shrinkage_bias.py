@@ -1,4 +1,4 @@
-"""Shrinkage-bias analyzer (megatron_ufp4.fp4.analysis, tools/shrinkage_bias.py): UFP4.md §4."""
+"""Shrinkage-bias analyzer (megatron_ufp4.fp4.analysis, tools/shrinkage_bias.py): arXiv 2606.20381."""
 import json
 import math
 import os

@@ -1,4 +1,4 @@
-"""Shrinkage-bias analysis of the 4-bit formats (UFP4.md §4), measured with the real quantizer.
+"""Shrinkage-bias analysis of the 4-bit formats (arXiv 2606.20381), measured with the real quantizer.
 
 Everything here calls ``Grid.round_`` / ``quantize`` from this package; nothing is tabulated.
 

@@ -2,7 +2,7 @@
 
 ``ModelConfig.validate()`` rejects impossible shapes with a ``ValueError`` that names the
 field; ``from_dict`` rejects unknown keys (typos in YAML fail loudly).  ``PRESETS`` holds
-the shapes this project uses for the paper's model sizes (UFP4.md §6: the paper gives
+the shapes this project uses for the paper's model sizes (arXiv 2606.20381: the paper gives
 names only, so these are our documented choices; totals come from ``num_params``).
 """
 from __future__ import annotations
@@ -130,7 +130,7 @@ def _unknown_preset(name):
 
 LING_VOCAB = 157184
 # Llama-style stacks with standard GQA attention in place of Ling 3.0's hybrid linear attention
-# (a documented substitution, UFP4.md §6); every width a multiple of 32 so all FP4 recipes
+# (a documented substitution, arXiv 2606.20381); every width a multiple of 32 so all FP4 recipes
 # (MXFP4's 1x32 blocks included) apply.  num_params (untied head, embeddings included):
 #   dense-1.5b  1.512B
 #   moe-7.9b    7.917B total / 1.270B active  (24 layers, 128 experts top-8 + 1 shared, Ling-3.0-tiny-like)
