@@ -19,6 +19,23 @@ def distributed_launch(cfg) -> bool:
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        _shutdown_distributed()
+
+
+def _shutdown_distributed() -> None:
+    """Tear the process group down in order: left to interpreter exit, its threads can be
+    destroyed while running ("terminate called without an active exception", SIGABRT)."""
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="megatron-ufp4-train", description="Pretrain with FP4 GEMMs.",
                                  epilog="Overrides: section.key=value, e.g. recipe.name=nvfp4 optimizer.lr=3e-4")
     ap.add_argument("config", help="YAML config file (see configs/)")
