@@ -8,8 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["megatron_ufp4", "megatron_ufp4.*"]),
     python_requires=">=3.10",
-    # torch is deliberately unpinned here; install torch (CPU: torch==2.13.0) first.
-    install_requires=["torch>=2.4", "numpy", "pyyaml", "sentencepiece", "tqdm", "rich"],
+    # torch>=2.7: torch.float8_e8m0fnu (MXFP4's E8M0 scales), new in 2.7; install torch (CPU: torch==2.13.0) first.
+    install_requires=["torch>=2.7", "numpy", "pyyaml", "sentencepiece", "tqdm"],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "matplotlib"],
         "plot": ["matplotlib"],

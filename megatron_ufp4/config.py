@@ -3,8 +3,10 @@
     cfg = load_config("configs/tiny_dense.yaml", ["recipe.name=e2m1_ref", "optimizer.lr=3e-4"])
 
 Unknown keys, wrong types and impossible values raise ``ConfigError`` with one line that
-names the offending key.  ``cfg.to_dict()`` is the resolved config (printed at start and
-saved with every checkpoint).
+names the offending key.  ``model: {preset: NAME, <field>: ...}`` starts from the preset
+shape of ``megatron_ufp4/model/config.py`` with the given fields on top.  ``cfg.to_dict()``
+is the resolved config, every model field spelled out (printed at start and saved with
+every checkpoint).
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from pathlib import Path
 import yaml
 
 from .fp4.recipes import Recipe
-from .model.config import ModelConfig
+from .linear.backends import available_backends
+from .model.config import ModelConfig, with_preset
 
 
 class ConfigError(ValueError):
@@ -97,14 +100,18 @@ class ParallelConfig:
     first_stage_layers: int | None = None  # uneven split: layers on the first/last stage
     last_stage_layers: int | None = None
     expert_dispatcher: str = "alltoall"  # alltoall | allgather
-    zero1: bool = True  # shard optimizer state over data-parallel ranks
     timeout_s: float = 600.0  # a rank that dies or hangs makes the others exit after this
+
+
+@dataclass
+class GemmConfig:
+    backend: str = "emulated"  # a registered FP4 GEMM backend: emulated | fused (torch.compile'd, same bits)
 
 
 @dataclass
 class RunConfig:
     model: ModelConfig
-    recipe: dict = field(default_factory=lambda: {"name": "ufp4"})  # Recipe.from_dict input (+ backend)
+    recipe: dict = field(default_factory=lambda: {"name": "ufp4"})  # Recipe.from_dict input
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -112,11 +119,11 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    gemm: GemmConfig = field(default_factory=GemmConfig)
 
     def build_recipe(self) -> tuple[Recipe, str]:
-        spec = dict(self.recipe)
-        backend = spec.pop("backend", "emulated")
-        return Recipe.from_dict(spec), backend
+        """The recipe and the GEMM backend name it runs on."""
+        return Recipe.from_dict(dict(self.recipe)), self.gemm.backend
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -126,6 +133,10 @@ class RunConfig:
             self.model.validate()
         except ValueError as e:
             raise ConfigError(_model_message(str(e))) from None
+        if "backend" in self.recipe:
+            b = self.recipe["backend"]
+            raise ConfigError(f"recipe.backend: moved to gemm.backend (YAML: gemm: {{backend: {b}}}; "
+                              f"command line: gemm.backend={b})")
         try:
             self.build_recipe()
         except ValueError as e:
@@ -174,6 +185,7 @@ class RunConfig:
             ("logging.wandb_mode", self.logging.wandb_mode, ("offline", "online", "disabled")),
             ("parallel.pipeline_schedule", p.pipeline_schedule, ("1f1b", "interleaved_1f1b", "gpipe")),
             ("parallel.expert_dispatcher", p.expert_dispatcher, ("alltoall", "allgather")),
+            ("gemm.backend", self.gemm.backend, tuple(available_backends())),
         ]
         for key, v, allowed in choices:
             if v not in allowed:
@@ -314,7 +326,37 @@ def config_from_dict(d: dict) -> RunConfig:
             raise _unknown("section", name, SECTIONS)
     if "model" not in d:
         raise ConfigError("config has no model section")
+    if isinstance(d["model"], dict) and "preset" in d["model"]:
+        try:
+            d = {**d, "model": with_preset(d["model"])}
+        except ValueError as e:
+            raise ConfigError(_model_message(str(e))) from None
     return _build(RunConfig, d, "").validate()
+
+
+def upgrade_saved_config(d) -> dict:
+    """A config saved with an older checkpoint, in today's layout: ``recipe.backend`` moves
+    to ``gemm.backend`` (``emulated`` when neither is set, the default then and now) and
+    ``parallel.zero1`` goes (it changed nothing: the only trainer that read it refused
+    false).  Anything that is not a mapping becomes ``{}``; other sections are copied."""
+    if not isinstance(d, dict):
+        return {}
+    d = dict(d)
+    recipe = d.get("recipe")
+    if isinstance(recipe, dict) and "backend" in recipe:
+        recipe = dict(recipe)
+        backend = recipe.pop("backend")
+        d["recipe"] = recipe
+        d.setdefault("gemm", {"backend": backend})
+    d.setdefault("gemm", dataclasses.asdict(GemmConfig()))
+    if isinstance(d.get("parallel"), dict):
+        d["parallel"] = {k: v for k, v in d["parallel"].items() if k != "zero1"}
+    return d
+
+
+def config_from_saved(d) -> RunConfig:
+    """``config_from_dict`` of a checkpoint's saved config, of this or an older layout."""
+    return config_from_dict(upgrade_saved_config(d))
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:

@@ -12,7 +12,7 @@ import os
 import sys
 
 
-def distributed_launch(cfg) -> bool:
+def distributed_launch() -> bool:
     """torchrun sets WORLD_SIZE; parallel sizes > 1 without it are a configuration error."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return world > 1 or "RANK" in os.environ
@@ -55,7 +55,7 @@ def _main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         if int(os.environ.get("RANK", "0")) == 0:
             print("resolved config:\n" + dump_config(cfg))
-        if distributed_launch(cfg):
+        if distributed_launch():
             from .training.distributed import DistributedTrainer
             trainer = DistributedTrainer(cfg)
         else:

@@ -87,12 +87,12 @@ def to_single(src: Path, dst: Path) -> None:
 
 def _layout_of(config: dict):
     """(single-process GPTModel, TP=1 parallel GPTModel), both on the meta device (no memory)."""
-    from megatron_ufp4.config import config_from_dict
+    from megatron_ufp4.config import config_from_saved
     from megatron_ufp4.model import GPTModel, LinearFactory
     from megatron_ufp4.parallel.parallel_factory import ParallelLinearFactory
     from megatron_ufp4.parallel.state import build_parallel_state
 
-    cfg = config_from_dict(config)
+    cfg = config_from_saved(config)
     recipe, backend = cfg.build_recipe()
     with torch.device("meta"):
         single = GPTModel(cfg.model, LinearFactory(recipe, num_layers=cfg.model.num_layers, backend=backend,
@@ -149,7 +149,7 @@ def _from_single_process(data: dict, src: Path) -> tuple[dict, dict, dict]:
 def to_dcp(src: Path, dst: Path) -> None:
     import torch.distributed.checkpoint as dcp
 
-    from megatron_ufp4.config import config_from_dict, dump_config
+    from megatron_ufp4.config import config_from_saved, dump_config
     from megatron_ufp4.training.safe_load import load_state_file
 
     data = load_state_file(src, require=("model", "config", "step", "optimizer"))
@@ -175,7 +175,7 @@ def to_dcp(src: Path, dst: Path) -> None:
         warnings.simplefilter("ignore", UserWarning)
         dcp.save(flat, checkpoint_id=str(dst), no_dist=True)
     (dst / "partitions.json").write_text(json.dumps({**partitions, "config": data["config"]}))
-    (dst / "config.yaml").write_text(dump_config(config_from_dict(data["config"])), encoding="utf-8")
+    (dst / "config.yaml").write_text(dump_config(config_from_saved(data["config"])), encoding="utf-8")
 
 
 def main(argv=None) -> int:

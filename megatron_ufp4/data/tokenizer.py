@@ -75,9 +75,6 @@ class Tokenizer:
             ids = ids.tolist()
         return self._sp.Decode([int(i) for i in ids])
 
-    def id_to_piece(self, i: int) -> str:
-        return self._sp.IdToPiece(int(i))
-
     def __repr__(self) -> str:
         return f"Tokenizer({self.model_path!r}, vocab_size={self.vocab_size})"
 

@@ -1,13 +1,15 @@
 """Model shape as a dataclass: one place that says what a GPT (dense or MoE) looks like.
 
 ``ModelConfig.validate()`` rejects impossible shapes with a ``ValueError`` that names the
-field; ``from_dict`` rejects unknown keys (typos in YAML fail loudly).  ``PRESETS`` holds
+field; ``from_dict`` rejects unknown keys (typos in YAML fail loudly).  ``PRESETS`` (the
+source of a run config's ``model: {preset: NAME}``, through ``with_preset``) holds
 the shapes this project uses for the paper's model sizes (arXiv 2606.20381: the paper gives
 names only, so these are our documented choices; totals come from ``num_params``).
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass
 
@@ -111,12 +113,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         """Build and validate from a mapping; ``preset: NAME`` starts from ``PRESETS[NAME]``."""
-        d = dict(d)
-        if "preset" in d:
-            name = d.pop("preset")
-            if name not in PRESETS:
-                _unknown_preset(name)
-            d = {**PRESETS[name], **d}
+        d = with_preset(d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -124,8 +121,18 @@ class ModelConfig:
         return cls(**d).validate()
 
 
-def _unknown_preset(name):
-    raise ValueError(f"unknown model preset {name!r}; presets: {sorted(PRESETS)}")
+def with_preset(d: dict) -> dict:
+    """``d`` with its ``preset: NAME`` replaced by ``PRESETS[NAME]``'s fields, ``d``'s own
+    fields on top (a copy; ``d`` without ``preset`` comes back unchanged)."""
+    d = dict(d)
+    if "preset" not in d:
+        return d
+    name = d.pop("preset")
+    if not isinstance(name, str) or name not in PRESETS:
+        close = difflib.get_close_matches(str(name), list(PRESETS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"ModelConfig.preset must be one of {', '.join(PRESETS)} (got {name!r}{hint})")
+    return {**PRESETS[name], **d}
 
 
 LING_VOCAB = 157184

@@ -18,7 +18,7 @@ Partition rule (deterministic, the same on every rank of a group because they ho
 same parameter names and shapes): within each kind (dense / expert), parameters are taken
 largest first (``numel``, ties broken by their order in ``named_parameters()``) and each
 goes to the group rank with the fewest elements so far (ties: the lowest rank) -- greedy
-LPT bin packing over parameter FQNs.  ``owner_of(fqn)`` gives the global rank.
+LPT bin packing over parameter FQNs.  ``owner[fqn]`` is the owner's global rank.
 
 The update is torch's AdamW (``fused=True`` on CPU and CUDA) on the owned parameters, with
 the single-process trainer's grouping (matrices decayed, 1-D parameters not), so every
@@ -57,8 +57,8 @@ from torch import nn
 
 from .data_parallel import named_parameters, param_kind, replica_group
 
-__all__ = ["DistributedOptimizer", "clip_grad_norm_parallel", "global_grad_norm", "greedy_partition",
-           "merge_state_dicts", "named_parameters", "replica_counts", "torch_adamw_state_to_fqn"]
+__all__ = ["DistributedOptimizer", "global_grad_norm", "greedy_partition", "merge_state_dicts", "named_parameters",
+           "replica_counts", "torch_adamw_state_to_fqn"]
 
 
 def greedy_partition(sizes: Sequence[int], n: int) -> list[int]:
@@ -73,7 +73,7 @@ def greedy_partition(sizes: Sequence[int], n: int) -> list[int]:
 
 
 def _tp_counts(p: torch.Tensor, pstate) -> bool:
-    return pstate.tp_rank == 0 or getattr(p, "tensor_parallel", False) or getattr(p, "tensor_model_parallel", False)
+    return pstate.tp_rank == 0 or getattr(p, "tensor_parallel", False)
 
 
 def replica_counts(pstate) -> Callable[[str, torch.Tensor], bool]:
@@ -102,16 +102,6 @@ def global_grad_norm(named: Iterable[tuple[str, torch.Tensor]], pstate,
         sq = torch.stack([v.double() for v in torch._foreach_norm(grads, 2.0)]).square().sum()
     dist.all_reduce(sq, group=world)
     return sq.sqrt().float()
-
-
-def clip_grad_norm_parallel(model, pstate, max_norm: float, counts=None, norm_params=None) -> torch.Tensor:
-    """``global_grad_norm`` of ``model`` (module or chunk list), clipping in place when
-    ``max_norm > 0``; returns the (pre-clip) norm, inf / nan kept."""
-    named = named_parameters(model)
-    norm = global_grad_norm(named, pstate, counts, norm_params)
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_([p for _, p in named], max_norm, norm)
-    return norm
 
 
 def merge_state_dicts(states: Iterable[dict]) -> dict:
@@ -176,9 +166,6 @@ class DistributedOptimizer:
     def set_lr(self, lr: float) -> None:
         for g in self.param_groups:
             g["lr"] = lr
-
-    def owner_of(self, fqn: str) -> int:
-        return self.owner[fqn]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for _, p in self.named:

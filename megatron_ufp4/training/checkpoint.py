@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import upgrade_saved_config
 from .fsutil import SyncedWriter, fsync_dir, os_error_line, remove_checkpoint, write_synced
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -154,8 +155,10 @@ def load_checkpoint(path: str | Path) -> dict:
     return load_state_file(f)  # corrupt / foreign / unsafe file: one line, naming it
 
 
-def config_differences(saved: dict, current: dict, sections=("model", "recipe")) -> list[str]:
-    """Dotted keys whose values differ in the sections that decide the parameter layout/math."""
+def config_differences(saved: dict, current: dict, sections=("model", "recipe", "gemm")) -> list[str]:
+    """Dotted keys whose values differ in the sections that decide the parameter layout/math
+    (``saved``: a checkpoint's config, of this or an older layout)."""
+    saved = upgrade_saved_config(saved)
     diffs = []
 
     def walk(a, b, prefix):

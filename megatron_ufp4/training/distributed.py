@@ -111,8 +111,6 @@ class DistributedTrainer(TrainingLoop):
                                      activation_shape=shape, autocast_dtype=autocast)
         self.ddp = DataParallel(self.stages, st, overlap=self.num_micro == 1)
         o = cfg.optimizer
-        if not par.zero1:
-            raise ValueError("parallel.zero1=false is not supported by the multi-process trainer yet")
         self.optimizer = DistributedOptimizer(self.stages, st, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
         self.norm_params = unique_parameters(self.stages, st)
 

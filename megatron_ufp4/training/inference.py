@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig, config_from_dict
+from ..config import RunConfig, config_from_saved
 from ..model import GPTModel, LinearFactory
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 
@@ -24,7 +24,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPTModel, RunConfig, int]:
     ckpt = resolve_checkpoint(path)
     state = load_checkpoint(ckpt)
-    cfg = config_from_dict(state["config"])
+    cfg = config_from_saved(state["config"])
     recipe, backend = cfg.build_recipe()
     factory = LinearFactory(recipe, num_layers=cfg.model.num_layers, backend=backend, seed=cfg.training.seed)
     with torch.device(device):
