@@ -178,10 +178,3 @@ def reference_run(tiny_cfg, tmp_path_factory):
     return get
 
 
-@pytest.fixture(autouse=True)
-def _default_aux_loss_scale():
-    """Trainers set the process-wide MoE aux-loss scale (1/accumulation); start every test at 1."""
-    from megatron_ufp4.model import set_aux_loss_scale
-    set_aux_loss_scale(1.0)
-    yield
-    set_aux_loss_scale(1.0)

@@ -239,7 +239,7 @@ def test_checkpoint_contents(trained_run):
     for name, lin in linears.items():
         signs = extra[name]["rht_signs"]
         assert signs.shape == (recipe.rht_size,) and set(signs.abs().tolist()) == {1.0}
-        assert torch.equal(signs, lin.ctx.rht.signs)
+        assert torch.equal(signs, lin.gemms.rht.signs)
         gen = extra[name]["sr_generator"]
         assert gen.dtype == torch.uint8
         torch.Generator().set_state(gen)  # a loadable generator state (used outside training positions)

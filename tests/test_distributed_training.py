@@ -85,7 +85,6 @@ def _teacher_forced_ranks(rank, world, prefix, run_dir, extra, also_bf16):
     single-process weights into its stages before every step (shards cut as the layout
     cuts them)."""
     torch.set_num_threads(1)
-    from megatron_ufp4.model import set_aux_loss_scale
     from megatron_ufp4.parallel.parallel_factory import shard_state_dict
     from megatron_ufp4.training.distributed import DistributedTrainer
     from megatron_ufp4.training.trainer import Trainer
@@ -110,7 +109,6 @@ def _teacher_forced_ranks(rank, world, prefix, run_dir, extra, also_bf16):
                 refs["bf16"].model.load_state_dict(full)
         rec = dist_t.train_step()
         for key, t in refs.items():
-            set_aux_loss_scale(1.0 / t.accum)  # process-wide; the pipeline runner set its own
             r = t.train_step()
             if key == "ufp4":
                 out["ref_loss"].append(r["loss"])

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from megatron_ufp4.model import GPTModel, LinearFactory, ModelConfig
 from megatron_ufp4.parallel import build_parallel_state
-from megatron_ufp4.parallel.data_parallel import DataParallel, is_expert_param
+from megatron_ufp4.parallel.data_parallel import DataParallel, expert_param_names
 from megatron_ufp4.parallel.expert import (AllGatherDispatcher, AllToAllDispatcher, ExpertShard, _chunk_transpose,
                                            build_expert_parallel_model, expert_range, reduced_moe_stats,
                                            set_dispatcher, shard_experts, update_expert_bias)
@@ -79,18 +79,18 @@ def test_shard_keeps_global_expert_names():
         for moe in m.moe_layers():
             assert isinstance(moe.experts, ExpertShard) and moe.experts.indices == [2 * r, 2 * r + 1]
             assert moe.experts[2 * r] is moe.experts._modules[str(2 * r)]
-            assert moe.expert_params() == full.layers[0].mlp.expert_params()
+            assert moe.expert_params() == full.layers["0"].mlp.expert_params()
         sd = m.state_dict()
         for k, v in sd.items():
             if torch.is_tensor(v):
                 assert torch.equal(v, full_sd[k]), k
         shards.append(set(sd))
     assert shards[0] | shards[1] == keys  # the union of the shards is the full model's state dict
-    experts = {k for k in keys if is_expert_param(k)}
-    assert shards[0] & shards[1] == keys - experts
+    experts = expert_param_names(full)  # from module metadata, not names
+    assert experts == {k for k in keys if ".mlp.experts." in k and not k.endswith("_extra_state")}
+    assert shards[0] & shards[1] == keys - {k for k in keys if ".mlp.experts." in k}
     assert len([k for k in experts if k.endswith(".weight")]) == 2 * 4 * 2  # layers x experts x (gate_up, down)
-    assert not is_expert_param("layers.0.mlp.shared.down.weight")
-    assert not is_expert_param("layers.0.mlp.router.linear.weight")
+    assert not experts & {k for k in keys if ".mlp.shared." in k or ".router." in k}
     with pytest.raises(ValueError, match="already sharded"):
         shard_experts(m, 2, 1)
 
@@ -181,7 +181,7 @@ def _ep_checks(rank, world):
     out["a2a"], out["ag"] = _max_diff(a2a, ref, rank), _max_diff(ag, ref, rank)
     out["ag_vs_a2a"] = max(float((g - a2a["grads"][n]).abs().max()) for n, g in ag["grads"].items())
     out["launched_in_backward"] = a2a["launched_in_backward"]
-    out["experts_held"] = sorted({int(n.split(".")[4]) for n in a2a["grads"] if is_expert_param(n)})
+    out["experts_held"] = sorted({int(n.split(".")[4]) for n in a2a["grads"] if n in expert_param_names(a2a_model)})
 
     stats, ref_stats = reduced_moe_stats(a2a_model, st.group("dp")), ref_model.moe_stats()
     out["stats_equal"] = all(stats[i]["load"] == ref_stats[i]["load"] and abs(stats[i]["aux_loss"] -
@@ -207,7 +207,7 @@ def _ep_checks(rank, world):
         m, got = _ep_step(skewed, st, kind, tokens, labels, rank)
         out[f"zero_{kind}"] = _max_diff(got, ref_z, rank)
         out[f"zero_{kind}_loads"] = [x.last_load.tolist() for x in m.moe_layers()]
-        local = [g for n, g in got["grads"].items() if is_expert_param(n)]
+        local = [g for n, g in got["grads"].items() if n in expert_param_names(m)]
         out[f"zero_{kind}_expert_grads"] = ["none" if g is None else ("zero" if not g.any() else "nonzero")
                                             for g in local]
 

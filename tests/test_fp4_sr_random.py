@@ -34,6 +34,16 @@ def test_indices_beyond_2_pow_31_use_the_high_bits():
     assert abs(float(torch.corrcoef(torch.stack([lo.double(), hi.double()]))[0, 1])) < 5 / math.sqrt(base.numel())
 
 
+def test_draws_below_2_pow_31_do_not_depend_on_the_rest_of_the_tensor():
+    """A shard that stays below 2^31 of a logical tensor that goes beyond it (e.g. one TP
+    rank's Dgrad operand of a 2^31-element dY) must draw what the unsplit tensor draws."""
+    straddling = torch.arange((1 << 31) - 1000, (1 << 31) + 1000)
+    whole = uniform_from_index(straddling, key=77)  # needs the wide path
+    below = uniform_from_index(straddling[:1000], key=77, wide=False)
+    assert torch.equal(whole[:1000], below)
+    assert torch.equal(uniform_from_index(straddling[:1000], key=77), below)
+
+
 def test_element_index_matches_row_major_positions():
     idx = element_index((3, 4), SRIndex(row_offset=2, col_offset=8, row_stride=16), "cpu")
     expected = torch.tensor([[(r + 2) * 16 + c + 8 for c in range(4)] for r in range(3)])

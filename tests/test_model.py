@@ -236,7 +236,7 @@ def test_init_is_deterministic_and_scaled():
         if isinstance(va, torch.Tensor):
             assert torch.equal(va, vb), k
     std, out_std = 0.02, 0.02 / math.sqrt(16)
-    for layer in a.layers:
+    for layer in a.layers.values():
         assert abs(layer.attn.qkv.weight.std() / std - 1) < 0.05
         assert abs(layer.attn.proj.weight.std() / out_std - 1) < 0.05
         assert abs(layer.mlp.gate_up.weight.std() / std - 1) < 0.05
@@ -261,9 +261,10 @@ class RecordingFactory(LinearFactory):
         super().__init__(*a, **kw)
         self.calls = []
 
-    def __call__(self, in_features, out_features, *, kind, layer_index, name, bias=False):
+    def __call__(self, in_features, out_features, *, kind, layer_index, name, bias=False, **metadata):
         self.calls.append((layer_index, name, kind))
-        return super().__call__(in_features, out_features, kind=kind, layer_index=layer_index, name=name, bias=bias)
+        return super().__call__(in_features, out_features, kind=kind, layer_index=layer_index, name=name, bias=bias,
+                                **metadata)
 
 
 def test_every_attention_mlp_expert_linear_is_quantized_and_nothing_else():
@@ -282,8 +283,8 @@ def test_every_attention_mlp_expert_linear_is_quantized_and_nothing_else():
         lin = modules[f"layers.{layer_index}.{name}"]
         assert kind == ("row" if name.endswith(("proj", "down")) else "column")
         assert lin.quantized and lin.recipe.name == "ufp4"
-        assert lin.ctx.generator.initial_seed() == derive_sr_seed(5, layer_index, name)
-    assert len({lin.ctx.generator.initial_seed() for n, lin in modules.items() if n in quantized}) == len(quantized)
+        assert lin.gemms.generator.initial_seed() == derive_sr_seed(5, layer_index, name)
+    assert len({lin.gemms.generator.initial_seed() for n, lin in modules.items() if n in quantized}) == len(quantized)
     for n, m in model.named_modules():  # router, embedding, head: plain high-precision torch modules
         if n.endswith("router.linear") or n in ("head", "embed"):
             assert type(m) in (nn.Linear, nn.Embedding), n
@@ -298,10 +299,10 @@ def test_sr_seed_is_stable_and_depends_on_everything():
 def test_bf16_first_last_layers_stay_high_precision():
     cfg = tiny_moe(num_layers=4)
     model = build(cfg, {"name": "ufp4", "bf16_first": 1, "bf16_last": 1})
-    for layer in model.layers:
+    for layer in model.layers.values():
         flags = {m.quantized for m in layer.modules() if isinstance(m, QuantizedLinear)}
         assert flags == ({False} if layer.layer_index in (0, 3) else {True}), layer.layer_index
-    for layer in build(cfg, "bf16").layers:
+    for layer in build(cfg, "bf16").layers.values():
         assert not any(m.quantized for m in layer.modules() if isinstance(m, QuantizedLinear))
 
 
@@ -323,5 +324,5 @@ def test_bf16_recipe_model_matches_plain_linear_math():
     logits = model(tokens)
     loss = F.cross_entropy(logits.view(-1, 128), tokens.view(-1))
     loss.backward()
-    assert model.layers[0].attn.qkv.weight.grad is not None and isinstance(model.moe_stats(), dict)
+    assert model.layers["0"].attn.qkv.weight.grad is not None and isinstance(model.moe_stats(), dict)
     assert not any(isinstance(m, MoE) for m in model.modules())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_ufp4.linear import QuantizedLinear
-from megatron_ufp4.model import GPTModel, LinearFactory, ModelConfig, MoE, Router, set_aux_loss_scale
+from megatron_ufp4.model import GPTModel, LinearFactory, ModelConfig, MoE, Router
 
 
 def moe_cfg(**kw) -> ModelConfig:
@@ -214,15 +214,15 @@ def test_aux_loss_gradient_reaches_router_with_zero_upstream_gradient():
     assert torch.equal(logits, plain)  # the aux loss does not change the output
     logits.backward(torch.zeros_like(logits))
     for i in (1, 2):
-        router = model.layers[i].mlp.router.linear.weight
+        router = model.layers[str(i)].mlp.router.linear.weight
         assert router.grad is not None and router.grad.abs().sum() > 0
-    assert model.layers[1].attn.qkv.weight.grad.abs().sum() > 0  # upstream of layer 2's router
+    assert model.layers["1"].attn.qkv.weight.grad.abs().sum() > 0  # upstream of layer 2's router
     assert model.head.weight.grad.abs().sum() == 0
 
     no_aux = _moe_model(aux_loss_coeff=0.0)
     out = no_aux(tokens)
     out.backward(torch.zeros_like(out))
-    assert no_aux.layers[1].mlp.router.linear.weight.grad.abs().sum() == 0
+    assert no_aux.layers["1"].mlp.router.linear.weight.grad.abs().sum() == 0
 
 
 def test_aux_loss_gradient_equals_autograd_of_the_loss_and_scales():
@@ -236,11 +236,9 @@ def test_aux_loss_gradient_equals_autograd_of_the_loss_and_scales():
     aux = moe.aux_loss(scores, torch.bincount(idx.flatten(), minlength=4))
     (ref,) = torch.autograd.grad(aux, moe.router.linear.weight)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-15)
-    try:
-        set_aux_loss_scale(0.5)
-        moe.router.linear.weight.grad = None
-        out = moe(x)
-        out.backward(torch.zeros_like(out))
-        torch.testing.assert_close(moe.router.linear.weight.grad, 0.5 * ref, rtol=1e-12, atol=1e-15)
-    finally:
-        set_aux_loss_scale(1.0)
+    moe.step_context.aux_loss_scale = 0.5  # read in forward: scaling afterwards must not change this backward
+    moe.router.linear.weight.grad = None
+    out = moe(x)
+    moe.step_context.aux_loss_scale = 3.0
+    out.backward(torch.zeros_like(out))
+    torch.testing.assert_close(moe.router.linear.weight.grad, 0.5 * ref, rtol=1e-12, atol=1e-15)

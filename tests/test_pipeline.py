@@ -19,11 +19,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_ufp4.model import GPTModel, LinearFactory, ModelConfig, MoE, set_aux_loss_scale
+from megatron_ufp4.model import GPTModel, LinearFactory, ModelConfig, MoE
 from megatron_ufp4.linear import QuantizedLinear
 from megatron_ufp4.parallel import ParallelState, build_parallel_state
-from megatron_ufp4.parallel.pipeline import (GPTStage, PipelineRunner, build_stage_modules, stage_layer_ranges,
-                                             unique_parameters)
+from megatron_ufp4.parallel.pipeline import build_stage_modules, layer_indices, stage_layer_ranges, unique_parameters
+from megatron_ufp4.parallel.pipeline_schedule import PipelineRunner
 
 from conftest import one_thread
 from dist_utils import run_ranks
@@ -67,7 +67,7 @@ def batch(step: int, replica: int = 0):
 
 
 def sr_states(modules) -> dict:
-    return {name: m.ctx.generator.get_state() for mod in modules for name, m in mod.named_modules()
+    return {name: m.gemms.generator.get_state() for mod in modules for name, m in mod.named_modules()
             if isinstance(m, QuantizedLinear) and m.quantized}
 
 
@@ -88,7 +88,7 @@ def reference(case: str, replica: int = 0) -> dict:
     recipe, _, _, _, model_kw, autocast, steps = CASES[case]
     with one_thread():
         model = build_model(recipe, model_kw)
-        set_aux_loss_scale(1.0 / N_MICRO)
+        model.step_context.aux_loss_scale = 1.0 / N_MICRO
         out = {"loss": []}
         for step in range(steps):
             if step == 1:  # forward-only evaluation between the steps (eval mode, batch 0)
@@ -123,7 +123,7 @@ def _pipeline_cases(rank, world_size, cases):
         stages = build_stage_modules(build_model(recipe, model_kw), st, vpp=vpp, **split)
         runner = PipelineRunner(stages, st, schedule=schedule, num_microbatches=N_MICRO, micro_batch_size=MBS,
                                 seq_len=SEQ, autocast_dtype=torch.bfloat16 if autocast else None)
-        out = {"loss": [], "layers": [s.layer_indices for s in stages]}
+        out = {"loss": [], "layers": [layer_indices(s) for s in stages]}
         for step in range(steps):
             if step == 1:  # step -> evaluate -> step: the schedule switches modes and back
                 tokens, labels = batch(0, st.dp_rank)
@@ -244,11 +244,11 @@ def test_stage_names_are_global_and_cover_the_model(model_kw):
         for r in range(2):
             stages = build_stage_modules(build_model("ufp4", model_kw), pp=2, pp_rank=r, vpp=vpp, **split)
             for s in stages:
-                assert isinstance(s, GPTStage) and s.num_stages == 2 * vpp
+                assert isinstance(s, GPTModel) and s.num_stages == 2 * vpp
                 sd = s.state_dict()
                 for k in sd:
                     layer = int(k.split(".")[1]) if k.startswith("layers.") else None
-                    assert layer is None or layer in s.layer_indices
+                    assert layer is None or layer in layer_indices(s)
                     if isinstance(sd[k], torch.Tensor):
                         assert torch.equal(sd[k], ref[k]), k
                 keys += list(sd)

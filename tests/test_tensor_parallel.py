@@ -46,8 +46,8 @@ from megatron_ufp4.parallel.parallel_factory import (ParallelLinearFactory, buil
                                                      gather_state_dict, shard_state_dict, shard_tensor,
                                                      sync_sequence_parallel_grads, tp_grad_sq_norm, unshard_tensor)
 from megatron_ufp4.parallel.state import ParallelState, build_parallel_state
-from megatron_ufp4.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                                    vocab_parallel_cross_entropy)
+from megatron_ufp4.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron_ufp4.parallel.vocab_parallel import VocabParallelEmbedding, vocab_parallel_cross_entropy
 
 from dist_utils import run_ranks
 
@@ -376,7 +376,7 @@ def _fake_state(tp=2, rank=1, sp=False) -> ParallelState:
     (lambda st: RowParallelLinear(63, 64, recipe="bf16", state=st), "in_features=63 is not divisible"),
     (lambda st: VocabParallelEmbedding(127, 8, state=st), "not divisible by TP=2"),
     (lambda st: ParallelLinearFactory("ufp4", 2, _fake_state(sp=True))(64, 128, kind="column", layer_index=1,
-                                                                       name="mlp.experts.0.gate_up"),
+                                                                       name="mlp.experts.0.gate_up", in_moe=True),
      "layers.1.mlp.experts.0.gate_up: sequence parallelism does not support MoE"),
     (lambda st: ParallelLinearFactory("ufp4", 2, st)(64, 128, kind="diagonal", layer_index=0, name="x"), "kind"),
 ])
@@ -399,13 +399,13 @@ def test_factory_builds_parallel_layers_with_single_process_seeds():
     st = _fake_state(rank=0)
     f = ParallelLinearFactory("ufp4", 2, st, seed=9)
     ref = LinearFactory("ufp4", 2, seed=9)
-    gate_up = f(64, 256, kind="column", layer_index=1, name="mlp.gate_up")
+    gate_up = f(64, 256, kind="column", layer_index=1, name="mlp.gate_up", parts=2)  # declared, not read from the name
     qkv = f(64, 128, kind="column", layer_index=1, name="attn.qkv", bias=True)
     down = f(128, 64, kind="row", layer_index=1, name="mlp.down")
     assert isinstance(gate_up, ColumnParallelLinear) and gate_up.partition_stride == 2 and qkv.partition_stride == 1
     assert isinstance(down, RowParallelLinear) and down.weight.shape == (64, 64)
     assert qkv.bias.tensor_parallel and qkv.bias.partition_dim == 0
-    assert gate_up.ctx.generator.initial_seed() == ref.sr_seed(1, "mlp.gate_up")
+    assert gate_up.gemms.generator.initial_seed() == ref.sr_seed(1, "mlp.gate_up")
     assert isinstance(gate_up, QuantizedLinear) and gate_up.telemetry() == {}
 
 

@@ -96,6 +96,30 @@ def _check(x: torch.Tensor, fmt: FP4Format, axis: int, rounding: str, rht: RHT |
     return axis
 
 
+def _rotate(xm: torch.Tensor, rot: torch.Tensor | None) -> torch.Tensor:
+    """fp32 values in the basis that is quantized (blocks of the last dim times ``rot``)."""
+    return (xm.reshape(-1, rot.shape[0]).float() @ rot).reshape(xm.shape) if rot is not None else xm.float()
+
+
+def _block_amax(xb: torch.Tensor, fmt: FP4Format) -> torch.Tensor:
+    return xb.abs().amax(dim=(1, 3) if fmt.block_2d else (-1,), keepdim=True)
+
+
+def _finite_amax(block_amax: torch.Tensor) -> torch.Tensor:
+    """Tensor amax over the finite blocks: one NaN block must not poison every other block's scale."""
+    return torch.where(torch.isfinite(block_amax), block_amax, 0.0).amax()
+
+
+def tensor_amax(x: torch.Tensor, fmt: str | FP4Format, rht: RHT | None = None, **fmt_options) -> torch.Tensor:
+    """The fp32 tensor amax a two-level-scaled format (NVFP4) uses for ``x`` blocked along its
+    last dim, computed exactly as ``quantize`` computes it: after the RHT, over finite blocks.
+    Sharded operands all-reduce(max) this value and pass it back as ``tensor_amax``."""
+    fmt = make_format(fmt, **fmt_options)
+    xm = x.detach().contiguous()
+    rot = rht.matrix(x.device) if rht is not None else None
+    return _finite_amax(_block_amax(_blocked(_rotate(xm, rot), fmt), fmt))
+
+
 def _blocks_core(xm, fmt: FP4Format, rounding: str, rot, sr_key, sr_index, tensor_amax, dequantize: bool):
     """Pure tensor math shared by every path (and compiled whole by the fused backend).
 
@@ -104,12 +128,11 @@ def _blocks_core(xm, fmt: FP4Format, rounding: str, rot, sr_key, sr_index, tenso
     Returns (grid values or dequantized values, blocked; stored scales; fp32 decode
     multipliers; tensor scale; whether every block was finite).
     """
-    xr = (xm.reshape(-1, rot.shape[0]).float() @ rot).reshape(xm.shape) if rot is not None else xm.float()
-    xb = _blocked(xr, fmt)
-    amax = xb.abs().amax(dim=(1, 3) if fmt.block_2d else (-1,), keepdim=True)
+    xb = _blocked(_rotate(xm, rot), fmt)
+    amax = _block_amax(xb, fmt)
     finite = torch.isfinite(amax)
-    if fmt.scale == "e4m3" and tensor_amax is None:  # over finite blocks: one NaN must not poison the rest
-        tensor_amax = torch.where(finite, amax, 0.0).amax()
+    if fmt.scale == "e4m3" and tensor_amax is None:
+        tensor_amax = _finite_amax(amax)
     stored, dec, enc, tscale = block_scales(amax, fmt, tensor_amax)
     u = None
     if rounding == "sr":
@@ -125,21 +148,25 @@ def _blocks_core(xm, fmt: FP4Format, rounding: str, rot, sr_key, sr_index, tenso
 _compiled_core = None
 
 
-def _core(fused: bool):
+def _dynamo_limits():
+    """One graph per (format, rounding, RHT, 2D, dequantize) a model uses: allow them all, or
+    dynamo silently falls back to eager after its default of 8.  Scoped to our own calls
+    (``config.patch``), so the rest of the process keeps its own settings."""
+    cfg = torch._dynamo.config
+    knobs = {k: max(getattr(cfg, k), 64) for k in ("recompile_limit", "cache_size_limit") if hasattr(cfg, k)}
+    return cfg.patch(**knobs)
+
+
+def _run_core(fused: bool, *args):
     """The eager core, or the same function through torch.compile: one fused C++/Triton
     kernel per (format, rounding, RHT) instead of ~10 memory passes; bitwise identical."""
     global _compiled_core
     if not fused:
-        return _blocks_core
+        return _blocks_core(*args)
     if _compiled_core is None:
-        # one graph per (format, rounding, RHT, 2D, dequantize) a model uses: allow them all,
-        # or dynamo silently falls back to eager after its default of 8
-        cfg = torch._dynamo.config
-        for knob in ("recompile_limit", "cache_size_limit"):
-            if hasattr(cfg, knob):
-                setattr(cfg, knob, max(getattr(cfg, knob), 64))
         _compiled_core = torch.compile(_blocks_core, dynamic=True)
-    return _compiled_core
+    with _dynamo_limits():
+        return _compiled_core(*args)
 
 
 def _quantize_values(x, fmt, axis, rounding, rht, generator, tensor_amax, nonfinite, dequantize=False, fused=False,
@@ -149,8 +176,8 @@ def _quantize_values(x, fmt, axis, rounding, rht, generator, tensor_amax, nonfin
     if rounding == "sr":
         key = torch.tensor(draw_key(generator) if sr_key is None else sr_key, dtype=torch.int64, device=x.device)
     rot = rht.matrix(x.device) if rht is not None else None
-    q, stored, dec, tscale, all_finite = _core(fused)(moved, fmt, rounding, rot, key, sr_index, tensor_amax,
-                                                      dequantize)
+    q, stored, dec, tscale, all_finite = _run_core(fused, moved, fmt, rounding, rot, key, sr_index, tensor_amax,
+                                                   dequantize)
     if nonfinite == "raise" and not bool(all_finite):
         raise ValueError(f"{fmt.name}: tensor of shape {tuple(x.shape)} contains NaN or Inf; refusing to quantize")
     return q, stored, dec, tscale, moved.shape

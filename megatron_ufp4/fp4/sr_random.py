@@ -49,24 +49,6 @@ def _mix31_int(x: int) -> int:
     return x ^ (x >> 16)
 
 
-# -- where in training we are: SR keys derived from it are the same under any parallel layout --
-_POSITION: tuple[int, int] | None = None
-
-
-def set_sr_position(step: int | None, micro_batch: int = 0) -> None:
-    """Training loops call this before each micro-batch's forward (``micro_batch`` counted
-    over the whole global batch, across data-parallel ranks).  Quantized linears then derive
-    SR keys from (module seed, step, micro-batch, GEMM, operand) instead of drawing them
-    from their generator, so every layout, schedule and resume draws identical noise.
-    ``None`` goes back to generator draws (standalone use, evaluation)."""
-    global _POSITION
-    _POSITION = None if step is None else (int(step), int(micro_batch))
-
-
-def sr_position() -> tuple[int, int] | None:
-    return _POSITION
-
-
 def _mix31(x: torch.Tensor) -> torch.Tensor:
     x = x ^ (x >> 16)
     x = (x * 0x2C1B3C6D) & _M31
@@ -91,14 +73,15 @@ def element_index(shape, index: SRIndex | None, device) -> torch.Tensor:
 def uniform_from_index(idx: torch.Tensor, key, wide: bool = True) -> torch.Tensor:
     """Uniform [0, 1) float32 with 24 random bits per element, a pure function of (idx, key).
 
-    ``wide=False`` promises every index is below 2^31 (true for any tensor smaller than
-    2 G elements at zero offset) and skips mixing in the high bits.
+    An index >= 2^31 mixes its high bits in with a second round; an index below 2^31 gets
+    the one-round value whatever else is in the tensor, so a shard draws what the unsplit
+    tensor draws at the same global index even when only the unsplit tensor reaches 2^31.
+    ``wide=False`` promises every index is below 2^31 and skips the high-bit check.
     """
-    if not wide:
-        x = _mix31(idx ^ key)
-    else:
-        x = _mix31((idx & _M31) ^ key)
-        x = _mix31(x ^ (((idx >> 31) * 0x3C6EF35F + key) & _M31))
+    x = _mix31((idx & _M31) ^ key)
+    if wide:
+        hi = idx >> 31
+        x = torch.where(hi == 0, x, _mix31(x ^ ((hi * 0x3C6EF35F + key) & _M31)))
     return (x >> 7).to(torch.float32).mul_(2.0 ** -24)
 
 

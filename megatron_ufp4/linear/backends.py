@@ -1,34 +1,68 @@
-"""Pluggable FP4 GEMM backends.
+"""Pluggable FP4 GEMM backends and the narrow contract they implement.
 
-Every backend computes one thing: ``A @ B^T`` with A (M, K) and B (N, K) each quantized
-in blocks along K as a ``GemmQuant`` says, accumulating in FP32.  The quantized linear
-expresses its three GEMMs in that form, so a backend never needs to know which one it
-runs.  Backends register by name; ``get_backend`` fails loudly on unknown or
-unavailable ones instead of silently running something else.
+A backend computes ``A @ B^T`` in FP32 for two ``Operand``s, each a 2-D tensor blocked
+along its last dim (K) plus everything needed to quantize it without looking anywhere
+else: its ``OperandQuant`` (format, block, rounding), the RHT or None, its SR key and the
+global offset of its elements (``SRIndex``: a tensor-parallel shard draws the unsplit
+tensor's noise), and, for two-level-scaled formats (NVFP4), its tensor amax.  Keys, amaxes
+and padding are decided by the caller (``linear/gemm.py``), once, for single-process and
+parallel layers alike; a backend never draws randomness or talks to other ranks.
+
+The contract is two steps, so a faster backend can replace either:
+
+    quantize(operand) -> GEMM-ready tensor (the emulated backend: dequantized fp32 values)
+    matmul(qa, qb)    -> qa @ qb^T in FP32
+    gemm(a, b)        =  matmul(quantize(a), quantize(b))
+
+Backends register by name; ``get_backend`` fails loudly on unknown or unavailable ones
+instead of silently running something else.
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
 
 from ..fp4.hadamard import RHT
 from ..fp4.quantize import fake_quantize
-from ..fp4.recipes import GemmQuant, OperandQuant
+from ..fp4.recipes import OperandQuant
 from ..fp4.sr_random import SRIndex
+
+
+@dataclass(frozen=True)
+class Operand:
+    """One quantized GEMM operand: ``tensor`` (rows, K) blocked along K."""
+    tensor: torch.Tensor
+    quant: OperandQuant
+    rht: RHT | None = None
+    sr_key: int | None = None  # required when quant.rounding == "sr"
+    sr_index: SRIndex | None = None  # where these elements sit in the logical (unsharded) tensor
+    tensor_amax: torch.Tensor | None = None  # fp32 0-d; required for formats with a tensor scale
+
+    def part(self, rows: slice | None = None, cols: slice | None = None, sr_index: SRIndex | None = None) -> "Operand":
+        """A sub-block of this operand (same key and tensor amax) that sits at ``sr_index``."""
+        t = self.tensor
+        if rows is not None:
+            t = t[rows]
+        if cols is not None:
+            t = t[:, cols]
+        return dataclasses.replace(self, tensor=t, sr_index=sr_index)
 
 
 class GemmBackend(Protocol):
     name: str
 
-    def gemm(self, a: torch.Tensor, b: torch.Tensor, spec: GemmQuant, rht: RHT | None,
-             generator: torch.Generator | None, stats: dict | None = None,
-             amax_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-             sr_index: tuple[SRIndex | None, SRIndex | None] = (None, None),
-             sr_keys: tuple[int | None, int | None] = (None, None)) -> torch.Tensor:
-        """A @ B^T; amax_reduce: all-reduce(max) for NVFP4 tensor amaxes of sharded operands;
-        sr_index: where A and B sit in their logical (unsharded) tensors, for SR draws;
-        sr_keys: SR keys to use (None: draw one from ``generator``)."""
+    def quantize(self, op: Operand, stats: dict | None = None) -> torch.Tensor:
+        """The GEMM-ready form of ``op`` (``stats``: optional telemetry dict to fill)."""
+        ...
+
+    def matmul(self, qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:
+        """qa @ qb^T with FP32 accumulation and result."""
+        ...
+
+    def gemm(self, a: Operand, b: Operand, stats: dict | None = None) -> torch.Tensor:
         ...
 
 
@@ -52,16 +86,6 @@ def get_backend(name: str) -> GemmBackend:
     return _INSTANCES[name]
 
 
-def _pad_reduction(a: torch.Tensor, b: torch.Tensor, multiple: int):
-    """Zero-pad K (e.g. the token axis of Wgrad) up to a multiple; zeros add nothing to A @ B^T."""
-    k = a.shape[-1]
-    pad = (-k) % multiple
-    if pad:
-        a = torch.nn.functional.pad(a, (0, pad))
-        b = torch.nn.functional.pad(b, (0, pad))
-    return a, b
-
-
 class EmulatedBackend:
     """Pure-torch reference: quantize-dequantize both operands, multiply in FP32.
 
@@ -75,26 +99,22 @@ class EmulatedBackend:
         self.fused = fused
         self.name = "fused" if fused else "emulated"
 
-    def _operand(self, t, op: OperandQuant, rht, generator, stats, amax_reduce, sr_index, sr_key):
-        tensor_amax = None
-        if op.fmt.scale == "e4m3" and amax_reduce is not None:
-            src = rht.rotate(t) if rht is not None else t
-            tensor_amax = amax_reduce(src.abs().amax().float())
-        return fake_quantize(t, op.fmt, -1, op.rounding, rht, generator,
-                             tensor_amax=tensor_amax, nonfinite="propagate", stats=stats, fused=self.fused,
-                             sr_index=sr_index, sr_key=sr_key)
+    def quantize(self, op: Operand, stats: dict | None = None) -> torch.Tensor:
+        q = op.quant
+        if q.rounding == "sr" and op.sr_key is None:
+            raise ValueError("a stochastically rounded operand needs its SR key (Operand.sr_key)")
+        return fake_quantize(op.tensor, q.fmt, -1, q.rounding, op.rht, tensor_amax=op.tensor_amax,
+                             nonfinite="propagate", stats=stats, fused=self.fused, sr_index=op.sr_index,
+                             sr_key=op.sr_key)
 
-    def gemm(self, a, b, spec, rht, generator, stats=None, amax_reduce=None, sr_index=(None, None),
-             sr_keys=(None, None)):
-        rht = rht if spec.rht else None
-        multiple = max(spec.a.fmt.block, spec.b.fmt.block, rht.size if rht is not None else 1)
-        a, b = _pad_reduction(a, b, multiple)
+    def matmul(self, qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:
+        return qa @ qb.T
+
+    def gemm(self, a: Operand, b: Operand, stats: dict | None = None) -> torch.Tensor:
         sa = sb = None
         if stats is not None:
             sa, sb = stats.setdefault("a", {}), stats.setdefault("b", {})
-        qa = self._operand(a, spec.a, rht, generator, sa, amax_reduce, sr_index[0], sr_keys[0])
-        qb = self._operand(b, spec.b, rht, generator, sb, amax_reduce, sr_index[1], sr_keys[1])
-        return qa @ qb.T
+        return self.matmul(self.quantize(a, sa), self.quantize(b, sb))
 
 
 register_backend("emulated", EmulatedBackend)

@@ -1,10 +1,10 @@
 """GPT model (dense and MoE) whose attention / MLP / expert linears come from a factory."""
 from .config import PRESETS, ModelConfig, preset
-from .gpt import Block, GPTModel, ParamCount, count_params, num_params
+from .gpt import Block, GPTModel, ParamCount, count_params, lm_loss, num_params
 from .layers import Attention, RotaryEmbedding, SwiGLU, rms_norm
 from .linear_factory import LinearFactory, LinearFactoryProtocol, derive_sr_seed
-from .moe import AuxLossScaler, MoE, Router, set_aux_loss_scale
+from .moe import AuxLossScaler, MoE, Router
 
 __all__ = ["PRESETS", "ModelConfig", "preset", "Block", "GPTModel", "ParamCount", "count_params", "num_params",
            "Attention", "RotaryEmbedding", "SwiGLU", "rms_norm", "LinearFactory", "LinearFactoryProtocol",
-           "derive_sr_seed", "AuxLossScaler", "MoE", "Router", "set_aux_loss_scale"]
+           "derive_sr_seed", "AuxLossScaler", "MoE", "Router", "lm_loss"]

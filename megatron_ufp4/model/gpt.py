@@ -3,9 +3,11 @@
     model = GPTModel(config, LinearFactory("ufp4", config.num_layers))
     logits = model(tokens)                  # (B, T, vocab) float32; MoE aux losses ride on autograd
 
-Pipeline parallelism can split ``model.embed``, ``model.layers`` (an ``nn.ModuleList``
-whose blocks carry their global ``layer_index``), ``model.norm`` and ``model.head``;
-``forward`` skips any of embed / norm / head that a stage has set to ``None``.
+``model.layers`` is an ``nn.ModuleDict`` keyed by the global layer index, so a pipeline
+stage is this same class with the parts it does not hold removed (layers deleted, embed /
+norm / head set to ``None``; ``forward`` skips them) and keeps the full model's
+state-dict keys.  ``model.step_context`` (the factory's) is where the training loop says
+which (step, micro-batch) the next forward is and how aux losses are weighted.
 """
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ import math
 from typing import Callable, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..linear import StepContext
 from .config import ModelConfig
 from .layers import Attention, RotaryEmbedding, SwiGLU, rms_norm
 from .linear_factory import LinearFactory
@@ -24,14 +28,15 @@ from .moe import MoE
 class Block(nn.Module):
     """x + attn(norm(x)), then h + mlp(norm(h)); ``mlp`` is a SwiGLU or an MoE."""
 
-    def __init__(self, config: ModelConfig, linear_factory, layer_index: int, rope: RotaryEmbedding, device=None):
+    def __init__(self, config: ModelConfig, linear_factory, layer_index: int, rope: RotaryEmbedding,
+                 step_context: StepContext | None = None, device=None):
         super().__init__()
         self.layer_index = layer_index
         self.attn_norm = rms_norm(config, device)
         self.attn = Attention(config, linear_factory, layer_index, rope)
         self.mlp_norm = rms_norm(config, device)
         if config.is_moe_layer(layer_index):
-            self.mlp = MoE(config, linear_factory, layer_index, device=device)
+            self.mlp = MoE(config, linear_factory, layer_index, step_context, device=device)
         else:
             self.mlp = SwiGLU(config.hidden_size, config.ffn_hidden_size, linear_factory, layer_index, name="mlp",
                               bias=config.bias)
@@ -66,12 +71,13 @@ class GPTModel(nn.Module):
             raise ValueError(f"linear_factory.num_layers={n} but config.num_layers={config.num_layers}; the recipe's "
                              "high-precision first/last layers are placed using the factory's count")
         self.config = config
+        self.step_context = getattr(linear_factory, "step_context", None) or StepContext()
         embedding_factory = embedding_factory or (lambda n, d: nn.Embedding(n, d, device=device))
         head_factory = head_factory or (lambda i, o: nn.Linear(i, o, bias=False, device=device))
         self.embed = embedding_factory(config.vocab_size, config.hidden_size)
         self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta, device=device)
-        self.layers = nn.ModuleList(Block(config, linear_factory, i, self.rope, device=device)
-                                    for i in range(config.num_layers))
+        self.layers = nn.ModuleDict({str(i): Block(config, linear_factory, i, self.rope, self.step_context,
+                                                   device=device) for i in range(config.num_layers)})
         self.norm = rms_norm(config, device)
         self.head = head_factory(config.hidden_size, config.vocab_size)
         if config.tie_embeddings:
@@ -81,7 +87,7 @@ class GPTModel(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) int64 -> logits (B, T, vocab) float32."""
         h = self.embed(tokens) if self.embed is not None else tokens
-        for layer in self.layers:
+        for layer in self.layers.values():
             h = layer(h)
         if self.norm is not None:
             h = self.norm(h)
@@ -100,7 +106,7 @@ class GPTModel(nn.Module):
         out_std = std / math.sqrt(2 * self.config.num_layers)
         if self.embed is not None:
             nn.init.normal_(self.embed.weight, mean=0.0, std=std)
-        for layer in self.layers:
+        for layer in self.layers.values():
             layer.init_weights(std, out_std)
         if self.norm is not None:
             self.norm.reset_parameters()
@@ -132,6 +138,11 @@ class GPTModel(nn.Module):
         """Forget loads accumulated by a step that is being skipped (non-finite loss)."""
         for m in self.moe_layers():
             m.load_accum.zero_()
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy of one micro-batch, in FP32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
 
 # -- parameter counts ------------------------------------------------------------------------

@@ -2,14 +2,19 @@
 
 Model code never constructs those linears itself; it calls a factory
 
-    factory(in_features, out_features, *, kind, layer_index, name, bias=False) -> nn.Module
+    factory(in_features, out_features, *, kind, layer_index, name, bias=False, parts=1, in_moe=False)
+
+and reads its ``step_context`` (shared by every layer it builds, see linear/step_context.py).
 
 ``kind`` is "column" (the output dimension may be split: fused qkv, fused gate+up) or
 "row" (the input dimension may be split: attention output, MLP/expert down).  The
 single-process ``LinearFactory`` ignores it; a tensor-parallel factory returns
 Megatron-style column/row-parallel layers from the same call sites.  ``name`` is the
 module's path inside its transformer block (e.g. "attn.qkv", "mlp.experts.7.down"), so
-``f"layers.{layer_index}.{name}"`` is its state-dict prefix.
+``f"layers.{layer_index}.{name}"`` is its state-dict prefix (used in messages only).  The
+rest is explicit metadata a parallel factory needs: ``parts`` > 1 for a column linear whose
+output is that many fused equal parts (SwiGLU's [gate; up]: each part is sharded on its
+own), ``in_moe`` for the linears of an MoE layer (their tokens are flattened and routed).
 """
 from __future__ import annotations
 
@@ -19,14 +24,16 @@ from typing import Protocol
 from torch import nn
 
 from ..fp4.recipes import Recipe
-from ..linear import QuantizedLinear
+from ..linear import QuantizedLinear, StepContext
 
 KINDS = ("column", "row")
 
 
 class LinearFactoryProtocol(Protocol):
+    step_context: StepContext
+
     def __call__(self, in_features: int, out_features: int, *, kind: str, layer_index: int, name: str,
-                 bias: bool = False) -> nn.Module:
+                 bias: bool = False, parts: int = 1, in_moe: bool = False) -> nn.Module:
         ...
 
 
@@ -46,10 +53,12 @@ class LinearFactory:
 
     num_layers must be the model's layer count: the recipe's bf16_first / bf16_last
     fractions are resolved against it.  ``seed`` is the base of every module's SR seed.
+    ``step_context``: the model's (a new one by default).
     """
 
     def __init__(self, recipe: Recipe | dict | str | None, num_layers: int, *,
-                 backend: str = "emulated", seed: int = 0, collect_stats: bool = False, device=None, dtype=None):
+                 backend: str = "emulated", seed: int = 0, collect_stats: bool = False,
+                 step_context: StepContext | None = None, device=None, dtype=None):
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"LinearFactory.num_layers must be the model's positive layer count (got {num_layers!r})")
         self.recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_dict(recipe)
@@ -57,19 +66,20 @@ class LinearFactory:
         self.backend = backend
         self.seed = int(seed)
         self.collect_stats = collect_stats
+        self.step_context = step_context if step_context is not None else StepContext()
         self.device, self.dtype = device, dtype
 
     def sr_seed(self, layer_index: int, name: str) -> int:
         return derive_sr_seed(self.seed, layer_index, name)
 
     def __call__(self, in_features: int, out_features: int, *, kind: str, layer_index: int, name: str,
-                 bias: bool = False) -> nn.Module:
+                 bias: bool = False, parts: int = 1, in_moe: bool = False) -> nn.Module:
         if kind not in KINDS:
             raise ValueError(f"linear {name!r}: kind must be one of {KINDS} (got {kind!r})")
         return QuantizedLinear(in_features, out_features, bias, self.recipe, layer_index=layer_index,
                                num_layers=self.num_layers, sr_seed=self.sr_seed(layer_index, name),
                                backend=self.backend, collect_stats=self.collect_stats,
-                               device=self.device, dtype=self.dtype)
+                               step_context=self.step_context, device=self.device, dtype=self.dtype)
 
     def __repr__(self) -> str:
         return (f"LinearFactory(recipe={self.recipe.name}, num_layers={self.num_layers}, backend={self.backend}, "

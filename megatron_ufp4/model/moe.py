@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..linear import StepContext
 from .config import ModelConfig
 from .layers import SwiGLU
 
@@ -42,27 +43,22 @@ from .layers import SwiGLU
 class AuxLossScaler(torch.autograd.Function):
     """Identity on ``output``; in backward the ``aux_loss`` receives gradient ``scale``.
 
-    ``scale`` is read when the forward runs: a training loop that divides the LM loss by
-    the number of micro-batches (or multiplies it by a loss scale) sets the same factor
-    with ``set_aux_loss_scale`` so both losses reach the gradient with the same weight.
+    ``scale`` is the model's ``StepContext.aux_loss_scale`` when the forward runs: a
+    training loop that divides the LM loss by the number of micro-batches (or multiplies
+    it by a loss scale) sets the same factor so both losses reach the gradient with the
+    same weight (Megatron's MoEAuxLossAutoScaler, without its process-wide scale).
     """
-    scale: float = 1.0
 
     @staticmethod
-    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(aux_loss)
-        ctx.scale = AuxLossScaler.scale
+        ctx.scale = float(scale)
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
         (aux_loss,) = ctx.saved_tensors
-        return grad_output, torch.full_like(aux_loss, ctx.scale)
-
-
-def set_aux_loss_scale(scale: float) -> None:
-    """Weight of every MoE aux loss in backward (default 1; e.g. 1 / num_microbatches)."""
-    AuxLossScaler.scale = float(scale)
+        return grad_output, torch.full_like(aux_loss, ctx.scale), None
 
 
 class Router(nn.Module):
@@ -131,8 +127,10 @@ class MoE(nn.Module):
     ``last_aux_loss`` (detached) are kept on the module for logging.
     """
 
-    def __init__(self, config: ModelConfig, linear_factory, layer_index: int, device=None):
+    def __init__(self, config: ModelConfig, linear_factory, layer_index: int, step_context: StepContext | None = None,
+                 device=None):
         super().__init__()
+        self.step_context = step_context if step_context is not None else StepContext()
         h, f = config.hidden_size, config.expert_ffn_hidden_size
         self.layer_index = layer_index
         self.num_experts, self.top_k = config.num_experts, config.moe_top_k
@@ -141,10 +139,11 @@ class MoE(nn.Module):
         self.router = Router(h, config.num_experts, config.moe_top_k, score=config.router_score,
                              norm_topk=config.router_norm_topk, device=device)
         self.experts = nn.ModuleList(SwiGLU(h, f, linear_factory, layer_index, name=f"mlp.experts.{e}",
-                                            bias=config.bias) for e in range(config.num_experts))
+                                            bias=config.bias, expert=e, in_moe=True)
+                                     for e in range(config.num_experts))
         # the shared experts run on every token; n of them equal one SwiGLU of width n * f
         self.shared = (SwiGLU(h, config.num_shared_experts * f, linear_factory, layer_index, name="mlp.shared",
-                              bias=config.bias) if config.num_shared_experts else None)
+                              bias=config.bias, in_moe=True) if config.num_shared_experts else None)
         self.register_buffer("load_accum", torch.zeros(config.num_experts, dtype=torch.long, device=device),
                              persistent=False)
         self.last_load: torch.Tensor | None = None
@@ -166,7 +165,7 @@ class MoE(nn.Module):
             out = out + self.shared(x2)
         out = out.to(x.dtype).view(x.shape)
         if self.aux_loss_coeff > 0 and aux.requires_grad and out.requires_grad:
-            out = AuxLossScaler.apply(out, aux)
+            out = AuxLossScaler.apply(out, aux, self.step_context.aux_loss_scale)
         return out
 
     def balance_load(self, load: torch.Tensor) -> torch.Tensor:
@@ -248,4 +247,4 @@ class MoE(nn.Module):
         return sum(p.numel() for p in next(iter(self.experts)).parameters())
 
 
-__all__ = ["AuxLossScaler", "LocalDispatcher", "MoE", "Router", "combine", "set_aux_loss_scale"]
+__all__ = ["AuxLossScaler", "LocalDispatcher", "MoE", "Router", "combine"]

@@ -16,7 +16,7 @@ sums, so they commute, but ``finish_grad_sync`` overwrites ``p.grad``).
 Two kinds of parameters, each bucketed and reduced over its own group:
 
 * dense (everything but routed experts): replicated over the data-parallel group "dp";
-* routed experts (names ``...experts.{e}...``, see ``is_expert_param``): sharded over EP,
+* routed experts (under a module whose ``expert_index`` is set, see ``expert_param_names``): sharded over EP,
   replicated over the expert-data-parallel group "edp" (dp_rank // EP).
 
 Scaling (Megatron DDP's): every gradient is multiplied by 1 / DP (the *full* data-parallel
@@ -42,34 +42,39 @@ parameter; a parameter that has no gradient on *any* rank of its group keeps
 from __future__ import annotations
 
 import contextlib
-import re
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DataParallel", "is_expert_param", "named_parameters", "param_kind", "replica_group"]
+__all__ = ["DataParallel", "expert_param_names", "named_parameters", "param_kind", "replica_group"]
 
-_EXPERT = re.compile(r"(^|\.)experts\.\d+\.")
-
-
-def is_expert_param(name: str) -> bool:
-    """True for routed-expert parameters (``...mlp.experts.{e}.gate_up.weight``); shared
-    experts (``mlp.shared``) and the router are dense."""
-    return bool(_EXPERT.search(name))
+def _modules(model) -> list[nn.Module]:
+    return list(model) if isinstance(model, (list, tuple)) else [model]
 
 
-def param_kind(name: str) -> str:
+def expert_param_names(model) -> set[str]:
+    """Names of the routed-expert parameters of a model or of pipeline chunks: everything
+    under a module whose ``expert_index`` metadata is set (``SwiGLU(expert=e)``).  Shared
+    experts and routers are dense."""
+    out = set()
+    for m in _modules(model):
+        for prefix, sub in m.named_modules():
+            if getattr(sub, "expert_index", None) is not None:
+                out.update(f"{prefix}.{n}" if prefix else n for n, _ in sub.named_parameters())
+    return out
+
+
+def param_kind(name: str, experts: set[str]) -> str:
     """"edp" for routed experts (replicated over the expert-data-parallel group), else "dp"."""
-    return "edp" if is_expert_param(name) else "dp"
+    return "edp" if name in experts else "dp"
 
 
 def named_parameters(model) -> list[tuple[str, nn.Parameter]]:
     """Trainable (fqn, param) of a model or of a list of pipeline chunks (whose names are
     global), each parameter once."""
-    mods = list(model) if isinstance(model, (list, tuple)) else [model]
     out, seen = [], set()
-    for m in mods:
+    for m in _modules(model):
         for n, p in m.named_parameters():
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
@@ -126,9 +131,10 @@ class DataParallel:
         self.dp_size = pstate.dp
         self._sync = True
         named = named_parameters(model)
+        self.experts = expert_param_names(model)
         self.buckets: dict[str, list[_Bucket]] = {"dp": [], "edp": []}
         for kind in ("dp", "edp"):
-            group = [(n, p) for n, p in reversed(named) if param_kind(n) == kind]
+            group = [(n, p) for n, p in reversed(named) if param_kind(n, self.experts) == kind]
             cur, cur_numel = [], 0
             for n, p in group:
                 if cur and (cur_numel + p.numel() > self.bucket_numel or p.dtype != cur[0][1].dtype):
@@ -228,19 +234,13 @@ class DataParallel:
     def broadcast_params(self) -> None:
         """Copy dp-rank-0's dense parameters and persistent buffers over "dp", and
         edp-rank-0's expert parameters over "edp" (run once after building the model)."""
-        mods = list(self.model) if isinstance(self.model, (list, tuple)) else [self.model]
-        for m in mods:
+        for m in _modules(self.model):
             named = list(m.named_parameters()) + [(n, b) for n, b in m.named_buffers() if _persistent(m, n)]
             for name, t in named:
-                kind = param_kind(name)
+                kind = param_kind(name, self.experts)
                 group, size, _ = replica_group(self.pstate, kind)
                 if size > 1:
                     dist.broadcast(t.data, src=self.pstate.ranks[kind][0], group=group)
-
-    def remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
 
     def __repr__(self) -> str:
         return (f"DataParallel(dp={self.pstate.dp}, ep={self.pstate.ep}, buckets: "

@@ -57,6 +57,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..linear import linear_dtypes
 from ..model.moe import LocalDispatcher, MoE, combine
 
 __all__ = ["AllGatherDispatcher", "AllToAllDispatcher", "ExpertShard", "all_to_all", "build_expert_parallel_model",
@@ -157,9 +158,8 @@ class _ReduceScatterRows(torch.autograd.Function):
 
 
 def _expert_out_dtype(x: torch.Tensor) -> torch.dtype:
-    """dtype an expert returns for input x (what QuantizedLinear / F.linear give under autocast)."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    """dtype an expert returns for input x (the linears' one dtype rule)."""
+    return linear_dtypes(x, x, quantized=True)[0]
 
 
 # -- dispatchers --------------------------------------------------------------------------------

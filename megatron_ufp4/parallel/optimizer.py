@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .data_parallel import named_parameters, param_kind, replica_group
+from .data_parallel import expert_param_names, named_parameters, param_kind, replica_group
 
 __all__ = ["DistributedOptimizer", "global_grad_norm", "greedy_partition", "merge_state_dicts", "named_parameters",
            "replica_counts", "torch_adamw_state_to_fqn"]
@@ -76,20 +76,19 @@ def _tp_counts(p: torch.Tensor, pstate) -> bool:
     return pstate.tp_rank == 0 or getattr(p, "tensor_parallel", False)
 
 
-def replica_counts(pstate) -> Callable[[str, torch.Tensor], bool]:
-    """Norm-counting rule without ZeRO: dp_rank 0 (dense) / edp_rank 0 (experts) counts."""
+def replica_counts(pstate, experts: set[str]) -> Callable[[str, torch.Tensor], bool]:
+    """Norm-counting rule without ZeRO: dp_rank 0 (dense) / edp_rank 0 (experts) counts.
+    ``experts``: the routed-expert parameter names (``expert_param_names``)."""
     def counts(name: str, p: torch.Tensor) -> bool:
-        first = (pstate.edp_rank if param_kind(name) == "edp" else pstate.dp_rank) == 0
+        first = (pstate.edp_rank if param_kind(name, experts) == "edp" else pstate.dp_rank) == 0
         return first and _tp_counts(p, pstate)
     return counts
 
 
-def global_grad_norm(named: Iterable[tuple[str, torch.Tensor]], pstate,
-                     counts: Callable[[str, torch.Tensor], bool] | None = None,
+def global_grad_norm(named: Iterable[tuple[str, torch.Tensor]], pstate, counts: Callable[[str, torch.Tensor], bool],
                      norm_params: Iterable[torch.Tensor] | None = None) -> torch.Tensor:
     """L2 norm of all gradients of the parallel model, the same on every rank (see module
-    doc).  ``counts(name, p)``: whether this rank counts ``p`` (default ``replica_counts``)."""
-    counts = counts or replica_counts(pstate)
+    doc).  ``counts(name, p)``: whether this rank counts ``p`` (e.g. ``replica_counts``)."""
     allowed = None if norm_params is None else {id(p) for p in norm_params}
     named = list(named)
     grads = [p.grad for n, p in named if p.grad is not None and counts(n, p) and (allowed is None or id(p) in allowed)]
@@ -133,11 +132,12 @@ class DistributedOptimizer:
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, fused: bool | None = None):
         self.pstate = pstate
         self.named = named_parameters(model)
+        experts = expert_param_names(model)
         self.hparams = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
         self.owner: dict[str, int] = {}  # fqn -> global rank of the owner
         self.owned_by: dict[str, dict[int, list[tuple[str, nn.Parameter]]]] = {}  # kind -> group rank -> params
         for kind in ("dp", "edp"):
-            params = [(n, p) for n, p in self.named if param_kind(n) == kind]
+            params = [(n, p) for n, p in self.named if param_kind(n, experts) == kind]
             _, size, _ = replica_group(pstate, kind)
             owners = greedy_partition([p.numel() for _, p in params], size)
             ranks = pstate.ranks.get(kind, [pstate.rank]) if size > 1 else [pstate.rank]

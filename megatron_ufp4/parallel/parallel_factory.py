@@ -30,39 +30,35 @@ from ..model.gpt import GPTModel
 from ..model.linear_factory import KINDS, LinearFactory
 from .mappings import all_reduce
 from .state import ParallelState
-from .tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMHead
-
-
-def partition_stride_for(name: str) -> int:
-    """The fused SwiGLU ``gate_up`` ([gate; up] rows) shards as [gate shard; up shard]."""
-    return 2 if name.split(".")[-1] == "gate_up" else 1
+from .tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from .vocab_parallel import VocabParallelEmbedding, VocabParallelLMHead
 
 
 class ParallelLinearFactory(LinearFactory):
     """``LinearFactory`` whose "column" / "row" linears are split over ``state``'s TP group."""
 
     def __init__(self, recipe, num_layers: int, state: ParallelState, backend: str = "emulated", seed: int = 0, *,
-                 collect_stats: bool = False, device=None, dtype=None):
-        super().__init__(recipe, num_layers, backend=backend, seed=seed, collect_stats=collect_stats, device=device,
-                         dtype=dtype)
+                 collect_stats: bool = False, step_context=None, device=None, dtype=None):
+        super().__init__(recipe, num_layers, backend=backend, seed=seed, collect_stats=collect_stats,
+                         step_context=step_context, device=device, dtype=dtype)
         if not isinstance(state, ParallelState):
             raise ValueError(f"ParallelLinearFactory needs a ParallelState (got {type(state).__name__})")
         self.state = state
 
     def __call__(self, in_features: int, out_features: int, *, kind: str, layer_index: int, name: str,
-                 bias: bool = False) -> nn.Module:
+                 bias: bool = False, parts: int = 1, in_moe: bool = False) -> nn.Module:
         if kind not in KINDS:
             raise ValueError(f"linear {name!r}: kind must be one of {KINDS} (got {kind!r})")
         full_name = f"layers.{layer_index}.{name}"
-        if self.state.sequence_parallel and self.state.tp > 1 and name.startswith(("mlp.experts.", "mlp.shared.")):
+        if self.state.sequence_parallel and self.state.tp > 1 and in_moe:
             raise ValueError(f"{full_name}: sequence parallelism does not support MoE layers (their tokens are "
                              "flattened); set parallel.sequence_parallel=false")
         common = dict(recipe=self.recipe, state=self.state, layer_index=layer_index, num_layers=self.num_layers,
                       sr_seed=self.sr_seed(layer_index, name), backend=self.backend, name=full_name,
-                      collect_stats=self.collect_stats, device=self.device, dtype=self.dtype)
+                      collect_stats=self.collect_stats, step_context=self.step_context, device=self.device,
+                      dtype=self.dtype)
         if kind == "column":
-            return ColumnParallelLinear(in_features, out_features, bias, partition_stride=partition_stride_for(name),
-                                        **common)
+            return ColumnParallelLinear(in_features, out_features, bias, partition_stride=parts, **common)
         return RowParallelLinear(in_features, out_features, bias, **common)
 
     def embedding(self, num_embeddings: int, embedding_dim: int) -> nn.Module:
@@ -79,7 +75,7 @@ class ParallelLinearFactory(LinearFactory):
     def single_process_factory(self) -> LinearFactory:
         """The ``LinearFactory`` of the equivalent single-process model (same recipe, seeds)."""
         return LinearFactory(self.recipe, self.num_layers, backend=self.backend, seed=self.seed,
-                             collect_stats=self.collect_stats)
+                             collect_stats=self.collect_stats)  # its own StepContext: a separate model
 
     def __repr__(self) -> str:
         st = self.state
@@ -209,6 +205,6 @@ def gather_state_dict(model: nn.Module, state: ParallelState) -> dict:
     return out
 
 
-__all__ = ["ParallelLinearFactory", "partition_stride_for", "build_tensor_parallel_gpt",
+__all__ = ["ParallelLinearFactory", "build_tensor_parallel_gpt",
            "mark_sequence_parallel_params", "sync_sequence_parallel_grads", "tp_grad_sq_norm", "shard_state_dict",
            "gather_state_dict", "shard_tensor", "unshard_tensor"]

@@ -31,9 +31,11 @@ from ..parallel.data_parallel import DataParallel
 from ..parallel.expert import build_expert_parallel_model, reduced_moe_stats, update_expert_bias
 from ..parallel.optimizer import DistributedOptimizer
 from ..parallel.parallel_factory import ParallelLinearFactory, build_tensor_parallel_gpt, sync_sequence_parallel_grads
-from ..parallel.pipeline import PipelineRunner, build_stage_modules, lm_loss, unique_parameters
+from ..model.gpt import lm_loss
+from ..parallel.pipeline import build_stage_modules, unique_parameters
+from ..parallel.pipeline_schedule import PipelineRunner
 from ..parallel.state import build_parallel_state, init_distributed
-from ..parallel.tensor_parallel import vocab_parallel_cross_entropy
+from ..parallel.vocab_parallel import vocab_parallel_cross_entropy
 from . import dist_checkpoint as dcpk
 from .checkpoint import CheckpointError, checkpoint_to_resume, config_differences, latest_checkpoint
 from .loop import TrainingLoop, flops_per_token

@@ -13,13 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..config import RunConfig, dump_config
 from ..data.gpt_dataset import GPTDataset
-from ..fp4.sr_random import set_sr_position
 from ..data.indexed_dataset import IndexedDataset
-from ..model import GPTModel, LinearFactory, set_aux_loss_scale
+from ..model import GPTModel, LinearFactory, lm_loss
 from .checkpoint import (CheckpointError, capture_rng, checkpoint_to_resume, config_differences, load_checkpoint,
                          restore_rng, save_checkpoint)
 from .loop import TrainingAborted, TrainingLoop, flops_per_token  # noqa: F401 (re-exported)
@@ -74,10 +72,6 @@ def make_batch(ds: GPTDataset, indices, device) -> tuple[torch.Tensor, torch.Ten
     return tokens, labels
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-
-
 @torch.no_grad()
 def evaluate_loss(model, ds: GPTDataset, batch_size: int, iters: int, autocast) -> float:
     """Mean next-token loss over the first ``iters`` micro-batches of ``ds``."""
@@ -117,7 +111,7 @@ class Trainer(TrainingLoop):
         self.optimizer = build_optimizer(self.model, cfg.optimizer.lr, cfg.optimizer.weight_decay,
                                          (cfg.optimizer.beta1, cfg.optimizer.beta2), cfg.optimizer.eps)
         self.accum = t.global_batch_size // t.micro_batch_size
-        set_aux_loss_scale(1.0 / self.accum)  # the LM loss is averaged over micro-batches; so are aux losses
+        self.model.step_context.aux_loss_scale = 1.0 / self.accum  # the LM loss is averaged over micro-batches
         self._build_data()
         self.step = 0  # optimizer iterations done (skipped non-finite steps included)
         self.skipped_total = 0
@@ -153,13 +147,13 @@ class Trainer(TrainingLoop):
         for m in range(self.accum):
             idx = range(start + m * t.micro_batch_size, start + (m + 1) * t.micro_batch_size)
             tokens, labels = make_batch(self.train_ds, idx, self.device)
-            set_sr_position(self.step, m)  # SR keys from (step, micro-batch): layout-independent
+            self.model.step_context.at(self.step, m)  # SR keys from (step, micro-batch): layout-independent
             with self.autocast:
                 logits = self.model(tokens)
             loss = self.loss_fn(logits, labels) / self.accum
             loss.backward()
             loss_sum += loss.detach()
-        set_sr_position(None)
+        self.model.step_context.at(None)
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = clip_grad_norm(params, o.grad_clip)
         finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm))
