@@ -7,6 +7,7 @@ import torch
 
 from megatron_ufp4.linear import QuantizedLinear
 from megatron_ufp4.model import GPTModel, LinearFactory, ModelConfig, MoE, Router
+from megatron_ufp4.model.init import KeyedInit
 
 
 def moe_cfg(**kw) -> ModelConfig:
@@ -19,7 +20,7 @@ def make_moe(recipe="bf16", dtype=torch.float64, seed=0, **kw) -> MoE:
     cfg = moe_cfg(**kw)
     torch.manual_seed(seed)
     moe = MoE(cfg, LinearFactory(recipe, cfg.num_layers), layer_index=1)
-    moe.init_weights(0.2, 0.2)  # large enough that routing and outputs are far from ties
+    moe.init_weights(KeyedInit(moe, seed), 0.2, 0.2)  # large enough that routing and outputs are far from ties
     return moe.to(dtype)
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..linear import StepContext
 from .config import ModelConfig
+from .init import KeyedInit
 from .layers import Attention, RotaryEmbedding, SwiGLU, rms_norm
 from .linear_factory import LinearFactory
 from .moe import MoE
@@ -46,11 +47,11 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
     @torch.no_grad()
-    def init_weights(self, std: float, out_std: float) -> None:
+    def init_weights(self, init: KeyedInit, std: float, out_std: float) -> None:
         self.attn_norm.reset_parameters()
         self.mlp_norm.reset_parameters()
-        self.attn.init_weights(std, out_std)
-        self.mlp.init_weights(std, out_std)
+        self.attn.init_weights(init, std, out_std)
+        self.mlp.init_weights(init, std, out_std)
 
 
 class GPTModel(nn.Module):
@@ -58,11 +59,15 @@ class GPTModel(nn.Module):
     attention / MLP / expert linear (default: high-precision ``LinearFactory("bf16")``);
     ``embedding_factory(vocab, hidden)`` / ``head_factory(hidden, vocab)`` make the embedding and
     the output head (default: ``nn.Embedding`` / bias-free ``nn.Linear``; tensor parallelism
-    passes vocabulary-parallel ones, see parallel/parallel_factory.py)."""
+    passes vocabulary-parallel ones, see parallel/parallel_factory.py).  ``init_seed``: the
+    seed of the layout-independent initialisation (model/init.py); None draws one from
+    torch's global generator (the only draw building a model makes from it), so
+    ``torch.manual_seed`` still decides it."""
 
     def __init__(self, config: ModelConfig, linear_factory=None, *, embedding_factory=None, head_factory=None,
-                 device=None):
+                 init_seed: int | None = None, device=None):
         super().__init__()
+        self.init_seed = int(torch.randint(0, 2 ** 62, (1,), device="cpu")) if init_seed is None else int(init_seed)
         config.validate()
         if linear_factory is None:
             linear_factory = LinearFactory("bf16", config.num_layers, device=device)
@@ -72,16 +77,19 @@ class GPTModel(nn.Module):
                              "high-precision first/last layers are placed using the factory's count")
         self.config = config
         self.step_context = getattr(linear_factory, "step_context", None) or StepContext()
-        embedding_factory = embedding_factory or (lambda n, d: nn.Embedding(n, d, device=device))
-        head_factory = head_factory or (lambda i, o: nn.Linear(i, o, bias=False, device=device))
-        self.embed = embedding_factory(config.vocab_size, config.hidden_size)
-        self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta, device=device)
-        self.layers = nn.ModuleDict({str(i): Block(config, linear_factory, i, self.rope, self.step_context,
-                                                   device=device) for i in range(config.num_layers)})
-        self.norm = rms_norm(config, device)
-        self.head = head_factory(config.hidden_size, config.vocab_size)
-        if config.tie_embeddings:
-            self.head.weight = self.embed.weight
+        # submodule constructors draw their own default inits (overwritten below): keep them off
+        # the global generator, so building any layout advances it the same (by the seed draw)
+        with torch.random.fork_rng(devices=[]):
+            embedding_factory = embedding_factory or (lambda n, d: nn.Embedding(n, d, device=device))
+            head_factory = head_factory or (lambda i, o: nn.Linear(i, o, bias=False, device=device))
+            self.embed = embedding_factory(config.vocab_size, config.hidden_size)
+            self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta, device=device)
+            self.layers = nn.ModuleDict({str(i): Block(config, linear_factory, i, self.rope, self.step_context,
+                                                       device=device) for i in range(config.num_layers)})
+            self.norm = rms_norm(config, device)
+            self.head = head_factory(config.hidden_size, config.vocab_size)
+            if config.tie_embeddings:
+                self.head.weight = self.embed.weight
         self.init_weights()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -96,22 +104,28 @@ class GPTModel(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """N(0, init_std) weights, output projections (attention out, MLP / expert down)
-        with std / sqrt(2 * num_layers), zero biases, unit norms, zero expert biases;
-        deterministic given ``torch.manual_seed``.  Also recomputes the RoPE tables (call
-        after ``to_empty`` on a model built on the meta device)."""
+        with std / sqrt(2 * num_layers), zero biases, unit norms, zero expert biases.  Each
+        weight element is a function of (``init_seed``, global name, global index) only, so
+        a pipeline chunk, a tensor- or expert-parallel shard initialises to the matching
+        slice of the single-process model (model/init.py).  Also recomputes the RoPE tables
+        and re-ties a tied head (call after ``to_empty`` on a model built on the meta device)."""
         self.rope.reset_parameters()
         if any(p.is_meta for p in self.parameters()):
-            return  # nothing to fill on the meta device (and meta normal_ is slow); re-run after to_empty
+            return  # nothing to fill on the meta device; re-run after to_empty
+        init = KeyedInit(self, self.init_seed)
         std = self.config.init_std
         out_std = std / math.sqrt(2 * self.config.num_layers)
+        tied = self.config.tie_embeddings
         if self.embed is not None:
-            nn.init.normal_(self.embed.weight, mean=0.0, std=std)
+            init.normal_(self.embed, "weight", std)
+            if tied and self.head is not None:
+                self.head.weight = self.embed.weight  # to_empty gives each module its own tensor
         for layer in self.layers.values():
-            layer.init_weights(std, out_std)
+            layer.init_weights(init, std, out_std)
         if self.norm is not None:
             self.norm.reset_parameters()
-        if self.head is not None and not self.config.tie_embeddings:
-            nn.init.normal_(self.head.weight, mean=0.0, std=std)
+        if self.head is not None and (not tied or self.embed is None):  # a pipeline stage's copy of a tied weight
+            init.normal_(self.head, "weight", std, name="embed.weight" if tied else None)
 
     # -- MoE helpers ------------------------------------------------------------------------
     def moe_layers(self) -> list[MoE]:

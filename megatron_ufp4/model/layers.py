@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .init import KeyedInit
 
 
 def rms_norm(config: ModelConfig, device=None) -> nn.RMSNorm:
@@ -96,9 +97,9 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(b, t, -1))
 
     @torch.no_grad()
-    def init_weights(self, std: float, out_std: float) -> None:
-        _init_linear(self.qkv, std)
-        _init_linear(self.proj, out_std)
+    def init_weights(self, init: KeyedInit, std: float, out_std: float) -> None:
+        _init_linear(init, self.qkv, std)
+        _init_linear(init, self.proj, out_std)
 
 
 class SwiGLU(nn.Module):
@@ -125,12 +126,12 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
     @torch.no_grad()
-    def init_weights(self, std: float, out_std: float) -> None:
-        _init_linear(self.gate_up, std)
-        _init_linear(self.down, out_std)
+    def init_weights(self, init: KeyedInit, std: float, out_std: float) -> None:
+        _init_linear(init, self.gate_up, std)
+        _init_linear(init, self.down, out_std)
 
 
-def _init_linear(linear: nn.Module, std: float) -> None:
-    nn.init.normal_(linear.weight, mean=0.0, std=std)
+def _init_linear(init: KeyedInit, linear: nn.Module, std: float) -> None:
+    init.normal_(linear, "weight", std)
     if getattr(linear, "bias", None) is not None:
         nn.init.zeros_(linear.bias)

@@ -37,6 +37,7 @@ from torch import nn
 
 from ..linear import StepContext
 from .config import ModelConfig
+from .init import KeyedInit
 from .layers import SwiGLU
 
 
@@ -233,14 +234,14 @@ class MoE(nn.Module):
         return load
 
     @torch.no_grad()
-    def init_weights(self, std: float, out_std: float) -> None:
-        nn.init.normal_(self.router.linear.weight, mean=0.0, std=std)
+    def init_weights(self, init: KeyedInit, std: float, out_std: float) -> None:
+        init.normal_(self.router.linear, "weight", std)
         self.router.expert_bias.zero_()
         self.load_accum.zero_()
         for expert in self.experts:
-            expert.init_weights(std, out_std)
+            expert.init_weights(init, std, out_std)
         if self.shared is not None:
-            self.shared.init_weights(std, out_std)
+            self.shared.init_weights(init, std, out_std)
 
     def expert_params(self) -> int:
         """Parameters of one routed expert."""

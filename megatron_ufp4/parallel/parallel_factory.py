@@ -2,12 +2,11 @@
 
     state = build_parallel_state(tp=2, sequence_parallel=True, model_cfg=cfg)
     factory = ParallelLinearFactory("ufp4", cfg.num_layers, state, seed=seed)
-    torch.manual_seed(seed)
-    model = build_tensor_parallel_gpt(cfg, factory)     # shards == the single-process init
+    model = build_tensor_parallel_gpt(cfg, factory, init_seed=seed)  # shards == the single-process init
     logits = model(tokens)                              # [b, s, V/tp] (this rank's vocab shard)
     loss = vocab_parallel_cross_entropy(logits, labels, state.group("tp"))
     loss.backward()
-    sync_sequence_parallel_grads(model, state)          # before DP grad sync / clipping / step
+    sync_sequence_parallel_grads(model, state)          # after the DP grad sync, before clipping / step
     sq = tp_grad_sq_norm(model.parameters(), state)     # TP-only squared grad norm (optimizer.global_grad_norm
                                                         # covers TP + DP + PP + EP)
 
@@ -99,36 +98,25 @@ def mark_sequence_parallel_params(model: nn.Module, state: ParallelState) -> int
     return n
 
 
-def build_tensor_parallel_gpt(config, factory: ParallelLinearFactory, *, device=None) -> GPTModel:
-    """A TP ``GPTModel`` whose shards equal the single-process model's initialisation.
-
-    The rule: build the full single-process model on CPU from the *current* global RNG
-    state (seed it as the single-process trainer would, then call this), build the TP
-    model under a forked RNG, and load its shards from the full state dict.  The global
-    RNG ends where the single-process build leaves it.  SR generators are not copied: the
-    TP modules are seeded with the same per-module seeds already.  (The full model lives
-    in CPU memory for the duration; for models that do not fit, load shards from a full
-    checkpoint with ``shard_state_dict`` instead.)
-    """
-    state = factory.state
+def build_tensor_parallel_gpt(config, factory: ParallelLinearFactory, *, init_seed: int | None = None,
+                              device=None) -> GPTModel:
+    """A TP ``GPTModel`` whose shards equal the single-process model built with the same
+    ``init_seed`` (None: drawn from torch's global generator, as ``GPTModel`` does), by
+    construction: initialisation is keyed by global name and index (model/init.py), so no
+    rank ever builds the full model."""
     device = device if device is not None else factory.device
-    full = GPTModel(config, factory.single_process_factory(), device="cpu")
-    with torch.random.fork_rng(devices=[]):
-        model = GPTModel(config, factory, device=device, **factory.model_kwargs())
-    sd = shard_state_dict(full.state_dict(), model, state)
-    own = model.state_dict(keep_vars=True)
-    sd.update({k: v for k, v in own.items() if k.endswith("_extra_state")})
-    model.load_state_dict(sd)
-    mark_sequence_parallel_params(model, state)
-    del full
+    model = GPTModel(config, factory, init_seed=init_seed, device=device, **factory.model_kwargs())
+    mark_sequence_parallel_params(model, factory.state)
     return model
 
 
 # -- gradients -----------------------------------------------------------------------------------
 def sync_sequence_parallel_grads(model: nn.Module, state: ParallelState) -> int:
     """Sum the gradients of ``sequence_parallel`` parameters over the TP group (one
-    coalesced FP32 all-reduce).  Call after backward (after the last micro-batch), before
-    data-parallel reduction, clipping and the optimizer step.  Returns the count synced."""
+    coalesced FP32 all-reduce).  Call after the last micro-batch's backward and after
+    ``DataParallel.finish_grad_sync`` (which overwrites ``.grad``; both are sums, so the
+    order does not change the result), before clipping and the optimizer step.  Returns
+    the count synced."""
     group = state.group("tp")
     grads = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
     if not grads or state.tp == 1 or group is None:

@@ -23,7 +23,6 @@ pipeline_schedule.py.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Sequence
 
 import torch
@@ -122,9 +121,8 @@ def build_stage_modules(model: GPTModel, state: ParallelState | None = None, *, 
     ``model`` must be built identically on every rank (same seed, same factory), either
     normally (the chunks share its parameter objects; drop ``model`` afterwards so the other
     layers are freed) or on the meta device (``with torch.device("meta"): GPTModel(cfg, factory)``): then
-    only this rank's modules are materialised on ``device`` and initialised by replaying the
-    full model's init RNG sequence, so the weights equal a normally built model's bit for
-    bit (the other layers are initialised one at a time into scratch memory and discarded).
+    only this rank's modules are materialised on ``device`` and initialised; the weights
+    equal a normally built model's bit for bit (layout-independent init, model/init.py).
     ``pp`` / ``pp_rank`` / ``vpp`` default to ``state``'s.
     """
     pp = pp if pp is not None else (state.pp if state is not None else 1)
@@ -139,62 +137,22 @@ def build_stage_modules(model: GPTModel, state: ParallelState | None = None, *, 
     if any(on_meta) and not all(on_meta):
         raise ValueError("build_stage_modules: the model is only partly on the meta device; build it under "
                          "`with torch.device('meta'):` (a LinearFactory without device= makes real linears)")
+    if any(on_meta) and device is None:
+        raise ValueError("build_stage_modules: a model on the meta device needs device= to materialise on")
+    chunks = [stage_chunk(model, ranges[s], s, n) for s in mine]
     if any(on_meta):
-        if device is None:
-            raise ValueError("build_stage_modules: a model on the meta device needs device= to materialise on")
-        keep = {i for s in mine for i in ranges[s]}
-        _materialise(model, keep_embed=0 in mine, keep_layers=keep, keep_last=(n - 1) in mine,
-                     device=torch.device(device))
-    return [stage_chunk(model, ranges[s], s, n) for s in mine]
+        _materialise(chunks, torch.device(device))
+    return chunks
 
 
 @torch.no_grad()
-def _materialise(model: GPTModel, keep_embed: bool, keep_layers: set, keep_last: bool, device) -> None:
-    """Allocate and initialise the kept modules of a meta-device model, consuming the global
-    RNG exactly as building the whole model on ``device`` does: first the constructors' draws
-    (every parameter holder's ``reset_parameters``, in construction order), then
-    ``GPTModel.init_weights``'s.  Modules not kept are initialised into scratch memory one at
-    a time and moved back to the meta device."""
-    cfg = model.config
-    std = cfg.init_std
-    out_std = std / math.sqrt(2 * cfg.num_layers)
-    tied = cfg.tie_embeddings
-    meta = torch.device("meta")
-
-    def to_meta(m: nn.Module, recurse: bool = True) -> None:
-        m._apply(lambda t: t.to(meta), recurse=recurse)
-
-    # 1. the constructors' draws (nn.Embedding normal_, kaiming_uniform_ of every linear)
-    for m in model.modules():
-        if hasattr(m, "reset_parameters") and next(m.parameters(recurse=False), None) is not None:
-            m.to_empty(device=device, recurse=False)
-            m.reset_parameters()
-            to_meta(m, recurse=False)
-    # 2. init_weights' draws, in its order
-    w = nn.init.normal_(torch.empty(model.embed.weight.shape, dtype=model.embed.weight.dtype, device=device),
-                        mean=0.0, std=std)
-    if keep_embed or (tied and keep_last):
-        model.embed.to_empty(device=device)
-        model.embed.weight.copy_(w)
-    if tied:
-        model.head.weight = model.embed.weight
-    del w
-    for i, layer in ((int(k), m) for k, m in model.layers.items()):
-        layer.to_empty(device=device)  # also the shared rope (re-made below)
-        layer.init_weights(std, out_std)
-        if i not in keep_layers:
-            to_meta(layer)  # scratch: only its RNG draws mattered
-    model.rope.to_empty(device=device)
-    model.rope.reset_parameters()
-    if keep_last:
-        model.norm.to_empty(device=device)
-        model.norm.reset_parameters()
-    if not tied:
-        w = nn.init.normal_(torch.empty(model.head.weight.shape, dtype=model.head.weight.dtype, device=device),
-                            mean=0.0, std=std)
-        if keep_last:
-            model.head.to_empty(device=device)
-            model.head.weight.copy_(w)
+def _materialise(chunks: list[GPTModel], device) -> None:
+    """Allocate this rank's chunks of a meta-device model on ``device`` and initialise them.
+    Initialisation is keyed by global name and index, so the values are the normally built
+    model's without touching (or allocating) the layers other ranks hold."""
+    for chunk in chunks:
+        chunk.to_empty(device=device)
+        chunk.init_weights()
 
 
 def unique_parameters(stage_modules: Sequence[nn.Module], state: ParallelState | None = None) -> list[nn.Parameter]:

@@ -48,6 +48,7 @@ from ..fp4.sr_random import SRIndex
 from ..linear.gemm import GemmPart, GemmSplit, reduction_multiple
 from ..linear.linear_fn import CollectiveHooks, linear
 from ..linear.quantized_linear import QuantizedLinear
+from ..model.init import ShardSpec
 from .mappings import SEQ_DIM, all_gather, all_reduce, gather_from_tp, reduce_scatter, scatter_to_tp
 from .state import ParallelState
 
@@ -185,8 +186,10 @@ class ColumnParallelLinear(_TensorParallelLinear):
         self.full_in_features, self.full_out_features = in_features, out_features
         self.partition_stride, self.gather_output = stride, gather_output
         set_tensor_parallel_attributes(self.weight, 0, stride)
+        self.param_shards = {"weight": ShardSpec((out_features, in_features), 0, stride, tp, self.tp_rank)}
         if self.bias is not None:
             set_tensor_parallel_attributes(self.bias, 0, stride)
+            self.param_shards["bias"] = ShardSpec((out_features,), 0, stride, tp, self.tp_rank)
         off, full = self.tp_rank * self.out_features, out_features
         # where each (2-D) GEMM operand of this shard sits in the unsplit layer's operand
         self.gemms.sr_index = {
@@ -264,6 +267,7 @@ class RowParallelLinear(_TensorParallelLinear):
         self.input_is_parallel = input_is_parallel
         self.partition_stride = 1
         set_tensor_parallel_attributes(self.weight, 1, 1)
+        self.param_shards = {"weight": ShardSpec((out_features, in_features), 1, 1, tp, self.tp_rank)}
         if self.bias is not None and self.sequence_parallel:
             self.bias.sequence_parallel = True
         off, full = self.tp_rank * self.in_features, in_features

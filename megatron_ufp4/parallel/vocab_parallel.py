@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..linear.linear_fn import LinearCall, linear, linear_dtypes
+from ..model.init import ShardSpec
 from .mappings import all_reduce, group_size, reduce_from_tp, reduce_scatter_to_sp
 from .state import ParallelState
 from .tensor_parallel import ColumnHooks, TPGroupMixin, set_tensor_parallel_attributes
@@ -33,6 +34,7 @@ class VocabParallelEmbedding(TPGroupMixin, nn.Module):
         self.vocab_end = self.vocab_start + num_embeddings // self.tp
         self.weight = nn.Parameter(torch.empty(num_embeddings // self.tp, embedding_dim, device=device, dtype=dtype))
         set_tensor_parallel_attributes(self.weight, 0, 1)
+        self.param_shards = {"weight": ShardSpec((num_embeddings, embedding_dim), 0, 1, self.tp, self.tp_rank)}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -64,6 +66,7 @@ class VocabParallelLMHead(TPGroupMixin, nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features // self.tp, in_features, device=device, dtype=dtype))
         set_tensor_parallel_attributes(self.weight, 0, 1)
+        self.param_shards = {"weight": ShardSpec((out_features, in_features), 0, 1, self.tp, self.tp_rank)}
         nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)  # nn.Linear's default; models re-init
         self.hooks = ColumnHooks(self.tp_group, self.sequence_parallel)
 

@@ -95,7 +95,7 @@ class DistributedTrainer(TrainingLoop):
         seed_everything(t.seed)
         self.recipe, backend = cfg.build_recipe()
         factory = ParallelLinearFactory(self.recipe, cfg.model.num_layers, st, backend=backend, seed=t.seed)
-        model = build_tensor_parallel_gpt(cfg.model, factory)  # shards equal the single-process init
+        model = build_tensor_parallel_gpt(cfg.model, factory, init_seed=t.seed)  # shards equal the single-process init
         if cfg.model.num_experts:
             build_expert_parallel_model(model, st, par.expert_dispatcher, "dp")
         self.stages = build_stage_modules(model, st, vpp=par.virtual_pipeline,

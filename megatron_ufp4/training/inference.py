@@ -28,7 +28,7 @@ def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> 
     recipe, backend = cfg.build_recipe()
     factory = LinearFactory(recipe, num_layers=cfg.model.num_layers, backend=backend, seed=cfg.training.seed)
     with torch.device(device):
-        model = GPTModel(cfg.model, factory)
+        model = GPTModel(cfg.model, factory, init_seed=cfg.training.seed)  # overwritten by the checkpoint
     model.load_state_dict(state["model"])
     model.eval()
     return model, cfg, int(state["step"])

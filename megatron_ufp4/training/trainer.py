@@ -107,7 +107,7 @@ class Trainer(TrainingLoop):
         self.recipe, backend = cfg.build_recipe()
         factory = LinearFactory(self.recipe, num_layers=cfg.model.num_layers, backend=backend, seed=t.seed)
         with torch.device(self.device):
-            self.model = GPTModel(cfg.model, factory)
+            self.model = GPTModel(cfg.model, factory, init_seed=t.seed)
         self.optimizer = build_optimizer(self.model, cfg.optimizer.lr, cfg.optimizer.weight_decay,
                                          (cfg.optimizer.beta1, cfg.optimizer.beta2), cfg.optimizer.eps)
         self.accum = t.global_batch_size // t.micro_batch_size

@@ -1,0 +1,114 @@
+"""Layout-independent initialisation: each weight element is a pure function of
+(init seed, the parameter's global name, the element's global index).
+
+A sequential generator makes a weight depend on everything initialised before it and
+on how the tensor is split, so a tensor-, pipeline- or expert-parallel rank would have to
+build (or replay) the whole model to get its shard.  Here every element is drawn on its
+own: a counter-based hash (the one stochastic rounding uses, fp4/sr_random.py) of its
+global index under a key derived from the seed and the parameter's name gives two
+uniforms, Box-Muller turns them into a normal in float64, and one rounding gives the
+parameter's dtype.  Any shard of any parameter, built in any order on any layout,
+therefore gets exactly the values the single-process model has at those positions.
+
+Sharded modules describe their shards with ``param_shards`` metadata: a dict from the
+parameter's attribute name to a ``ShardSpec`` (global shape, split dim, fused parts,
+number of shards, this shard).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..fp4.sr_random import derive_key, uniform_from_index
+
+_ROWS_PER_CHUNK = 1 << 22  # elements per hashing chunk: bounds the int64/float64 temporaries
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Where a local tensor sits in its global tensor: ``dim`` split into ``num_shards``
+    equal shards, each holding its slice of every one of ``parts`` fused parts."""
+    global_shape: tuple[int, ...]
+    dim: int = 0
+    parts: int = 1
+    num_shards: int = 1
+    shard: int = 0
+
+    def global_coords(self, dim: int, local_size: int, device) -> torch.Tensor:
+        """Global coordinates along ``dim`` of the local positions 0..local_size-1."""
+        local = torch.arange(local_size, device=device, dtype=torch.int64)
+        if dim != self.dim or self.num_shards == 1:
+            return local
+        n = local_size // self.parts  # this shard's rows of one part
+        part_size = self.global_shape[dim] // self.parts
+        return (local // n) * part_size + self.shard * n + local % n
+
+
+def name_key(seed: int, name: str) -> int:
+    """A 62-bit integer of (seed, name), stable across processes (not Python's salted hash)."""
+    digest = hashlib.blake2b(f"{int(seed)}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 62) - 1)
+
+
+def global_index(shape, spec: ShardSpec, device, rows: slice | None = None) -> torch.Tensor:
+    """int64 row-major index in the global tensor of every local element (of ``rows`` of dim 0)."""
+    if len(spec.global_shape) != len(shape):
+        raise ValueError(f"shard of shape {tuple(shape)} does not match global shape {spec.global_shape}")
+    strides = [1] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        strides[d] = strides[d + 1] * spec.global_shape[d + 1]
+    idx = torch.zeros((), dtype=torch.int64, device=device)
+    for d, size in enumerate(shape):
+        coords = spec.global_coords(d, size, device)
+        if d == 0 and rows is not None:
+            coords = coords[rows]
+        view = [1] * len(shape)
+        view[d] = coords.numel()
+        idx = idx + (coords * strides[d]).view(view)
+    return idx
+
+
+def keyed_normal(key: int, index: torch.Tensor) -> torch.Tensor:
+    """Standard normals (float64), one per index, a pure function of (key, index)."""
+    wide = bool(index.numel()) and int(index.max()) >= (1 << 31) - 1
+    scale = 2.0 ** 24  # uniform_from_index returns k / 2^24: recover the integer k exactly
+    h1, h2, h3 = (uniform_from_index(index, derive_key(key, j), wide).double().mul_(scale) for j in range(3))
+    u1 = (h1.mul_(scale).add_(h2).add_(0.5)).mul_(2.0 ** -48)  # (0, 1) with 48 bits: tails to ~8 sigma
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2 * math.pi) * (h3 + 0.5) * 2.0 ** -24)
+
+
+class KeyedInit:
+    """Initialises parameters of ``root`` (a model or any part of it) by global name.
+
+    Names are ``root``'s module paths, so build it on the object whose paths are the global
+    names (a ``GPTModel`` or a pipeline chunk of one).  ``seed`` None draws one from torch's
+    global generator (deterministic given ``torch.manual_seed``, as ``nn.init`` is).
+    """
+
+    def __init__(self, root: nn.Module, seed: int | None = None):
+        self.seed = int(torch.randint(0, 2 ** 62, (1,), device="cpu")) if seed is None else int(seed)
+        self._names = {id(m): n for n, m in root.named_modules()}
+
+    def name_of(self, module: nn.Module, attr: str) -> str:
+        prefix = self._names.get(id(module))
+        if prefix is None:
+            raise ValueError(f"KeyedInit: {type(module).__name__} is not part of the module it was built for")
+        return f"{prefix}.{attr}" if prefix else attr
+
+    @torch.no_grad()
+    def normal_(self, module: nn.Module, attr: str = "weight", std: float = 1.0, name: str | None = None) -> None:
+        """``module.<attr>`` <- N(0, std^2) at its global positions (``name``: key by another
+        parameter's name, e.g. a tied copy)."""
+        t = getattr(module, attr)
+        spec = getattr(module, "param_shards", {}).get(attr) or ShardSpec(tuple(t.shape))
+        key = name_key(self.seed, name or self.name_of(module, attr))
+        per_row = max(1, t[0].numel() if t.dim() > 1 else 1)
+        step = max(1, _ROWS_PER_CHUNK // per_row) if t.dim() > 1 else _ROWS_PER_CHUNK
+        for start in range(0, t.shape[0], step):
+            rows = slice(start, min(start + step, t.shape[0]))
+            idx = global_index(t.shape, spec, t.device, rows)
+            t[rows] = (keyed_normal(key, idx) * std).to(t.dtype)
