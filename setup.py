@@ -11,7 +11,7 @@ setup(
     # torch>=2.7: torch.float8_e8m0fnu (MXFP4's E8M0 scales), new in 2.7; install torch (CPU: torch==2.13.0) first.
     install_requires=["torch>=2.7", "numpy", "pyyaml", "sentencepiece", "tqdm"],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "matplotlib"],
+        "dev": ["pytest", "pytest-timeout", "matplotlib", "ruff==0.17.6"],
         "plot": ["matplotlib"],
         "gpu": ["triton"],
         "wandb": ["wandb"],

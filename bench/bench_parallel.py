@@ -28,8 +28,9 @@ LAYOUTS = {
     "configs/tiny_dense.yaml": [{}, {"parallel.tensor": 2}, {"parallel.pipeline": 2}, {"parallel.data": 2},
                                 {"parallel.tensor": 4}, {"parallel.pipeline": 4}, {"parallel.data": 4},
                                 {"parallel.tensor": 2, "parallel.pipeline": 2}],
-    "configs/tiny_moe.yaml": [{}, {"parallel.data": 2, "parallel.expert": 2}, {"parallel.data": 4, "parallel.expert": 4},
-                              {"parallel.tensor": 2}, {"parallel.data": 2, "parallel.expert": 2, "parallel.tensor": 2}],
+    "configs/tiny_moe.yaml": [{}, {"parallel.data": 2, "parallel.expert": 2},
+                              {"parallel.data": 4, "parallel.expert": 4}, {"parallel.tensor": 2},
+                              {"parallel.data": 2, "parallel.expert": 2, "parallel.tensor": 2}],
 }
 
 

@@ -32,7 +32,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    prefix: str = "data/shakespeare/shakespeare"  # prepared dataset: <prefix>_train.bin/.idx, <prefix>_val.*, <prefix>.model
+    # prepared dataset: <prefix>_train.bin/.idx, <prefix>_val.*, <prefix>.model
+    prefix: str = "data/shakespeare/shakespeare"
     seq_len: int = 256
 
 

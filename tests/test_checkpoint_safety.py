@@ -9,8 +9,8 @@ planners unpickle with ``weights_only=False``).  Each test first shows its paylo
 2 (torchrun: non-zero), exactly one stderr line naming the file, and no marker.
 
 Damage: truncated / garbage / missing ``.distcp``, truncated ``.metadata``, missing
-``partitions.json``, ``state.pt`` without a key (datasets: tests/test_data_errors.py).  Conversion: the single-process trainer's ``state.pt`` -> ``to-dcp`` -> resume
-under torchrun.
+``partitions.json``, ``state.pt`` without a key (datasets: tests/test_data_errors.py).
+Conversion: the single-process trainer's ``state.pt`` -> ``to-dcp`` -> resume under torchrun.
 """
 from __future__ import annotations
 

@@ -241,7 +241,8 @@ def test_range_restricted_scale_and_levels_random(max_level):
     assert torch.equal(q.dequantize(), expected)
     # nearest level: the error is at most half the largest gap of the restricted grid, times the scale
     err = (q.dequantize().double() - x.double()).abs().reshape(8, 2, 16)
-    assert bool((err <= 0.5 * max(b - a for a, b in zip(levels, levels[1:])) * q.scales.double()[..., None] * (1 + 1e-6)).all())
+    max_gap = max(b - a for a, b in zip(levels, levels[1:]))
+    assert bool((err <= 0.5 * max_gap * q.scales.double()[..., None] * (1 + 1e-6)).all())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -96,7 +96,8 @@ def test_override_rht_per_gemm_wins_over_list():
     assert {g for g in GEMMS if r.gemm(g).rht} == {"fprop"}
 
 
-@pytest.mark.parametrize("sr,roles", [(["x", "dy"], {"x", "dy"}), ([], set()), ("w", {"w"}), (["x", "w", "dy"], {"x", "w", "dy"})])
+@pytest.mark.parametrize("sr,roles", [(["x", "dy"], {"x", "dy"}), ([], set()), ("w", {"w"}),
+                                      (["x", "w", "dy"], {"x", "w", "dy"})])
 def test_override_sr_roles(sr, roles):
     r = Recipe.from_dict({"name": "ufp4", "sr": sr})
     for g, role, op in _operands(r):
@@ -104,7 +105,8 @@ def test_override_sr_roles(sr, roles):
 
 
 @pytest.mark.parametrize("fmt,grid,scale,block", [
-    ("e2m1", "e2m1", "fp32", 16), ("int4", "int4", "fp32", 16), ("nvfp4", "e2m1", "e4m3", 16), ("mxfp4", "e2m1", "e8m0", 32),
+    ("e2m1", "e2m1", "fp32", 16), ("int4", "int4", "fp32", 16),
+    ("nvfp4", "e2m1", "e4m3", 16), ("mxfp4", "e2m1", "e8m0", 32),
 ])
 def test_override_format(fmt, grid, scale, block):
     r = Recipe.from_dict({"name": "ufp4", "format": fmt})

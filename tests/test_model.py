@@ -61,7 +61,8 @@ def test_shared_experts_need_experts():
 
 
 # -- forward shapes and causality ------------------------------------------------------------------
-@pytest.mark.parametrize("cfg", [tiny(), tiny_moe(), tiny(tie_embeddings=True, bias=True)], ids=["dense", "moe", "tied"])
+@pytest.mark.parametrize("cfg", [tiny(), tiny_moe(), tiny(tie_embeddings=True, bias=True)],
+                         ids=["dense", "moe", "tied"])
 def test_shapes_and_dtype(cfg):
     model = build(cfg, "ufp4")
     tokens = torch.randint(0, cfg.vocab_size, (2, 32))

@@ -95,8 +95,8 @@ def reference(case: str, replica: int = 0) -> dict:
                 model.eval()
                 with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                     tokens, labels = batch(0, replica)
-                    out["eval"] = sum(float(F.cross_entropy(model(t).float().flatten(0, 1), l.flatten()))
-                                      for t, l in zip(tokens.chunk(N_MICRO), labels.chunk(N_MICRO))) / N_MICRO
+                    out["eval"] = sum(float(F.cross_entropy(model(t).float().flatten(0, 1), lab.flatten()))
+                                      for t, lab in zip(tokens.chunk(N_MICRO), labels.chunk(N_MICRO))) / N_MICRO
                 model.train()
             tokens, labels = batch(step, replica)
             total = torch.zeros(())

@@ -34,7 +34,8 @@ def test_empirical_level_bias_matches_analytic(grid):
     emp = empirical_level_bias(grid, samples=200_000, seed=1)
     q = grid.levels
     # interior: the formula; edges are one-sided: level 0 only shrinks, the top level only grows
-    expected = [-q[1] / 4] + [(2 * q[i] - q[i - 1] - q[i + 1]) / 4 for i in range(1, len(q) - 1)] + [(q[-1] - q[-2]) / 4]
+    interior = [(2 * q[i] - q[i - 1] - q[i + 1]) / 4 for i in range(1, len(q) - 1)]
+    expected = [-q[1] / 4] + interior + [(q[-1] - q[-2]) / 4]
     for i, (mean, se, want) in enumerate(zip(emp["mean"], emp["stderr"], expected)):
         assert se < 0.005, f"level {q[i]}: Monte Carlo error too large to test ({se})"
         assert abs(mean - want) < 5 * se, f"{grid.name} level {q[i]}: {mean:.4f} vs {want:.4f} (se {se:.4f})"
@@ -46,7 +47,8 @@ def test_empirical_level_bias_matches_analytic(grid):
 def test_metrics_hand_checked_on_one_block():
     # one 1x16 block with amax 6, so the E2M1 scale is exactly 1 and the rounding is by hand:
     x = [6.0, 0.3, 1.2, 2.4, 3.5, 4.9, 5.1, -0.7, 1.76, 2.5, -3.2, 0.1, 0.0, 1.0, -4.5, 0.26]
-    q = [6.0, 0.5, 1.0, 2.0, 4.0, 4.0, 6.0, -0.5, 2.0, 2.0, -3.0, 0.0, 0.0, 1.0, -4.0, 0.5]  # ties 3.5->4, 2.5->2, 4.5->4
+    # ties 3.5->4, 2.5->2, 4.5->4
+    q = [6.0, 0.5, 1.0, 2.0, 4.0, 4.0, 6.0, -0.5, 2.0, 2.0, -3.0, 0.0, 0.0, 1.0, -4.0, 0.5]
     x32 = np.array(x, dtype=np.float32).astype(np.float64)  # what the quantizer actually sees
     qa = np.array(q)
     m = quantization_metrics(torch.tensor([x]), "e2m1")
@@ -180,7 +182,8 @@ def test_cli_plot_writes_png(tmp_path, capsys):
 def test_cli_plot_without_matplotlib_is_a_user_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     assert shrinkage_bias.main(["--rows", "8", "--cols", "64", "--plot", str(tmp_path / "x.png")] + FAST) == 2
-    assert capsys.readouterr().err.strip() == "shrinkage_bias.py: error: --plot needs matplotlib (pip install matplotlib)"
+    assert capsys.readouterr().err.strip() == ("shrinkage_bias.py: error: --plot needs matplotlib "
+                                               "(pip install matplotlib)")
 
 
 @pytest.mark.parametrize("argv", [

@@ -83,8 +83,9 @@ def _column_case(st, recipe, stride):
     y.backward(dy)
     yc = col(xc)
     yc.backward(dy[..., sel].contiguous())
-    return {"y": _diff(yc, y[..., sel]), "dx_rel": _rel(xc.grad, xf.grad), "dw": _diff(col.weight.grad, full.weight.grad[sel]),
-            "db": _diff(col.bias.grad, full.bias.grad[sel]), "dx_bitwise": bool(torch.equal(xc.grad, xf.grad))}
+    return {"y": _diff(yc, y[..., sel]), "dx_rel": _rel(xc.grad, xf.grad),
+            "dw": _diff(col.weight.grad, full.weight.grad[sel]), "db": _diff(col.bias.grad, full.bias.grad[sel]),
+            "dx_bitwise": bool(torch.equal(xc.grad, xf.grad))}
 
 
 def _row_case(st, recipe):
@@ -106,8 +107,8 @@ def _row_case(st, recipe):
     y.backward(dy)
     yr = row(xr)
     yr.backward(dy)
-    return {"y_rel": _rel(yr, y), "dx": _diff(xr.grad, xf.grad[..., sel]), "dw": _diff(row.weight.grad, full.weight.grad[:, sel]),
-            "db": _diff(row.bias.grad, full.bias.grad)}
+    return {"y_rel": _rel(yr, y), "dx": _diff(xr.grad, xf.grad[..., sel]),
+            "dw": _diff(row.weight.grad, full.weight.grad[:, sel]), "db": _diff(row.bias.grad, full.bias.grad)}
 
 
 def _nvfp4_amax(st):
@@ -151,8 +152,10 @@ def _vocab_checks(st):
     e_sp = pemb_sp(tokens)
     e_sp.backward(g[:, r * 4:(r + 1) * 4])
     return {"ce": abs(out.item() - ref.item()) / ref.item(), "ce_grad": _diff(ls.grad, lf.grad[..., sel]),
-            "ce_none": _diff(per_tok, ref_tok), "emb": _diff(e_tp, e_ref), "emb_grad": _diff(pemb.weight.grad, emb.weight.grad[sel]),
-            "emb_sp": _diff(e_sp, e_ref[:, r * 4:(r + 1) * 4]), "emb_sp_grad": _diff(pemb_sp.weight.grad, emb.weight.grad[sel])}
+            "ce_none": _diff(per_tok, ref_tok), "emb": _diff(e_tp, e_ref),
+            "emb_grad": _diff(pemb.weight.grad, emb.weight.grad[sel]),
+            "emb_sp": _diff(e_sp, e_ref[:, r * 4:(r + 1) * 4]),
+            "emb_sp_grad": _diff(pemb_sp.weight.grad, emb.weight.grad[sel])}
 
 
 def _mapping_checks(st):
@@ -391,7 +394,8 @@ def _fake_state(tp=2, rank=1, sp=False) -> ParallelState:
 @pytest.mark.parametrize("build,match", [
     (lambda st: ColumnParallelLinear(64, 65, recipe="bf16", state=st), "not divisible by TP"),
     (lambda st: ColumnParallelLinear(64, 96, recipe="mxfp4", state=st), "multiple of 32"),
-    (lambda st: ColumnParallelLinear(64, 48, recipe="ufp4", state=st), "shard of 24 output rows must be a multiple of 16"),
+    (lambda st: ColumnParallelLinear(64, 48, recipe="ufp4", state=st),
+     "shard of 24 output rows must be a multiple of 16"),
     (lambda st: ColumnParallelLinear(64, 96, recipe="ufp4", state=st, partition_stride=2), "part shard of 24"),
     (lambda st: RowParallelLinear(48, 64, recipe="ufp4", state=st), "shard of 24 input columns"),
     (lambda st: RowParallelLinear(63, 64, recipe="bf16", state=st), "in_features=63 is not divisible"),

@@ -124,7 +124,8 @@ def _from_single_process(data: dict, src: Path) -> tuple[dict, dict, dict]:
     saved = data["optimizer"].get("param_groups")
     if not isinstance(saved, list) or [len(g.get("params", [])) for g in saved] != [len(g["params"]) for g in groups]:
         raise CheckpointError(f"{src}: its optimizer's parameter groups do not match the model of its config")
-    fqn_of = {pid: name_of[id(p)] for g_saved, g in zip(saved, groups) for pid, p in zip(g_saved["params"], g["params"])}
+    fqn_of = {pid: name_of[id(p)]
+              for g_saved, g in zip(saved, groups) for pid, p in zip(g_saved["params"], g["params"])}
     params = dict(single.named_parameters())
     optimizer = {}
     for pid, fqn in fqn_of.items():

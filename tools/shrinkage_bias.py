@@ -81,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
 def aligned(header: list[str], rows: list[list[str]], left_cols: int = 1) -> str:
     """Columns padded to their widest cell; the first ``left_cols`` left-aligned, the rest right."""
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    fmt_row = lambda r: "  ".join(c.ljust(w) if i < left_cols else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    def fmt_row(r: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < left_cols else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
     return "\n".join(fmt_row(r).rstrip() for r in [header] + rows)
 
 
@@ -104,7 +107,8 @@ def render_text(report: dict) -> str:
     for i in range(NUM_BUCKETS):
         row = [str(i)]
         for t in (e2m1, int4):
-            row += [f"{t['levels'][i]:g}", num(t["analytic"][i], "+.4f"), f"{t['empirical'][i]:+.4f}", f"{t['stderr'][i]:.4f}"]
+            row += [f"{t['levels'][i]:g}", num(t["analytic"][i], "+.4f"), f"{t['empirical'][i]:+.4f}",
+                    f"{t['stderr'][i]:.4f}"]
         bias_rows.append(row)
     bias = aligned(["code", "e2m1 q", "analytic", "empirical", "+-se", "int4 q", "analytic", "empirical", "+-se"],
                    bias_rows)

@@ -130,11 +130,12 @@ class GlobalBatchSampler:
     * ``"interleaved"``: rank r gets every ``dp_size``-th index starting at r.
 
     Every rank yields the same number of lists, ranks' lists are disjoint and their union
-    is the global batch (with ``drop_last=False`` the last lists may be short, even empty).  ``consumed_samples`` counts samples of *all* ranks, may be any
-    integer (resuming mid-batch works), and advances by one global batch as each list is
-    handed out.  Usable as ``DataLoader(dataset, batch_sampler=sampler)``.  Note that a
-    DataLoader prefetches, so checkpoint the trainer's own count (steps * global batch)
-    and pass it back through ``load_state_dict``/the constructor on resume.
+    is the global batch (with ``drop_last=False`` the last lists may be short, even empty).
+    ``consumed_samples`` counts samples of *all* ranks, may be any integer (resuming
+    mid-batch works), and advances by one global batch as each list is handed out.  Usable
+    as ``DataLoader(dataset, batch_sampler=sampler)``.  Note that a DataLoader prefetches,
+    so checkpoint the trainer's own count (steps * global batch) and pass it back through
+    ``load_state_dict``/the constructor on resume.
     """
 
     SHARDINGS = ("contiguous", "interleaved")

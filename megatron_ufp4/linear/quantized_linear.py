@@ -31,8 +31,9 @@ class QuantizedLinear(nn.Module):
     """
     hooks = NO_COLLECTIVES  # tensor-parallel subclasses talk to their group here
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, recipe: Recipe | dict | str | None = None,
-                 *, layer_index: int | None = None, num_layers: int | None = None, sr_seed: int = 0,
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 recipe: Recipe | dict | str | None = None, *, layer_index: int | None = None,
+                 num_layers: int | None = None, sr_seed: int = 0,
                  backend: str = "emulated", collect_stats: bool = False, step_context: StepContext | None = None,
                  device=None, dtype=None):
         super().__init__()

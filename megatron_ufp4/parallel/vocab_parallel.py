@@ -44,7 +44,9 @@ class VocabParallelEmbedding(TPGroupMixin, nn.Module):
         outside = (tokens < self.vocab_start) | (tokens >= self.vocab_end)
         local = (tokens - self.vocab_start).masked_fill(outside, 0)
         out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
-        return reduce_scatter_to_sp(out, self.tp_group) if self.sequence_parallel else reduce_from_tp(out, self.tp_group)
+        if self.sequence_parallel:
+            return reduce_scatter_to_sp(out, self.tp_group)
+        return reduce_from_tp(out, self.tp_group)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, rows [{self.vocab_start}, {self.vocab_end}) "

@@ -44,7 +44,8 @@ class MetricsLogger:
             try:
                 import wandb
             except ImportError:
-                raise RuntimeError("logging.wandb is on but wandb is not installed: pip install -e '.[wandb]'") from None
+                raise RuntimeError("logging.wandb is on but wandb is not installed: "
+                                   "pip install -e '.[wandb]'") from None
             self.wandb = wandb.init(project=wandb_project, mode=wandb_mode, dir=str(run_dir), config=config,
                                     resume="allow")
         if tensorboard:
