@@ -95,7 +95,7 @@ def test_crashed_run_resumes_and_drops_records_after_checkpoint(reference_run, t
     loss_fn = trainer.loss_fn
 
     def crash_in_step_5(logits, labels):
-        if trainer.step == 4:
+        if trainer.step == 4:  # noqa: F821 (the enclosing trainer, deleted after the crash)
             raise RuntimeError("simulated crash in step 5")
         return loss_fn(logits, labels)
 

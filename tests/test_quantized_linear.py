@@ -206,3 +206,35 @@ def test_fused_backend_is_bitwise_equal_to_emulated(recipe):
     x, dy = torch.randn(2, 24, 64), torch.randn(2, 24, 32)
     for a, b in zip(_run(ref, x, dy), _run(fused, x, dy)):
         assert torch.equal(a, b)
+
+
+def test_step_context_is_per_model_and_read_in_forward():
+    """SR keys come from the position the layer's own StepContext had at *forward* time: two
+    models in one process, or a backward that runs after other forwards and a position
+    change (a pipeline schedule), get exactly the draws of running each alone, in order."""
+    recipe = {"name": "ufp4", "sr": ["x", "dy"]}  # SR in forward and backward GEMMs
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    dy = torch.randn(4, 32, generator=torch.Generator().manual_seed(1))
+
+    def layer():
+        torch.manual_seed(3)
+        return QuantizedLinear(64, 32, True, recipe, sr_seed=11)
+
+    def alone(step, micro):
+        lin = layer()
+        lin.step_context.at(step, micro)
+        return _run(lin, x, dy)
+
+    a, b = layer(), layer()  # separate models: separate contexts
+    a.step_context.at(5, 0)
+    b.step_context.at(9, 1)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = a(xa), b(xb)
+    a.step_context.at(7, 3)  # the next micro-batch's forward is set up before this backward runs
+    ya.backward(dy)
+    yb.backward(dy)
+    for got, ref in ((ya, xa, a), alone(5, 0)), ((yb, xb, b), alone(9, 1)):
+        y, xg, lin = got
+        assert torch.equal(y.detach(), ref[0]) and torch.equal(xg.grad, ref[1]) and torch.equal(lin.weight.grad, ref[2])
+    other = alone(7, 3)  # and the position does matter: another one draws other noise
+    assert not torch.equal(other[2], alone(5, 0)[2])

@@ -109,6 +109,7 @@ def _from_single_process(data: dict, src: Path) -> tuple[dict, dict, dict]:
     (model state dict, {fqn: {exp_avg, exp_avg_sq, step}}, partitions), in the layout the
     multi-process trainer saves."""
     from megatron_ufp4.training.checkpoint import CheckpointError
+    from megatron_ufp4.training.dist_checkpoint import partitions_of
     from megatron_ufp4.training.optim import param_groups
 
     cfg, single, parallel = _layout_of(data["config"])
@@ -138,12 +139,7 @@ def _from_single_process(data: dict, src: Path) -> tuple[dict, dict, dict]:
                                   f"the parameter {shape}")
         optimizer[fqn] = {"exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"],
                           "step": torch.as_tensor(st["step"]).detach().float().reshape(())}
-    partitions = {"model": {}, "optim": {}}  # as DistributedTrainer._partitions records them
-    for n, p in parallel.named_parameters():
-        if getattr(p, "tensor_parallel", False):
-            info = {"dim": p.partition_dim, "stride": getattr(p, "partition_stride", 1)}
-            partitions["model"][n] = info
-            partitions["optim"].update({f"{n}.exp_avg": info, f"{n}.exp_avg_sq": info})
+    partitions = partitions_of(parallel.named_parameters())  # as the distributed trainer records them
     return model_sd, optimizer, partitions
 
 

@@ -12,6 +12,8 @@ branch in ``block_scales``).  Scale kinds:
 * ``e8m0`` — OCP MX power-of-two scales.  ``scale_mode="floor"`` is the OCP rule
   ``2^(floor(log2 amax) - floor(log2 gmax))`` (can saturate the top of a block);
   ``"rceil"`` is ``2^ceil(log2(amax/gmax))`` (never saturates).
+
+Specification: docs/formats.md.
 """
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ R = diag(signs) · H_n / sqrt(n), with H_n the Sylvester Hadamard matrix.  R is
 orthogonal, so rotating both operands of a GEMM along its reduction axis cancels:
 (X R)(W R)^T = X W^T.  The sign vector is drawn from a seed (same seed → same signs),
 so every tensor-parallel rank can rebuild it and checkpoints can store it.
+
+Specification: docs/rht_and_sr.md.
 """
 from __future__ import annotations
 

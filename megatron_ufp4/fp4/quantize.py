@@ -8,6 +8,8 @@ Codes are ``sign << 3 | magnitude_index`` with the sign bit taken from the scale
 fp32 sign bit, as the hardware / Transformer Engine / torchao conversion does: a negative
 value that rounds to zero (and -0.0) is stored as code 8 ("-0"), so codes and packed bytes
 match those converters bit for bit.  Code 8 decodes to -0.0, as fake_quantize keeps it.
+
+Specification: docs/formats.md.
 """
 from __future__ import annotations
 

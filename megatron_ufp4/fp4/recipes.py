@@ -19,6 +19,8 @@ A recipe is a plain dict (``PRESETS`` below, or YAML) interpreted by ``Recipe.fr
     rht_size, rht_seed: the Hadamard size (16..128) and the seed of its sign vector
     bf16_first, bf16_last: transformer layers kept in high precision (int count, or a float
         fraction of the layers), bf16_layers: explicit layer indices
+
+Specification: docs/recipes.md.
 """
 from __future__ import annotations
 

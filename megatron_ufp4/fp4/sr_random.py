@@ -10,6 +10,8 @@ same kernel instead of running a serial CPU generator.
 
 All arithmetic stays in 31-bit values multiplied by 31-bit odd constants (products < 2^62),
 so there is no signed overflow anywhere; every mixing step is a bijection on [0, 2^31).
+
+Specification: docs/rht_and_sr.md.
 """
 from __future__ import annotations
 
@@ -57,12 +59,16 @@ def _mix31(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def element_index(shape, index: SRIndex | None, device) -> torch.Tensor:
-    """int64 global index of every element of a tensor viewed as (rows, last dim)."""
-    cols = shape[-1]
+def _rows_cols(shape) -> tuple[int, int]:
     rows = 1
     for s in shape[:-1]:
         rows *= s
+    return rows, shape[-1]
+
+
+def element_index(shape, index: SRIndex | None, device) -> torch.Tensor:
+    """int64 global index of every element of a tensor viewed as (rows, last dim)."""
+    rows, cols = _rows_cols(shape)
     index = index or SRIndex()
     stride = index.row_stride or cols
     r = torch.arange(rows, device=device, dtype=torch.int64).add_(index.row_offset).mul_(stride)
@@ -86,10 +92,7 @@ def uniform_from_index(idx: torch.Tensor, key, wide: bool = True) -> torch.Tenso
 
 
 def needs_wide_index(shape, index: SRIndex | None) -> bool:
-    cols = shape[-1]
-    rows = 1
-    for s in shape[:-1]:
-        rows *= s
+    rows, cols = _rows_cols(shape)
     index = index or SRIndex()
     last = (rows - 1 + index.row_offset) * (index.row_stride or cols) + cols - 1 + index.col_offset
     return last >= _M31

@@ -16,6 +16,8 @@ The contract is two steps, so a faster backend can replace either:
 
 Backends register by name; ``get_backend`` fails loudly on unknown or unavailable ones
 instead of silently running something else.
+
+Specification: docs/backends.md.
 """
 from __future__ import annotations
 

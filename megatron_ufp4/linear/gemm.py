@@ -10,6 +10,8 @@ SR keys.  In training (``position`` = (step, micro-batch) from the model's
 ``StepContext``) a key is a pure function of (module seed, step, micro-batch, GEMM,
 operand): every layout, schedule and resume draws identical noise.  Outside training
 (``position`` None) keys are drawn from the module's seeded generator, A before B.
+
+Specification: docs/backends.md.
 """
 from __future__ import annotations
 

@@ -13,6 +13,8 @@ therefore gets exactly the values the single-process model has at those position
 Sharded modules describe their shards with ``param_shards`` metadata: a dict from the
 parameter's attribute name to a ``ShardSpec`` (global shape, split dim, fused parts,
 number of shards, this shard).
+
+Specification: docs/rht_and_sr.md.
 """
 from __future__ import annotations
 

@@ -47,6 +47,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .mappings import group_size
+
 __all__ = ["DataParallel", "expert_param_names", "named_parameters", "param_kind", "replica_group"]
 
 def _modules(model) -> list[nn.Module]:
@@ -82,14 +84,10 @@ def named_parameters(model) -> list[tuple[str, nn.Parameter]]:
     return out
 
 
-def _size(group) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
 def replica_group(pstate, kind: str):
     """(process group, group size, this rank's index in it) for a parameter kind."""
     g = pstate.group(kind)
-    return g, _size(g), (pstate.edp_rank if kind == "edp" else pstate.dp_rank)
+    return g, group_size(g), (pstate.edp_rank if kind == "edp" else pstate.dp_rank)
 
 
 def _persistent(model: nn.Module, name: str) -> bool:

@@ -59,22 +59,14 @@ from torch import nn
 
 from ..linear import linear_dtypes
 from ..model.moe import LocalDispatcher, MoE, combine
+from .mappings import group_rank, group_size
 
 __all__ = ["AllGatherDispatcher", "AllToAllDispatcher", "ExpertShard", "all_to_all", "build_expert_parallel_model",
-           "expert_range", "group_size", "load_all_reduce", "make_dispatcher", "moe_layers", "reduced_moe_stats",
+           "expert_range", "load_all_reduce", "make_dispatcher", "moe_layers", "reduced_moe_stats",
            "set_dispatcher", "shard_experts", "update_expert_bias"]
 
 
 # -- small collective helpers ------------------------------------------------------------------
-def group_size(group) -> int:
-    """Members of ``group``; ``None`` means single process (ParallelState's convention)."""
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def _group_rank(group) -> int:
-    return 0 if group is None else dist.get_rank(group)
-
-
 def load_all_reduce(group) -> Callable[[torch.Tensor], torch.Tensor]:
     """``load -> sum of load over group`` (a copy; identity for a single-process group)."""
     def reduce(load: torch.Tensor) -> torch.Tensor:
@@ -130,7 +122,7 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        rank = _group_rank(ctx.group)
+        rank = group_rank(ctx.group)
         lo = sum(ctx.sizes[:rank])
         out = []
         for g in grads:
@@ -146,7 +138,7 @@ class _ReduceScatterRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t, sizes, group):
         ctx.sizes, ctx.group = sizes, group
-        rank = _group_rank(group)
+        rank = group_rank(group)
         t = t.contiguous().clone()
         dist.all_reduce(t, group=group)
         lo = sum(sizes[:rank])
@@ -166,7 +158,7 @@ def _expert_out_dtype(x: torch.Tensor) -> torch.dtype:
 class _EPDispatcher:
     def __init__(self, ep_group, load_group=None):
         self.ep_group, self.load_group = ep_group, load_group
-        self.ep_size, self.ep_rank = group_size(ep_group), _group_rank(ep_group)
+        self.ep_size, self.ep_rank = group_size(ep_group), group_rank(ep_group)
         self._reduce = load_all_reduce(load_group)
 
     def global_load(self, load: torch.Tensor) -> torch.Tensor:

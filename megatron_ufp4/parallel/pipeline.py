@@ -19,6 +19,8 @@ is ``None`` off the first stage, ``norm`` and ``head`` are ``None`` off the last
 stages is the full model's state dict, and ``forward`` is the model's own.  Each chunk
 carries ``stage_index`` / ``num_stages``.  The schedules that run chunks are in
 pipeline_schedule.py.
+
+Specification: docs/parallel.md.
 """
 from __future__ import annotations
 

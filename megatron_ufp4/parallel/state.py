@@ -15,6 +15,8 @@ data parallel"):
 Example, 8 ranks, TP=2 PP=2 DP=2 EP=2: tp groups [0,1] [2,3] [4,5] [6,7]; dp groups [0,2]
 [1,3] [4,6] [5,7]; pp groups [0,4] [1,5] [2,6] [3,7]; ep groups = dp groups; edp groups are
 single ranks.
+
+Specification: docs/parallel.md.
 """
 from __future__ import annotations
 

@@ -36,6 +36,8 @@ A fused column layer of ``parts`` S (S=2: the SwiGLU [gate; up]) holds, on rank 
 full tensor, so a GEMM whose stochastically rounded operand spans the parts runs per part
 (``GemmSplit``), every part with the whole operand's key and tensor amax and its own
 global offset: bitwise the unsplit layer's rounding.
+
+Specification: docs/parallel.md.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..linear.linear_fn import LinearCall, linear, linear_dtypes
 from ..model.init import ShardSpec
-from .mappings import all_reduce, group_size, reduce_from_tp, reduce_scatter_to_sp
+from .mappings import all_reduce, group_rank, reduce_from_tp, reduce_scatter_to_sp
 from .state import ParallelState
 from .tensor_parallel import ColumnHooks, TPGroupMixin, set_tensor_parallel_attributes
 
@@ -85,7 +85,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, labels, group, ignore_index):
         logits = logits.float()
         v_local = logits.shape[-1]
-        start = group_rank_of(group) * v_local
+        start = group_rank(group) * v_local
         m = all_reduce(logits.detach().amax(dim=-1), group, op=dist.ReduceOp.MAX)
         shifted = logits - m.unsqueeze(-1)
         outside = (labels < start) | (labels >= start + v_local)
@@ -110,10 +110,6 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad, None, None, None
 
 
-def group_rank_of(group) -> int:
-    return 0 if group_size(group) == 1 else dist.get_rank(group)
-
-
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, group=None, *,
                                  ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
     """Cross entropy of vocabulary-sharded logits [.., V/tp] (rank r holds classes
@@ -133,4 +129,4 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, gro
     return loss.sum() / (labels != ignore_index).sum().clamp_min(1)
 
 
-__all__ = ["VocabParallelEmbedding", "VocabParallelLMHead", "group_rank_of", "vocab_parallel_cross_entropy"]
+__all__ = ["VocabParallelEmbedding", "VocabParallelLMHead", "vocab_parallel_cross_entropy"]

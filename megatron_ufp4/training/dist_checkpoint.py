@@ -15,6 +15,7 @@ parent, so a crash mid-write never leaves a checkpoint under a final name.  A fa
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from .checkpoint import CheckpointError, checkpoint_root, latest_checkpoint, prune_checkpoints
+from .checkpoint import CheckpointError, checkpoint_root, config_differences, latest_checkpoint, prune_checkpoints
 from .errors import is_comm_failure
 from .fsutil import fsync_dir, os_error_line, write_synced
 
@@ -182,3 +183,86 @@ def load_sharded(entries: dict, path: str | Path) -> None:
     from .safe_load import load_dcp
 
     load_dcp(entries, path)
+
+
+# -- a distributed trainer's state: model, ZeRO-1 optimizer shards, counters --------------------------
+COUNTERS = ("step", "skipped_total", "consecutive_nonfinite")
+
+
+def partitions_of(named_params) -> dict:
+    """Split dim and fused-part stride of every tensor-parallel parameter and its AdamW moments
+    (``partitions.json``: how the ``.part<j>`` pieces of a fused parameter join)."""
+    out = {"model": {}, "optim": {}}
+    for n, p in named_params:
+        if getattr(p, "tensor_parallel", False):
+            info = {"dim": p.partition_dim, "stride": getattr(p, "partition_stride", 1)}
+            out["model"][n] = info
+            out["optim"].update({f"{n}.exp_avg": info, f"{n}.exp_avg_sq": info})
+    return out
+
+
+def _gathered_partitions(optimizer, state) -> dict:
+    """``partitions_of`` merged over every rank (collective)."""
+    gathered = [None] * state.world_size
+    dist.all_gather_object(gathered, partitions_of(optimizer.named))
+    merged = {"model": {}, "optim": {}}
+    for g in gathered:
+        for k in merged:
+            merged[k].update(g[k])
+    return merged
+
+
+def trainer_entries(stages, optimizer, state, counters: dict, templates: bool = False) -> tuple[dict, dict]:
+    """Everything a distributed trainer checkpoints, as DCP entries: ``model.*`` (this rank's
+    modules), ``optim.*`` (the AdamW moments this rank owns; ``templates``: empty ones of this
+    layout, for a load to fill) and ``trainer.*`` counters.  Returns (entries, model owners)."""
+    model, owners = model_entries(stages, state)
+    entries = {f"model.{k}": v for k, v in model.items()}
+    named = dict(optimizer.named)
+    states = optimizer.state_dict()
+    if templates:
+        states = {n: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p), "step": torch.zeros(())}
+                  for n, p in optimizer.owned}
+    for fqn, sd in states.items():
+        for field in ("exp_avg", "exp_avg_sq"):
+            entries.update({f"optim.{k}": v for k, v in
+                            to_checkpoint_entries(f"{fqn}.{field}", sd[field], named[fqn], state).items()})
+        entries[f"optim.{fqn}.step"] = sd["step"]
+    entries.update({f"trainer.{k}": torch.tensor(counters[k]) for k in COUNTERS})
+    return entries, owners
+
+
+def save_trainer(run_dir, stages, optimizer, state, counters: dict, config: dict, config_yaml: str,
+                 keep_last: int) -> Path:
+    """A sharded checkpoint of the trainer at ``counters["step"]`` (collective)."""
+    entries, _ = trainer_entries(stages, optimizer, state, counters)
+    partitions = _gathered_partitions(optimizer, state)
+    return save_distributed(run_dir, counters["step"], entries, state, config_yaml, keep_last,
+                            extra_files={"partitions.json": json.dumps({**partitions, "config": config})})
+
+
+def load_trainer(path: Path, stages, optimizer, state, config: dict) -> dict:
+    """Load a sharded checkpoint (any layout) into this rank's modules and optimizer shard;
+    returns the counters.  An incompatible config is one ``CheckpointError`` line."""
+    from .safe_load import read_partitions
+
+    if not is_distributed_checkpoint(path):
+        raise CheckpointError(f"{path} is a single-process checkpoint; convert it with tools/convert_checkpoint.py "
+                              "or start a new run_dir")
+    diffs = config_differences(read_partitions(path).get("config", {}), config)
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} is from an incompatible config: {diffs[0]}")
+    entries, owners = trainer_entries(stages, optimizer, state, dict.fromkeys(COUNTERS, 0), templates=True)
+    load_sharded(entries, path)  # verified, no unpickling of code; fills this layout's entries, resharding
+    restore_model(stages, {k[len("model."):]: v for k, v in entries.items() if k.startswith("model.")}, owners, state)
+    named = dict(optimizer.named)
+    states = {}
+    for fqn, _ in optimizer.owned:
+        sd = {}
+        for field in ("exp_avg", "exp_avg_sq"):
+            sub = {k[len("optim."):]: v for k, v in entries.items() if k.startswith(f"optim.{fqn}.{field}")}
+            sd[field] = from_checkpoint_entries(f"{fqn}.{field}", sub, named[fqn], state)
+        sd["step"] = entries[f"optim.{fqn}.step"]
+        states[fqn] = sd
+    optimizer.load_state_dict(states)
+    return {k: int(entries[f"trainer.{k}"]) for k in COUNTERS}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 from pathlib import Path
 
 import torch
@@ -26,7 +25,6 @@ import torch.distributed as dist
 
 from ..config import RunConfig, dump_config
 from ..data.gpt_dataset import GPTDataset
-from ..data.indexed_dataset import IndexedDataset
 from ..parallel.data_parallel import DataParallel
 from ..parallel.expert import build_expert_parallel_model, reduced_moe_stats, update_expert_bias
 from ..parallel.optimizer import DistributedOptimizer
@@ -37,14 +35,13 @@ from ..parallel.pipeline_schedule import PipelineRunner
 from ..parallel.state import build_parallel_state, init_distributed
 from ..parallel.vocab_parallel import vocab_parallel_cross_entropy
 from . import dist_checkpoint as dcpk
-from .checkpoint import CheckpointError, checkpoint_to_resume, config_differences, latest_checkpoint
+from .checkpoint import CheckpointError, checkpoint_to_resume, latest_checkpoint
 from .loop import TrainingLoop, flops_per_token
 from .metrics import MetricsLogger, measured_peak_flops
 from .schedule import lr_at
-from .safe_load import read_partitions
 from .errors import is_comm_failure
 from .run_dir import RunDirLock, check_fresh_start, clean_leftovers, make_run_dir
-from .trainer import check_vocab, dataset_files, make_batch, seed_everything, validation_dataset
+from .run_setup import make_batch, seed_everything, train_dataset, validation_dataset
 
 
 class CollectiveFailure(RuntimeError):
@@ -116,9 +113,7 @@ class DistributedTrainer(TrainingLoop):
         self.optimizer = DistributedOptimizer(self.stages, st, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
         self.norm_params = unique_parameters(self.stages, st)
 
-        check_vocab(cfg)
-        train = IndexedDataset(dataset_files(cfg.data.prefix, "train"), vocab_size=cfg.model.vocab_size)
-        self.train_ds = GPTDataset(train, seq, seed=t.seed, num_samples=t.train_steps * t.global_batch_size)
+        self.train_ds = train_dataset(cfg)
         self.val_ds = validation_dataset(cfg)
         self.step, self.skipped_total, self.consecutive_nonfinite = 0, 0, 0
         self._resume(resume_from)
@@ -201,22 +196,18 @@ class DistributedTrainer(TrainingLoop):
         self.phase = f"step {self.step + 1}: the gradient-norm all-reduce"
         grad_norm = self.optimizer.clip_grad_norm(o.grad_clip, norm_params=self.norm_params)
         loss = self._dp_mean(loss)
-        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
-        if finite:
+
+        def apply_update():
             self.phase = f"step {self.step + 1}: the ZeRO-1 optimizer step (parameter broadcast)"
             self.optimizer.step()
             for stage in self.stages:
                 update_expert_bias(stage, st.group("dp"))
-            self.consecutive_nonfinite = 0
-        else:
+
+        def discard_update():
             for stage in self.stages:
                 stage.discard_expert_loads()
-            self.skipped_total += 1
-            self.consecutive_nonfinite += 1
-        self.optimizer.zero_grad()
-        self.step += 1  # the loop aborts after max_consecutive_nonfinite skipped steps in a row
-        return {"step": self.step, "loss": float(loss), "lr": lr, "grad_norm": float(grad_norm),
-                "skipped": int(not finite), "skipped_total": self.skipped_total}
+
+        return self.finish_step(loss, grad_norm, lr, apply_update, discard_update, self.optimizer.zero_grad)
 
     @guarded("evaluation")
     @torch.no_grad()
@@ -236,25 +227,6 @@ class DistributedTrainer(TrainingLoop):
         self.runner.train()
         return float(self._dp_mean(total / n))
 
-    # -- checkpoints ----------------------------------------------------------------------
-    def _entries(self, with_optimizer_templates: bool = False) -> tuple[dict, dict]:
-        model_entries, owners = dcpk.model_entries(self.stages, self.state)
-        entries = {f"model.{k}": v for k, v in model_entries.items()}
-        named = dict(self.optimizer.named)
-        states = self.optimizer.state_dict()
-        if with_optimizer_templates:  # what this rank owns in *this* layout, to be filled by load
-            states = {n: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p),
-                          "step": torch.zeros(())} for n, p in self.optimizer.owned}
-        for fqn, sd in states.items():
-            for field in ("exp_avg", "exp_avg_sq"):
-                entries.update({f"optim.{k}": v for k, v in
-                                dcpk.to_checkpoint_entries(f"{fqn}.{field}", sd[field], named[fqn], self.state).items()})
-            entries[f"optim.{fqn}.step"] = sd["step"]
-        entries["trainer.step"] = torch.tensor(self.step)
-        entries["trainer.skipped_total"] = torch.tensor(self.skipped_total)
-        entries["trainer.consecutive_nonfinite"] = torch.tensor(self.consecutive_nonfinite)
-        return entries, owners
-
     @guarded("the MoE load all-reduce")
     def moe_stats(self) -> dict:
         self.phase = f"the MoE load all-reduce after step {self.step}"
@@ -263,57 +235,18 @@ class DistributedTrainer(TrainingLoop):
             stats.update(reduced_moe_stats(stage, self.state.group("dp")))
         return stats
 
-    def _partitions(self) -> dict:
-        mine = {"model": {}, "optim": {}}
-        for n, p in self.optimizer.named:
-            if getattr(p, "tensor_parallel", False):
-                info = {"dim": p.partition_dim, "stride": getattr(p, "partition_stride", 1)}
-                mine["model"][n] = info
-                mine["optim"].update({f"{n}.exp_avg": info, f"{n}.exp_avg_sq": info})
-        gathered = [None] * self.state.world_size
-        dist.all_gather_object(gathered, mine)
-        merged = {"model": {}, "optim": {}}
-        for g in gathered:
-            for k in merged:
-                merged[k].update(g[k])
-        return merged
+    def _counters(self) -> dict:
+        return {k: getattr(self, k) for k in dcpk.COUNTERS}
 
     @guarded("checkpoint save")
     def save(self) -> Path:
         self.phase = f"the checkpoint save at step {self.step}"
-        entries, _ = self._entries()
-        partitions = self._partitions()
-        path = dcpk.save_distributed(self.run_dir, self.step, entries, self.state, dump_config(self.cfg),
-                                     self.cfg.checkpoint.keep_last,
-                                     extra_files={"partitions.json": json.dumps({**partitions,
-                                                                                 "config": self.cfg.to_dict()})})
-        return path
+        return dcpk.save_trainer(self.run_dir, self.stages, self.optimizer, self.state, self._counters(),
+                                 self.cfg.to_dict(), dump_config(self.cfg), self.cfg.checkpoint.keep_last)
 
     def _resume(self, path: Path | None) -> None:
         if path is None:
             return
-        if not dcpk.is_distributed_checkpoint(path):
-            raise CheckpointError(f"{path} is a single-process checkpoint; convert it with tools/convert_checkpoint.py "
-                                  "or start a new run_dir")
-        meta = read_partitions(path)
-        diffs = config_differences(meta.get("config", {}), self.cfg.to_dict())
-        if diffs:
-            raise CheckpointError(f"checkpoint {path} is from an incompatible config: {diffs[0]}")
-        entries, owners = self._entries(with_optimizer_templates=True)
-        dcpk.load_sharded(entries, path)  # verified, no unpickling of code; fills this layout's entries, resharding
-        dcpk.restore_model(self.stages, {k[len("model."):]: v for k, v in entries.items() if k.startswith("model.")},
-                           owners, self.state)
-        named = dict(self.optimizer.named)
-        states = {}
-        for fqn, _ in self.optimizer.owned:
-            sd = {}
-            for field in ("exp_avg", "exp_avg_sq"):
-                sub = {k[len("optim."):]: v for k, v in entries.items() if k.startswith(f"optim.{fqn}.{field}")}
-                sd[field] = dcpk.from_checkpoint_entries(f"{fqn}.{field}", sub, named[fqn], self.state)
-            sd["step"] = entries[f"optim.{fqn}.step"]
-            states[fqn] = sd
-        self.optimizer.load_state_dict(states)
-        self.step = int(entries["trainer.step"])
-        self.skipped_total = int(entries["trainer.skipped_total"])
-        self.consecutive_nonfinite = int(entries["trainer.consecutive_nonfinite"])
+        for k, v in dcpk.load_trainer(path, self.stages, self.optimizer, self.state, self.cfg.to_dict()).items():
+            setattr(self, k, v)
         self.console(f"resumed from {path} at step {self.step}")

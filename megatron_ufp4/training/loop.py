@@ -18,6 +18,8 @@ import signal
 import threading
 import time
 
+import torch
+
 from ..model import num_params
 
 
@@ -87,6 +89,25 @@ def _json_safe(value):
 
 
 class TrainingLoop:
+    def finish_step(self, loss, grad_norm, lr: float, apply_update, discard_update, zero_grad) -> dict:
+        """The end of every step, for both trainers: a finite loss and gradient norm apply the
+        update (``apply_update``: optimizer step, expert-bias step), anything else skips it
+        (``discard_update``: forget the step's expert loads) and counts towards the
+        abort after ``max_consecutive_nonfinite``; then gradients are cleared and the step
+        counts (skipped steps too, so the data position moves on)."""
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+        if finite:
+            apply_update()
+            self.consecutive_nonfinite = 0
+        else:
+            discard_update()
+            self.skipped_total += 1
+            self.consecutive_nonfinite += 1
+        zero_grad()
+        self.step += 1
+        return {"step": self.step, "loss": float(loss), "lr": lr, "grad_norm": float(grad_norm),
+                "skipped": int(not finite), "skipped_total": self.skipped_total}
+
     def train(self, exit_after: int | None = None) -> dict:
         """Train to ``training.train_steps`` (or stop, with a checkpoint, after ``exit_after``)."""
         with StopSignals(self.cfg.checkpoint.save_on_signal) as signals:

@@ -7,16 +7,12 @@ run's losses bit for bit.
 """
 from __future__ import annotations
 
-import json
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..config import RunConfig, dump_config
 from ..data.gpt_dataset import GPTDataset
-from ..data.indexed_dataset import IndexedDataset
 from ..model import GPTModel, LinearFactory, lm_loss
 from .checkpoint import (CheckpointError, capture_rng, checkpoint_to_resume, config_differences, load_checkpoint,
                          restore_rng, save_checkpoint)
@@ -24,52 +20,8 @@ from .loop import TrainingAborted, TrainingLoop, flops_per_token  # noqa: F401 (
 from .metrics import MetricsLogger, measured_peak_flops
 from .run_dir import RunDirLock, check_fresh_start, clean_leftovers, make_run_dir
 from .optim import build_optimizer, clip_grad_norm
+from .run_setup import make_batch, resolve_device, seed_everything, train_dataset, validation_dataset  # noqa: F401
 from .schedule import lr_at
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("training.device is cuda but no CUDA device is available")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def dataset_files(prefix: str, split: str) -> str:
-    p = f"{prefix}_{split}"
-    if not Path(p + ".bin").is_file() or not Path(p + ".idx").is_file():
-        raise FileNotFoundError(f"data.prefix: no prepared dataset {p}.bin/.idx (run megatron_ufp4.data.prepare "
-                                f"or scripts/prepare_demo_corpus.sh first)")
-    return p
-
-
-def check_vocab(cfg: RunConfig) -> None:
-    vocab_json = Path(cfg.data.prefix + ".json")
-    if vocab_json.is_file():
-        vocab = json.loads(vocab_json.read_text()).get("vocab_size", 0)
-        if vocab > cfg.model.vocab_size:
-            raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                             f"vocabulary ({vocab}) in {vocab_json}")
-
-
-def validation_dataset(cfg: RunConfig) -> GPTDataset:
-    """Unshuffled: every evaluation sees the same samples, and draws no randomness."""
-    return GPTDataset(IndexedDataset(dataset_files(cfg.data.prefix, "val"), vocab_size=cfg.model.vocab_size),
-                      cfg.data.seq_len,
-                      seed=cfg.training.seed, shuffle=False)
-
-
-def make_batch(ds: GPTDataset, indices, device) -> tuple[torch.Tensor, torch.Tensor]:
-    items = [ds[int(i) % len(ds)] for i in indices]
-    tokens = torch.stack([it["tokens"] for it in items]).to(device)
-    labels = torch.stack([it["labels"] for it in items]).to(device)
-    return tokens, labels
 
 
 @torch.no_grad()
@@ -126,11 +78,8 @@ class Trainer(TrainingLoop):
 
     # -- data ---------------------------------------------------------------------------
     def _build_data(self) -> None:
-        cfg, t = self.cfg, self.cfg.training
-        check_vocab(cfg)
-        train = IndexedDataset(dataset_files(cfg.data.prefix, "train"), vocab_size=cfg.model.vocab_size)
-        self.train_ds = GPTDataset(train, cfg.data.seq_len, seed=t.seed, num_samples=t.train_steps * t.global_batch_size)
-        self.val_ds = validation_dataset(cfg)
+        self.train_ds = train_dataset(self.cfg)
+        self.val_ds = validation_dataset(self.cfg)
 
     # -- one step -------------------------------------------------------------------------
     loss_fn = staticmethod(lm_loss)  # an attribute so tests can inject failures
@@ -156,19 +105,12 @@ class Trainer(TrainingLoop):
         self.model.step_context.at(None)
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = clip_grad_norm(params, o.grad_clip)
-        finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm))
-        if finite:
+        def apply_update():
             self.optimizer.step()
             self.model.update_expert_bias()
-            self.consecutive_nonfinite = 0
-        else:
-            self.model.discard_expert_loads()
-            self.skipped_total += 1
-            self.consecutive_nonfinite += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1  # the loop aborts after max_consecutive_nonfinite skipped steps in a row
-        return {"step": self.step, "loss": float(loss_sum), "lr": lr, "grad_norm": float(grad_norm),
-                "skipped": int(not finite), "skipped_total": self.skipped_total}
+
+        return self.finish_step(loss_sum, grad_norm, lr, apply_update, self.model.discard_expert_loads,
+                                lambda: self.optimizer.zero_grad(set_to_none=True))
 
     def evaluate(self) -> float:
         t = self.cfg.training
