@@ -72,10 +72,14 @@ class LinearFactory:
     def sr_seed(self, layer_index: int, name: str) -> int:
         return derive_sr_seed(self.seed, layer_index, name)
 
-    def __call__(self, in_features: int, out_features: int, *, kind: str, layer_index: int, name: str,
-                 bias: bool = False, parts: int = 1, in_moe: bool = False) -> nn.Module:
+    @staticmethod
+    def check_kind(kind: str, name: str) -> None:
         if kind not in KINDS:
             raise ValueError(f"linear {name!r}: kind must be one of {KINDS} (got {kind!r})")
+
+    def __call__(self, in_features: int, out_features: int, *, kind: str, layer_index: int, name: str,
+                 bias: bool = False, parts: int = 1, in_moe: bool = False) -> nn.Module:
+        self.check_kind(kind, name)
         return QuantizedLinear(in_features, out_features, bias, self.recipe, layer_index=layer_index,
                                num_layers=self.num_layers, sr_seed=self.sr_seed(layer_index, name),
                                backend=self.backend, collect_stats=self.collect_stats,

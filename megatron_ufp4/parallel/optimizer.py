@@ -112,15 +112,20 @@ def merge_state_dicts(states: Iterable[dict]) -> dict:
     return out
 
 
-def torch_adamw_state_to_fqn(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """A single-process torch AdamW's state as ``{fqn: {"exp_avg", "exp_avg_sq", "step"}}``."""
+def _adamw_state_by_fqn(named, optimizer: torch.optim.Optimizer) -> dict:
+    """``{fqn: {"exp_avg", "exp_avg_sq", "step"}}`` (copies) for the named parameters with state."""
     out = {}
-    for n, p in named_parameters(model):
+    for n, p in named:
         st = optimizer.state.get(p)
         if st:
             out[n] = {"exp_avg": st["exp_avg"].detach().clone(), "exp_avg_sq": st["exp_avg_sq"].detach().clone(),
                       "step": torch.as_tensor(st["step"]).detach().clone().float().cpu()}
     return out
+
+
+def torch_adamw_state_to_fqn(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """A single-process torch AdamW's state as ``{fqn: {"exp_avg", "exp_avg_sq", "step"}}``."""
+    return _adamw_state_by_fqn(named_parameters(model), optimizer)
 
 
 class DistributedOptimizer:
@@ -223,15 +228,7 @@ class DistributedOptimizer:
     # -- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """{fqn: {"exp_avg", "exp_avg_sq", "step"}} for the owned parameters with state."""
-        out = {}
-        if self.optimizer is None:
-            return out
-        for n, p in self.owned:
-            st = self.optimizer.state.get(p)
-            if st:
-                out[n] = {"exp_avg": st["exp_avg"].detach().clone(), "exp_avg_sq": st["exp_avg_sq"].detach().clone(),
-                          "step": torch.as_tensor(st["step"]).detach().clone().float().cpu()}
-        return out
+        return {} if self.optimizer is None else _adamw_state_by_fqn(self.owned, self.optimizer)
 
     def load_state_dict(self, states: dict | Sequence[dict], strict: bool = False) -> int:
         """Install the entries of ``states`` (a merged FQN dict or a list of per-rank dicts)

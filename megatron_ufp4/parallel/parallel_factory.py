@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..model.gpt import GPTModel
-from ..model.linear_factory import KINDS, LinearFactory
+from ..model.linear_factory import LinearFactory
 from .mappings import all_reduce
 from .state import ParallelState
 from .tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -46,8 +46,7 @@ class ParallelLinearFactory(LinearFactory):
 
     def __call__(self, in_features: int, out_features: int, *, kind: str, layer_index: int, name: str,
                  bias: bool = False, parts: int = 1, in_moe: bool = False) -> nn.Module:
-        if kind not in KINDS:
-            raise ValueError(f"linear {name!r}: kind must be one of {KINDS} (got {kind!r})")
+        self.check_kind(kind, name)
         full_name = f"layers.{layer_index}.{name}"
         if self.state.sequence_parallel and self.state.tp > 1 and in_moe:
             raise ValueError(f"{full_name}: sequence parallelism does not support MoE layers (their tokens are "

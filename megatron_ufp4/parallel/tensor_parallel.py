@@ -100,11 +100,13 @@ def set_tensor_parallel_attributes(param: nn.Parameter, partition_dim: int, part
     param.partition_stride = partition_stride
 
 
-class ColumnHooks(CollectiveHooks):
-    """Column parallel: gather a sequence-parallel input; reduce the FP32 input gradient."""
-
+class _TPHooks(CollectiveHooks):
     def __init__(self, group, sequence_parallel: bool):
         self.group, self.sequence_parallel = group, sequence_parallel
+
+
+class ColumnHooks(_TPHooks):
+    """Column parallel: gather a sequence-parallel input; reduce the FP32 input gradient."""
 
     def gather_input(self, x):
         return all_gather(x, SEQ_DIM, self.group) if self.sequence_parallel else x
@@ -113,11 +115,8 @@ class ColumnHooks(CollectiveHooks):
         return reduce_scatter(dx, SEQ_DIM, self.group) if self.sequence_parallel else all_reduce(dx, self.group)
 
 
-class RowHooks(CollectiveHooks):
+class RowHooks(_TPHooks):
     """Row parallel: reduce the FP32 partial output; gather a sequence-parallel output gradient."""
-
-    def __init__(self, group, sequence_parallel: bool):
-        self.group, self.sequence_parallel = group, sequence_parallel
 
     def reduce_output(self, y):
         return reduce_scatter(y, SEQ_DIM, self.group) if self.sequence_parallel else all_reduce(y, self.group)

@@ -100,11 +100,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, config_yaml: st
         fsync_dir(tmp)
         if _before_rename is not None:  # test hook: simulate a crash before the commit point
             _before_rename(tmp)
-        if final.exists():  # re-saving the same step (e.g. final save after an interval save)
-            final.rename(old)
-        tmp.rename(final)  # the commit point
-        fsync_dir(root)
-        shutil.rmtree(old, ignore_errors=True)
+        commit_checkpoint(tmp, final, old)
     except OSError as e:
         _undo_save(tmp, old, final)
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
@@ -114,6 +110,16 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, config_yaml: st
         raise
     prune_checkpoints(run_dir, keep_last, keep=final)
     return final
+
+
+def commit_checkpoint(tmp: Path, final: Path, old: Path) -> None:
+    """Rename a fully written ``tmp`` into place (a re-save of the same step, e.g. the final save
+    after an interval save, moves the existing one to ``old`` first) and make it durable."""
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)  # the commit point
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _undo_save(tmp: Path, old: Path, final: Path) -> None:

@@ -26,7 +26,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from .checkpoint import CheckpointError, checkpoint_root, config_differences, latest_checkpoint, prune_checkpoints
+from .checkpoint import (CheckpointError, checkpoint_root, commit_checkpoint, config_differences, latest_checkpoint,
+                         prune_checkpoints)
 from .errors import is_comm_failure
 from .fsutil import fsync_dir, os_error_line, write_synced
 
@@ -143,11 +144,7 @@ def save_distributed(run_dir: str | Path, step: int, entries: dict, state, confi
             for name, text in (extra_files or {}).items():
                 write_synced(tmp / name, text)
             fsync_dir(tmp)
-            if final.exists():
-                final.rename(old)
-            tmp.rename(final)  # the commit point
-            fsync_dir(root)
-            shutil.rmtree(old, ignore_errors=True)
+            commit_checkpoint(tmp, final, old)
             prune_checkpoints(run_dir, keep_last, keep=final)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
