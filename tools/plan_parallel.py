@@ -15,11 +15,17 @@ reduce-scatter S (n-1)/n, an all-to-all S (n-1)/n):
   parameter broadcast (each rank receives the (dp-1)/dp it does not own);
 * expert: per MoE layer and micro-batch, the all-to-all of the routed token copies
   (b s k rows of h) out and back, forward and backward.
+
+``--materialize RANK`` builds that rank's model exactly as the trainer does (meta device,
+then only its TP/PP/EP share allocated and initialised), without a process group, and
+prints its parameter bytes, the peak RSS growth of the build and the build time.
 """
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
+import time
 
 from megatron_ufp4.config import ConfigError, load_config
 from megatron_ufp4.model import num_params
@@ -56,11 +62,49 @@ def plan(cfg, world: int) -> dict:
             "comm_bytes_per_step": vol}
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def materialize(cfg, world: int, rank: int) -> dict:
+    """Build rank ``rank``'s chunks as the distributed trainer does; measure what it costs."""
+    import torch
+
+    from megatron_ufp4.parallel.build import build_rank_chunks
+    from megatron_ufp4.parallel.parallel_factory import ParallelLinearFactory
+    from megatron_ufp4.parallel.state import state_for_rank
+
+    p = cfg.parallel
+    dp = p.data or world // (p.tensor * p.pipeline)
+    st = state_for_rank(rank, world, p.tensor, p.pipeline, dp, p.expert, p.virtual_pipeline, p.sequence_parallel,
+                        cfg.model)
+    recipe, backend = cfg.build_recipe()
+    before, t0 = _rss_bytes(), time.perf_counter()
+    factory = ParallelLinearFactory(recipe, cfg.model.num_layers, st, backend=backend, seed=cfg.training.seed)
+    chunks = build_rank_chunks(cfg.model, factory, st, init_seed=cfg.training.seed, device=torch.device("cpu"),
+                               dispatcher=p.expert_dispatcher, first_stage_layers=p.first_stage_layers,
+                               last_stage_layers=p.last_stage_layers)
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    seen, nbytes, numel = set(), 0, 0
+    for c in chunks:
+        for t in [*c.parameters(), *c.buffers()]:
+            if id(t) not in seen:
+                seen.add(id(t))
+                nbytes, numel = nbytes + t.numel() * t.element_size(), numel + t.numel()
+    layers = [int(k) for c in chunks for k in c.layers]
+    return {"state": st.describe(), "layers": layers, "param_bytes": nbytes, "numel": numel,
+            "rss_growth": max(0, peak - before), "seconds": seconds}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config")
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--world", type=int, required=True, help="total number of ranks")
+    ap.add_argument("--materialize", type=int, metavar="RANK", default=None,
+                    help="build this rank's model as the trainer would and report its memory and build time")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -73,6 +117,7 @@ def main(argv=None) -> int:
             raise ConfigError(f"training.global_batch_size={cfg.training.global_batch_size} is not a multiple of "
                               f"micro_batch_size x data = {cfg.training.micro_batch_size} x {dp}")
         r = plan(cfg, args.world)
+        built = materialize(cfg, args.world, args.materialize) if args.materialize is not None else None
     except (ConfigError, ValueError) as e:
         print(f"plan_parallel.py: error: {e}", file=sys.stderr)
         return 2
@@ -84,6 +129,12 @@ def main(argv=None) -> int:
           f"{r['state_bytes_per_rank'] / 2**30:.1f} GiB per rank")
     for dim, v in r["comm_bytes_per_step"].items():
         print(f"  {dim:<9} {v / 2**20:12.1f} MiB sent per rank per step")
+    if built is not None:
+        span = f"layers {built['layers'][0]}..{built['layers'][-1]}" if built["layers"] else "no layers"
+        print(f"materialized {built['state']} ({span}): {built['numel'] / g:.3f}B elements, "
+              f"{built['param_bytes'] / 2**30:.2f} GiB parameters and buffers; peak RSS growth "
+              f"{built['rss_growth'] / 2**30:.2f} GiB ({built['rss_growth'] / max(built['param_bytes'], 1):.2f}x); "
+              f"built in {built['seconds']:.1f} s")
     return 0
 
 

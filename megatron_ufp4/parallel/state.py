@@ -105,6 +105,19 @@ def init_distributed(timeout_s: float = 300.0) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def state_for_rank(rank: int, world: int, tp: int = 1, pp: int = 1, dp: int = 1, ep: int = 1, vpp: int = 1,
+                   sequence_parallel: bool = False, model_cfg=None) -> ParallelState:
+    """The coordinates rank ``rank`` has in this layout, without process groups (every group
+    is None): what a planner needs to build that rank's model on one machine."""
+    validate_layout(world, tp, pp, dp, ep, vpp, model_cfg)
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside the world of {world} ranks")
+    tp_rank, rest = rank % tp, rank // tp
+    dp_rank, pp_rank = rest % dp, rest // dp
+    return ParallelState(world, rank, tp, pp, dp, ep, vpp, sequence_parallel, tp_rank, pp_rank, dp_rank,
+                         dp_rank % ep, dp_rank // ep)
+
+
 def build_parallel_state(tp: int = 1, pp: int = 1, dp: int | None = None, ep: int = 1, vpp: int = 1,
                          sequence_parallel: bool = False, model_cfg=None,
                          timeout_s: float | None = None) -> ParallelState:
@@ -121,12 +134,8 @@ def build_parallel_state(tp: int = 1, pp: int = 1, dp: int | None = None, ep: in
         if tp < 1 or pp < 1 or world % (tp * pp):
             raise ValueError(f"parallel.tensor x parallel.pipeline = {tp}x{pp} does not divide the world size {world}")
         dp = world // (tp * pp)
-    validate_layout(world, tp, pp, dp, ep, vpp, model_cfg)
+    st = state_for_rank(rank, world, tp, pp, dp, ep, vpp, sequence_parallel, model_cfg)
     timeout = datetime.timedelta(seconds=timeout_s) if timeout_s is not None else None
-    tp_rank, rest = rank % tp, rank // tp
-    dp_rank, pp_rank = rest % dp, rest // dp
-    st = ParallelState(world, rank, tp, pp, dp, ep, vpp, sequence_parallel, tp_rank, pp_rank, dp_rank,
-                       dp_rank % ep, dp_rank // ep)
     layouts = {
         "tp": [[rank_of(t, d, p, tp, dp) for t in range(tp)] for p in range(pp) for d in range(dp)],
         "dp": [[rank_of(t, d, p, tp, dp) for d in range(dp)] for p in range(pp) for t in range(tp)],

@@ -100,6 +100,17 @@ def set_tensor_parallel_attributes(param: nn.Parameter, partition_dim: int, part
     param.partition_stride = partition_stride
 
 
+def apply_shard_attributes(root: nn.Module) -> None:
+    """(Re)derive the parameter attributes TP code reads (``tensor_parallel``,
+    ``partition_dim``, ``partition_stride``) from the modules' ``param_shards`` metadata, the
+    source of truth: ``to_empty`` and ``deepcopy`` make new Parameter objects without them."""
+    for m in root.modules():
+        for attr, spec in getattr(m, "param_shards", {}).items():
+            p = getattr(m, attr, None)
+            if p is not None:
+                set_tensor_parallel_attributes(p, spec.dim, spec.parts)
+
+
 class _TPHooks(CollectiveHooks):
     def __init__(self, group, sequence_parallel: bool):
         self.group, self.sequence_parallel = group, sequence_parallel
@@ -288,5 +299,5 @@ class RowParallelLinear(_TensorParallelLinear):
                 f"{', sequence_parallel' if self.sequence_parallel else ''}")
 
 
-__all__ = ["ColumnHooks", "ColumnParallelLinear", "GroupHandle", "RowHooks", "RowParallelLinear", "TPGroupMixin",
-           "set_tensor_parallel_attributes", "tp_info"]
+__all__ = ["apply_shard_attributes", "ColumnHooks", "ColumnParallelLinear", "GroupHandle", "RowHooks",
+           "RowParallelLinear", "TPGroupMixin", "set_tensor_parallel_attributes", "tp_info"]

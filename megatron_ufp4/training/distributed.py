@@ -26,11 +26,12 @@ import torch.distributed as dist
 from ..config import RunConfig, dump_config
 from ..data.gpt_dataset import GPTDataset
 from ..parallel.data_parallel import DataParallel
-from ..parallel.expert import build_expert_parallel_model, reduced_moe_stats, update_expert_bias
+from ..parallel.expert import reduced_moe_stats, update_expert_bias
 from ..parallel.optimizer import DistributedOptimizer
-from ..parallel.parallel_factory import ParallelLinearFactory, build_tensor_parallel_gpt, sync_sequence_parallel_grads
+from ..parallel.parallel_factory import ParallelLinearFactory, sync_sequence_parallel_grads
 from ..model.gpt import lm_loss
-from ..parallel.pipeline import build_stage_modules, unique_parameters
+from ..parallel.build import build_rank_chunks
+from ..parallel.pipeline import unique_parameters
 from ..parallel.pipeline_schedule import PipelineRunner
 from ..parallel.state import build_parallel_state, init_distributed
 from ..parallel.vocab_parallel import vocab_parallel_cross_entropy
@@ -92,13 +93,10 @@ class DistributedTrainer(TrainingLoop):
         seed_everything(t.seed)
         self.recipe, backend = cfg.build_recipe()
         factory = ParallelLinearFactory(self.recipe, cfg.model.num_layers, st, backend=backend, seed=t.seed)
-        model = build_tensor_parallel_gpt(cfg.model, factory, init_seed=t.seed)  # shards equal the single-process init
-        if cfg.model.num_experts:
-            build_expert_parallel_model(model, st, par.expert_dispatcher, "dp")
-        self.stages = build_stage_modules(model, st, vpp=par.virtual_pipeline,
-                                          first_stage_layers=par.first_stage_layers,
-                                          last_stage_layers=par.last_stage_layers)
-        del model
+        # only this rank's shard is ever allocated; values equal the single-process init
+        self.stages = build_rank_chunks(cfg.model, factory, st, init_seed=t.seed, device=self.device,
+                                        dispatcher=par.expert_dispatcher, first_stage_layers=par.first_stage_layers,
+                                        last_stage_layers=par.last_stage_layers)
         tp_group = st.group("tp")
         loss_fn = (lambda logits, labels: vocab_parallel_cross_entropy(logits, labels, tp_group)) if st.tp > 1 \
             else lm_loss
