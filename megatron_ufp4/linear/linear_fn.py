@@ -23,6 +23,12 @@ import torch
 _HALF = (torch.bfloat16, torch.float16)
 
 
+def linear_output_dtype(x: torch.Tensor) -> torch.dtype:
+    """What a linear returns for input ``x``: the autocast dtype when autocast is on, else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 def linear_dtypes(x: torch.Tensor, weight: torch.Tensor, quantized: bool) -> tuple[torch.dtype, torch.dtype | None]:
     """The one dtype rule: (output dtype, high-precision GEMM input dtype or None for FP4).
 
@@ -31,8 +37,7 @@ def linear_dtypes(x: torch.Tensor, weight: torch.Tensor, quantized: bool) -> tup
     ``F.linear`` does; FP4 GEMMs quantize from whatever they get and return FP32."""
     dev = x.device.type
     auto = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-    out = auto or x.dtype
-    return out, (None if quantized else (auto or torch.promote_types(x.dtype, weight.dtype)))
+    return linear_output_dtype(x), (None if quantized else (auto or torch.promote_types(x.dtype, weight.dtype)))
 
 
 def high_precision_gemm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -57,7 +57,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..linear import linear_dtypes
+from ..linear import linear_output_dtype
 from ..model.moe import LocalDispatcher, MoE, combine
 from .mappings import group_rank, group_size
 
@@ -149,11 +149,6 @@ class _ReduceScatterRows(torch.autograd.Function):
         return _gather_padded(grad.contiguous(), ctx.sizes, ctx.group), None, None
 
 
-def _expert_out_dtype(x: torch.Tensor) -> torch.dtype:
-    """dtype an expert returns for input x (the linears' one dtype rule)."""
-    return linear_dtypes(x, x, quantized=True)[0]
-
-
 # -- dispatchers --------------------------------------------------------------------------------
 class _EPDispatcher:
     def __init__(self, ep_group, load_group=None):
@@ -198,7 +193,7 @@ class AllToAllDispatcher(_EPDispatcher):
         xe = xr[perm]
         outs = moe.run_experts(xe, recv.sum(0), first)
         # no rows here: keep the (empty) received tensor in the graph so backward's all-to-alls run
-        ye = (torch.cat(outs) if outs else xe).to(_expert_out_dtype(x))
+        ye = (torch.cat(outs) if outs else xe).to(linear_output_dtype(x))
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(perm.numel(), device=perm.device)
         ys = all_to_all(ye[inv], send_splits, recv_splits, self.ep_group)  # back in `order`
@@ -249,7 +244,7 @@ class AllGatherDispatcher(_EPDispatcher):
         token_g = order_g // k
         xe = xg[token_g]
         outs = moe.run_experts(xe, torch.bincount(ef[order_g] - first, minlength=n_local), first)
-        ye = (torch.cat(outs) if outs else xe).to(_expert_out_dtype(x))
+        ye = (torch.cat(outs) if outs else xe).to(linear_output_dtype(x))
         partial = combine(xg, ye, token_g, wg.reshape(-1)[order_g])  # this rank's experts, all tokens
         if self.ep_size == 1:
             return partial
