@@ -122,11 +122,15 @@ def tensor_amax(x: torch.Tensor, fmt: str | FP4Format, rht: RHT | None = None, *
     return _finite_amax(_block_amax(_blocked(_rotate(xm, rot), fmt), fmt))
 
 
-def _blocks_core(xm, fmt: FP4Format, rounding: str, rot, sr_key, sr_index, tensor_amax, dequantize: bool):
+def _blocks_core(xm, fmt: FP4Format, rounding: str, rot, sr_key, sr_index, tensor_amax, dequantize: bool,
+                 wide: bool = True):
     """Pure tensor math shared by every path (and compiled whole by the fused backend).
 
-    xm: the input with the blocked axis last; rot: the RHT matrix or None; sr_key (0-d
-    int64 tensor) and sr_index: where the SR draws come from (see sr_random).
+    xm: the input with the blocked axis last; rot: the RHT matrix or None; sr_key (int64
+    tensor: 0-d, or one key per row / column of a grouped operand) and sr_index (an
+    ``SRIndex``, or a grouped operand's precomputed int64 global indices, whose ``wide`` the
+    caller decides): where the SR draws come from (see sr_random).  tensor_amax: 0-d, or
+    broadcastable to the block amaxes (one per group of a grouped operand).
     Returns (grid values or dequantized values, blocked; stored scales; fp32 decode
     multipliers; tensor scale; whether every block was finite).
     """
@@ -138,8 +142,11 @@ def _blocks_core(xm, fmt: FP4Format, rounding: str, rot, sr_key, sr_index, tenso
     stored, dec, enc, tscale = block_scales(amax, fmt, tensor_amax)
     u = None
     if rounding == "sr":
-        idx = element_index(xm.shape, sr_index, xm.device)
-        u = _blocked(uniform_from_index(idx, sr_key, needs_wide_index(xm.shape, sr_index)), fmt)
+        if torch.is_tensor(sr_index):
+            idx = sr_index
+        else:
+            idx, wide = element_index(xm.shape, sr_index, xm.device), needs_wide_index(xm.shape, sr_index)
+        u = _blocked(uniform_from_index(idx, sr_key, wide), fmt)
     q = fmt.grid_obj.round_(scale_values(xb, dec, enc), rounding, u)
     dec = torch.where(finite, dec, float("nan"))  # a block holding NaN/Inf decodes to NaN, never a number
     if dequantize:
