@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..linear.linear_fn import LinearCall, linear, linear_dtypes
+from ..model.gpt import DEFAULT_CE_CHUNK_TOKENS, VocabShard, chunked_cross_entropy
 from ..model.init import ShardSpec
 from .mappings import all_reduce, group_rank, reduce_from_tp, reduce_scatter_to_sp
 from .state import ParallelState
@@ -76,6 +77,14 @@ class VocabParallelLMHead(TPGroupMixin, nn.Module):
         out_dtype, hp_dtype = linear_dtypes(x, self.weight, quantized=False)
         return linear(x, self.weight, None, LinearCall(None, self.hooks, out_dtype, hp_dtype, None))
 
+    def chunked_loss(self, x: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = DEFAULT_CE_CHUNK_TOKENS,
+                     **kwargs) -> torch.Tensor:
+        """``vocab_parallel_cross_entropy(self(x), labels, tp_group)`` without the logits shard
+        [tokens, V/tp]: ``vocab_parallel_chunked_cross_entropy`` (``GPTModel.head_loss`` calls it)."""
+        return vocab_parallel_chunked_cross_entropy(x, self.weight, labels, self.tp_group,
+                                                    sequence_parallel=self.sequence_parallel,
+                                                    chunk_tokens=chunk_tokens, **kwargs)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, vocab shard {self.weight.shape[0]} of {self.out_features}"
 
@@ -129,4 +138,43 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, gro
     return loss.sum() / (labels != ignore_index).sum().clamp_min(1)
 
 
-__all__ = ["VocabParallelEmbedding", "VocabParallelLMHead", "vocab_parallel_cross_entropy"]
+class _TPVocabShard(VocabShard):
+    """The vocabulary rows [start, start + V/tp) of a TP rank: logits combined with MAX / SUM
+    all-reduces over the TP group, the input gathered / its FP32 gradient reduced like a
+    column-parallel linear's (``ColumnHooks``)."""
+
+    def __init__(self, group, sequence_parallel: bool, start: int):
+        self.group, self.start = group, start
+        self.hooks = ColumnHooks(group, sequence_parallel)
+
+    def gather_input(self, x):
+        return self.hooks.gather_input(x)
+
+    def reduce_input_grad(self, dx):
+        return self.hooks.reduce_input_grad(dx)
+
+    def all_max(self, x):
+        return all_reduce(x, self.group, op=dist.ReduceOp.MAX)
+
+    def all_sum(self, x):
+        return all_reduce(x, self.group)
+
+
+def vocab_parallel_chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                                         group=None, *, sequence_parallel: bool = False,
+                                         chunk_tokens: int = DEFAULT_CE_CHUNK_TOKENS, ignore_index: int = -100,
+                                         reduction: str = "mean") -> torch.Tensor:
+    """``vocab_parallel_cross_entropy(VocabParallelLMHead(hidden), labels, group)`` computed
+    ``chunk_tokens`` tokens at a time from the head's input ``hidden`` [B, T, H] ([B, T/tp, H]
+    with ``sequence_parallel``; labels are always the full [B, T]) and this rank's weight
+    shard [V/tp, H]: the logits shard [tokens, V/tp] never exists at once.  Per chunk one MAX
+    and one stacked SUM all-reduce (as the unchunked one, per chunk); backward recomputes
+    the chunk's logits locally and reduces the FP32 input gradient once (all-reduce, or
+    reduce-scatter under sequence parallelism), as the column-parallel head does."""
+    shard = _TPVocabShard(group, sequence_parallel, group_rank(group) * weight.shape[0])
+    return chunked_cross_entropy(hidden, weight, labels, shard=shard, chunk_tokens=chunk_tokens,
+                                 ignore_index=ignore_index, reduction=reduction)
+
+
+__all__ = ["VocabParallelEmbedding", "VocabParallelLMHead", "vocab_parallel_cross_entropy",
+           "vocab_parallel_chunked_cross_entropy"]
