@@ -22,11 +22,13 @@ Specification: docs/backends.md.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import torch
 
+from ..fp4.grouped import Segments, fake_quantize_grouped
 from ..fp4.hadamard import RHT
 from ..fp4.quantize import fake_quantize
 from ..fp4.recipes import OperandQuant
@@ -53,6 +55,42 @@ class Operand:
         return dataclasses.replace(self, tensor=t, sr_index=sr_index)
 
 
+@dataclass(frozen=True)
+class GroupedOperand:
+    """G operands side by side in one ``tensor`` (rows, K) along ``segments.axis`` (see
+    fp4/grouped.py), each with what an ``Operand`` has: key, global SR indices, tensor amax."""
+    tensor: torch.Tensor
+    quant: OperandQuant
+    segments: Segments
+    rht: RHT | None = None
+    sr_keys: tuple[int | None, ...] | None = None  # one per group; required when quant.rounding == "sr"
+    sr_index: tuple[torch.Tensor, bool] | None = None  # (int64 global index per element, any >= 2^31)
+    tensor_amax: torch.Tensor | None = None  # fp32 (G,); required for formats with a tensor scale
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """Per-group ``a_g @ b_g^T`` as one grouped GEMM.
+
+    ``b`` 3-D (G, N, K): ``a`` (T, K) is G row groups of ``sizes``; returns (T, N).
+    ``b`` 2-D (N, sum K): ``a`` (M, sum K) and ``b`` are G groups of ``sizes`` along K;
+    returns (G, M, N) (zeros for an empty group).
+    ``torch._grouped_mm`` where it takes the operands (on CPU: fp32 / bf16 / fp16 with 16-byte
+    aligned strides; bitwise the per-group ``mm``, tests/test_grouped_experts.py), else one
+    ``mm`` per group.  Needs ``sizes`` on the host (the caller's one sync per MoE layer call).
+    """
+    offs = torch.tensor(list(itertools.accumulate(sizes)), dtype=torch.int32, device=a.device)
+    starts = [e - n for e, n in zip(itertools.accumulate(sizes), sizes)]
+    if a.shape[0] and (b.dim() == 2 or a.shape[1]) and sum(sizes):
+        try:
+            return torch._grouped_mm(a, b.transpose(-2, -1), offs=offs)
+        except (RuntimeError, TypeError, NotImplementedError):
+            pass  # e.g. float64, unaligned strides, a device without a grouped kernel
+    if b.dim() == 3:
+        return torch.cat([a[s:s + n] @ b[g].T for g, (s, n) in enumerate(zip(starts, sizes))]
+                         or [a.new_zeros((0, b.shape[1]))])
+    return torch.stack([a[:, s:s + n] @ b[:, s:s + n].T for s, n in zip(starts, sizes)])
+
+
 class GemmBackend(Protocol):
     name: str
 
@@ -65,6 +103,14 @@ class GemmBackend(Protocol):
         ...
 
     def gemm(self, a: Operand, b: Operand, stats: dict | None = None) -> torch.Tensor:
+        ...
+
+    def quantize_grouped(self, op: GroupedOperand) -> torch.Tensor:
+        """One call for all groups; each group's values are those of ``quantize`` of it alone."""
+        ...
+
+    def grouped_matmul(self, qa: torch.Tensor, qb: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+        """Per-group qa_g @ qb_g^T in FP32 (layouts as ``grouped_mm``)."""
         ...
 
 
@@ -117,6 +163,14 @@ class EmulatedBackend:
         if stats is not None:
             sa, sb = stats.setdefault("a", {}), stats.setdefault("b", {})
         return self.matmul(self.quantize(a, sa), self.quantize(b, sb))
+
+    def quantize_grouped(self, op: GroupedOperand) -> torch.Tensor:
+        q = op.quant
+        return fake_quantize_grouped(op.tensor, q.fmt, op.segments, q.rounding, op.rht, keys=op.sr_keys,
+                                     index=op.sr_index, tensor_amax=op.tensor_amax, fused=self.fused)
+
+    def grouped_matmul(self, qa: torch.Tensor, qb: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+        return grouped_mm(qa, qb, sizes)
 
 
 register_backend("emulated", EmulatedBackend)

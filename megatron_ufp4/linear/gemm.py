@@ -101,19 +101,28 @@ class GemmRunner:
             ops.append(Operand(t, quant, rht, key if quant.rounding == "sr" else None, idx, amax))
         return ops[0], ops[1]
 
-    def run(self, gemm: str, a: torch.Tensor, b: torch.Tensor, position: tuple[int, int] | None,
-            split: GemmSplit | None = None) -> torch.Tensor:
-        """A @ B^T in FP32 as the recipe quantizes ``gemm`` (``split``: as several sub-GEMMs)."""
+    def record(self, gemm: str) -> dict:
+        """Count one call of ``gemm`` in the telemetry log (what ran); returns its entry."""
         spec = self.recipe.gemm(gemm)
         entry = self.log.setdefault(gemm, {"calls": 0})
         entry["calls"] += 1
         if not spec.quantized:
             entry.update(ran="high precision", backend="torch")
-            return a.float() @ b.float().T
+            return entry
         ra, rb = GEMM_ROLES[gemm]
         entry.update(backend=self.backend_name, rht=f"{self.rht.size}" if spec.rht else "off",
                      ran={ra: f"{spec.a.fmt.describe()} {spec.a.rounding}",
                           rb: f"{spec.b.fmt.describe()} {spec.b.rounding}"})
+        return entry
+
+    def run(self, gemm: str, a: torch.Tensor, b: torch.Tensor, position: tuple[int, int] | None,
+            split: GemmSplit | None = None) -> torch.Tensor:
+        """A @ B^T in FP32 as the recipe quantizes ``gemm`` (``split``: as several sub-GEMMs)."""
+        spec = self.recipe.gemm(gemm)
+        entry = self.record(gemm)
+        if not spec.quantized:
+            return a.float() @ b.float().T
+        ra, rb = GEMM_ROLES[gemm]
         stats = {} if self.collect_stats else None
         qa, qb = self.operands(gemm, a, b, position)
         backend = get_backend(self.backend_name)

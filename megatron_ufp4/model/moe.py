@@ -4,9 +4,10 @@ Router (high precision): scores = softmax or sigmoid of x W_r^T; the top-k exper
 picked on scores + expert_bias (the bias steers *selection only*), and the k weights are
 the plain scores, optionally renormalised to sum to 1.
 
-Dispatch has no loop over tokens: token-slots are sorted by expert id, the sorted slice of
-each expert runs through that expert (experts with no tokens are skipped), and the
-weighted outputs are scattered back with one ``index_add_``.  The dispatch is pluggable:
+Dispatch has no loop over tokens: token-slots are sorted by expert id, the sorted rows run
+through the experts as grouped GEMMs (``GroupedExperts``, experts.py: bitwise the loop over
+experts, which skips experts without tokens), and the weighted outputs are scattered back
+with one ``index_add_``.  The dispatch is pluggable:
 ``MoE.dispatcher`` (default ``LocalDispatcher()``, every expert on this rank) is any object
 with ``__call__(moe, x, weights, idx) -> combined output`` and ``global_load(load) -> load``;
 expert parallelism (parallel/expert.py) swaps in all-to-all / all-gather dispatchers that
@@ -37,6 +38,7 @@ from torch import nn
 
 from ..linear import StepContext
 from .config import ModelConfig
+from .experts import GroupedExperts
 from .init import KeyedInit
 from .layers import SwiGLU
 
@@ -111,10 +113,10 @@ class LocalDispatcher:
     def __call__(self, moe: "MoE", x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         order, counts = moe.sort_slots(weights, idx)
         token = order // idx.shape[1]  # token-slot s belongs to token s // k
-        outs = moe.run_experts(x[token], counts)
-        if not outs:  # every slot dropped (or no tokens): only the residual / shared path remains
+        ys = moe.run_experts(x[token], counts)
+        if ys is None:  # every slot dropped (or no tokens): only the residual / shared path remains
             return x.new_zeros(x.shape, dtype=torch.promote_types(x.dtype, weights.dtype))
-        return combine(x, torch.cat(outs), token, weights.reshape(-1)[order])
+        return combine(x, ys, token, weights.reshape(-1)[order])
 
     def __repr__(self) -> str:
         return f"LocalDispatcher(load_reduce={self.load_reduce!r})"
@@ -139,9 +141,9 @@ class MoE(nn.Module):
         self.capacity_factor = config.moe_capacity_factor
         self.router = Router(h, config.num_experts, config.moe_top_k, score=config.router_score,
                              norm_topk=config.router_norm_topk, device=device)
-        self.experts = nn.ModuleList(SwiGLU(h, f, linear_factory, layer_index, name=f"mlp.experts.{e}",
-                                            bias=config.bias, expert=e, in_moe=True)
-                                     for e in range(config.num_experts))
+        self.experts = GroupedExperts({e: SwiGLU(h, f, linear_factory, layer_index, name=f"mlp.experts.{e}",
+                                                 bias=config.bias, expert=e, in_moe=True)
+                                       for e in range(config.num_experts)})
         # the shared experts run on every token; n of them equal one SwiGLU of width n * f
         self.shared = (SwiGLU(h, config.num_shared_experts * f, linear_factory, layer_index, name="mlp.shared",
                               bias=config.bias, in_moe=True) if config.num_shared_experts else None)
@@ -212,11 +214,11 @@ class MoE(nn.Module):
             self.last_dropped, counts = (counts - kept).sum(), kept
         return order, counts
 
-    def run_experts(self, xs: torch.Tensor, counts, first: int = 0) -> list[torch.Tensor]:
-        """Rows of ``xs`` grouped by expert (``counts[j]`` rows for expert ``first + j``)
-        through their experts; experts with no rows are skipped.  Returns the outputs."""
-        counts = counts.tolist() if torch.is_tensor(counts) else list(counts)
-        return [self.experts[first + j](chunk) for j, chunk in enumerate(xs.split(counts)) if chunk.shape[0]]
+    def run_experts(self, xs: torch.Tensor, counts) -> torch.Tensor | None:
+        """Rows of ``xs`` grouped by expert (``counts[j]`` rows for the j-th expert this layer
+        holds, in global index order) through their experts as grouped GEMMs; returns the
+        outputs in the same order, or None when there are no rows."""
+        return self.experts(xs, counts)
 
     # -- balancing and init -----------------------------------------------------------------
     @torch.no_grad()

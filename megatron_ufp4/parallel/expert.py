@@ -55,9 +55,9 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from ..linear import linear_output_dtype
+from ..model.experts import GroupedExperts
 from ..model.moe import LocalDispatcher, MoE, combine
 from .mappings import group_rank, group_size
 
@@ -186,14 +186,15 @@ class AllToAllDispatcher(_EPDispatcher):
         else:
             recv.copy_(counts)
         recv = recv.view(ep, n_local)
+        # a necessary host sync: all_to_all_single takes its split sizes as Python ints
         send_splits = counts.view(ep, n_local).sum(1).tolist()
         recv_splits = recv.sum(1).tolist()
         xr = all_to_all(xs, recv_splits, send_splits, self.ep_group)  # (src, local expert)-major rows
         perm = _chunk_transpose(recv)  # -> (local expert, src)-major: each expert's rows contiguous
         xe = xr[perm]
-        outs = moe.run_experts(xe, recv.sum(0), first)
+        ye = moe.run_experts(xe, recv.sum(0))
         # no rows here: keep the (empty) received tensor in the graph so backward's all-to-alls run
-        ye = (torch.cat(outs) if outs else xe).to(linear_output_dtype(x))
+        ye = (ye if ye is not None else xe).to(linear_output_dtype(x))
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(perm.numel(), device=perm.device)
         ys = all_to_all(ye[inv], send_splits, recv_splits, self.ep_group)  # back in `order`
@@ -243,8 +244,8 @@ class AllGatherDispatcher(_EPDispatcher):
         order_g = mine[torch.argsort(key)]
         token_g = order_g // k
         xe = xg[token_g]
-        outs = moe.run_experts(xe, torch.bincount(ef[order_g] - first, minlength=n_local), first)
-        ye = (torch.cat(outs) if outs else xe).to(linear_output_dtype(x))
+        ye = moe.run_experts(xe, torch.bincount(ef[order_g] - first, minlength=n_local))
+        ye = (ye if ye is not None else xe).to(linear_output_dtype(x))
         partial = combine(xg, ye, token_g, wg.reshape(-1)[order_g])  # this rank's experts, all tokens
         if self.ep_size == 1:
             return partial
@@ -263,29 +264,13 @@ def make_dispatcher(kind: str, ep_group, load_group=None):
 
 
 # -- sharding the model ---------------------------------------------------------------------------
-class ExpertShard(nn.Module):
-    """The routed experts one EP rank holds, registered under their *global* indices.
+class ExpertShard(GroupedExperts):
+    """The routed experts one EP rank holds, registered under their *global* indices and run
+    as grouped GEMMs like a whole layer's (their weights re-packed into one tensor each; on
+    the meta device before materialising, so nothing else is ever allocated).
 
     ``shard[e]`` takes a global expert index; iteration yields the modules in index order.
     """
-
-    def __init__(self, experts: dict[int, nn.Module]):
-        super().__init__()
-        self.indices = sorted(experts)
-        for e in self.indices:
-            self.add_module(str(e), experts[e])
-
-    def __getitem__(self, e: int) -> nn.Module:
-        return self._modules[str(int(e))]
-
-    def __iter__(self):
-        return iter(self._modules.values())
-
-    def __len__(self) -> int:
-        return len(self._modules)
-
-    def extra_repr(self) -> str:
-        return f"global experts {self.indices[0]}..{self.indices[-1]}" if self.indices else "no experts"
 
 
 def moe_layers(model) -> list[MoE]:
@@ -309,6 +294,7 @@ def shard_experts(model, ep_size: int, ep_rank: int):
             raise ValueError(f"MoE layer {moe.layer_index} is already sharded ({len(moe.experts)} of "
                              f"{moe.num_experts} experts)")
         moe.experts = ExpertShard({e: moe.experts[e] for e in expert_range(moe.num_experts, ep_size, ep_rank)})
+        # the full layer's (E, ...) storage is freed with the old container: the shard re-packed its views
     return model
 
 

@@ -1,0 +1,274 @@
+"""E same-shaped linears (one per routed expert) run as one grouped GEMM per GEMM.
+
+``grouped_linear(linears, x, sizes)`` is, bit for bit, ``cat([linears[e](x_e)])`` over the
+row groups ``x_e`` of ``x`` (``sizes[e]`` rows each, in expert order), forward and backward,
+for FP4 linears (``QuantizedLinear`` and its tensor-parallel subclasses) -- but each of the
+three GEMMs quantizes its two operands with one call each (``GroupedOperand``) and
+multiplies them with one grouped GEMM:
+
+| GEMM  | A (grouped)                          | B (grouped)                 | output      |
+|-------|--------------------------------------|-----------------------------|-------------|
+| fprop | x (T, in), rows by expert            | W (E*out, in), rows         | (T, out)    |
+| dgrad | dY (T, out), rows by expert          | W^T (E*in, out), rows       | (T, in)     |
+| wgrad | dY^T (out, sum T_e'), K by expert    | x^T (in, sum T_e'), K       | (E, out, in)|
+
+``T_e'`` is ``T_e`` padded on its own to the block / RHT multiple, as each expert's
+``GemmRunner`` pads it, so no block crosses two experts.  Every expert keeps its own SR
+keys (its module seed, or draws from its own generator, only when it has rows, as the loop
+only calls those), the SR indices its module would use (``GemmRunner.sr_index`` and the
+parts of a fused column shard, ``_split``), its own NVFP4 tensor amax (all-reduced over TP
+as one vector), and its RHT.  A GEMM the loop runs in parts (a strided TP shard whose SR
+operand spans parts) runs in the same parts here, joined the same way.
+
+The weights are the experts' own ``weight`` Parameters (names, optimizer state, data-parallel
+metadata and checkpoints are unchanged), stored as consecutive views of one (E, out, in)
+tensor (``pack_parameters``), so the grouped GEMMs read them without a copy.  An expert with
+no rows gets ``grad = None``, as in the loop.
+
+Specification: docs/backends.md ("Grouped operands"), docs/parallel.md.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import torch
+
+from ..fp4.grouped import Segments, grouped_tensor_amax
+from ..fp4.sr_random import SRIndex
+from .backends import GroupedOperand, get_backend
+from .gemm import GemmSplit, reduction_multiple
+from .linear_fn import linear_output_dtype
+
+_M31 = (1 << 31) - 1
+
+
+# -- one (E, out, in) storage for the experts' weights -------------------------------------------
+def stacked(params: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The (E, *shape) tensor whose slices the ``params`` are, or None when they are not
+    consecutive views of one storage of exactly their size (e.g. after ``to()`` / ``deepcopy``:
+    ``pack_parameters``)."""
+    p0 = params[0]
+    n, size = p0.numel(), p0.element_size()
+    # exactly the whole storage: a subset of a larger pack (an EP shard) is re-packed, freeing the rest
+    if p0.is_meta or not p0.is_contiguous() or p0.storage_offset() or \
+            p0.untyped_storage().nbytes() != len(params) * n * size:
+        return None
+    base, ptr = p0.untyped_storage().data_ptr(), p0.data_ptr()
+    for i, p in enumerate(params):
+        if (p.shape != p0.shape or p.dtype != p0.dtype or p.device != p0.device or not p.is_contiguous()
+                or p.data_ptr() != ptr + i * n * size or p.untyped_storage().data_ptr() != base):
+            return None
+    return torch.as_strided(p0.detach(), (len(params), *p0.shape), (n, *p0.stride()))
+
+
+@torch.no_grad()
+def pack_parameters(params: Sequence[torch.Tensor]) -> None:
+    """Make ``params`` consecutive views of one new (E, *shape) tensor, values unchanged
+    (the Parameter objects stay: optimizers and hooks keep working)."""
+    if not params or params[0].is_meta or stacked(params) is not None:
+        return
+    s = torch.stack([p.detach() for p in params])
+    for i, p in enumerate(params):
+        p.data = s[i]
+
+
+def weights_of(linears) -> torch.Tensor:
+    ws = [lin.weight for lin in linears]
+    w = stacked(ws)
+    if w is None:
+        pack_parameters(ws)
+        w = stacked(ws)
+    return w
+
+
+# -- SR indices of a grouped operand -----------------------------------------------------------
+def _operand_parts(split: GemmSplit, which: str):
+    """(axis, [(slice, SRIndex)], whole-operand SRIndex) of operand ``which`` ("a" / "b") of a
+    split GEMM: the axis its parts cut, or None when the parts take it whole."""
+    first = split.parts[0]
+    for axis, cut in ((0, f"{which}_rows"), (1, f"{which}_cols")):
+        if getattr(first, cut) is not None:
+            return axis, [(getattr(p, cut), getattr(p, f"{which}_index") or SRIndex()) for p in split.parts], None
+    return None, None, getattr(first, f"{which}_index")
+
+
+def _coords(local: torch.Tensor, offset: int, parts, axis: int) -> torch.Tensor:
+    """Global coordinates of ``local`` positions: plus ``offset``, or per part (equal
+    consecutive slices, as a fused shard's parts are) plus that part's offset."""
+    if not parts:
+        return local + offset
+    n = parts[0][0].stop - parts[0][0].start
+    offs = torch.tensor([(i.row_offset if axis == 0 else i.col_offset) for _, i in parts], device=local.device)
+    return offs[local // n] + local % n
+
+
+def grouped_index(shape, seg: Segments, base: SRIndex | None, parts_axis, parts, device) -> tuple[torch.Tensor, bool]:
+    """(int64 global SR index of every element, wide) of a grouped operand whose groups each
+    sit in their logical operand like the per-expert operand: ``base`` (its ``SRIndex``), or,
+    for a split GEMM, ``parts`` along ``parts_axis`` (each with its own ``SRIndex``)."""
+    rows, cols = shape
+    base = base or SRIndex()
+    r_local = seg.local(device) if seg.axis == 0 else torch.arange(rows, device=device)
+    c_local = seg.local(device) if seg.axis == 1 else torch.arange(cols, device=device)
+    r = _coords(r_local, base.row_offset, parts if parts_axis == 0 else None, 0)
+    c = _coords(c_local, base.col_offset, parts if parts_axis == 1 else None, 1)
+    stride = base.row_stride
+    if parts_axis == 1:
+        stride = parts[0][1].row_stride
+    if stride is None:  # the (part) operand's own columns: K, or each group's padded tokens
+        stride = (torch.tensor(seg.sizes, dtype=torch.int64, device=device)[seg.ids(device)].view(1, -1)
+                  if seg.axis == 1 else cols)
+    idx = r.view(-1, 1) * stride + c.view(1, -1)
+    # whether any index reaches 2^31 only decides a check (same bits): bound it on the host
+    r_max = max(rows, max(seg.sizes, default=0)) + base.row_offset + max(
+        [i.row_offset for _, i in parts] if parts_axis == 0 else [0])
+    c_max = max(cols, max(seg.sizes, default=0)) + base.col_offset + max(
+        [i.col_offset for _, i in parts] if parts_axis == 1 else [0])
+    s_max = stride if isinstance(stride, int) else max(seg.sizes, default=0)
+    return idx, r_max * s_max + c_max >= _M31
+
+
+# -- the grouped GEMMs ---------------------------------------------------------------------------
+class GroupedCall:
+    """One grouped linear call: the experts' linears, row counts, dtype and SR position."""
+
+    def __init__(self, linears, sizes: Sequence[int], x: torch.Tensor):
+        self.linears, self.sizes = list(linears), tuple(int(n) for n in sizes)
+        lead = self.linears[0]
+        self.lead, self.recipe, self.hooks = lead, lead.recipe, lead.hooks
+        self.backend = get_backend(lead.gemms.backend_name)
+        self.position = lead.step_context.position  # read in forward, kept for backward (as the loop does)
+        self.out_dtype = linear_output_dtype(x)
+        self.weight = weights_of(self.linears)
+        self.bias = [lin.bias for lin in self.linears] if lead.bias is not None else None
+
+    def _keys(self, gemm: str):
+        """Per expert (key A, key B); an expert without rows draws nothing (the loop skips it)."""
+        out = []
+        for lin, n in zip(self.linears, self.sizes):
+            if n:
+                lin.gemms.record(gemm)
+                out.append(lin.gemms.sr_keys(gemm, self.position))
+            else:
+                out.append((0, 0))
+        return out
+
+    def _operand(self, gemm, which, t, seg, quant, rht, keys, split):
+        idx = None
+        if quant.rounding == "sr":
+            if split is None:
+                axis, parts, base = None, None, self.lead.gemms.sr_index.get(gemm, (None, None))["ab".index(which)]
+            else:
+                axis, parts, base = _operand_parts(split, which)
+            idx = grouped_index(t.shape, seg, base, axis, parts, t.device)
+        amax = None
+        if quant.fmt.scale == "e4m3":  # each expert's own tensor amax, all-reduced over TP as one vector
+            amax = grouped_tensor_amax(t, quant.fmt, rht, seg)
+            if self.lead.gemms.amax_reduce is not None:
+                amax = self.lead.gemms.amax_reduce(amax)
+        key_list = tuple(k["ab".index(which)] or 0 for k in keys) if quant.rounding == "sr" else None
+        return self.backend.quantize_grouped(GroupedOperand(t, quant, seg, rht, key_list, idx, amax))
+
+    def gemm(self, gemm: str, a: torch.Tensor, b: torch.Tensor, a_seg: Segments, b_seg: Segments) -> torch.Tensor:
+        """The quantized GEMM ``gemm`` of every expert: (T, N) for row groups, (E, M, N) for K groups."""
+        spec = self.recipe.gemm(gemm)
+        rht = self.lead.gemms.rht if spec.rht else None
+        split = self.lead._split(gemm) if hasattr(self.lead, "_split") else None
+        keys = self._keys(gemm)
+        qa = self._operand(gemm, "a", a, a_seg, spec.a, rht, keys, split)
+        qb = self._operand(gemm, "b", b, b_seg, spec.b, rht, keys, split)
+        e = len(self.linears)
+        mm = functools.partial(self.backend.grouped_matmul, sizes=a_seg.sizes if gemm != "wgrad" else b_seg.sizes)
+        if gemm == "wgrad":  # K groups: (E, M, N); a split cuts A's rows ("cat_rows")
+            if split is None:
+                return mm(qa, qb)
+            return torch.cat([mm(qa[p.a_rows], qb) for p in split.parts], dim=1)
+        qb3 = qb.view(e, -1, qb.shape[-1])
+        if split is None:
+            return mm(qa, qb3)
+        if split.combine == "cat_cols":  # B's rows in parts (fprop of a strided column shard)
+            return torch.cat([mm(qa, qb3[:, p.b_rows]) for p in split.parts], dim=1)
+        # "sum": K in parts (dgrad), partial products added in part order as GemmSplit.join does
+        return functools.reduce(torch.add, [mm(qa[:, p.a_cols].contiguous(), qb3[:, :, p.b_cols].contiguous())
+                                            for p in split.parts])
+
+    def padded_tokens(self) -> tuple[int, ...]:
+        m = reduction_multiple(self.recipe.gemm("wgrad"), self.recipe.rht_size)
+        return tuple(-(-n // m) * m for n in self.sizes)
+
+    def token_columns(self, t: torch.Tensor, padded: Sequence[int]) -> torch.Tensor:
+        """(T, c) rows grouped by expert -> (c, sum padded): each expert's rows as columns,
+        zero-padded on their own (the per-expert GemmRunner's padding)."""
+        out = t.new_zeros((sum(padded), t.shape[1]))
+        starts, src = 0, []
+        for n, p in zip(self.sizes, padded):
+            src.append(torch.arange(starts, starts + n, device=t.device))
+            starts += p
+        dst = torch.cat(src) if src else torch.zeros(0, dtype=torch.long, device=t.device)
+        return out.index_copy_(0, dst, t).t()
+
+
+class _GroupedLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, call: GroupedCall, *params):
+        ctx.call = call
+        ctx.save_for_backward(x)
+        e, w = len(call.linears), call.weight
+        with torch.autocast(x.device.type, enabled=False):
+            y = call.gemm("fprop", x, w.reshape(-1, w.shape[-1]), Segments(0, call.sizes),
+                          Segments(0, (w.shape[1],) * e))
+            y = call.hooks.reduce_output(y)
+            if call.bias is not None:  # elementwise, as each expert's y + b
+                rows = torch.repeat_interleave(torch.arange(e, device=x.device),
+                                               torch.tensor(call.sizes, device=x.device))
+                y = y + torch.stack([b.detach() for b in call.bias])[rows].to(y.dtype)
+        return y.to(call.out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        call = ctx.call
+        e, w = len(call.linears), call.weight
+        dy2 = call.hooks.gather_output_grad(dy)
+        dx, dws, dbs = None, [None] * e, [None] * e
+        with torch.autocast(dy.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                wt = w.transpose(1, 2).reshape(-1, w.shape[1])  # each W_e^T (in, out), blocked along out
+                dx = call.gemm("dgrad", dy2, wt, Segments(0, call.sizes), Segments(0, (w.shape[2],) * e))
+                dx = call.hooks.reduce_input_grad(dx).to(x.dtype)
+            if any(ctx.needs_input_grad[2:2 + e]):
+                padded = call.padded_tokens()
+                seg = Segments(1, padded)
+                dw = call.gemm("wgrad", call.token_columns(dy2, padded), call.token_columns(x, padded), seg, seg)
+                dw = dw.to(w.dtype)
+                dws = [dw[i] if n else None for i, n in enumerate(call.sizes)]
+            if call.bias is not None:  # per expert, as each expert sums its local dY
+                start = 0
+                for i, n in enumerate(call.sizes):
+                    if n:
+                        dbs[i] = dy[start:start + n].float().sum(0).to(w.dtype)
+                    start += n
+        return (dx, None, *dws, *(dbs if call.bias is not None else ()))
+
+
+def grouped_linear(linears, x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """``cat([linears[e](x_e)])`` as grouped GEMMs (see module doc); ``sizes``: host row counts."""
+    call = GroupedCall(linears, sizes, x)
+    params = [lin.weight for lin in call.linears] + (list(call.bias) if call.bias is not None else [])
+    return _GroupedLinearFunction.apply(x, call, *params)
+
+
+def can_group(linears) -> bool:
+    """Whether the experts' linears can run grouped: all FP4 (high-precision layers run
+    ``F.linear`` per expert), no telemetry statistics, one backend, one RHT."""
+    lead = linears[0]
+    if not getattr(lead, "quantized", False) or lead.gemms.collect_stats:
+        return False
+    signs = lead.gemms.rht.signs
+    return all(type(lin) is type(lead) and lin.quantized and not lin.gemms.collect_stats
+               and lin.gemms.backend_name == lead.gemms.backend_name
+               and (lin.gemms.rht is lead.gemms.rht or torch.equal(lin.gemms.rht.signs, signs)) for lin in linears)
+
+
+__all__ = ["can_group", "grouped_index", "grouped_linear", "pack_parameters", "stacked", "weights_of"]

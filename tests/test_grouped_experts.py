@@ -1,0 +1,210 @@
+"""Routed experts as grouped GEMMs (model/experts.py, linear/grouped.py, fp4/grouped.py):
+bitwise the per-expert loop for every recipe, forward and every gradient, with uneven
+counts, experts without tokens and token counts that are not whole blocks."""
+import copy
+
+import pytest
+import torch
+
+from megatron_ufp4.fp4.formats import make_format
+from megatron_ufp4.fp4.grouped import Segments, fake_quantize_grouped, grouped_tensor_amax
+from megatron_ufp4.fp4.hadamard import RHT
+from megatron_ufp4.fp4.quantize import fake_quantize, tensor_amax
+from megatron_ufp4.fp4.recipes import PRESETS
+from megatron_ufp4.linear.backends import grouped_mm
+from megatron_ufp4.linear.grouped import stacked
+from megatron_ufp4.model import LinearFactory, ModelConfig, MoE
+from megatron_ufp4.model.experts import GroupedExperts
+from megatron_ufp4.model.init import KeyedInit
+
+RECIPES = list(PRESETS) + [{"name": "ufp4", "sr": ["x", "w", "dy"]}, {"name": "nvfp4", "sr": ["x", "w", "dy"]},
+                           {"name": "mxfp4", "sr": ["x", "w", "dy"]}]
+COUNTS = [5, 0, 1, 17, 0, 33, 2, 6]  # uneven, empty experts, not whole blocks (16 / 32)
+
+
+def bits(t):
+    return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int16)
+
+
+def same(a, b):
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(bits(a), bits(b)))
+
+
+def make_moe(recipe, bias=False, backend="emulated", num_experts=8):
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=64,
+                      max_seq_len=16, num_experts=num_experts, moe_top_k=2, moe_ffn_hidden_size=32,
+                      bias=bias).validate()
+    moe = MoE(cfg, LinearFactory(recipe, cfg.num_layers, backend=backend, seed=3), layer_index=1)
+    moe.init_weights(KeyedInit(moe, 7), 0.2, 0.2)
+    if bias:
+        with torch.no_grad():
+            for p in moe.parameters():
+                if p.dim() == 1 and p.numel() > 8:
+                    p.copy_(torch.randn_like(p) * 0.1)
+    return moe
+
+
+def run(experts: GroupedExperts, xs, counts, dy, loop: bool):
+    x = xs.clone().requires_grad_(True)
+    y = experts.forward_loop(x, counts) if loop else experts(x, counts)
+    y.backward(dy)
+    return y.detach(), x.grad, {n: p.grad for n, p in experts.named_parameters()}
+
+
+def compare(experts, xs, counts, dy):
+    ref_experts = copy.deepcopy(experts)  # same weights and SR generator states, separate grads
+    got = run(experts, xs, counts, dy, loop=False)
+    ref = run(ref_experts, xs, counts, dy, loop=True)
+    assert same(got[0], ref[0]), "forward"
+    assert same(got[1], ref[1]), "dX"
+    assert got[2].keys() == ref[2].keys()
+    for n in ref[2]:
+        assert same(got[2][n], ref[2][n]), n
+    return got, ref
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r if isinstance(r, str) else f"{r['name']}-sr-all")
+@pytest.mark.parametrize("position", [None, (4, 1)], ids=["generator-keys", "derived-keys"])
+def test_grouped_equals_loop_bitwise(recipe, position):
+    moe = make_moe(recipe)
+    moe.step_context.at(*(position or (None,)))
+    torch.manual_seed(0)
+    xs = torch.randn(sum(COUNTS), 64)
+    dy = torch.randn(sum(COUNTS), 64)
+    got, _ = compare(moe.experts, xs, COUNTS, dy)
+    for e, n in enumerate(COUNTS):  # no rows: no gradient, exactly as the loop
+        assert (got[2][f"{e}.gate_up.weight"] is None) == (n == 0)
+    if position is None and recipe != "bf16":  # generator keys: the next draws are in step too
+        moe.zero_grad(set_to_none=True)
+        compare(moe.experts, xs, COUNTS, dy)
+
+
+@pytest.mark.parametrize("recipe", ["ufp4", "nvfp4"])
+def test_grouped_with_bias_and_bf16_autocast(recipe):
+    moe = make_moe({"name": recipe, "sr": ["x", "w", "dy"]}, bias=True)
+    torch.manual_seed(1)
+    xs, dy = torch.randn(sum(COUNTS), 64), torch.randn(sum(COUNTS), 64).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = compare(moe.experts, xs, COUNTS, dy)
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
+
+
+def test_fused_backend_grouped_equals_emulated_loop():
+    moe = make_moe({"name": "ufp4", "sr": ["x", "w", "dy"]}, backend="fused")
+    moe.step_context.at(1, 0)
+    ref = make_moe({"name": "ufp4", "sr": ["x", "w", "dy"]})
+    ref.step_context.at(1, 0)
+    torch.manual_seed(2)
+    xs, dy = torch.randn(sum(COUNTS), 64), torch.randn(sum(COUNTS), 64)
+    got = run(moe.experts, xs, COUNTS, dy, loop=False)
+    want = run(ref.experts, xs, COUNTS, dy, loop=True)
+    assert same(got[0], want[0]) and same(got[1], want[1])
+    assert all(same(got[2][n], want[2][n]) for n in want[2])
+
+
+def test_no_rows_and_moe_layer_equal_loop():
+    moe = make_moe("ufp4")
+    assert moe.experts(torch.zeros(0, 64), [0] * 8) is None
+    ref = copy.deepcopy(moe)
+    ref.experts.forward = ref.experts.forward_loop  # the whole layer through the reference loop
+    torch.manual_seed(3)
+    x = torch.randn(2, 7, 64)
+    out, out_ref = moe(x), ref(x)
+    assert same(out, out_ref)
+    out.square().sum().backward()
+    out_ref.square().sum().backward()
+    for (n, p), q in zip(moe.named_parameters(), ref.parameters()):
+        assert same(p.grad, q.grad), n
+
+
+def test_weights_are_one_tensor_and_repacked():
+    moe = make_moe("ufp4")
+    ws = [ex.gate_up.weight for ex in moe.experts]
+    w = stacked(ws)
+    assert w is not None and w.shape == (8, 64, 64) and torch.equal(w[3], ws[3])
+    moe = moe.double().float()  # _apply made them separate; the module re-packs
+    assert stacked([ex.down.weight for ex in moe.experts]) is not None
+    clone = copy.deepcopy(moe)  # deepcopy too: the forward re-packs
+    assert stacked([ex.gate_up.weight for ex in clone.experts]) is None
+    clone.experts(torch.randn(3, 64), [1, 2, 0, 0, 0, 0, 0, 0])
+    assert stacked([ex.gate_up.weight for ex in clone.experts]) is not None
+    shard = moe.experts.select([2, 3])  # an EP shard: its own (2, ...) tensor, names kept
+    assert shard.indices == [2, 3] and stacked([ex.gate_up.weight for ex in shard]).shape[0] == 2
+    assert set(shard.state_dict()) == {k for k in moe.experts.state_dict() if k.split(".")[0] in ("2", "3")}
+
+
+def test_state_dict_keeps_per_expert_keys_and_round_trips():
+    moe = make_moe("nvfp4")
+    sd = moe.state_dict()
+    assert "experts.5.gate_up.weight" in sd and "experts.5.down._extra_state" in sd
+    other = make_moe("nvfp4")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.zero_()
+    other.load_state_dict(sd)  # copies into the packed views
+    assert stacked([ex.gate_up.weight for ex in other.experts]) is not None
+    for k, v in other.state_dict().items():
+        if torch.is_tensor(v):
+            assert torch.equal(v, sd[k]), k
+    torch.manual_seed(4)
+    xs, dy = torch.randn(sum(COUNTS), 64), torch.randn(sum(COUNTS), 64)
+    a, b = run(moe.experts, xs, COUNTS, dy, False), run(other.experts, xs, COUNTS, dy, False)
+    assert same(a[0], b[0])
+
+
+def test_optimizer_step_updates_the_packed_weights_in_place():
+    moe = make_moe("ufp4")
+    opt = torch.optim.AdamW(moe.parameters(), lr=1e-2)
+    torch.manual_seed(5)
+    xs = torch.randn(sum(COUNTS), 64)
+    moe.experts(xs, COUNTS).sum().backward()
+    before = stacked([ex.gate_up.weight for ex in moe.experts]).clone()
+    opt.step()
+    after = stacked([ex.gate_up.weight for ex in moe.experts])
+    assert after is not None
+    for e, n in enumerate(COUNTS):  # AdamW skips the experts without tokens (grad None)
+        assert torch.equal(after[e], before[e]) == (n == 0)
+
+
+# -- the grouped quantizer and GEMM on their own -------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["e2m1", "int4", "nvfp4", "mxfp4", "nvfp4-2d"])
+@pytest.mark.parametrize("rounding", ["rtne", "sr"])
+def test_grouped_quantize_equals_each_group_alone(fmt, rounding):
+    f = make_format("nvfp4", block_2d=True) if fmt == "nvfp4-2d" else make_format(fmt)
+    rht = RHT(32 if f.block == 32 else 16, 1)
+    torch.manual_seed(6)
+    cases = [(0, [16, 0, 32])] if f.block_2d else [(0, [3, 0, 1, 16, 5]), (1, [32, 0, f.block, 64])]
+    for axis, sizes in cases:
+        parts = [torch.randn(s, 64) * (i + 1) for i, s in enumerate(sizes)] if axis == 0 else \
+            [torch.randn(16, s) * (i + 1) for i, s in enumerate(sizes)]
+        x = torch.cat(parts, axis)
+        keys = [101 + i for i in range(len(sizes))]
+        seg = Segments(axis, tuple(sizes))
+        got = fake_quantize_grouped(x, f, seg, rounding, rht, keys=keys)
+        want = torch.cat([fake_quantize(p, f, -1, rounding, rht, sr_key=k, nonfinite="propagate") if p.numel() else p
+                          for p, k in zip(parts, keys)], axis)
+        assert same(got, want), (axis, sizes)
+        if f.scale == "e4m3":
+            amax = grouped_tensor_amax(x, f, rht, seg)
+            assert [float(a) for a in amax] == [float(tensor_amax(p, f, rht)) if p.numel() else 0.0 for p in parts]
+
+
+def test_grouped_quantize_refuses_groups_that_are_not_whole_blocks():
+    with pytest.raises(ValueError, match="pad each group"):
+        fake_quantize_grouped(torch.randn(4, 48), "e2m1", Segments(1, (8, 40)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_grouped_mm_equals_per_group_mm(dtype):
+    torch.manual_seed(7)
+    sizes = [3, 0, 7, 1, 16]
+    a, b = torch.randn(sum(sizes), 64, dtype=dtype), torch.randn(5, 48, 64, dtype=dtype)
+    starts = [sum(sizes[:i]) for i in range(5)]
+    want = torch.cat([a[s:s + n] @ b[g].T for g, (s, n) in enumerate(zip(starts, sizes))])
+    assert torch.equal(grouped_mm(a, b, sizes), want)
+    padded = [16, 0, 32, 16, 16]
+    a2, b2 = torch.randn(24, sum(padded), dtype=dtype), torch.randn(40, sum(padded), dtype=dtype)
+    st = [sum(padded[:i]) for i in range(5)]
+    got = grouped_mm(a2, b2, padded)
+    for g, (s, n) in enumerate(zip(st, padded)):  # each group against contiguous operands, as the loop has them
+        assert torch.equal(got[g], a2[:, s:s + n].contiguous() @ b2[:, s:s + n].contiguous().T)
