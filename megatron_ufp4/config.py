@@ -63,7 +63,7 @@ class TrainingConfig:
     micro_batch_size: int = 8
     global_batch_size: int = 8  # = micro_batch_size x accumulation steps x data-parallel size
     dtype: str = "fp32"  # fp32 | bf16 (autocast)
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto (cuda:LOCAL_RANK when CUDA exists, else cpu) | cpu | cuda | cuda:N
     eval_interval: int = 50
     eval_iters: int = 10
     max_consecutive_nonfinite: int = 5  # abort after this many skipped steps in a row
@@ -181,7 +181,6 @@ class RunConfig:
                               f"(got {t.global_batch_size})")
         choices = [
             ("training.dtype", t.dtype, ("fp32", "bf16")),
-            ("training.device", t.device, ("auto", "cpu", "cuda")),
             ("schedule.kind", self.schedule.kind, ("cosine", "wsd", "constant")),
             ("logging.wandb_mode", self.logging.wandb_mode, ("offline", "online", "disabled")),
             ("parallel.pipeline_schedule", p.pipeline_schedule, ("1f1b", "interleaved_1f1b", "gpipe")),
@@ -191,6 +190,8 @@ class RunConfig:
         for key, v, allowed in choices:
             if v not in allowed:
                 raise ConfigError(f"{key}: must be one of {', '.join(allowed)} (got {v!r})")
+        if not (t.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:[0-9]+", str(t.device))):
+            raise ConfigError(f"training.device: must be auto, cpu, cuda or cuda:N (got {t.device!r})")
         for key, v in (("data.prefix", self.data.prefix), ("training.run_dir", t.run_dir),
                        ("training.resume", t.resume)):
             if not v.strip():

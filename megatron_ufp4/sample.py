@@ -1,6 +1,6 @@
 """Generate text from a checkpoint.
 
-    python -m megatron_ufp4.sample runs/tiny_dense --prompt "ROMEO:" --max-new-tokens 200
+    python -m megatron_ufp4.sample runs/tiny_dense --prompt "ROMEO:" --max-new-tokens 200 [--device cuda]
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ def main(argv=None) -> int:
     ap.add_argument("--top-k", type=int, default=50, help=">= 0 (0: no top-k cut)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: <data.prefix>.model)")
+    ap.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
     args = ap.parse_args(argv)
     bad = [("--max-new-tokens must be >= 0", args.max_new_tokens, args.max_new_tokens >= 0),
            ("--temperature must be a finite number >= 0 (0: greedy)", args.temperature,
@@ -34,9 +35,10 @@ def main(argv=None) -> int:
     from .data.tokenizer import Tokenizer
     from .training.checkpoint import CheckpointError
     from .training.inference import generate, load_trained_model
+    from .training.run_setup import resolve_device
 
     try:
-        model, cfg, _ = load_trained_model(args.checkpoint)
+        model, cfg, _ = load_trained_model(args.checkpoint, resolve_device(args.device, field="--device"))
         tok = Tokenizer(args.tokenizer or cfg.data.prefix + ".model")
         prompt = tok.encode(args.prompt) if args.prompt else [tok.eos_id]
         g = torch.Generator().manual_seed(args.seed)

@@ -31,7 +31,10 @@ class SRIndex:
 
 
 def draw_key(generator: torch.Generator | None) -> int:
-    return int(torch.randint(0, _M31, (1,), generator=generator))
+    """One 31-bit key from ``generator`` (the default CPU generator when None), drawn on the
+    generator's own device whatever the default device is; a CPU draw needs no GPU sync."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    return int(torch.randint(0, _M31, (1,), generator=generator, device=device))
 
 
 def derive_key(*parts: int) -> int:

@@ -48,9 +48,11 @@ class QuantizedLinear(nn.Module):
         if self.quantized:
             get_backend(backend)  # fail at construction, not at the first step
             self._check_dims()
-        gen_device = device if device is not None and torch.device(device).type != "meta" else "cpu"
+        # the SR generator stays on the CPU whatever the weights' device: it only draws one
+        # 31-bit key per quantized operand (no device sync), and its saved state is the same
+        # ByteTensor on every device, so checkpoints load anywhere
         self.gemms = GemmRunner(recipe, RHT(recipe.rht_size, recipe.rht_seed),
-                                torch.Generator(device=gen_device).manual_seed(int(sr_seed)), backend, collect_stats,
+                                torch.Generator(device="cpu").manual_seed(int(sr_seed)), backend, collect_stats,
                                 sr_seed=int(sr_seed))
         self.reset_parameters()
 
@@ -79,19 +81,10 @@ class QuantizedLinear(nn.Module):
     def _call(self, x: torch.Tensor) -> LinearCall:
         """This forward's GEMM plan: the FP4 path when quantized, else high-precision GEMMs."""
         out_dtype, hp_dtype = linear_dtypes(x, self.weight, self.quantized)
-        if self.quantized and self.gemms.generator.device != x.device:
-            self._move_generator(x.device)
         return LinearCall(self._gemm, self.hooks, out_dtype, hp_dtype, self.step_context.position)
 
     def _gemm(self, gemm: str, a: torch.Tensor, b: torch.Tensor, position) -> torch.Tensor:
         return self.gemms.run(gemm, a, b, position)
-
-    def _move_generator(self, device):
-        old = self.gemms.generator
-        state = old.get_state() if old.device.type == device.type else None
-        g = torch.Generator(device=device)
-        g.set_state(state) if state is not None else g.manual_seed(old.initial_seed())
-        self.gemms.generator = g
 
     # -- telemetry ----------------------------------------------------------------------
     def telemetry(self) -> dict:
@@ -109,8 +102,12 @@ class QuantizedLinear(nn.Module):
         return {"sr_generator": self.gemms.generator.get_state(), "rht_signs": self.gemms.rht.signs.clone()}
 
     def set_extra_state(self, state):
-        self.gemms.generator.set_state(state["sr_generator"].cpu() if self.gemms.generator.device.type == "cpu"
-                                     else state["sr_generator"])
+        saved = state["sr_generator"].cpu()
+        expected = self.gemms.generator.get_state().numel()
+        if saved.dtype != torch.uint8 or saved.numel() != expected:
+            raise ValueError(f"sr_generator state of {saved.numel()} bytes is not a CPU generator state "
+                             f"({expected} bytes)")
+        self.gemms.generator.set_state(saved)
         if not torch.equal(state["rht_signs"].cpu(), self.gemms.rht.signs):
             self.gemms.rht = RHT(self.recipe.rht_size, self.recipe.rht_seed, state["rht_signs"])
 

@@ -209,22 +209,28 @@ class DataParallel:
         """Launch the remaining buckets, wait for all, and write the averaged gradients
         into ``p.grad`` (None stays None only where no rank of the group had a gradient)."""
         self.start_grad_sync()
-        for bs in self.buckets.values():
-            for b in bs:
-                if b.work is not None:
-                    b.work.wait()
-                buf, flags = b.buffer, b.buffer[b.numel:].tolist()
-                for i, (p, off) in enumerate(zip(b.params, b.offsets)):
-                    if flags[i] == 0:
-                        p.grad = None
-                        continue
-                    g = buf[off:off + p.numel()].view_as(p)
-                    if p.grad is None:
-                        p.grad = g.clone()
-                    else:
-                        p.grad.copy_(g)
-                b.work, b.launched = None, False
-                b.ready.clear()
+        buckets = [b for bs in self.buckets.values() for b in bs]
+        for b in buckets:
+            if b.work is not None:
+                b.work.wait()
+        # which parameters had a gradient on some replica decides grad None vs a tensor, so the
+        # flags come to the host: one copy for all buckets, the step's only sync here
+        flags = torch.cat([b.buffer[b.numel:] for b in buckets]).tolist() if buckets else []
+        at = 0
+        for b in buckets:
+            buf = b.buffer
+            for i, (p, off) in enumerate(zip(b.params, b.offsets)):
+                if flags[at + i] == 0:
+                    p.grad = None
+                    continue
+                g = buf[off:off + p.numel()].view_as(p)
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.copy_(g)
+            at += len(b.params)
+            b.work, b.launched = None, False
+            b.ready.clear()
         self._next = {"dp": 0, "edp": 0}
 
     # -- replicas ----------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ class ParallelState:
     edp_rank: int = 0
     groups: dict = field(default_factory=dict)  # name -> ProcessGroup (None when single process)
     ranks: dict = field(default_factory=dict)  # name -> global ranks of this rank's group
+    meshes: dict = field(default_factory=dict, repr=False)  # (group name, device type) -> DeviceMesh, made on use
 
     def group(self, name: str):
         return self.groups.get(name)
@@ -93,16 +94,22 @@ def validate_layout(world_size: int, tp: int, pp: int, dp: int, ep: int, vpp: in
         raise ValueError(f"parallel.expert={ep} must divide model.num_experts={m.num_experts}")
 
 
-def init_distributed(timeout_s: float = 300.0) -> tuple[int, int]:
-    """Initialise torch.distributed from torchrun's environment (NCCL with GPUs, else gloo)."""
+def init_distributed(timeout_s: float = 300.0, device: torch.device | str = "cpu") -> tuple[int, int]:
+    """Initialise torch.distributed from torchrun's environment: NCCL for a CUDA ``device``
+    (made this process's current GPU first, so NCCL and object collectives use it), gloo
+    for CPU."""
+    device = torch.device(device)
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             return 0, 1
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(process_group_backend(device), timeout=datetime.timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size()
+
+
+def process_group_backend(device: torch.device | str) -> str:
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
 def state_for_rank(rank: int, world: int, tp: int = 1, pp: int = 1, dp: int = 1, ep: int = 1, vpp: int = 1,

@@ -34,11 +34,16 @@ from .fsutil import fsync_dir, os_error_line, write_synced
 PART = ".part"
 
 
-def _mesh(state):
-    if not hasattr(state, "_tp_mesh"):
-        group = state.group("tp")
-        state._tp_mesh = DeviceMesh.from_group(group, device_type="cpu") if group is not None else None
-    return state._tp_mesh
+def _mesh(state, device_type: str):
+    """The TP group as a one-dimensional DeviceMesh of the shards' device type (cuda under
+    NCCL, cpu under gloo), made once per (state, device type)."""
+    group = state.group("tp")
+    if group is None:
+        return None
+    key = ("tp", device_type)
+    if key not in state.meshes:
+        state.meshes[key] = DeviceMesh.from_group(group, device_type=device_type)
+    return state.meshes[key]
 
 
 def _is_tp_sharded(t: torch.Tensor, state) -> bool:
@@ -55,7 +60,7 @@ def to_checkpoint_entries(name: str, local: torch.Tensor, like: torch.Tensor, st
     if not _is_tp_sharded(like, state):
         return {name: local}
     dim, stride = like.partition_dim, getattr(like, "partition_stride", 1)
-    mesh = _mesh(state)
+    mesh = _mesh(state, local.device.type)
     parts = local.chunk(stride, dim=dim)
     if stride == 1:
         return {name: DTensor.from_local(local, mesh, [Shard(dim)], run_check=False)}

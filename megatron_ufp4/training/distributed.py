@@ -42,7 +42,7 @@ from .metrics import MetricsLogger, measured_peak_flops
 from .schedule import lr_at
 from .errors import is_comm_failure
 from .run_dir import RunDirLock, check_fresh_start, clean_leftovers, make_run_dir
-from .run_setup import make_batch, seed_everything, train_dataset, validation_dataset
+from .run_setup import local_rank, make_batch, resolve_device, seed_everything, train_dataset, validation_dataset
 
 
 class CollectiveFailure(RuntimeError):
@@ -75,12 +75,13 @@ class DistributedTrainer(TrainingLoop):
     def __init__(self, cfg: RunConfig, console=print):
         self.cfg = cfg
         par, t = cfg.parallel, cfg.training
-        init_distributed(par.timeout_s)
+        # one GPU per rank (cuda:LOCAL_RANK) with NCCL, or CPU with gloo: chosen before any collective
+        self.device = resolve_device(t.device, local_rank())
+        init_distributed(par.timeout_s, self.device)
         self.state = st = build_parallel_state(tp=par.tensor, pp=par.pipeline, dp=par.data or None, ep=par.expert,
                                                vpp=par.virtual_pipeline, sequence_parallel=par.sequence_parallel,
                                                model_cfg=cfg.model, timeout_s=par.timeout_s)
         self.console = console if st.rank == 0 else (lambda *a, **k: None)
-        self.device = torch.device("cpu")
         self.run_dir = Path(t.run_dir)
         self.lock = None
         resume_from = self._on_rank0(lambda: self._prepare_run_dir(console))
@@ -158,7 +159,7 @@ class DistributedTrainer(TrainingLoop):
     @guarded("the stop-signal agreement")
     def agree_to_stop(self, local: bool) -> bool:
         self.phase = "the stop-signal agreement (all-reduce over all ranks)"
-        flag = torch.tensor(float(local))
+        flag = torch.tensor(float(local), device=self.device)  # NCCL reduces device tensors only
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag)
 
@@ -217,7 +218,7 @@ class DistributedTrainer(TrainingLoop):
         per_round = self.local_batch * self.state.dp
         n = max(1, min(t.eval_iters * t.micro_batch_size, len(self.val_ds)) // per_round)
         self.runner.eval()
-        total = torch.zeros(())
+        total = torch.zeros((), device=self.device)
         for i in range(n):
             tokens, labels = self._local_batch(i * self.local_batch * self.state.dp, self.val_ds)
             total += self.runner.evaluate(tokens if self.state.is_first_stage else None,

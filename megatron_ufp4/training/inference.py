@@ -50,7 +50,10 @@ def generate(model: GPTModel, prompt_ids: list[int], max_new_tokens: int, max_se
             if top_k:
                 kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+            # drawn on the CPU with a CPU generator: one small copy per token (the eos check
+            # syncs anyway), and a seed gives the same draws on every device
+            probs = torch.softmax(logits, -1).cpu()
+            nxt = torch.multinomial(probs, 1, generator=generator).to(device)
         ids = torch.cat([ids, nxt], dim=1)
         if eos_id is not None and int(nxt) == eos_id:
             break

@@ -95,7 +95,11 @@ class TrainingLoop:
         (``discard_update``: forget the step's expert loads) and counts towards the
         abort after ``max_consecutive_nonfinite``; then gradients are cleared and the step
         counts (skipped steps too, so the data position moves on)."""
-        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+        # the step's one necessary host sync: whether to apply the update depends on the values
+        # (one copy of both numbers, which the log line needs too)
+        loss = loss.detach().float().reshape(())
+        loss_v, norm_v = torch.stack([loss, grad_norm.detach().float().reshape(()).to(loss.device)]).cpu().tolist()
+        finite = math.isfinite(loss_v) and math.isfinite(norm_v)
         if finite:
             apply_update()
             self.consecutive_nonfinite = 0
@@ -105,7 +109,7 @@ class TrainingLoop:
             self.consecutive_nonfinite += 1
         zero_grad()
         self.step += 1
-        return {"step": self.step, "loss": float(loss), "lr": lr, "grad_norm": float(grad_norm),
+        return {"step": self.step, "loss": loss_v, "lr": lr, "grad_norm": norm_v,
                 "skipped": int(not finite), "skipped_total": self.skipped_total}
 
     def train(self, exit_after: int | None = None) -> dict:

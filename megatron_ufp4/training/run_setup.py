@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +14,43 @@ from ..config import RunConfig
 from ..data.gpt_dataset import GPTDataset
 from ..data.indexed_dataset import IndexedDataset
 
+_CUDA_INDEX = re.compile(r"cuda:[0-9]+")
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("training.device is cuda but no CUDA device is available")
-    return torch.device(name)
+
+def local_rank() -> int | None:
+    """This process's index on its node under torchrun (``LOCAL_RANK``), else None."""
+    value = os.environ.get("LOCAL_RANK")
+    return int(value) if value is not None else None
+
+
+def resolve_device(name: str, local_rank: int | None = None, field: str = "training.device") -> torch.device:
+    """``training.device`` -> the device this process computes on.
+
+    ``auto``: CUDA when available, else CPU.  ``auto`` and ``cuda`` under torchrun take the
+    GPU of the process's ``local_rank`` (one GPU per rank); ``cuda:N`` names one GPU and so
+    only suits a single process per node.  No silent fallback: a CUDA request without a
+    usable GPU is an error (``field`` names the setting in the message).
+    """
+    if name not in ("auto", "cpu", "cuda") and not _CUDA_INDEX.fullmatch(name):
+        raise ValueError(f"{field}: must be auto, cpu, cuda or cuda:N (got {name!r})")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"{field}={name} but no CUDA device is available (torch {torch.__version__}, "
+                         f"CUDA build: {torch.version.cuda or 'no'})")
+    count = torch.cuda.device_count()
+    if name in ("auto", "cuda"):
+        index = local_rank or 0
+        if index >= count:
+            raise ValueError(f"{field}={name}: local rank {index} has no GPU of its own (this node has "
+                             f"{count}; start at most {count} processes per node)")
+        return torch.device("cuda", index)
+    index = int(name.split(":")[1])
+    if index >= count:
+        raise ValueError(f"{field}={name}: this node has {count} GPU(s) (cuda:0..cuda:{count - 1})")
+    if local_rank not in (None, 0) or int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"{field}={name} puts every local rank on one GPU; use auto or cuda under torchrun")
+    return torch.device("cuda", index)
 
 
 def seed_everything(seed: int) -> None:
@@ -52,10 +84,18 @@ def validation_dataset(cfg: RunConfig) -> GPTDataset:
 
 
 def make_batch(ds: GPTDataset, indices, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples ``indices`` (modulo the dataset) as (tokens, labels) on ``device``.
+
+    For a GPU the batch is staged in pinned host memory and copied with ``non_blocking``: the
+    copy overlaps the previous step's kernels, and the stream orders it before its first use.
+    """
     items = [ds[int(i) % len(ds)] for i in indices]
-    tokens = torch.stack([it["tokens"] for it in items]).to(device)
-    labels = torch.stack([it["labels"] for it in items]).to(device)
-    return tokens, labels
+    tokens = torch.stack([it["tokens"] for it in items])
+    labels = torch.stack([it["labels"] for it in items])
+    device = torch.device(device)
+    if device.type == "cpu":
+        return tokens, labels
+    return (tokens.pin_memory().to(device, non_blocking=True), labels.pin_memory().to(device, non_blocking=True))
 
 
 def train_dataset(cfg: RunConfig) -> GPTDataset:
