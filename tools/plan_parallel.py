@@ -295,8 +295,9 @@ def main(argv=None) -> int:
         extra = "".join([" +embedding" if st["embedding"] else "", " +norm/head" if st["head"] else ""])
         print(f"  stage {st['pp_rank']}: {lay}{extra}; {st['params'] / g:.3f}B params, state "
               f"{st['state_bytes'] / gib:.1f} GiB, activations {st['activation_bytes'] / gib:.1f} GiB "
-              f"({st['in_flight']:g} micro-batches in flight), logits {st['logits_bytes'] / gib:.1f} GiB ({ce}); "
-              f"total {st['total_bytes'] / gib:.1f} GiB")
+              f"(x{st['in_flight']:g} micro-batches in flight), "
+              + (f"FP32 logits {st['logits_bytes'] / gib:.1f} GiB ({ce}), " if st["head"] else "")
+              + f"total {st['total_bytes'] / gib:.1f} GiB")
     print(f"heaviest stage: {r['heaviest_stage']} at {r['peak_bytes_per_rank'] / gib:.1f} GiB per rank "
           f"(state + activations + logits; no recomputation)")
     for dim, v in r["comm_bytes_per_step"].items():
