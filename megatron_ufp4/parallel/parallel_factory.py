@@ -132,10 +132,10 @@ def tp_grad_sq_norm(parameters, state: ParallelState) -> torch.Tensor:
     """Squared L2 norm of the gradients of a TP model, summed over the TP group: sharded
     parameters contribute their shard on every rank, replicated ones count once (rank 0).
     Add pipeline stages' values before the sqrt."""
+    parameters = list(parameters)
     params = [p for p in parameters if p.grad is not None]
-    if not params:
-        return torch.zeros(())
-    dev = params[0].grad.device
+    # on the parameters' device even without gradients: every TP rank joins the all-reduce
+    dev = parameters[0].device if parameters else torch.device("cpu")
     total = torch.zeros((), device=dev, dtype=torch.float32)
     for p in params:
         if getattr(p, "tensor_parallel", False) or state.tp_rank == 0:
