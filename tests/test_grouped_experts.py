@@ -208,3 +208,64 @@ def test_grouped_mm_equals_per_group_mm(dtype):
     got = grouped_mm(a2, b2, padded)
     for g, (s, n) in enumerate(zip(st, padded)):  # each group against contiguous operands, as the loop has them
         assert torch.equal(got[g], a2[:, s:s + n].contiguous() @ b2[:, s:s + n].contiguous().T)
+
+
+# -- tensor and expert parallelism (two gloo ranks) -----------------------------------------------------
+def _flat(o):
+    return {"y": o[0], "dx": o[1], **{n: g for n, g in o[2].items()}}
+
+
+def _parallel_checks(rank, world):
+    from megatron_ufp4.parallel import build_parallel_state
+    from megatron_ufp4.parallel.expert import build_expert_parallel_model
+    from megatron_ufp4.parallel.parallel_factory import ParallelLinearFactory
+
+    out = {}
+    # TP=2: each rank's sharded experts, grouped vs loop (SR indices of strided [gate; up] parts,
+    # TP-reduced tensor amax, part-split GEMMs)
+    st = build_parallel_state(tp=2)
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=64,
+                      max_seq_len=16, num_experts=8, moe_top_k=2, moe_ffn_hidden_size=32).validate()
+    for name, recipe in (("ufp4-sr-all", {"name": "ufp4", "sr": ["x", "w", "dy"]}),
+                         ("nvfp4-sr-all", {"name": "nvfp4", "sr": ["x", "w", "dy"]}), ("e2m1_ref", "e2m1_ref")):
+        moe = MoE(cfg, ParallelLinearFactory(recipe, 2, st, seed=3), layer_index=1)
+        moe.init_weights(KeyedInit(moe, 7), 0.2, 0.2)
+        moe.step_context.at(2, 1)
+        torch.manual_seed(0)
+        xs, dy = torch.randn(sum(COUNTS), 64), torch.randn(sum(COUNTS), 64)
+        ref = copy.deepcopy(moe.experts)
+        got, want = _flat(run(moe.experts, xs, COUNTS, dy, False)), _flat(run(ref, xs, COUNTS, dy, True))
+        out[f"tp_{name}"] = [k for k in want if not same(got[k], want[k])]
+    # EP=2: the GPT model's forward/backward with each rank's expert shard, grouped vs loop
+    st = build_parallel_state(ep=2)
+    mcfg = ModelConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=64,
+                       max_seq_len=16, num_experts=4, moe_top_k=2, moe_ffn_hidden_size=32).validate()
+    from megatron_ufp4.model import GPTModel
+    for kind in ("alltoall", "allgather"):
+        grads = []
+        for loop in (False, True):
+            torch.manual_seed(0)
+            m = build_expert_parallel_model(GPTModel(mcfg, LinearFactory({"name": "ufp4", "sr": ["x", "w", "dy"]},
+                                                                         2, seed=3)), st, kind)
+            for moe in m.moe_layers():
+                if loop:
+                    moe.experts.forward = moe.experts.forward_loop
+            m.step_context.at(1, rank)
+            tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(rank))
+            m(tokens).float().square().mean().backward()
+            grads.append({n: p.grad for n, p in m.named_parameters()})
+        out[f"ep_{kind}"] = [n for n in grads[1] if not same(grads[0][n], grads[1][n])]
+        out[f"ep_{kind}_experts"] = sorted({n.split(".")[4] for n in grads[0] if ".experts." in n})
+    return out
+
+
+@pytest.mark.slow
+def test_tensor_and_expert_parallel_grouped_equals_loop():
+    from dist_utils import run_ranks
+
+    for rank, o in enumerate(run_ranks(2, _parallel_checks)):
+        for k, v in o.items():
+            if k.endswith("_experts"):
+                assert v == [str(2 * rank), str(2 * rank + 1)], (rank, k, v)
+            else:
+                assert v == [], (rank, k, v)
