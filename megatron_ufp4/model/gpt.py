@@ -2,6 +2,7 @@
 
     model = GPTModel(config, LinearFactory("ufp4", config.num_layers))
     logits = model(tokens)                  # (B, T, vocab) float32; MoE aux losses ride on autograd
+    loss = model(tokens, labels=labels)     # mean CE; head + CE chunked over tokens, no full logits
 
 ``model.layers`` is an ``nn.ModuleDict`` keyed by the global layer index, so a pipeline
 stage is this same class with the parts it does not hold removed (layers deleted, embed /
