@@ -42,3 +42,33 @@ def test_every_rank_holds_the_single_process_values(model_kw, layout):
         # the TP attributes optimizer, norm and checkpoint code read survive materialisation
         assert any(getattr(p, "tensor_parallel", False) for c in chunks for p in c.parameters())
     assert covered == {k for k, v in full.items() if isinstance(v, torch.Tensor)}  # every tensor held somewhere
+
+
+@pytest.mark.slow
+def test_moe_124b_structure_at_tiny_width():
+    """The paper's 124B layer/expert structure (42 layers, first 2 dense, 512 experts top-8 +
+    1 shared, sigmoid router) at tiny width, in its TP2·PP4·EP32·DP32 layout with uneven
+    first/last stages: rank 0 (embedding, the dense layers) and the last rank (head, other
+    TP rank, last EP rank) hold the single-process values at their global names."""
+    from megatron_ufp4.model.config import preset
+    cfg = preset("moe-124b", vocab_size=128, hidden_size=32, num_heads=4, num_kv_heads=2, ffn_hidden_size=64,
+                 moe_ffn_hidden_size=32, max_seq_len=16)  # widths: multiples of 16-blocks per TP shard
+    assert (cfg.num_layers, cfg.num_experts, cfg.first_k_dense, cfg.moe_top_k) == (42, 512, 2, 8)
+    recipe, tp, pp, dp, ep = "ufp4", 2, 4, 32, 32
+    world = tp * pp * dp
+    full = GPTModel(cfg, LinearFactory(recipe, cfg.num_layers), init_seed=SEED).state_dict()
+    stages = {0: range(0, 10), 3: range(34, 42)}  # first 10 and last 8 layers (12 in each middle stage)
+    for rank in (0, world - 1):  # (tp0, dp0, pp0) and (tp1, dp31, pp3)
+        st = state_for_rank(rank, world, tp, pp, dp, ep, model_cfg=cfg)
+        chunk, = build_rank_chunks(cfg, ParallelLinearFactory(recipe, cfg.num_layers, st), st, init_seed=SEED,
+                                   device="cpu", first_stage_layers=10, last_stage_layers=8)
+        sd = chunk.state_dict()
+        layers = {int(k.split(".")[1]) for k in sd if k.startswith("layers.")}
+        assert layers == set(stages[st.pp_rank]), rank
+        experts = {int(k.split(".")[4]) for k in sd if ".mlp.experts." in k}
+        assert experts == set(range(st.ep_rank * 16, (st.ep_rank + 1) * 16)), rank  # 512 / EP32 per rank
+        assert ("embed.weight" in sd) == (st.pp_rank == 0) and ("head.weight" in sd) == (st.pp_rank == pp - 1)
+        expected = shard_state_dict(full, chunk, st)
+        for k, v in sd.items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(v, expected[k]), (rank, k)
