@@ -151,3 +151,17 @@ def test_main_materialize_still_works(capsys):
                                "--materialize", "1"]) == 0
     out = capsys.readouterr().out
     assert "materialized" in out and "layers 2..3" in out
+
+
+def test_interleaved_1f1b_in_flight():
+    # PP=2, VPP=2, M=4: Megatron's warm-up forwards on rank p are 2 (pp - p - 1) + (vpp - 1) pp, plus the
+    # steady-state one: rank 0 holds 2 + 2 + 1 = 5 chunk forwards, rank 1 0 + 2 + 1 = 3; a chunk is half a rank's
+    # layers (one of its vpp chunks), so 2.5 and 1.5 times the rank's per-micro-batch activations
+    c = cfg("tiny_dense", "parallel.pipeline=2", "parallel.virtual_pipeline=2",
+            "parallel.pipeline_schedule=interleaved_1f1b", "training.global_batch_size=8")
+    r = plan(c, 2)
+    assert r["micro_batches"] == 4
+    s0, s1 = r["stages"]
+    assert s0["layers"] == [0, 2] and s1["layers"] == [1, 3]  # chunk c on rank p is virtual stage c pp + p
+    assert s0["in_flight"] == 2.5 and s1["in_flight"] == 1.5
+    assert s0["activation_bytes"] == 2.5 * 2 * DENSE_LAYER
