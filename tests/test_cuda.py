@@ -47,6 +47,7 @@ try:  # tests/ as a package (with __init__.py) or as a plain directory on sys.pa
 except ImportError:
     from conftest import assert_state_equal, quiet, read_metrics, snapshot
 from megatron_ufp4.fp4 import RHT, fake_quantize, quantize
+from megatron_ufp4.fp4.grouped import Segments, fake_quantize_grouped
 from megatron_ufp4.fp4.recipes import PRESETS, Recipe
 from megatron_ufp4.fp4.sr_random import SRIndex
 from megatron_ufp4.linear import QuantizedLinear
@@ -192,6 +193,15 @@ class RecordingBackend(EmulatedBackend):
                            "keys": tuple(self._keys[-2:])})
         return super().matmul(qa, qb)
 
+    def quantize_grouped(self, op):
+        self._keys.append(op.sr_keys)
+        return super().quantize_grouped(op)
+
+    def grouped_matmul(self, qa, qb, sizes):
+        self.calls.append({"a": qa.detach().cpu().clone(), "b": qb.detach().cpu().clone(), "sizes": tuple(sizes),
+                           "keys": tuple(self._keys[-2:])})
+        return super().grouped_matmul(qa, qb, sizes)
+
     def take(self) -> list[dict]:
         calls, self.calls, self._keys = self.calls, [], []
         return calls
@@ -281,6 +291,23 @@ def test_quantizer_with_rht16_on_exact_inputs_matches_cpu(fmt, rounding):
     dev = _device()
     assert_bits_equal(rht.rotate(x.to(dev)), rht.rotate(x), "RHT16 rotation of dyadic inputs")
     assert_bits_equal(rht.unrotate(rht.rotate(x.to(dev))), x, "RHT16 round trip of dyadic inputs")
+
+
+@pytest.mark.parametrize("rounding", ["rtne", "sr"])
+@pytest.mark.parametrize("axis", [0, 1], ids=["groups-of-rows", "groups-along-K"])
+@pytest.mark.parametrize("fmt", ["e2m1", "int4", "nvfp4", "mxfp4"])
+def test_grouped_quantizer_matches_cpu(fmt, axis, rounding):
+    """The grouped quantizer (MoE experts: G operands in one call, an empty group included) gives
+    the CPU's bits on the device, without RHT on general inputs and with a size-16 RHT on exact ones."""
+    sizes = (32, 0, 64, 32)
+    shape = (sum(sizes), 64) if axis == 0 else (32, sum(sizes))
+    seg = Segments(axis, sizes)
+    keys = (11, None, 22, 33) if rounding == "sr" else None
+    dev = _device()
+    for x, rht in ((sample_input(shape, seed=8), None), (dyadic(shape, seed=9, exp=6), RHT(16, seed=1))):
+        want = fake_quantize_grouped(x, fmt, seg, rounding, rht, keys=keys)
+        got = fake_quantize_grouped(x.to(dev), fmt, seg, rounding, rht, keys=keys)
+        assert_bits_equal(got, want, f"grouped {fmt} axis {axis} {rounding} rht {rht}")
 
 
 @pytest.mark.parametrize("size", [16, 32, 64, 128])
@@ -421,6 +448,62 @@ def test_quantized_linear_presets_on_general_inputs(recipe):
             ulps = diff <= 2.0 ** -14 * torch.maximum(got.abs(), want.abs())  # see the rotation bound above
             assert float((~ulps).double().mean()) <= 0.01, f"{recipe} {gemm} {side}: {int((~ulps).sum())} flips"
             assert float(diff.max()) <= 0.5 * float(want.abs().max()), f"{recipe} {gemm} {side}"
+
+
+def _grouped_reference(call: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 per-group products of a recorded grouped GEMM and their fp32 bound (layouts as
+    ``linear.backends.grouped_mm``: B (G, N, K) with A's rows in groups, or A and B in K groups)."""
+    a, b, sizes = call["a"], call["b"], call["sizes"]
+    starts = [sum(sizes[:g]) for g in range(len(sizes))]
+    if b.dim() == 3:
+        refs = [a[s:s + n].double() @ b[g].double().T for g, (s, n) in enumerate(zip(starts, sizes))]
+        bounds = [gemm_error_bound(a[s:s + n], b[g]) for g, (s, n) in enumerate(zip(starts, sizes))]
+        return torch.cat(refs), torch.cat(bounds)
+    refs = [a[:, s:s + n].double() @ b[:, s:s + n].double().T for s, n in zip(starts, sizes)]
+    bounds = [gemm_error_bound(a[:, s:s + n], b[:, s:s + n]) for s, n in zip(starts, sizes)]
+    return torch.stack(refs), torch.stack(bounds)
+
+
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if Recipe.preset(r).quantized])
+def test_grouped_expert_linears_match_cpu(recipe):
+    """MoE experts as grouped GEMMs (``grouped_linear``: torch._grouped_mm where it runs), one
+    expert without tokens: quantized operands and SR keys bitwise the CPU's, outputs within the
+    fp32 bound of float64 per-expert products of the operands, on both devices."""
+    from megatron_ufp4.linear.grouped import grouped_linear
+
+    spec, sizes = _exact_rht_recipe(recipe), (16, 0, 32)
+    weights = [dyadic((OUT, IN), 70 + e, 7) for e in range(len(sizes))]
+    x, dy = dyadic((sum(sizes), IN), 80, 6), dyadic((sum(sizes), OUT), 81, 8)
+
+    def run(device):
+        lins = [QuantizedLinear(IN, OUT, bias=False, recipe=spec, sr_seed=200 + e, backend=REC, device=device)
+                for e in range(len(sizes))]
+        with torch.no_grad():
+            for lin, w in zip(lins, weights):
+                lin.weight.copy_(w)
+        rec = recorder()
+        lins[0].step_context.at(4, 1)
+        xg = x.detach().to(device, copy=True).requires_grad_(True)
+        y = grouped_linear(lins, xg, sizes)
+        y.backward(dy.to(device))
+        out = {"y": y.detach().cpu(), "dx": xg.grad.cpu(), "dw": [None if lin.weight.grad is None else
+                                                                 lin.weight.grad.cpu() for lin in lins]}
+        return out, rec.take()
+
+    out_cpu, calls_cpu = run("cpu")
+    out_dev, calls_dev = run(_device())
+    assert len(calls_cpu) == len(calls_dev) == 3
+    for gemm, c_dev, c_cpu in zip(("fprop", "dgrad", "wgrad"), calls_dev, calls_cpu):
+        assert c_dev["keys"] == c_cpu["keys"] and c_dev["sizes"] == c_cpu["sizes"], f"{recipe} {gemm}"
+        assert_bits_equal(c_dev["a"], c_cpu["a"], f"{recipe} grouped {gemm}: quantized A")
+        assert_bits_equal(c_dev["b"], c_cpu["b"], f"{recipe} grouped {gemm}: quantized B")
+    for where, out, calls in ((_device(), out_dev, calls_dev), ("cpu", out_cpu, calls_cpu)):
+        (y_ref, y_bound), (dx_ref, dx_bound), (dw_ref, dw_bound) = (_grouped_reference(c) for c in calls)
+        assert_within_bound(out["y"], y_ref, y_bound, f"{recipe} grouped fprop on {where}")
+        assert_within_bound(out["dx"], dx_ref, dx_bound, f"{recipe} grouped dgrad on {where}")
+        assert out["dw"][1] is None  # the expert without tokens
+        for e in (0, 2):
+            assert_within_bound(out["dw"][e], dw_ref[e], dw_bound[e], f"{recipe} grouped wgrad expert {e} on {where}")
 
 
 # -- 3. SR state in checkpoints: device-independent ---------------------------------------------
