@@ -165,3 +165,15 @@ def test_interleaved_1f1b_in_flight():
     assert s0["layers"] == [0, 2] and s1["layers"] == [1, 3]  # chunk c on rank p is virtual stage c pp + p
     assert s0["in_flight"] == 2.5 and s1["in_flight"] == 1.5
     assert s0["activation_bytes"] == 2.5 * 2 * DENSE_LAYER
+
+
+def test_pipeline_volume_and_tied_copy():
+    # PP=2, M=2: each rank sends one FP32 [N, h] per micro-batch (activation forward or gradient back):
+    # 2 * 4*32*256 = 65536 B; tied embeddings add the all-reduce of the two copies' grads, 2 S (1/2) = S = 4 V h
+    base = ("parallel.pipeline=2", "training.global_batch_size=4")
+    assert plan(cfg("tiny_dense", *base), 2)["comm_bytes_per_step"]["pipeline"] == 2 * 4 * 32 * 256
+    r = plan(cfg("tiny_dense", *base, "model.tie_embeddings=true"), 2)
+    assert r["comm_bytes_per_step"]["pipeline"] == 2 * 4 * 32 * 256 + 4 * 4096 * 256
+    assert r["stages"][1]["params"] == 2 * 786944 + 256 + 4096 * 256  # the last stage's copy of the tied weight
+    (single,) = plan(cfg("tiny_dense", "model.tie_embeddings=true"), 1)["stages"]
+    assert single["params"] == 4 * 786944 + 256 + 4096 * 256  # one copy without pipelining

@@ -67,7 +67,9 @@ S (n-1)/n), for the busiest pipeline stage of each dimension:
   routed experts are TP-split too, 1 + 1 of the N k routed rows; the embedding's forward
   all-reduce and the head's dgrad all-reduce (sequence parallelism: the same volume as
   all-gather + reduce-scatter);
-* pipeline: per micro-batch and stage boundary, the FP32 activation forward and its gradient back;
+* pipeline: per micro-batch and stage boundary, the FP32 activation forward and its gradient back
+  (a rank sends one of them per neighbour; [b, s/t, h] under sequence parallelism), plus, with
+  tied embeddings, the all-reduce of the two copies' gradients between the first and last stage;
 * data: the FP32 gradient all-reduce of this rank's dense parameters over DP, plus ZeRO-1's
   parameter broadcast (each rank receives the (dp-1)/dp it does not own);
 * expert_data: the same for the routed expert parameters over EDP (dp / ep ranks);
@@ -172,6 +174,7 @@ def plan(cfg, world: int, ce_chunk: int | None = None, gpus_per_node: int = 8) -
             tp_el, rep_el, ex_el = tp_el + lp["tp"], rep_el + lp["rep"], ex_el + lp["expert"]
             acts += layer_activation_bytes(m, i, N, act_bytes, tp, sp)
         embed, head = 0 in vs, n_virtual - 1 in vs
+        tied_copy = m.tie_embeddings and pp > 1  # first and last stage each hold the tied weight
         if embed:
             tp_el += V * h
         if head:
@@ -195,7 +198,8 @@ def plan(cfg, world: int, ce_chunk: int | None = None, gpus_per_node: int = 8) -
         tp_count = 4 * dense_layers + (2 + shared + 2 * m.moe_top_k) * moe_layers + int(embed) + int(head)
         vol = {
             "tensor": micro * tp_count * ring_all_reduce(row, tp),
-            "pipeline": micro * (row / (tp if sp else 1)) * ((r < pp - 1) + (r > 0)),
+            "pipeline": micro * (row / (tp if sp else 1)) * ((r < pp - 1) + (r > 0))
+            + (ring_all_reduce(4 * V * h / tp, 2) if tied_copy and (embed or head) else 0.0),
             "data": (ring_all_reduce(dense * 4, dp) + dense * 4 * (dp - 1) / dp) if dp > 1 else 0.0,
             "expert_data": (ring_all_reduce(expert * 4, edp) + expert * 4 * (edp - 1) / edp) if edp > 1 else 0.0,
             "expert": (4 * moe_layers * micro * N * m.moe_top_k * h * act_bytes * (ep - 1) / ep) if ep > 1 else 0.0,
