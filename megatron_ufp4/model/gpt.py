@@ -164,10 +164,12 @@ class GPTModel(nn.Module):
                                         "dropped": int(m.last_dropped)}
         return stats
 
-    def update_expert_bias(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[int, list]:
+    def update_expert_bias(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+                           ) -> dict[int, torch.Tensor]:
         """One aux-loss-free balancing step on every MoE layer (call once per optimizer
-        step; ``reduce`` sums loads over data-parallel ranks).  Returns the loads used."""
-        return {m.layer_index: m.update_expert_bias(reduce).tolist() for m in self.moe_layers()}
+        step; ``reduce`` sums loads over data-parallel ranks).  Returns the loads used
+        (device tensors: the step needs no host sync)."""
+        return {m.layer_index: m.update_expert_bias(reduce) for m in self.moe_layers()}
 
     @torch.no_grad()
     def discard_expert_loads(self) -> None:

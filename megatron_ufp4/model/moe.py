@@ -230,9 +230,10 @@ class MoE(nn.Module):
         self.load_accum.zero_()
         if reduce is not None:
             load = reduce(load)
-        if self.expert_bias_rate > 0 and int(load.sum()) > 0:
+        if self.expert_bias_rate > 0:  # no move when nothing was routed, decided on the device (no host sync)
             lf = load.to(self.router.expert_bias.dtype)
-            self.router.expert_bias += self.expert_bias_rate * torch.sign(lf.mean() - lf)
+            move = self.expert_bias_rate * torch.sign(lf.mean() - lf)
+            self.router.expert_bias += torch.where(load.sum() > 0, move, torch.zeros_like(move))
         return load
 
     @torch.no_grad()

@@ -324,15 +324,16 @@ def build_expert_parallel_model(model, pstate, dispatcher: str = "alltoall", loa
 
 # -- balancing statistics -----------------------------------------------------------------------------
 @torch.no_grad()
-def update_expert_bias(model, group=None) -> dict[int, list]:
+def update_expert_bias(model, group=None) -> dict[int, torch.Tensor]:
     """Aux-loss-free bias step on every MoE layer with loads summed over ``group`` (one
     all-reduce for all layers): identical loads, hence identical biases, on every rank.
-    Pass the data-parallel group (``pstate.group("dp")``).  Returns {layer: loads}."""
+    Pass the data-parallel group (``pstate.group("dp")``).  Returns {layer: loads} (device
+    tensors, no host sync)."""
     moes = moe_layers(model)
     if not moes:
         return {}
     loads = load_all_reduce(group)(torch.stack([m.load_accum for m in moes]))
-    return {m.layer_index: m.update_expert_bias(reduce=lambda _local, row=loads[i]: row.clone()).tolist()
+    return {m.layer_index: m.update_expert_bias(reduce=lambda _local, row=loads[i]: row.clone())
             for i, m in enumerate(moes)}
 
 
