@@ -63,6 +63,11 @@ def _saved_bytes(module, x):
     return sum(seen.values())
 
 
+def CPU_NORM(n, h, sigma):
+    """torch's composite (CPU) RMSNorm also saves x * rstd, FP32: 4 N h / σ for each of a layer's 2 norms."""
+    return 2 * 4 * n * h / sigma
+
+
 @pytest.mark.parametrize("moe", [False, True])
 def test_activation_formula_matches_autograd_saved_tensors(moe):
     kw = dict(num_experts=8, moe_top_k=2, moe_ffn_hidden_size=64, num_shared_experts=1) if moe else {}
@@ -71,9 +76,8 @@ def test_activation_formula_matches_autograd_saved_tensors(moe):
     torch.manual_seed(0)
     model = GPTModel(m)
     got = _saved_bytes(model.layers["0"], torch.randn(2, 32, 128, requires_grad=True))
-    n, beta = 64, 4
-    cpu_gqa = 2 * beta * n * m.hidden_size  # torch's CPU SDPA saves k and v expanded to all heads
-    want = layer_activation_bytes(m, 0, n, beta, 1, False) + cpu_gqa
+    n = 64
+    want = layer_activation_bytes(m, 0, n, 4, 1, False) + CPU_NORM(n, m.hidden_size, 1)
     if moe:  # routing index tensors are not modelled
         assert want <= got <= 1.01 * want
     else:
@@ -177,3 +181,25 @@ def test_pipeline_volume_and_tied_copy():
     assert r["stages"][1]["params"] == 2 * 786944 + 256 + 4096 * 256  # the last stage's copy of the tied weight
     (single,) = plan(cfg("tiny_dense", "model.tie_embeddings=true"), 1)["stages"]
     assert single["params"] == 4 * 786944 + 256 + 4096 * 256  # one copy without pipelining
+
+
+def _tp_saved_bytes(rank, world, sp):
+    from megatron_ufp4.parallel.parallel_factory import ParallelLinearFactory, build_tensor_parallel_gpt
+    from megatron_ufp4.parallel.state import build_parallel_state
+
+    m = ModelConfig(vocab_size=512, hidden_size=128, num_layers=1, num_heads=8, num_kv_heads=2, ffn_hidden_size=384,
+                    max_seq_len=64)
+    st = build_parallel_state(tp=world, sequence_parallel=sp, model_cfg=m)
+    model = build_tensor_parallel_gpt(m, ParallelLinearFactory("bf16", 1, st, seed=1), init_seed=2)
+    x = torch.randn(2, 32 // world if sp else 32, 128, requires_grad=True)
+    got = _saved_bytes(model.layers["0"], x)
+    return got, layer_activation_bytes(m, 0, 64, 4, world, sp) + CPU_NORM(64, 128, world if sp else 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sp", [False, True])
+def test_activation_formula_tp2_matches_autograd_saved_tensors(sp):
+    from dist_utils import run_ranks
+
+    for got, want in run_ranks(2, _tp_saved_bytes, sp):
+        assert got == want

@@ -38,9 +38,11 @@ local input slice under SP and re-gather in backward).
   4 β N k f_e / t; shared experts 4 β N f_s / t (plus small index tensors, not counted).
 
 So a dense layer keeps (16 N h + 8 N) / σ + β N h (4 + 3 r) / t + 4 N a / t + 4 β N f / t
-bytes.  This assumes an attention kernel that handles GQA natively (flash / cuDNN on GPU);
-torch's CPU kernel expands k and v to all heads first, 2 β N h / t more
-(tests/test_planner.py checks the formula against autograd's saved tensors on CPU).
+bytes.  This assumes the GPU kernels: a fused RMSNorm (torch's ``_fused_rms_norm``: saves
+its input and the reciprocal RMS) and an SDPA kernel that takes GQA's k and v as they are.
+On CPU torch's composite RMSNorm also saves x times the reciprocal RMS, 4 N h / σ more per
+norm; tests/test_planner.py checks the formula plus that term against the tensors autograd
+saves on CPU, for TP 1 and for TP 2 with and without sequence parallelism.
 
 **In-flight micro-batches** (whose activations a stage holds at its peak), by schedule:
 ``1f1b`` (assumed by default; the config's ``pipeline_schedule``): pipeline rank p holds
