@@ -26,12 +26,12 @@ parallelism, else 1 (those tensors are replicated over TP without SP; linears sa
 local input slice under SP and re-gather in backward).
 
 * attention: norm input + norm output (the qkv linear's saved input) 8 N h / σ, the norm's
-  saved FP32 reciprocal RMS 4 N / σ; the qkv
-  output buffer β N h (1 + 2r) / t (kept alive by v, a view of it, saved by SDPA); rotated
-  q and k β N h (1 + r) / t; the SDPA output and the proj input (a reshaped copy)
-  2 β N h / t; the SDPA log-sum-exp 4 N a / t;
-* dense MLP (SwiGLU): norm input + output + reciprocal RMS (8 N h + 4 N) / σ; the gate_up output 2 β N f / t
-  (gate and up are views of it), silu(gate) and the product (down's input) 2 β N f / t;
+  saved FP32 reciprocal RMS 4 N / σ; the qkv output buffer β N h (1 + 2r) / t (kept alive
+  by v, a view of it, saved by SDPA); rotated q and k β N h (1 + r) / t; the SDPA output
+  and the proj input (a reshaped copy) 2 β N h / t; the SDPA log-sum-exp 4 N a / t;
+* dense MLP (SwiGLU): norm input + output + reciprocal RMS (8 N h + 4 N) / σ; the gate_up
+  output 2 β N f / t (gate and up are views of it), silu(gate) and the product (down's
+  input) 2 β N f / t;
 * MoE MLP: norm input + output + reciprocal RMS (8 N h + 4 N) / σ; router logits and
   scores (β + 4) N E; routed token copies in, expert outputs and their router-weighted
   copies 3 β N k h (balanced routing: N k rows reach each EP rank); expert intermediates
@@ -57,7 +57,8 @@ backward back to back: 1.
 softmax / log-softmax, and its backward allocates two more FP32 copies: its transient peak
 is ~3-4x this).  With the chunked cross entropy (``--ce-chunk C``, model/gpt.py
 ``chunked_lm_loss``, parallel/vocab_parallel.py ``vocab_parallel_chunked_cross_entropy``)
-only one chunk's logits exist at a time: 4 C V / t (plus 4 N bytes of saved log-sum-exp).
+only one chunk's logits exist at a time: 4 C V / t (plus 8 N bytes: the row max and sum of
+exponentials it keeps per token for backward).
 
 **Communication**: bytes one rank sends per optimizer step (ring collectives: an all-reduce
 of S bytes over n ranks sends 2 S (n-1)/n, an all-gather / reduce-scatter / all-to-all
@@ -191,7 +192,7 @@ def plan(cfg, world: int, ce_chunk: int | None = None, gpus_per_node: int = 8) -
         logits = 0.0
         if head:
             held = flight if pp > 1 else 1.0  # the last stage: 1 (1F1B), M (GPipe)
-            logits = logits_full * held if ce_chunk is None else 4 * min(ce_chunk, N) * V / tp + 4 * N * held
+            logits = logits_full * held if ce_chunk is None else 4 * min(ce_chunk, N) * V / tp + 8 * N * held
         state = dense * (8 + 8 / dp) + expert * (8 + 8 / edp)
         moe_layers = sum(1 for i in layers if m.is_moe_layer(i))
         dense_layers = len(layers) - moe_layers
