@@ -79,6 +79,20 @@ def test_grouped_equals_loop_bitwise(recipe, position):
         compare(moe.experts, xs, COUNTS, dy)
 
 
+@pytest.mark.parametrize("recipe", ["ufp4", {"name": "nvfp4", "sr": ["x", "w", "dy"]}, "mxfp4"],
+                         ids=["ufp4", "nvfp4-sr-all", "mxfp4"])
+def test_grouped_quantizer_in_row_chunks(recipe, monkeypatch):
+    """Operands larger than one quantizer pass run in row chunks: the same bits."""
+    import megatron_ufp4.fp4.grouped as grouped
+
+    monkeypatch.setattr(grouped, "_CHUNK", 16 * 64)  # 16 rows of 64, 2-D blocks too
+    moe = make_moe(recipe)
+    moe.step_context.at(3, 0)
+    torch.manual_seed(8)
+    xs, dy = torch.randn(sum(COUNTS), 64), torch.randn(sum(COUNTS), 64)
+    compare(moe.experts, xs, COUNTS, dy)
+
+
 @pytest.mark.parametrize("recipe", ["ufp4", "nvfp4"])
 def test_grouped_with_bias_and_bf16_autocast(recipe):
     moe = make_moe({"name": recipe, "sr": ["x", "w", "dy"]}, bias=True)

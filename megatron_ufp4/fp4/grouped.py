@@ -91,9 +91,22 @@ def _per_block(values: torch.Tensor, fmt: FP4Format, seg: Segments, x: torch.Ten
     return v.view(-1, 1, 1) if seg.axis == 0 else v.view(1, -1, 1)
 
 
-def default_index(shape, seg: Segments, device) -> tuple[torch.Tensor, bool]:
-    """Global SR indices when every group is a whole, unsharded operand (``SRIndex()``):
-    (int64 indices of ``shape``, whether any reaches 2^31)."""
+@dataclass(frozen=True)
+class GroupedIndex:
+    """Global SR indices of a grouped operand in factored form, ``rows[r] * stride + cols[c]``
+    (``stride``: an int, or a (1, cols) tensor when each K group has its own row length), so
+    no full-size int64 tensor is kept; ``wide``: whether any index can reach 2^31."""
+    rows: torch.Tensor
+    stride: int | torch.Tensor
+    cols: torch.Tensor
+    wide: bool
+
+    def block(self, r0: int, r1: int) -> torch.Tensor:
+        return self.rows[r0:r1].view(-1, 1) * self.stride + self.cols.view(1, -1)
+
+
+def default_index(shape, seg: Segments, device) -> GroupedIndex:
+    """Global SR indices when every group is a whole, unsharded operand (``SRIndex()``)."""
     rows, cols = shape
     if seg.axis == 0:
         r, c, stride = seg.local(device), torch.arange(cols, device=device), cols
@@ -102,40 +115,55 @@ def default_index(shape, seg: Segments, device) -> tuple[torch.Tensor, bool]:
         r, c = torch.arange(rows, device=device), seg.local(device)
         stride = torch.tensor(seg.sizes, dtype=torch.int64, device=device)[seg.ids(device)].view(1, -1)
         last = max((rows * s for s in seg.sizes), default=0) - 1
-    return r.view(-1, 1) * stride + c.view(1, -1), last >= _M31
+    return GroupedIndex(r, stride, c, last >= _M31)
+
+
+_CHUNK = 1 << 17  # elements per quantizer pass: keeps its ~10 elementwise temporaries in cache on CPU
 
 
 def fake_quantize_grouped(x: torch.Tensor, fmt: str | FP4Format, seg: Segments, rounding: str = "rtne",
                           rht: RHT | None = None, *, keys: Sequence[int | None] | None = None,
-                          index: tuple[torch.Tensor, bool] | None = None, tensor_amax: torch.Tensor | None = None,
+                          index: GroupedIndex | None = None, tensor_amax: torch.Tensor | None = None,
                           fused: bool = False) -> torch.Tensor:
-    """Dequantized fp32 values of a grouped operand, blocked along its last dim, in one call.
+    """Dequantized fp32 values of a grouped operand, blocked along its last dim.
 
-    keys: one SR key per group (SR only; a group without rows may have any key).  index:
-    (int64 global SR index of every element, wide) -- the groups' ``SRIndex`` layout, see
-    ``default_index``.  tensor_amax: ``(G,)`` per-group amax for two-level formats (e.g.
-    all-reduced over tensor-parallel ranks; computed here when None).  Non-finite blocks
-    decode to NaN (``nonfinite="propagate"``), as the GEMM backends quantize.
+    keys: one SR key per group (SR only; a group without rows may have any key).  index: the
+    global SR index of every element (the groups' ``SRIndex`` layout; ``default_index``
+    when None).  tensor_amax: ``(G,)`` per-group amax for two-level formats (e.g. all-reduced
+    over tensor-parallel ranks; computed here when None).  Non-finite blocks decode to NaN
+    (``nonfinite="propagate"``), as the GEMM backends quantize.  Runs in row chunks (rows are
+    independent once the amax is known), the same bits as one pass.
     """
     fmt = make_format(fmt)
     _check(x, fmt, -1, rounding, rht, "propagate")
     _check_segments(x, fmt, seg, rht)
     xm = x.detach().contiguous()
-    key = idx = None
-    wide = True
+    key = None
     if rounding == "sr":
         if keys is None or len(keys) != len(seg.sizes) or any(k is None for k, s in zip(keys, seg.sizes) if s):
             raise ValueError("a stochastically rounded grouped operand needs one SR key per group")
         kt = torch.tensor([0 if k is None else int(k) for k in keys], dtype=torch.int64, device=x.device)
         key = kt[seg.ids(x.device)].view((-1, 1) if seg.axis == 0 else (1, -1))
-        idx, wide = index if index is not None else default_index(xm.shape, seg, x.device)
+        index = index if index is not None else default_index(xm.shape, seg, x.device)
     amax = None
     if fmt.scale == "e4m3":
         amax = _per_block(grouped_tensor_amax(xm, fmt, rht, seg) if tensor_amax is None else tensor_amax.float(),
                           fmt, seg, xm)
     rot = rht.matrix(x.device) if rht is not None else None
-    q = _run_core(fused, xm, fmt, rounding, rot, key, idx, amax, True, wide)[0]
-    return q.reshape(xm.shape)
+    rows, cols = xm.shape
+    unit = fmt.block if fmt.block_2d else 1
+    step = max(unit, _CHUNK // max(cols, 1) // unit * unit)
+    out = None if rows <= step else torch.empty(xm.shape, dtype=torch.float32, device=x.device)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        k = key[r0:r1] if key is not None and seg.axis == 0 else key
+        a = amax[r0 // unit:r1 // unit] if amax is not None and seg.axis == 0 else amax
+        idx = index.block(r0, r1) if key is not None else None
+        q = _run_core(fused, xm[r0:r1], fmt, rounding, rot, k, idx, a, True, index.wide if idx is not None else True)
+        if out is None:  # one chunk: no copy
+            return q[0].reshape(xm.shape)
+        out[r0:r1] = q[0].reshape(r1 - r0, cols)
+    return out if out is not None else xm.new_zeros(xm.shape, dtype=torch.float32)
 
 
-__all__ = ["Segments", "default_index", "fake_quantize_grouped", "grouped_tensor_amax"]
+__all__ = ["GroupedIndex", "Segments", "default_index", "fake_quantize_grouped", "grouped_tensor_amax"]

@@ -28,7 +28,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from ..fp4.grouped import Segments, fake_quantize_grouped
+from ..fp4.grouped import GroupedIndex, Segments, fake_quantize_grouped
 from ..fp4.hadamard import RHT
 from ..fp4.quantize import fake_quantize
 from ..fp4.recipes import OperandQuant
@@ -64,7 +64,7 @@ class GroupedOperand:
     segments: Segments
     rht: RHT | None = None
     sr_keys: tuple[int | None, ...] | None = None  # one per group; required when quant.rounding == "sr"
-    sr_index: tuple[torch.Tensor, bool] | None = None  # (int64 global index per element, any >= 2^31)
+    sr_index: GroupedIndex | None = None  # global SR index of every element (factored)
     tensor_amax: torch.Tensor | None = None  # fp32 (G,); required for formats with a tensor scale
 
 

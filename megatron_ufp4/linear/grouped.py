@@ -34,7 +34,7 @@ from typing import Sequence
 
 import torch
 
-from ..fp4.grouped import Segments, grouped_tensor_amax
+from ..fp4.grouped import GroupedIndex, Segments, grouped_tensor_amax
 from ..fp4.sr_random import SRIndex
 from .backends import GroupedOperand, get_backend
 from .gemm import GemmSplit, reduction_multiple
@@ -103,10 +103,10 @@ def _coords(local: torch.Tensor, offset: int, parts, axis: int) -> torch.Tensor:
     return offs[local // n] + local % n
 
 
-def grouped_index(shape, seg: Segments, base: SRIndex | None, parts_axis, parts, device) -> tuple[torch.Tensor, bool]:
-    """(int64 global SR index of every element, wide) of a grouped operand whose groups each
-    sit in their logical operand like the per-expert operand: ``base`` (its ``SRIndex``), or,
-    for a split GEMM, ``parts`` along ``parts_axis`` (each with its own ``SRIndex``)."""
+def grouped_index(shape, seg: Segments, base: SRIndex | None, parts_axis, parts, device) -> GroupedIndex:
+    """Global SR indices of a grouped operand whose groups each sit in their logical operand
+    like the per-expert operand: ``base`` (its ``SRIndex``), or, for a split GEMM, ``parts``
+    along ``parts_axis`` (each with its own ``SRIndex``)."""
     rows, cols = shape
     base = base or SRIndex()
     r_local = seg.local(device) if seg.axis == 0 else torch.arange(rows, device=device)
@@ -119,14 +119,13 @@ def grouped_index(shape, seg: Segments, base: SRIndex | None, parts_axis, parts,
     if stride is None:  # the (part) operand's own columns: K, or each group's padded tokens
         stride = (torch.tensor(seg.sizes, dtype=torch.int64, device=device)[seg.ids(device)].view(1, -1)
                   if seg.axis == 1 else cols)
-    idx = r.view(-1, 1) * stride + c.view(1, -1)
     # whether any index reaches 2^31 only decides a check (same bits): bound it on the host
     r_max = max(rows, max(seg.sizes, default=0)) + base.row_offset + max(
         [i.row_offset for _, i in parts] if parts_axis == 0 else [0])
     c_max = max(cols, max(seg.sizes, default=0)) + base.col_offset + max(
         [i.col_offset for _, i in parts] if parts_axis == 1 else [0])
     s_max = stride if isinstance(stride, int) else max(seg.sizes, default=0)
-    return idx, r_max * s_max + c_max >= _M31
+    return GroupedIndex(r, stride, c, r_max * s_max + c_max >= _M31)
 
 
 # -- the grouped GEMMs ---------------------------------------------------------------------------
@@ -200,13 +199,12 @@ class GroupedCall:
     def token_columns(self, t: torch.Tensor, padded: Sequence[int]) -> torch.Tensor:
         """(T, c) rows grouped by expert -> (c, sum padded): each expert's rows as columns,
         zero-padded on their own (the per-expert GemmRunner's padding)."""
-        out = t.new_zeros((sum(padded), t.shape[1]))
         starts, src = 0, []
         for n, p in zip(self.sizes, padded):
             src.append(torch.arange(starts, starts + n, device=t.device))
             starts += p
         dst = torch.cat(src) if src else torch.zeros(0, dtype=torch.long, device=t.device)
-        return out.index_copy_(0, dst, t).t()
+        return t.new_zeros((t.shape[1], sum(padded))).index_copy_(1, dst, t.t())  # contiguous, as quantized
 
 
 class _GroupedLinearFunction(torch.autograd.Function):
