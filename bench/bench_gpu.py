@@ -151,7 +151,7 @@ def header(device: torch.device, args) -> list[str]:
         name = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
     else:
         name = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    return [f"## bench_gpu: {name}, torch {torch.__version__}",
+    return [f"**bench_gpu.py** on {name}, torch {torch.__version__}",
             "",
             f"dtype {args.dtype} (autocast) with fp32 master weights; fp32 matmul precision "
             f"{torch.get_float32_matmul_precision()}; backends {', '.join(args.backends)}; median of {args.repeat} "

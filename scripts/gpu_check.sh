@@ -74,11 +74,13 @@ part_result() {  # name rc seconds
   note "" "**$1: $verdict** in $3 s"
 }
 fenced() {  # run a command, its output both on the console and in a fenced block of the report
-  local rc
+  local rc  # (FOLD=label: the block folded under <details>, for long outputs)
+  [[ -n "${FOLD:-}" ]] && printf '<details><summary>%s</summary>\n\n' "$FOLD" >> "$REPORT"
   echo '```' >> "$REPORT"
   timeout "$PART_TIMEOUT_S" "$@" 2>&1 | tee -a "$REPORT"
   rc=${PIPESTATUS[0]}
   echo '```' >> "$REPORT"
+  [[ -n "${FOLD:-}" ]] && printf '\n</details>\n' >> "$REPORT"
   return "$rc"
 }
 
@@ -120,7 +122,7 @@ if [[ $rc == 0 ]]; then
     for recipe in $RECIPES; do
       run_dir="$WORK/runs/$config-$recipe"
       note "" "### $config / $recipe" ""
-      fenced "$PY" -m megatron_ufp4.train "configs/$config.yaml" "recipe.name=$recipe" "training.device=$DEVICE" \
+      FOLD="train CLI output: resolved config, recipe table, $STEPS steps" fenced "$PY" -m megatron_ufp4.train "configs/$config.yaml" "recipe.name=$recipe" "training.device=$DEVICE" \
         "training.dtype=$DTYPE" "data.prefix=$PREFIX" model.vocab_size=512 "training.train_steps=$STEPS" \
         "training.run_dir=$run_dir" training.eval_interval=0 training.eval_iters=4 checkpoint.interval=0 \
         "checkpoint.save_final=$([[ $config-$recipe == tiny_dense-ufp4 ]] && echo true || echo false)" \
@@ -142,8 +144,8 @@ import yaml
 root, steps = Path(sys.argv[1]), int(sys.argv[2])
 print("| config | recipe | first loss | final loss | median step (steps 6+) | skipped |")
 print("|---|---|---|---|---|---|")
-bad = False
-for run in sorted(root.iterdir()):
+bad = not root.is_dir()
+for run in sorted(root.iterdir()) if root.is_dir() else []:
     config, recipe = run.name.split("-", 1)
     path = run / "metrics.jsonl"
     recs = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
@@ -173,12 +175,15 @@ part_result "tiny_dense + tiny_moe x {$RECIPES}, $STEPS steps" $rc $((SECONDS - 
 if [[ "${SKIP_BENCH:-0}" != 1 ]]; then
   note "" "## (c) bench/bench_gpu.py on $DEVICE" ""
   t0=$SECONDS
-  # (its tables are printed, hence in the fenced block, and also appended after it by --out)
   BENCH_ARGS=()
   [[ "$DEVICE" == cpu ]] && BENCH_ARGS=(--small)
-  fenced "$PY" bench/bench_gpu.py --device "$DEVICE" "${BENCH_ARGS[@]}" --out "$RESULTS_DIR/bench_gpu.md"
-  rc=$?
-  [[ -f "$RESULTS_DIR/bench_gpu.md" ]] && { echo; cat "$RESULTS_DIR/bench_gpu.md"; } >> "$REPORT"
+  # its markdown tables go into the report as tables (--out); its whole output, folded, after them
+  timeout "$PART_TIMEOUT_S" "$PY" bench/bench_gpu.py --device "$DEVICE" "${BENCH_ARGS[@]}" --recipes "${RECIPES// /,}" \
+    --out "$RESULTS_DIR/bench_gpu.md" 2>&1 | tee "$RESULTS_DIR/bench_gpu.log"
+  rc=${PIPESTATUS[0]}
+  [[ -f "$RESULTS_DIR/bench_gpu.md" ]] && cat "$RESULTS_DIR/bench_gpu.md" >> "$REPORT"
+  { printf '\n<details><summary>bench_gpu.py output</summary>\n\n```\n'; cat "$RESULTS_DIR/bench_gpu.log"
+    printf '```\n\n</details>\n'; } >> "$REPORT"
   part_result "bench/bench_gpu.py" $rc $((SECONDS - t0))
 fi
 

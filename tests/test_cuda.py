@@ -28,6 +28,13 @@ What "equal" means here:
 * GEMM outputs are checked against a float64 GEMM of the very operands that device
   quantized (recorded by a backend that wraps the emulated one), with the fp32
   accumulation error bound derived at ``gemm_error_bound``.
+
+Known ways for a device to differ, which these tests are there to catch: CUDA eager computes
+``tensor / python_float`` as a multiplication by the fp32 reciprocal (the CPU divides: the
+two differ by an ulp for about a third to a half of the values when the divisor is 6 or 7);
+Triton code from torch.compile divides approximately (``div.full.f32``) unless inductor's
+``eager_numerics.division_rounding`` is on, and a kernel may flush subnormals to zero
+(``sample_input`` has a subnormal block, and an all-zero block gives E8M0 its 2^-127 scale).
 """
 from __future__ import annotations
 
