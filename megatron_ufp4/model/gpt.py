@@ -221,6 +221,22 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, out_dtype, hp_dtype) ->
     return z
 
 
+def _accumulate_wgrad(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, hp_dtype) -> None:
+    """``acc += high_precision_gemm(a, b, hp_dtype)`` (inputs rounded to ``hp_dtype``, FP32 or
+    wider products) without a temporary the size of ``acc``, the whole [V_local, H] weight
+    gradient: an in-place addmm (bf16 / fp16 inputs widened first, their products are exact
+    in FP32); a CUDA half GEMM with an FP32 result goes through row blocks of <= 2^24 elements."""
+    a, b = a.to(hp_dtype), b.to(hp_dtype)
+    if hp_dtype in (torch.bfloat16, torch.float16) and a.is_cuda:
+        rows = max(1, (1 << 24) // max(1, b.shape[0]))
+        for r in range(0, a.shape[0], rows):
+            acc[r:r + rows] += high_precision_gemm(a[r:r + rows], b, hp_dtype)
+        return
+    if a.dtype != acc.dtype:
+        a, b = a.to(acc.dtype), b.to(acc.dtype)
+    acc.addmm_(a, b.t())
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Per-token cross entropy of ``hidden @ weight.T`` without the full logits.
 
@@ -294,7 +310,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 if need_x:
                     dx[a:b] = high_precision_gemm(dz, weight.t(), hp_dtype)
                 if need_w:
-                    dw += high_precision_gemm(dz.t(), x2[a:b].t(), hp_dtype)
+                    _accumulate_wgrad(dw, dz.t(), x2[a:b].t(), hp_dtype)
                 del dz
             dh = dw_out = None
             if need_x:
