@@ -153,3 +153,13 @@ def test_restore_rng_with_fewer_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: seen.append((int(s[0]), i)))
     ck.restore_rng(state)
     assert seen == [(0, 0), (1, 1)]
+
+
+@pytest.mark.parametrize("cli", ["eval", "sample"])
+def test_eval_and_sample_refuse_a_missing_gpu_in_one_line(cli, fake_gpus, capsys, tmp_path):
+    import importlib
+    fake_gpus(0)
+    main = importlib.import_module(f"megatron_ufp4.{cli}").main
+    assert main([str(tmp_path), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --device=cuda but no CUDA device is available"), err
