@@ -215,7 +215,20 @@ class RecordingBackend(EmulatedBackend):
 
 
 REC = "cuda_test_recording"
-register_backend(REC, RecordingBackend)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def recording_backend():
+    """Registered while this module's tests run (not at import: skipped tests, and the rest of
+    the session, see only the real backends)."""
+    from megatron_ufp4.linear import backends
+
+    register_backend(REC, RecordingBackend)
+    try:
+        yield
+    finally:
+        backends._REGISTRY.pop(REC, None)
+        backends._INSTANCES.pop(REC, None)
 
 
 def recorder() -> RecordingBackend:
