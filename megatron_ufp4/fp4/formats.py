@@ -87,6 +87,12 @@ def nvfp4_tensor_encode_scale(tensor_amax: torch.Tensor, gmax: float) -> torch.T
     return torch.where((amax == 0) | (s_enc == 0), torch.ones_like(s_enc), s_enc)
 
 
+def _divide(t: torch.Tensor, value: float) -> torch.Tensor:
+    """``t / value`` correctly rounded on every device: CUDA computes a tensor divided by a
+    Python scalar as ``t * (1 / value)`` (one rounding more), a tensor divisor it divides."""
+    return torch.div(t, torch.full_like(t, value))
+
+
 def block_scales(amax: torch.Tensor, fmt: FP4Format, tensor_amax: torch.Tensor | None):
     """Per-block scales from per-block amax.
 
@@ -96,7 +102,7 @@ def block_scales(amax: torch.Tensor, fmt: FP4Format, tensor_amax: torch.Tensor |
     """
     gmax = fmt.grid_obj.max
     if fmt.scale == "fp32":
-        dec = amax / gmax
+        dec = _divide(amax, gmax)
         return dec, dec, None, None
     if fmt.scale == "e4m3":
         s_enc = nvfp4_tensor_encode_scale(tensor_amax, gmax)
@@ -111,7 +117,7 @@ def block_scales(amax: torch.Tensor, fmt: FP4Format, tensor_amax: torch.Tensor |
         _, e = torch.frexp(amax)
         exp = e - 1 - emax
     else:
-        m, e = torch.frexp(amax / gmax)
+        m, e = torch.frexp(_divide(amax, gmax))
         exp = torch.where(m == 0.5, e - 1, e)
     exp = torch.where(amax > 0, exp, -127).clamp_(-127, 127)
     stored = (exp + 127).to(torch.uint8)  # biased exponent; see storage_dtype_view
