@@ -94,10 +94,10 @@ def test_crashed_run_resumes_and_drops_records_after_checkpoint(reference_run, t
     trainer = Trainer(tiny_cfg("tiny_dense", tmp_path, *overrides), console=quiet)
     loss_fn = trainer.loss_fn
 
-    def crash_in_step_5(logits, labels):
+    def crash_in_step_5(model, tokens, labels):
         if trainer.step == 4:  # noqa: F821 (the enclosing trainer, deleted after the crash)
             raise RuntimeError("simulated crash in step 5")
-        return loss_fn(logits, labels)
+        return loss_fn(model, tokens, labels)
 
     trainer.loss_fn = crash_in_step_5
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -134,7 +134,7 @@ def test_exact_resume_after_a_skipped_step_moe(tiny_cfg, tmp_path):
     overrides = ["recipe.name=bf16", "training.train_steps=6", "training.eval_interval=0", "checkpoint.interval=0"]
     first = Trainer(tiny_cfg("tiny_moe", tmp_path, *overrides), console=quiet)
     assert first.cfg.model.expert_bias_rate > 0
-    first.loss_fn = lambda logits, labels: Trainer.loss_fn(logits, labels) * (
+    first.loss_fn = lambda model, tokens, labels: Trainer.loss_fn(model, tokens, labels) * (
         float("nan") if first.step + 1 == 3 else 1.0)
     first.train(exit_after=3)
     assert first.skipped_total == 1

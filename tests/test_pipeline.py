@@ -17,7 +17,6 @@ import io
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megatron_ufp4.model import GPTModel, LinearFactory, ModelConfig, MoE
 from megatron_ufp4.linear import QuantizedLinear
@@ -95,15 +94,14 @@ def reference(case: str, replica: int = 0) -> dict:
                 model.eval()
                 with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                     tokens, labels = batch(0, replica)
-                    out["eval"] = sum(float(F.cross_entropy(model(t).float().flatten(0, 1), lab.flatten()))
+                    out["eval"] = sum(float(model(t, labels=lab))
                                       for t, lab in zip(tokens.chunk(N_MICRO), labels.chunk(N_MICRO))) / N_MICRO
                 model.train()
             tokens, labels = batch(step, replica)
             total = torch.zeros(())
             for tok, lab in zip(tokens.chunk(N_MICRO), labels.chunk(N_MICRO)):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                    logits = model(tok)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), lab.flatten()) / N_MICRO
+                    loss = model(tok, labels=lab) / N_MICRO  # the trainer's loss: head + CE chunked over tokens
                 loss.backward()
                 total += loss.detach()
             out["loss"].append(float(total))

@@ -12,7 +12,7 @@ try:  # tests/ as a package (with __init__.py) or as a plain directory on sys.pa
 except ImportError:
     from conftest import CONFIGS, quiet, read_metrics
 from megatron_ufp4.training.schedule import lr_at
-from megatron_ufp4.training.trainer import Trainer, TrainingAborted, lm_loss
+from megatron_ufp4.training.trainer import Trainer, TrainingAborted, micro_batch_loss
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -72,9 +72,9 @@ def test_trainer_applies_the_schedule(tiny_cfg, tmp_path):
     trainer = Trainer(cfg, console=quiet)
     seen = []
 
-    def loss_fn(logits, labels):
+    def loss_fn(model, tokens, labels):
         seen.append([g["lr"] for g in trainer.optimizer.param_groups])
-        return lm_loss(logits, labels)
+        return micro_batch_loss(model, tokens, labels)
 
     trainer.loss_fn = loss_fn
     trainer.train()
@@ -97,10 +97,10 @@ def test_nan_step_is_skipped_and_training_continues(tiny_cfg, tmp_path):
     trainer = Trainer(tiny_cfg("tiny_dense", tmp_path, *NAN_RUN, "training.train_steps=5"), console=quiet)
     entering = {}  # step (1-based) -> parameters when that step starts
 
-    def loss_fn(logits, labels):
+    def loss_fn(model, tokens, labels):
         step = trainer.step + 1
         entering[step] = params_of(trainer.model)
-        loss = lm_loss(logits, labels)
+        loss = micro_batch_loss(model, tokens, labels)
         return loss * float("nan") if step == 3 else loss
 
     trainer.loss_fn = loss_fn
@@ -129,7 +129,7 @@ def test_nan_step_is_skipped_and_training_continues(tiny_cfg, tmp_path):
 def test_isolated_nan_steps_do_not_abort(tiny_cfg, tmp_path):
     cfg = tiny_cfg("tiny_dense", tmp_path, *NAN_RUN, "training.train_steps=5", "training.max_consecutive_nonfinite=2")
     trainer = Trainer(cfg, console=quiet)
-    trainer.loss_fn = lambda logits, labels: lm_loss(logits, labels) * (
+    trainer.loss_fn = lambda model, tokens, labels: micro_batch_loss(model, tokens, labels) * (
         float("inf") if trainer.step + 1 in (2, 4) else 1.0)
     assert trainer.train()["step"] == 5
     assert [r["skipped_total"] for r in read_metrics(tmp_path)] == [0, 1, 1, 2, 2]
@@ -139,7 +139,7 @@ def test_nan_every_step_aborts(tiny_cfg, tmp_path):
     cfg = tiny_cfg("tiny_dense", tmp_path, *NAN_RUN, "training.train_steps=10", "training.max_consecutive_nonfinite=3")
     trainer = Trainer(cfg, console=quiet)
     before = params_of(trainer.model)
-    trainer.loss_fn = lambda logits, labels: lm_loss(logits, labels) * float("nan")
+    trainer.loss_fn = lambda model, tokens, labels: micro_batch_loss(model, tokens, labels) * float("nan")
     with pytest.raises(TrainingAborted) as info:
         trainer.train()
     msg = str(info.value)
@@ -157,7 +157,7 @@ def test_a_run_whose_every_step_was_skipped_fails(tiny_cfg, tmp_path):
     run must not report success."""
     cfg = tiny_cfg("tiny_dense", tmp_path, *NAN_RUN, "training.train_steps=3", "training.max_consecutive_nonfinite=5")
     trainer = Trainer(cfg, console=quiet)
-    trainer.loss_fn = lambda logits, labels: lm_loss(logits, labels) * float("nan")
+    trainer.loss_fn = lambda model, tokens, labels: micro_batch_loss(model, tokens, labels) * float("nan")
     with pytest.raises(TrainingAborted) as info:
         trainer.train()
     msg = str(info.value)
@@ -168,7 +168,8 @@ def test_a_run_whose_every_step_was_skipped_fails(tiny_cfg, tmp_path):
 def test_train_cli_reports_abort_in_one_line(tiny_overrides, tmp_path, monkeypatch, capsys):
     from megatron_ufp4 import train
 
-    monkeypatch.setattr(Trainer, "loss_fn", staticmethod(lambda logits, labels: lm_loss(logits, labels) * float("nan")))
+    nan_loss = staticmethod(lambda model, tokens, labels: micro_batch_loss(model, tokens, labels) * float("nan"))
+    monkeypatch.setattr(Trainer, "loss_fn", nan_loss)
     args = tiny_overrides("tiny_dense", tmp_path, *NAN_RUN, "training.train_steps=10",
                           "training.max_consecutive_nonfinite=2")
     assert train.main([str(CONFIGS / "tiny_dense.yaml"), *args]) == 1

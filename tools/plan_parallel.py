@@ -1,7 +1,7 @@
 """Plan a parallel layout: parameters and memory per pipeline stage, communication per step.
 
     python tools/plan_parallel.py configs/moe_124b.yaml parallel.tensor=2 parallel.pipeline=4 \
-        parallel.expert=8 --world 256 [--gpus-per-node 8] [--ce-chunk TOKENS]
+        parallel.expert=8 --world 256 [--gpus-per-node 8] [--ce-chunk TOKENS (default 1024; 0: full logits)]
 
 Everything is computed from the config's shapes (no model is built, unless ``--materialize``).
 Notation: b micro-batch, s sequence length, N = b s tokens per micro-batch, h hidden, f FFN
@@ -55,7 +55,7 @@ backward back to back: 1.
 **Logits** on the last stage: the FP32 logits of one in-flight micro-batch are
 4 N V / t bytes (the unchunked cross entropy also keeps the bf16 head output and its saved
 softmax / log-softmax, and its backward allocates two more FP32 copies: its transient peak
-is ~3-4x this).  With the chunked cross entropy (``--ce-chunk C``, model/gpt.py
+is ~3-4x this).  With the trainers' chunked cross entropy (``--ce-chunk C``, C = 1024 by default, model/gpt.py
 ``chunked_lm_loss``, parallel/vocab_parallel.py ``vocab_parallel_chunked_cross_entropy``)
 only one chunk's logits exist at a time: 4 C V / t (plus 8 N bytes: the row max and sum of
 exponentials it keeps per token for backward).
@@ -95,6 +95,7 @@ import time
 
 from megatron_ufp4.config import ConfigError, load_config
 from megatron_ufp4.model import num_params
+from megatron_ufp4.model.gpt import DEFAULT_CE_CHUNK_TOKENS
 from megatron_ufp4.parallel.pipeline import stage_layer_ranges, virtual_stage_of
 
 
@@ -267,8 +268,9 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--world", type=int, required=True, help="total number of ranks")
     ap.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node, to check TP groups stay in a node")
-    ap.add_argument("--ce-chunk", type=int, metavar="TOKENS", default=None,
-                    help="logits memory with the chunked cross entropy of this many tokens per chunk")
+    ap.add_argument("--ce-chunk", type=int, metavar="TOKENS", default=DEFAULT_CE_CHUNK_TOKENS,
+                    help=f"tokens per chunk of the trainers' chunked cross entropy (default "
+                         f"{DEFAULT_CE_CHUNK_TOKENS}, theirs); 0: full FP32 logits, as a loss of the logits has")
     ap.add_argument("--materialize", type=int, metavar="RANK", default=None,
                     help="build this rank's model as the trainer would and report its memory and build time")
     args = ap.parse_args(argv)
@@ -282,9 +284,9 @@ def main(argv=None) -> int:
         if cfg.training.global_batch_size % (cfg.training.micro_batch_size * dp):
             raise ConfigError(f"training.global_batch_size={cfg.training.global_batch_size} is not a multiple of "
                               f"micro_batch_size x data = {cfg.training.micro_batch_size} x {dp}")
-        if args.gpus_per_node < 1 or (args.ce_chunk is not None and args.ce_chunk < 1):
-            raise ConfigError("--gpus-per-node and --ce-chunk must be positive")
-        r = plan(cfg, args.world, ce_chunk=args.ce_chunk, gpus_per_node=args.gpus_per_node)
+        if args.gpus_per_node < 1 or args.ce_chunk < 0:
+            raise ConfigError("--gpus-per-node must be positive and --ce-chunk >= 0")
+        r = plan(cfg, args.world, ce_chunk=args.ce_chunk or None, gpus_per_node=args.gpus_per_node)
         built = materialize(cfg, args.world, args.materialize) if args.materialize is not None else None
     except (ConfigError, ValueError) as e:
         print(f"plan_parallel.py: error: {e}", file=sys.stderr)

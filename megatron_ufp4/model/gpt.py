@@ -101,14 +101,18 @@ class GPTModel(nn.Module):
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) int64 -> logits (B, T, vocab) float32; with ``labels`` (B, T): the
         mean cross entropy instead, through ``head_loss`` (the full logits never exist)."""
-        h = self.embed(tokens) if self.embed is not None else tokens
-        for layer in self.layers.values():
-            h = layer(h)
-        if self.norm is not None:
-            h = self.norm(h)
+        h = self.hidden_states(tokens)
         if self.head is None:
             return h
         return self.head(h).float() if labels is None else self.head_loss(h, labels)
+
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Everything before the head: embedding, this model's layers, the final norm (those
+        it holds; a pipeline chunk takes the previous stage's hidden states as ``tokens``)."""
+        h = self.embed(tokens) if self.embed is not None else tokens
+        for layer in self.layers.values():
+            h = layer(h)
+        return self.norm(h) if self.norm is not None else h
 
     def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """``lm_loss(self.head(hidden).float(), labels)`` from the final-norm output, chunked

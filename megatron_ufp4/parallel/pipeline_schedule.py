@@ -53,31 +53,46 @@ SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
 
 
 class _ScheduledChunk(nn.Module):
-    """What the schedule runs for one chunk: sets the SR position of each forward, autocast."""
+    """What the schedule runs for one chunk: sets the SR position of each forward, autocast.
 
-    def __init__(self, chunk: GPTModel, autocast_dtype: torch.dtype | None):
+    ``stop_before_head``: the chunk returns its head's input (the final-norm output), and the
+    loss function runs head and cross entropy together (``head_loss``, chunked over tokens).
+    """
+
+    def __init__(self, chunk: GPTModel, autocast_dtype: torch.dtype | None, stop_before_head: bool = False):
         super().__init__()
-        self.chunk, self.autocast_dtype = chunk, autocast_dtype
+        self.chunk, self.autocast_dtype, self.stop_before_head = chunk, autocast_dtype, stop_before_head
         self.counter: list[int] | None = None  # [step, first micro-batch, forwards so far]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def autocast(self, device_type: str):
+        return torch.autocast(device_type, dtype=self.autocast_dtype) if self.autocast_dtype is not None \
+            else nullcontext()
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.counter is not None:
             step, base, n = self.counter
             self.chunk.step_context.at(step, base + n)
             self.counter[2] += 1
-        dev = x.device.type
-        ctx = torch.autocast(dev, dtype=self.autocast_dtype) if self.autocast_dtype is not None else nullcontext()
-        with ctx:
-            return self.chunk(x)
+        with self.autocast(x.device.type):
+            if labels is not None:
+                return self.chunk(x, labels=labels)
+            return self.chunk.hidden_states(x) if self.stop_before_head else self.chunk(x)
+
+    def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with self.autocast(hidden.device.type):
+            return self.chunk.head_loss(hidden, labels)
 
 
 class PipelineRunner:
     """Runs forward + backward of one global batch over the pipeline group.
 
     ``stage_modules``: this rank's chunks from ``build_stage_modules`` (one, or ``vpp`` for
-    ``schedule="interleaved_1f1b"``).  ``loss_fn(logits, labels)`` is a micro-batch's mean
-    loss; the runner divides it by ``num_microbatches`` (and sets the MoE aux-loss scale to
-    ``1 / num_microbatches``) so gradients equal the single-process trainer's.
+    ``schedule="interleaved_1f1b"``).  A micro-batch's mean loss is the last chunk's
+    ``head_loss`` (head + cross entropy chunked over tokens: the full FP32 logits never
+    exist, as in the single-process trainer's ``model(tokens, labels=labels)``), or with
+    ``loss_fn(logits, labels)`` that function of the full logits.  The runner divides it by
+    ``num_microbatches`` (and sets the MoE aux-loss scale to ``1 / num_microbatches``) so
+    gradients equal the single-process trainer's.
     ``micro_batch_size`` / ``seq_len`` fix the activation shapes sent between stages
     (``activation_shape`` overrides the (micro_batch_size, seq_len, hidden) default, e.g.
     for sequence-parallel shards).  ``autocast_dtype`` runs the stage forwards under autocast.
@@ -89,7 +104,7 @@ class PipelineRunner:
 
     def __init__(self, stage_modules: Sequence[GPTModel], state: ParallelState, *, schedule: str = "1f1b",
                  num_microbatches: int, micro_batch_size: int, seq_len: int,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = lm_loss,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                  activation_dtype: torch.dtype = torch.float32, activation_shape: tuple[int, ...] | None = None,
                  autocast_dtype: torch.dtype | None = None):
         if schedule not in SCHEDULES:
@@ -121,7 +136,8 @@ class PipelineRunner:
         self.stages, self.state, self.schedule_name = stage_modules, state, schedule
         self.num_microbatches, self.micro_batch_size, self.seq_len = num_microbatches, micro_batch_size, seq_len
         self.loss_fn = loss_fn
-        self._scheduled = [_ScheduledChunk(m, autocast_dtype) for m in stage_modules]
+        self._scheduled = [_ScheduledChunk(m, autocast_dtype, stop_before_head=loss_fn is None and m.head is not None)
+                           for m in stage_modules]
         cfg = stage_modules[0].config
         self.tied = pp > 1 and cfg.tie_embeddings
         self._embedding_group = _embedding_group(state) if self.tied else None
@@ -141,10 +157,11 @@ class PipelineRunner:
             # requires_grad marks the tensors whose gradients travel back between stages
             act = torch.empty(hidden, dtype=activation_dtype, device=meta, requires_grad=True)
             x = torch.empty(micro_batch_size, seq_len, dtype=torch.long, device=meta) if m.embed is not None else act
-            vocab = getattr(m.head, "out_features", cfg.vocab_size) if m.head is not None else None
-            y = (torch.empty(micro_batch_size, seq_len, vocab, dtype=torch.float32, device=meta, requires_grad=True)
-                 if m.head is not None else act)
-            return x, y
+            if m.head is None or loss_fn is None:  # hidden states (to the next stage, or to head_loss)
+                return x, act
+            vocab = getattr(m.head, "out_features", cfg.vocab_size)
+            return x, torch.empty(micro_batch_size, seq_len, vocab, dtype=torch.float32, device=meta,
+                                  requires_grad=True)
 
         self._pipe_stages = []
         for m, wrapped in zip(stage_modules, self._scheduled):
@@ -153,8 +170,10 @@ class PipelineRunner:
                                                    output_args=y, group=state.group("pp")))
         n = num_microbatches
 
-        def scaled_loss(logits, labels):
-            return self.loss_fn(logits, labels) / n
+        def scaled_loss(output, labels):
+            if self.loss_fn is None:  # the last chunk's output is its head's input
+                return self._scheduled[-1].head_loss(output, labels) / n
+            return self.loss_fn(output, labels) / n
 
         if schedule == "interleaved_1f1b":
             self.schedule = ScheduleInterleaved1F1B(self._pipe_stages, n, loss_fn=scaled_loss, scale_grads=False)
@@ -210,7 +229,7 @@ class PipelineRunner:
         if self.schedule is None:  # pp == 1: the trainer's loop
             model, total = self._scheduled[0], None
             for tok, lab in zip(tokens.chunk(n), labels.chunk(n)):
-                loss = self.loss_fn(model(tok), lab) / n
+                loss = (model(tok, labels=lab) if self.loss_fn is None else self.loss_fn(model(tok), lab)) / n
                 if backward:
                     loss.backward()
                 total = loss.detach() if total is None else total + loss.detach()

@@ -29,12 +29,10 @@ from ..parallel.data_parallel import DataParallel
 from ..parallel.expert import reduced_moe_stats, update_expert_bias
 from ..parallel.optimizer import DistributedOptimizer
 from ..parallel.parallel_factory import ParallelLinearFactory, sync_sequence_parallel_grads
-from ..model.gpt import lm_loss
 from ..parallel.build import build_rank_chunks
 from ..parallel.pipeline import unique_parameters
 from ..parallel.pipeline_schedule import PipelineRunner
 from ..parallel.state import build_parallel_state, init_distributed
-from ..parallel.vocab_parallel import vocab_parallel_cross_entropy
 from . import dist_checkpoint as dcpk
 from .checkpoint import CheckpointError, checkpoint_to_resume, latest_checkpoint
 from .loop import TrainingLoop, flops_per_token
@@ -98,14 +96,11 @@ class DistributedTrainer(TrainingLoop):
         self.stages = build_rank_chunks(cfg.model, factory, st, init_seed=t.seed, device=self.device,
                                         dispatcher=par.expert_dispatcher, first_stage_layers=par.first_stage_layers,
                                         last_stage_layers=par.last_stage_layers)
-        tp_group = st.group("tp")
-        loss_fn = (lambda logits, labels: vocab_parallel_cross_entropy(logits, labels, tp_group)) if st.tp > 1 \
-            else lm_loss
         seq = cfg.data.seq_len
         shape = (t.micro_batch_size, seq // st.tp if st.sequence_parallel else seq, cfg.model.hidden_size)
         autocast = torch.bfloat16 if t.dtype == "bf16" else None
         self.runner = PipelineRunner(self.stages, st, schedule=par.pipeline_schedule, num_microbatches=self.num_micro,
-                                     micro_batch_size=t.micro_batch_size, seq_len=seq, loss_fn=loss_fn,
+                                     micro_batch_size=t.micro_batch_size, seq_len=seq,  # loss: chunked head_loss
                                      activation_shape=shape, autocast_dtype=autocast)
         self.ddp = DataParallel(self.stages, st, overlap=self.num_micro == 1)
         o = cfg.optimizer

@@ -13,7 +13,7 @@ import torch
 
 from ..config import RunConfig, dump_config
 from ..data.gpt_dataset import GPTDataset
-from ..model import GPTModel, LinearFactory, lm_loss
+from ..model import GPTModel, LinearFactory
 from .checkpoint import (CheckpointError, capture_rng, checkpoint_to_resume, config_differences, load_checkpoint,
                          restore_rng, save_checkpoint)
 from .loop import TrainingAborted, TrainingLoop, flops_per_token  # noqa: F401 (re-exported)
@@ -31,15 +31,21 @@ def evaluate_loss(model, ds: GPTDataset, batch_size: int, iters: int, autocast) 
     model.eval()
     device = next(model.parameters()).device
     n = min(iters * batch_size, len(ds))
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for s in range(0, n, batch_size):
         tokens, labels = make_batch(ds, range(s, min(n, s + batch_size)), device)
         with autocast:
-            logits = model(tokens)
-        total += float(lm_loss(logits, labels)) * tokens.shape[0]
+            loss = micro_batch_loss(model, tokens, labels)
+        total += loss.double() * tokens.shape[0]  # float64, as Python floats add: one sync at the end
         count += tokens.shape[0]
     model.train(was_training)
-    return total / max(count, 1)
+    return float(total) / max(count, 1)
+
+
+def micro_batch_loss(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """A micro-batch's mean next-token loss: head and cross entropy chunked over tokens, so
+    the FP32 logits (tokens x vocab) never exist at once (``GPTModel.head_loss``)."""
+    return model(tokens, labels=labels)
 
 
 class Trainer(TrainingLoop):
@@ -82,7 +88,7 @@ class Trainer(TrainingLoop):
         self.val_ds = validation_dataset(self.cfg)
 
     # -- one step -------------------------------------------------------------------------
-    loss_fn = staticmethod(lm_loss)  # an attribute so tests can inject failures
+    loss_fn = staticmethod(micro_batch_loss)  # (model, tokens, labels): an attribute so tests can inject failures
 
     def train_step(self) -> dict:
         t, o = self.cfg.training, self.cfg.optimizer
@@ -98,8 +104,7 @@ class Trainer(TrainingLoop):
             tokens, labels = make_batch(self.train_ds, idx, self.device)
             self.model.step_context.at(self.step, m)  # SR keys from (step, micro-batch): layout-independent
             with self.autocast:
-                logits = self.model(tokens)
-            loss = self.loss_fn(logits, labels) / self.accum
+                loss = self.loss_fn(self.model, tokens, labels) / self.accum
             loss.backward()
             loss_sum += loss.detach()
         self.model.step_context.at(None)
