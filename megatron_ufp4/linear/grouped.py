@@ -204,7 +204,8 @@ class GroupedCall:
             src.append(torch.arange(starts, starts + n, device=t.device))
             starts += p
         dst = torch.cat(src) if src else torch.zeros(0, dtype=torch.long, device=t.device)
-        return t.new_zeros((t.shape[1], sum(padded))).index_copy_(1, dst, t.t())  # contiguous, as quantized
+        # rows scattered (contiguous copies), then one transpose: faster on CPU than scattering columns
+        return t.new_zeros((sum(padded), t.shape[1])).index_copy_(0, dst, t).t().contiguous()
 
 
 class _GroupedLinearFunction(torch.autograd.Function):
