@@ -20,13 +20,12 @@ import copy
 import time
 
 import torch
-import torch.nn.functional as F
 
 from megatron_ufp4.config import load_config
 from megatron_ufp4.fp4.recipes import Recipe
 from megatron_ufp4.model import GPTModel, LinearFactory, ModelConfig, MoE
 from megatron_ufp4.model.init import KeyedInit
-from megatron_ufp4.training.optim import build_optimizer, clip_grad_norm
+from bench_train import make_train_step  # bench/ is on sys.path when run as bench/bench_moe.py
 
 
 def use_loop(model, loop: bool):
@@ -51,21 +50,9 @@ def medians(fns, steps: int, warmup: int) -> list[float]:
 
 def train_step(cfg, backend: str, loop: bool):
     torch.manual_seed(0)
-    m, t = cfg.model, cfg.training
+    m = cfg.model
     factory = LinearFactory(Recipe.from_dict(dict(cfg.recipe)), m.num_layers, backend=backend, seed=0)
-    model = use_loop(GPTModel(m, factory), loop)
-    opt = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 1e-8)
-    tokens = torch.randint(0, m.vocab_size, (t.micro_batch_size, cfg.data.seq_len + 1))
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.dtype == "bf16")
-
-    def step():
-        with autocast:
-            logits = model(tokens[:, :-1])
-        F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()).backward()
-        clip_grad_norm(list(model.parameters()), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
+    return make_train_step(use_loop(GPTModel(m, factory), loop), cfg)
 
 
 def moe_layer(recipe: str, experts: int, tokens: int, hidden: int, ffn: int, top_k: int, loop: bool):

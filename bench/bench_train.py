@@ -2,7 +2,7 @@
 
     python bench/bench_train.py [--config configs/tiny_dense.yaml] [--steps 6] [--backends emulated,fused]
 
-Times full optimizer steps (forward, backward, clip, AdamW) of the config's model on
+Times full optimizer steps (forward, the trainer's loss, backward, clip, AdamW) of the config's model on
 random tokens, in the config's dtype, for every recipe preset; the first steps (and any
 torch.compile work) are excluded.  Prints a markdown table for BENCHMARKS.md.
 """
@@ -12,30 +12,41 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
 from megatron_ufp4.config import load_config
 from megatron_ufp4.fp4.recipes import PRESETS, Recipe
 from megatron_ufp4.model import GPTModel, LinearFactory
 from megatron_ufp4.training.optim import build_optimizer, clip_grad_norm
+from megatron_ufp4.training.trainer import micro_batch_loss
+
+
+def make_train_step(model, cfg):
+    """One optimizer step of ``model`` on fixed random tokens, as the trainer runs it: the
+    trainer's loss (chunked cross entropy), clip, AdamW, in the config's dtype."""
+    m, t = cfg.model, cfg.training
+    opt = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 1e-8)
+    tokens = torch.randint(0, m.vocab_size, (t.micro_batch_size, cfg.data.seq_len + 1))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.dtype == "bf16")
+
+    def step():
+        with autocast:
+            loss = micro_batch_loss(model, tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        clip_grad_norm(list(model.parameters()), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
 
 
 def step_time(cfg, recipe: str, backend: str, steps: int, warmup: int) -> float:
     torch.manual_seed(0)
-    m, t = cfg.model, cfg.training
-    model = GPTModel(m, LinearFactory(Recipe.preset(recipe), m.num_layers, backend=backend, seed=0))
-    opt = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 1e-8)
-    tokens = torch.randint(0, m.vocab_size, (t.micro_batch_size, cfg.data.seq_len + 1))
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.dtype == "bf16")
+    m = cfg.model
+    step = make_train_step(GPTModel(m, LinearFactory(Recipe.preset(recipe), m.num_layers, backend=backend, seed=0)),
+                           cfg)
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        with autocast:
-            logits = model(tokens[:, :-1])
-        F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()).backward()
-        clip_grad_norm(list(model.parameters()), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        step()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     times.sort()
