@@ -5,7 +5,7 @@
 #   CUDA_VISIBLE_DEVICES=3 bash scripts/gpu_check.sh
 #   RESULTS_DIR=/tmp/check STEPS=40 RECIPES="bf16 ufp4" bash scripts/gpu_check.sh
 #
-# (a) tests/test_cuda.py (quantizer bits, QuantizedLinear, SR checkpoints, exact resume, training
+# (a) the CUDA tests, tests/test_cuda_*.py (quantizer bits, QuantizedLinear, SR checkpoints, exact resume, training
 #     on the GPU; see its docstring), (b) prepares a small corpus from tests/data/shakespeare_sample.txt
 #     and trains tiny_dense and tiny_moe for $STEPS steps per recipe on the GPU through the train CLI
 #     (final loss and median step time per recipe; eval and sample CLIs on one run), (c) runs
@@ -103,11 +103,11 @@ fenced() {  # run a command, its output both on the console and in a fenced bloc
 
 # -- (a) the CUDA tests ---------------------------------------------------------------------------
 if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
-  note "" "## (a) tests/test_cuda.py on $DEVICE" ""
+  note "" "## (a) tests/test_cuda_*.py on $DEVICE" ""
   t0=$SECONDS
   MEGATRON_UFP4_TEST_DEVICE="$DEVICE" fenced "$PY" -m pytest -q -m cuda -rfEs -p no:cacheprovider \
-    --basetemp="$WORK/pytest" tests/test_cuda.py
-  part_result "tests/test_cuda.py" $? $((SECONDS - t0))
+    --basetemp="$WORK/pytest" tests/test_cuda_quantizer.py tests/test_cuda_linear.py tests/test_cuda_training.py
+  part_result "tests/test_cuda_*.py" $? $((SECONDS - t0))
 fi
 
 # -- (b) 20 steps per recipe, dense and MoE -------------------------------------------------------

@@ -1,6 +1,6 @@
 """Device resolution and the places that create tensors on the CPU on purpose.
 
-CUDA itself is exercised by tests/test_cuda.py (skipped without a GPU); here a fake CUDA
+CUDA itself is exercised by tests/test_cuda_*.py (skipped without a GPU); here a fake CUDA
 (``torch.cuda.is_available`` / ``device_count`` patched) checks the choices, and CPU-side
 state (SR generator, sampling generator, RNG restore) is checked to be device-independent.
 """
