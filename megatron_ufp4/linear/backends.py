@@ -83,6 +83,8 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, sizes: Sequence[int]) -> torch.
     if a.shape[0] and (b.dim() == 2 or a.shape[1]) and sum(sizes):
         try:
             return torch._grouped_mm(a, b.transpose(-2, -1), offs=offs)
+        except torch.OutOfMemoryError:  # a real failure, not operands the kernel refuses
+            raise
         except (RuntimeError, TypeError, NotImplementedError):
             pass  # e.g. float64, unaligned strides, a device without a grouped kernel
     if b.dim() == 3:

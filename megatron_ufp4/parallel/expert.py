@@ -174,7 +174,7 @@ class AllToAllDispatcher(_EPDispatcher):
     """Token dispatch by all-to-all: per-expert counts, then the rows out and the outputs back; see module doc."""
 
     def __call__(self, moe: MoE, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        first, n_local = self.local_experts(moe)
+        _, n_local = self.local_experts(moe)
         ep, k = self.ep_size, idx.shape[1]
         order, counts = moe.sort_slots(weights, idx)  # slots sorted by global expert = by destination rank
         token = order // k
