@@ -22,12 +22,9 @@ What "equal" means here:
 * The quantizer is elementwise arithmetic (scales, division or multiplication, rounding,
   SR hashes): CUDA must give the same bits as the CPU — codes, stored scales, decode
   scales and fake-quantized values, for every format, RTNE and SR with the same key.
-* The RHT is a small fp32 GEMM (blocks of n along the reduction axis times an n x n
-  matrix), and GEMM summation order differs between cuBLAS and the CPU BLAS.  On inputs
-  where that GEMM is exact (dyadic values, entries of R = +-1/4 for n = 16, see
-  ``dyadic``) the quantized operands must still be bitwise equal; for RHT sizes whose
-  matrix entries 1/sqrt(n) are not dyadic (n = 32: MXFP4's preset) the bitwise linear test
-  uses ``rht_size: 16`` and a general-input test bounds the rotation error instead.
+* The RHT is the reference butterfly (fp4/hadamard.py: fixed-order fp32 adds, one scale), so
+  it too must give the CPU's bits for every size on any input.  Some tests still use dyadic
+  inputs and ``rht_size: 16`` (written when the rotation was a matmul); they remain valid.
 * GEMM outputs are checked against a float64 GEMM of the very operands that device
   quantized (recorded by a backend that wraps the emulated one), with the fp32
   accumulation error bound derived at ``gemm_error_bound``.

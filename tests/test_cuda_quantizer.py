@@ -7,8 +7,8 @@ import importlib.util
 import pytest
 import torch
 
-from cuda_common import (CUDA_MARKS, DRY_RUN, assert_bits_equal, assert_within_bound, device_under_test, dyadic,
-                         gemm_error_bound, sample_input)
+from cuda_common import (CUDA_MARKS, DRY_RUN, assert_bits_equal, device_under_test, dyadic,
+                         sample_input)
 from cuda_common import ieee_fp32_matmul, recording_backend  # noqa: F401 (autouse fixtures)
 from megatron_ufp4.fp4 import RHT, fake_quantize, quantize
 from megatron_ufp4.fp4.grouped import Segments, fake_quantize_grouped
@@ -90,7 +90,8 @@ def test_quantizer_with_rht16_on_exact_inputs_matches_cpu(fmt, rounding):
     _assert_quantized_equal(*_quantize_both(x, fmt, {}, rounding, rht=rht, key=key), f"{fmt} RHT16 {rounding}")
     dev = device_under_test()
     assert_bits_equal(rht.rotate(x.to(dev)), rht.rotate(x), "RHT16 rotation of dyadic inputs")
-    assert_bits_equal(rht.unrotate(rht.rotate(x.to(dev))), x, "RHT16 round trip of dyadic inputs")
+    # exact on dyadic inputs up to the sign of zero (the butterfly's a - a is +0, then a sign flip)
+    assert torch.equal(rht.unrotate(rht.rotate(x.to(dev))).cpu(), x), "RHT16 round trip of dyadic inputs"
 
 
 @pytest.mark.parametrize("rounding", ["rtne", "sr"])
@@ -111,17 +112,12 @@ def test_grouped_quantizer_matches_cpu(fmt, axis, rounding):
 
 
 @pytest.mark.parametrize("size", [16, 32, 64, 128])
-def test_rht_rotation_within_fp32_gemm_bound(size):
-    """Any RHT size, general inputs: the rotation is a K = size GEMM; both devices are within
-    gamma_K * |x| @ |R| of the float64 rotation (gemm_error_bound)."""
+def test_rht_rotation_bitwise_on_device(size):
+    """Any RHT size, general inputs: the butterfly gives the CPU's bits on the device."""
     x = sample_input((64, 256), seed=4)
     rht = RHT(size, seed=5)
-    r64 = rht.matrix("cpu").double()  # the fp32 matrix both devices multiply by
-    xb = x.reshape(-1, size)
-    ref = (xb.double() @ r64).reshape(x.shape)
-    bound = gemm_error_bound(xb, r64.T).reshape(x.shape)
-    assert_within_bound(rht.rotate(x.to(device_under_test())), ref, bound, f"RHT{size} on device")
-    assert_within_bound(rht.rotate(x), ref, bound, f"RHT{size} on cpu")
+    assert_bits_equal(rht.rotate(x.to(device_under_test())), rht.rotate(x), f"RHT{size} rotate")
+    assert_bits_equal(rht.unrotate(x.to(device_under_test())), rht.unrotate(x), f"RHT{size} unrotate")
 
 
 @pytest.mark.skipif(DRY_RUN, reason="fused on the CPU compiles C++ (minutes); the CPU suite covers it")

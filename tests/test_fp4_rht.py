@@ -30,7 +30,7 @@ def test_sylvester_hadamard_rejects_non_power_of_two(n):
 @pytest.mark.parametrize("n", SIZES)
 def test_rht_matrix_is_signed_normalized_hadamard_and_orthogonal(n):
     r = RHT(n, seed=3)
-    m = r.matrix().double()
+    m = r.matrix64()
     assert m.shape == (n, n)
     signs = r.signs.double()
     assert bool(((signs == 1) | (signs == -1)).all())
@@ -48,7 +48,7 @@ def test_rht_signs_are_random_but_seeded(n):
     assert not torch.equal(a.signs, c.signs) and a != c
     assert 0 < int((a.signs > 0).sum()) < n  # not a constant vector
     restored = RHT.from_state_dict(a.state_dict())
-    assert restored == a and torch.equal(restored.matrix(), a.matrix())
+    assert restored == a and torch.equal(restored.matrix64(), a.matrix64())
 
 
 def test_rht_rejects_bad_size_and_signs():
@@ -96,7 +96,7 @@ def test_rht_cancels_inside_a_gemm(n):
     w = torch.randn(5, k, generator=g, dtype=torch.float64)
     r = RHT(n, seed=7)
     # float64: apply R (as stored, fp32 entries) tile by tile to both operands
-    m = r.matrix().double()
+    m = r.matrix64()
     xr = (x.reshape(-1, n) @ m).reshape(x.shape)
     wr = (w.reshape(-1, n) @ m).reshape(w.shape)
     assert torch.allclose(xr @ wr.T, x @ w.T, rtol=0, atol=1e-5)
@@ -125,7 +125,7 @@ def test_quantize_with_rht_dequantizes_in_original_basis(fmt, n, axis):
     # rotated-basis values are bitwise what fake_quantize (the emulated GEMM path) returns
     assert torch.equal(rot, fake_quantize(x, fmt, axis=axis, rht=r))
     # the default basis is the original one: unrotating the rotated values (float64 reference)
-    m = r.matrix().double().T
+    m = r.matrix64().T
     rm = rot.double().movedim(axis, -1)
     ref = (rm.reshape(-1, n) @ m).reshape(rm.shape).movedim(-1, axis)
     assert (orig.double() - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()
@@ -142,3 +142,45 @@ def test_quantize_with_rht_dequantizes_in_original_basis(fmt, n, axis):
     assert err <= (bound.expand(*err_rot.shape[:-1], -1, blk) ** 2).sum() * (1 + 1e-4)
     # and it actually approximates x
     assert (err / x.double().pow(2).sum()).item() < 0.05
+
+
+def _butterfly_ref(t: np.ndarray) -> np.ndarray:
+    """x @ H_n in float32 by the recursive definition H_2k = [[H_k, H_k], [H_k, -H_k]]: transform
+    both halves, then (lo + hi, lo - hi). The same additions, in the same order, as the iterative
+    reference butterfly, so the float32 results must agree bit for bit."""
+    n = t.shape[-1]
+    if n == 1:
+        return t
+    lo, hi = _butterfly_ref(t[..., : n // 2]), _butterfly_ref(t[..., n // 2:])
+    return np.concatenate([lo + hi, lo - hi], axis=-1).astype(np.float32)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_rotation_is_the_reference_butterfly_bit_for_bit(n):
+    """The rotation every backend must reproduce: sign flip, butterfly, one fp32 scale (forward);
+    butterfly, scale, sign flip (inverse)."""
+    g = torch.Generator().manual_seed(40 + n)
+    x = torch.randn(7, 3 * n, generator=g) * torch.logspace(-3, 3, 3 * n)
+    r = RHT(n, seed=9)
+    s = r.signs.numpy()
+    scale = np.float32(1.0 / math.sqrt(n))
+    tiles = x.numpy().reshape(-1, n)
+    want = (_butterfly_ref(tiles * s) * scale).reshape(x.shape)
+    assert np.array_equal(r.rotate(x).numpy().view(np.int32), want.view(np.int32))
+    want_inv = ((_butterfly_ref(tiles) * scale) * s).reshape(x.shape)
+    assert np.array_equal(r.unrotate(x).numpy().view(np.int32), want_inv.view(np.int32))
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_butterfly_within_its_rounding_bound(n):
+    """Against the float64 matrix product: log2(n) fp32 add stages, the fp32 rounding of 1/sqrt(n)
+    and the scale multiply put each output within gamma_(log2 n + 2) * sum|x_tile| / sqrt(n) (every
+    partial sum is bounded by the tile's L1 norm; gamma_m = m u / (1 - m u), u = 2^-24)."""
+    g = torch.Generator().manual_seed(60 + n)
+    x = torch.randn(32, 4 * n, generator=g)
+    r = RHT(n, seed=2)
+    ref = (x.double().reshape(-1, n) @ r.matrix64()).reshape(x.shape)
+    m = int(math.log2(n)) + 2
+    gamma = m * 2.0 ** -24 / (1 - m * 2.0 ** -24)
+    l1 = x.double().abs().reshape(-1, n).sum(-1, keepdim=True).expand(-1, n).reshape(x.shape)
+    assert bool(((r.rotate(x).double() - ref).abs() <= gamma * l1 / math.sqrt(n)).all())

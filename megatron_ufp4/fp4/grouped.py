@@ -7,8 +7,7 @@ the block on their own).  Each group keeps everything a separate operand has -- 
 the global SR index of each element, and for two-level formats (NVFP4) its own tensor amax
 -- and blocks and RHT tiles never cross a group boundary (the caller pads K per group), so
 every group's values are bitwise those ``fake_quantize`` gives for that group alone: the
-quantizer's arithmetic is elementwise or per block except the rotation, an fp32 matmul with
-the RHT matrix done row by row of tiles either way.
+quantizer's arithmetic is elementwise, per block or (the RHT butterfly) per tile.
 
 Specification: docs/backends.md ("Grouped operands").
 """
@@ -73,7 +72,7 @@ def grouped_tensor_amax(x: torch.Tensor, fmt: str | FP4Format, rht: RHT | None, 
     alone (after the RHT, over its finite blocks; 0 for an empty group)."""
     fmt = make_format(fmt)
     _check_segments(x, fmt, seg, rht)
-    rot = rht.matrix(x.device) if rht is not None else None
+    rot = rht.signs_on(x.device) if rht is not None else None
     amax = _block_amax(_blocked(_rotate(x.detach().contiguous(), rot), fmt), fmt)
     amax = torch.where(torch.isfinite(amax), amax, 0.0)
     # block amaxes are (rows, K/b, 1), or (rows/b, 1, K/b, 1) for 2-D blocks: reduce to one per row-run / block column
@@ -149,7 +148,7 @@ def fake_quantize_grouped(x: torch.Tensor, fmt: str | FP4Format, seg: Segments, 
     if fmt.scale == "e4m3":
         amax = _per_block(grouped_tensor_amax(xm, fmt, rht, seg) if tensor_amax is None else tensor_amax.float(),
                           fmt, seg, xm)
-    rot = rht.matrix(x.device) if rht is not None else None
+    rot = rht.signs_on(x.device) if rht is not None else None
     rows, cols = xm.shape
     unit = fmt.block if fmt.block_2d else 1
     step = max(unit, _CHUNK // max(cols, 1) // unit * unit)

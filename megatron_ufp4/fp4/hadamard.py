@@ -5,6 +5,12 @@ orthogonal, so rotating both operands of a GEMM along its reduction axis cancels
 (X R)(W R)^T = X W^T.  The sign vector is drawn from a seed (same seed → same signs),
 so every tensor-parallel rank can rebuild it and checkpoints can store it.
 
+The rotation is *defined* as the fast Walsh-Hadamard butterfly, not a matmul: a matmul's
+accumulation order differs between CPU BLAS, cuBLAS and a Triton ``tl.dot``, so the same
+rotation would give other bits on every backend.  The butterfly's order is fixed (below),
+so every backend that follows it (eager, torch.compile, the Triton kernels) gets the same
+fp32 bits by construction.
+
 Specification: docs/rht_and_sr.md.
 """
 from __future__ import annotations
@@ -25,6 +31,44 @@ def sylvester_hadamard(n: int) -> torch.Tensor:
     return h
 
 
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalised Walsh-Hadamard transform of each tile of the last dim (``x @ H_n``, with
+    n the last dim, a power of two) in the reference order: log2(n) stages, stage h = 1, 2,
+    4, ... replacing each pair (a, b) = (x[j], x[j + h]) (j with bit h clear) by
+    (a + b, a - b), one fp32 rounding per add.  Pure elementwise torch ops."""
+    n = x.shape[-1]
+    lead = x.shape[:-1]
+    h = 1
+    while h < n:
+        pairs = x.reshape(*lead, n // (2 * h), 2, h)
+        a, b = pairs[..., 0, :], pairs[..., 1, :]
+        x = torch.stack((a + b, a - b), dim=-2).reshape(*lead, n)
+        h *= 2
+    return x
+
+
+def rht_scale(n: int) -> float:
+    """The one final factor 1/sqrt(n), as the fp32 number every backend multiplies by."""
+    return float(torch.tensor(1.0 / math.sqrt(n), dtype=torch.float32))
+
+
+def rotate_tiles(x: torch.Tensor, signs: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """x R (or x R^T) on consecutive tiles of ``len(signs)`` elements of the last dim, fp32.
+
+    Forward: flip signs, butterfly, multiply by ``rht_scale(n)``.  Inverse (R^T = H s / sqrt n):
+    butterfly, scale, flip signs.  A sign flip is exact, so only the adds and the one scale
+    round."""
+    n = signs.shape[0]
+    shape = x.shape
+    t = x.float().reshape(-1, n)
+    if not transpose:
+        t = t * signs
+    t = fwht(t) * rht_scale(n)
+    if transpose:
+        t = t * signs
+    return t.reshape(shape)
+
+
 def random_signs(n: int, seed: int) -> torch.Tensor:
     g = torch.Generator(device="cpu").manual_seed(int(seed))
     return torch.randint(0, 2, (n,), generator=g, device="cpu").to(torch.float32).mul_(2).sub_(1)
@@ -40,25 +84,25 @@ class RHT:
         self.signs = random_signs(size, seed) if signs is None else signs.detach().to(torch.float32).cpu()
         if self.signs.shape != (size,) or not bool(((self.signs == 1) | (self.signs == -1)).all()):
             raise ValueError(f"RHT signs must be a ±1 vector of length {size}")
-        m = self.signs.double()[:, None] * sylvester_hadamard(size) / math.sqrt(size)
-        self._matrix64 = m
-        self._cache: dict[tuple[str, bool], torch.Tensor] = {}
+        self._signs_on: dict[str, torch.Tensor] = {}
 
-    def matrix(self, device="cpu", transpose: bool = False) -> torch.Tensor:
-        key = (str(device), transpose)
-        if key not in self._cache:
-            m = self._matrix64.T if transpose else self._matrix64
-            self._cache[key] = m.to(device=device, dtype=torch.float32).contiguous()
-        return self._cache[key]
+    def matrix64(self) -> torch.Tensor:
+        """R in float64 (an independent reference for tests and analysis; not what rotates)."""
+        return self.signs.double()[:, None] * sylvester_hadamard(self.size) / math.sqrt(self.size)
+
+    def signs_on(self, device) -> torch.Tensor:
+        """The fp32 sign vector on ``device`` (cached: used on every quantize call)."""
+        key = str(device)
+        if key not in self._signs_on:
+            self._signs_on[key] = self.signs.to(device)
+        return self._signs_on[key]
 
     def _apply(self, x: torch.Tensor, axis: int, transpose: bool) -> torch.Tensor:
         n = self.size
         if x.shape[axis] % n:
             raise ValueError(f"RHT of size {n} needs the rotated axis ({x.shape[axis]}) to be a multiple of {n}")
-        xt = x.movedim(axis, -1).float()
-        shape = xt.shape
-        y = xt.contiguous().view(-1, n) @ self.matrix(x.device, transpose)
-        return y.reshape(shape).movedim(-1, axis)
+        xt = x.movedim(axis, -1).contiguous()
+        return rotate_tiles(xt, self.signs_on(x.device), transpose).movedim(-1, axis)
 
     def rotate(self, x: torch.Tensor, axis: int = -1) -> torch.Tensor:
         """x R along ``axis`` (fp32 result)."""

@@ -19,7 +19,7 @@ import torch
 
 from .formats import FP4Format, block_scales, make_format, scale_values, storage_dtype_view
 from .grids import ROUNDINGS
-from .hadamard import RHT
+from .hadamard import RHT, rotate_tiles
 from .sr_random import SRIndex, draw_key, element_index, needs_wide_index, uniform_from_index
 
 
@@ -98,9 +98,10 @@ def _check(x: torch.Tensor, fmt: FP4Format, axis: int, rounding: str, rht: RHT |
     return axis
 
 
-def _rotate(xm: torch.Tensor, rot: torch.Tensor | None) -> torch.Tensor:
-    """fp32 values in the basis that is quantized (blocks of the last dim times ``rot``)."""
-    return (xm.reshape(-1, rot.shape[0]).float() @ rot).reshape(xm.shape) if rot is not None else xm.float()
+def _rotate(xm: torch.Tensor, signs: torch.Tensor | None) -> torch.Tensor:
+    """fp32 values in the basis that is quantized (tiles of the last dim rotated by the RHT
+    whose sign vector is ``signs``; the butterfly of fp4/hadamard.py)."""
+    return rotate_tiles(xm, signs) if signs is not None else xm.float()
 
 
 def _block_amax(xb: torch.Tensor, fmt: FP4Format) -> torch.Tensor:
@@ -118,7 +119,7 @@ def tensor_amax(x: torch.Tensor, fmt: str | FP4Format, rht: RHT | None = None, *
     Sharded operands all-reduce(max) this value and pass it back as ``tensor_amax``."""
     fmt = make_format(fmt, **fmt_options)
     xm = x.detach().contiguous()
-    rot = rht.matrix(x.device) if rht is not None else None
+    rot = rht.signs_on(x.device) if rht is not None else None
     return _finite_amax(_block_amax(_blocked(_rotate(xm, rot), fmt), fmt))
 
 
@@ -126,7 +127,7 @@ def _blocks_core(xm, fmt: FP4Format, rounding: str, rot, sr_key, sr_index, tenso
                  wide: bool = True):
     """Pure tensor math shared by every path (and compiled whole by the fused backend).
 
-    xm: the input with the blocked axis last; rot: the RHT matrix or None; sr_key (int64
+    xm: the input with the blocked axis last; rot: the RHT's sign vector or None; sr_key (int64
     tensor: 0-d, or one key per row / column of a grouped operand) and sr_index (an
     ``SRIndex``, or a grouped operand's precomputed int64 global indices, whose ``wide`` the
     caller decides): where the SR draws come from (see sr_random).  tensor_amax: 0-d, or
@@ -184,7 +185,7 @@ def _quantize_values(x, fmt, axis, rounding, rht, generator, tensor_amax, nonfin
     key = None
     if rounding == "sr":
         key = torch.tensor(draw_key(generator) if sr_key is None else sr_key, dtype=torch.int64, device=x.device)
-    rot = rht.matrix(x.device) if rht is not None else None
+    rot = rht.signs_on(x.device) if rht is not None else None
     q, stored, dec, tscale, all_finite = _run_core(fused, moved, fmt, rounding, rot, key, sr_index, tensor_amax,
                                                    dequantize)
     if nonfinite == "raise" and not bool(all_finite):
