@@ -87,6 +87,13 @@ def nvfp4_tensor_encode_scale(tensor_amax: torch.Tensor, gmax: float) -> torch.T
     return torch.where((amax == 0) | (s_enc == 0), torch.ones_like(s_enc), s_enc)
 
 
+def nvfp4_tensor_factors(tensor_amax: torch.Tensor, gmax: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4's two per-tensor fp32 factors: the block-scale multiplier ``S_enc * (1/gmax)`` and the
+    second-level decode factor ``1 / S_enc`` (one definition for every backend)."""
+    s_enc = nvfp4_tensor_encode_scale(tensor_amax, gmax)
+    return s_enc * (1.0 / torch.tensor(gmax)), 1.0 / s_enc
+
+
 def _divide(t: torch.Tensor, value: float) -> torch.Tensor:
     """``t / value`` correctly rounded on every device: CUDA computes a tensor divided by a
     Python scalar as ``t * (1 / value)`` (one rounding more), a tensor divisor it divides."""
@@ -105,9 +112,8 @@ def block_scales(amax: torch.Tensor, fmt: FP4Format, tensor_amax: torch.Tensor |
         dec = _divide(amax, gmax)
         return dec, dec, None, None
     if fmt.scale == "e4m3":
-        s_enc = nvfp4_tensor_encode_scale(tensor_amax, gmax)
-        s_dec_b = (amax * (s_enc * (1.0 / torch.tensor(gmax)))).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
-        g_dec = 1.0 / s_enc
+        block_mult, g_dec = nvfp4_tensor_factors(tensor_amax, gmax)
+        s_dec_b = (amax * block_mult).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn)
         dec = s_dec_b.float() * g_dec
         enc = (1.0 / dec).clamp(max=FP32_MAX)
         return s_dec_b, dec, enc, g_dec

@@ -175,5 +175,12 @@ class EmulatedBackend:
         return grouped_mm(qa, qb, sizes)
 
 
+def _triton(operand_dtype: torch.dtype) -> GemmBackend:
+    from .triton_backend import TritonBackend  # imports triton only when selected
+    return TritonBackend(operand_dtype)
+
+
 register_backend("emulated", EmulatedBackend)
 register_backend("fused", lambda: EmulatedBackend(fused=True))
+register_backend("triton", lambda: _triton(torch.float32))
+register_backend("triton_bf16", lambda: _triton(torch.bfloat16))

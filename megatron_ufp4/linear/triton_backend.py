@@ -1,0 +1,229 @@
+"""The ``triton`` GEMM backends: one-pass Triton quantizers, cuBLAS GEMMs with FP32 accumulation.
+
+``quantize`` reads each high-precision operand once and writes its dequantized FP4 values
+once (linear/triton_kernels.py), bit for bit what the emulated backend computes for the same
+``Operand``.  The multiply runs on the dequantized operands:
+
+* ``triton`` (exact, the default): fp32 operands, fp32 GEMM with TF32 off.  Exact operands
+  and the emulated backend's own GEMM, so losses match ``emulated`` on the same device.
+* ``triton_bf16`` (fast): the dequantized values rounded once to bf16, a bf16 GEMM with FP32
+  accumulation and output.  Exact where the dequantized value fits bf16's 8 significant
+  bits: MXFP4 (an E2M1 value times a power of two).  A value times an FP32 block scale
+  (e2m1 / int4 recipes, UFP4) or NVFP4's E4M3 x FP32 product generally does not fit, so each
+  operand element carries one extra bf16 rounding (relative error <= 2^-9).
+
+Needs triton and a CUDA device, or ``TRITON_INTERPRET=1`` (set before the first use) to run
+the kernels on CPU tensors.  Anything else is a one-line error, never a fallback.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+import os
+from typing import Sequence
+
+import torch
+
+from ..fp4.formats import FP4Format, nvfp4_tensor_factors
+from ..fp4.grouped import GroupedIndex, Segments, _check_segments, default_index, grouped_tensor_amax
+from ..fp4.hadamard import RHT, rht_scale
+from ..fp4.quantize import _check, fake_quantize, tensor_amax
+from ..fp4.sr_random import SRIndex
+from .backends import GroupedOperand, Operand, grouped_mm
+
+_SCALE_KIND = {("fp32", "floor"): 0, ("fp32", "rceil"): 0, ("e4m3", "floor"): 1, ("e4m3", "rceil"): 1,
+               ("e8m0", "floor"): 2, ("e8m0", "rceil"): 3}
+PER_TENSOR, PER_ROW, PER_COL = 0, 1, 2
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _kernels():
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("gemm.backend=triton needs the triton package: pip install triton "
+                         "(or pip install -e '.[gpu]')")
+    from . import triton_kernels
+    return triton_kernels
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _tile(rows: int, cols: int, unit_k: int, unit_r: int) -> tuple[int, int]:
+    """Tile (BR, BK): powers of two, BK a multiple of the block and RHT tile along K, BR of the
+    block height.  On a GPU ~8K elements (64 x 128); in the interpreter, where every program
+    costs milliseconds, up to 32K elements so that a test shape is a handful of programs."""
+    budget = 1 << 15 if interpreting() else 1 << 13
+    bk = max(unit_k, min(_pow2_at_least(cols), 128 if not interpreting() else 512))
+    br = max(unit_r, min(_pow2_at_least(rows), max(1, budget // bk)))
+    return br, bk
+
+
+def _check_device(t: torch.Tensor) -> None:
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and interpreting():
+        return
+    raise ValueError(f"gemm.backend=triton needs CUDA tensors (got a {t.device.type} tensor); on a CPU, "
+                     "set TRITON_INTERPRET=1 before starting to run its kernels in the Triton interpreter")
+
+
+def _int64(values, device) -> torch.Tensor:
+    return torch.as_tensor(values, dtype=torch.int64, device=device).reshape(-1)
+
+
+def launch_quantize(x: torch.Tensor, fmt: FP4Format, rounding: str, rht: RHT | None, *,
+                    key: torch.Tensor | None = None, key_mode: int = PER_TENSOR,
+                    ridx: torch.Tensor | None = None, cidx: torch.Tensor | None = None,
+                    cstride: torch.Tensor | None = None, stride_mode: int = PER_TENSOR,
+                    tensor_amax_: torch.Tensor | None = None, par_mode: int = PER_TENSOR,
+                    out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dequantized FP4 values of a 2-D ``x`` blocked along its last dim, from one kernel.
+
+    SR: element (r, c) draws at index ``ridx[r] * cstride + cidx[c]`` with ``key`` (each one
+    value, per row or per column as the modes say).  NVFP4: ``tensor_amax_`` (0-d, or per
+    row / column) gives the two tensor factors.
+    """
+    k = _kernels()
+    _check_device(x)
+    rows, cols = x.shape
+    dev = x.device
+    grid = fmt.grid_obj
+    if not (grid.uniform or grid.name.startswith("e2m1")):
+        raise ValueError(f"gemm.backend=triton: no kernel for the grid {grid.name!r}")
+    n = rht.size if rht is not None else 1
+    unit_r = fmt.block if fmt.block_2d else 1
+    br, bk = _tile(rows, cols, max(fmt.block, n), unit_r)
+    out = torch.empty((rows, cols), dtype=out_dtype, device=dev)
+    if out.numel() == 0:
+        return out
+    dummy = torch.zeros(1, dtype=torch.int64, device=dev)
+    fdummy = torch.zeros(1, dtype=torch.float32, device=dev)
+    signs = rht.signs_on(dev) if rht is not None else fdummy
+    sr = rounding == "sr"
+    bscale = gdec = fdummy
+    if fmt.scale == "e4m3":
+        bscale, gdec = nvfp4_tensor_factors(tensor_amax_, grid.max)
+        bscale, gdec = bscale.reshape(-1).contiguous(), gdec.reshape(-1).contiguous()
+    launch = (-(-rows // br), -(-cols // bk))
+    k.quantize_rows_kernel[launch](
+        x, out, rows, cols, x.stride(0), x.stride(1), signs,
+        key if sr else dummy, ridx if sr else dummy, cidx if sr else dummy, cstride if sr else dummy,
+        bscale, gdec,
+        BR=br, BK=bk, QB=fmt.block, RB=unit_r, SCALE=_SCALE_KIND[fmt.scale, fmt.scale_mode],
+        GRID=0 if grid.uniform else 1, GMAX=float(grid.max), EMAX=math.frexp(grid.max)[1] - 1, SR=sr,
+        N=n, LOG2N=int(math.log2(n)), RSCALE=rht_scale(n) if n > 1 else 1.0,
+        KEY_MODE=key_mode, STRIDE_MODE=stride_mode, PAR_MODE=par_mode, OUT_BF16=out_dtype == torch.bfloat16,
+        **({} if interpreting() else {"enable_fp_fusion": False}))
+    return out
+
+
+def quantize_operand(op: Operand, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``Operand`` → its GEMM-ready values (what ``EmulatedBackend.quantize`` returns, in ``out_dtype``)."""
+    q, x = op.quant, op.tensor
+    if q.rounding == "sr" and op.sr_key is None:
+        raise ValueError("a stochastically rounded operand needs its SR key (Operand.sr_key)")
+    _check(x, q.fmt, -1, q.rounding, op.rht, "propagate")
+    if x.dim() != 2:
+        raise ValueError(f"an Operand is 2-D (got shape {tuple(x.shape)})")
+    rows, cols = x.shape
+    dev = x.device
+    kw = {}
+    if q.rounding == "sr":
+        index = op.sr_index or SRIndex()
+        kw = dict(key=_int64([op.sr_key], dev), ridx=torch.arange(rows, device=dev, dtype=torch.int64)
+                  .add_(index.row_offset), cidx=torch.arange(cols, device=dev, dtype=torch.int64)
+                  .add_(index.col_offset), cstride=_int64([index.row_stride or cols], dev))
+    if q.fmt.scale == "e4m3":
+        amax = op.tensor_amax if op.tensor_amax is not None else tensor_amax(x, q.fmt, op.rht)
+        kw["tensor_amax_"] = amax.float().reshape(())
+    return launch_quantize(x, q.fmt, q.rounding, op.rht, out_dtype=out_dtype, **kw)
+
+
+def quantize_grouped_operand(op: GroupedOperand, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``GroupedOperand`` → one kernel for all groups (per-row / per-column keys, indices, amax)."""
+    q, x, seg = op.quant, op.tensor, op.segments
+    _check(x, q.fmt, -1, q.rounding, op.rht, "propagate")
+    _check_segments(x, q.fmt, seg, op.rht)
+    dev = x.device
+    mode = PER_ROW if seg.axis == 0 else PER_COL
+    kw = {}
+    if q.rounding == "sr":
+        keys = op.sr_keys
+        if keys is None or len(keys) != len(seg.sizes) or any(k is None for k, s in zip(keys, seg.sizes) if s):
+            raise ValueError("a stochastically rounded grouped operand needs one SR key per group")
+        kt = _int64([0 if k is None else int(k) for k in keys], dev)
+        index: GroupedIndex = op.sr_index if op.sr_index is not None else default_index(x.shape, seg, dev)
+        per_col_stride = torch.is_tensor(index.stride)
+        kw = dict(key=kt[seg.ids(dev)].contiguous(), key_mode=mode, ridx=_int64(index.rows, dev),
+                  cidx=_int64(index.cols, dev),
+                  cstride=_int64(index.stride if per_col_stride else [index.stride], dev),
+                  stride_mode=PER_COL if per_col_stride else PER_TENSOR)
+    if q.fmt.scale == "e4m3":
+        amax = op.tensor_amax if op.tensor_amax is not None else grouped_tensor_amax(x, q.fmt, op.rht, seg)
+        kw.update(tensor_amax_=amax.float()[seg.ids(dev)].contiguous(), par_mode=mode)
+    return launch_quantize(x, q.fmt, q.rounding, op.rht, out_dtype=out_dtype, **kw)
+
+
+@contextlib.contextmanager
+def _ieee_fp32_matmul(device: torch.device):
+    """TF32 off for this GEMM only (restored after), so an fp32 GEMM multiplies in fp32."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+class TritonBackend:
+    """Triton quantizers + cuBLAS; ``operand_dtype`` fp32 (exact, ``triton``) or bf16 (``triton_bf16``)."""
+
+    def __init__(self, operand_dtype: torch.dtype = torch.float32):
+        _kernels()  # a missing triton is reported when the backend is selected
+        self.operand_dtype = operand_dtype
+        self.name = "triton" if operand_dtype == torch.float32 else "triton_bf16"
+
+    def check_device(self, device: torch.device) -> None:
+        """Refuse, in one line, a device these kernels cannot run on (called once at setup)."""
+        _check_device(torch.empty(0, device=device))
+
+    def quantize(self, op: Operand, stats: dict | None = None) -> torch.Tensor:
+        out = quantize_operand(op, self.operand_dtype)
+        if stats is not None:  # telemetry: the reference quantizer's statistics of the same values
+            q = op.quant
+            fake_quantize(op.tensor, q.fmt, -1, q.rounding, op.rht, tensor_amax=op.tensor_amax,
+                          nonfinite="propagate", stats=stats, sr_index=op.sr_index, sr_key=op.sr_key)
+        return out
+
+    def matmul(self, qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:
+        if qa.dtype == torch.float32:
+            with _ieee_fp32_matmul(qa.device):
+                return qa @ qb.T
+        if qa.is_cuda:
+            return torch.mm(qa, qb.T, out_dtype=torch.float32)
+        return qa.float() @ qb.float().T  # the interpreter on CPU: bf16 products are exact in fp32
+
+    def gemm(self, a: Operand, b: Operand, stats: dict | None = None) -> torch.Tensor:
+        sa = sb = None
+        if stats is not None:
+            sa, sb = stats.setdefault("a", {}), stats.setdefault("b", {})
+        return self.matmul(self.quantize(a, sa), self.quantize(b, sb))
+
+    def quantize_grouped(self, op: GroupedOperand) -> torch.Tensor:
+        return quantize_grouped_operand(op, self.operand_dtype)
+
+    def grouped_matmul(self, qa: torch.Tensor, qb: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+        # bf16 operands go up to fp32 (exactly): a bf16 grouped GEMM would round its output to bf16
+        with _ieee_fp32_matmul(qa.device):
+            return grouped_mm(qa.float(), qb.float(), sizes)
+
+
+__all__ = ["TritonBackend", "interpreting", "launch_quantize", "quantize_grouped_operand", "quantize_operand"]
