@@ -3,9 +3,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import pytest
+
+# The Triton backend's kernels run on CPU tensors only in the Triton interpreter, which must be
+# chosen before any kernel is defined (tests/test_triton_backend.py).  With a GPU they compile.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent

@@ -42,6 +42,15 @@ def _rint(m):
 
 
 @triton.jit
+def _round_to_bf16(q):
+    """fp32 -> the nearest bf16 value (ties to even), still in fp32: the cast that follows is then
+    exact however the device (or the interpreter, which truncates) converts."""
+    b = q.to(tl.int32, bitcast=True)
+    r = ((b + 0x7FFF + ((b >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+    return tl.where(q != q, q, r)
+
+
+@triton.jit
 def _pow2(e):
     """2^e as fp32 from its bits, for integer tensors e in [-149, 127]."""
     normal = ((e + 127) << 23).to(tl.float32, bitcast=True)
@@ -207,6 +216,6 @@ def quantize_rows_kernel(x_ptr, out_ptr, R, K, stride_r, stride_k, signs_ptr,
         gdec = _per(gdec_ptr, rows, cols, R, K, PAR_MODE)
     q = quantize_tile(t, idx, key, bscale, gdec, BR, BK, QB, RB, SCALE, GRID, GMAX, EMAX, SR)
     if OUT_BF16:
-        q = q.to(tl.bfloat16)
+        q = _round_to_bf16(q).to(tl.bfloat16)
     mask = (rows[:, None] < R) & (cols[None, :] < K)
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)

@@ -1,0 +1,225 @@
+"""gemm.backend=triton: the Triton kernels give the emulated backend's bits.
+
+On a CPU the kernels run in the Triton interpreter (conftest.py sets TRITON_INTERPRET=1 before
+anything imports them); on a GPU machine the same tests run the compiled kernels on CUDA
+tensors when MEGATRON_UFP4_TEST_DEVICE=cuda.  Shapes are small and tiles large: every program
+instance costs milliseconds in the interpreter.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from megatron_ufp4.fp4.formats import make_format
+from megatron_ufp4.fp4.grouped import GroupedIndex, Segments
+from megatron_ufp4.fp4.hadamard import RHT
+from megatron_ufp4.fp4.quantize import tensor_amax
+from megatron_ufp4.fp4.recipes import PRESETS, OperandQuant
+from megatron_ufp4.fp4.sr_random import SRIndex, uniform_from_index
+from megatron_ufp4.linear import QuantizedLinear
+from megatron_ufp4.linear.backends import GroupedOperand, Operand, get_backend
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+from megatron_ufp4.linear import triton_kernels  # noqa: E402  (after the interpreter choice in conftest.py)
+
+DEVICE = os.environ.get("MEGATRON_UFP4_TEST_DEVICE", "cpu") if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    pytestmark = pytest.mark.skip(reason="CPU tensors need TRITON_INTERPRET=1 (set in conftest.py)")
+
+# (format, options) pairs: every scale kind, 2-D weight blocks, range-restricted e2m1, both E8M0 rules
+FORMATS = [("int4", {}), ("e2m1", {}), ("e2m1", {"max_level": 4}), ("nvfp4", {}), ("nvfp4", {"block_2d": True}),
+           ("mxfp4", {}), ("mxfp4", {"scale_mode": "rceil"}), ("int4", {"block_2d": True})]
+FORMAT_IDS = [f + "".join(f"-{k}={v}" for k, v in o.items()) for f, o in FORMATS]
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().contiguous().view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+def assert_same_bits(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
+    """Equal bit for bit, except that any NaN matches any NaN (the sign of a NaN is not specified)."""
+    assert got.dtype == want.dtype and got.shape == want.shape, (what, got.dtype, want.dtype, got.shape, want.shape)
+    gn, wn = torch.isnan(got).cpu(), torch.isnan(want).cpu()
+    assert torch.equal(gn, wn), f"{what}: NaN positions differ"
+    diff = (bits(got) != bits(want)) & ~wn
+    if diff.any():
+        i = tuple(diff.nonzero()[0].tolist())
+        raise AssertionError(f"{what}: {int(diff.sum())} of {diff.numel()} differ; first at {i}: "
+                             f"triton {got.cpu()[i].item()!r} vs emulated {want.cpu()[i].item()!r}")
+
+
+def sample(shape, seed=0, dtype=torch.float32) -> torch.Tensor:
+    """Random values over 8 decades, an all-zero block, -0.0 and a signed zero block: every scale path."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g) * torch.logspace(-4, 4, shape[-1])[torch.randperm(shape[-1], generator=g)]
+    x[0, :32] = 0.0
+    x[1, :32] = -0.0
+    x[2, 5] = -0.0
+    return x.to(dtype).to(DEVICE)
+
+
+def operand(x, fmt, opts, rounding, rht, index=None, key=987654):
+    f = make_format(fmt, **opts)
+    amax = tensor_amax(x, f, rht) if f.scale == "e4m3" else None
+    return Operand(x, OperandQuant(f, rounding), rht, key if rounding == "sr" else None, index, amax)
+
+
+@pytest.fixture(scope="module")
+def backends():
+    return get_backend("emulated"), get_backend("triton"), get_backend("triton_bf16")
+
+
+# -- the SR hash ----------------------------------------------------------------------------------
+@triton.jit
+def _draw(idx_ptr, out_ptr, key, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    idx = tl.load(idx_ptr + offs, mask=offs < n, other=0)
+    tl.store(out_ptr + offs, triton_kernels.sr_uniform(idx, key.to(tl.int64)), mask=offs < n)
+
+
+def test_sr_hash_in_triton_equals_the_torch_one_on_a_million_indices():
+    g = torch.Generator().manual_seed(3)
+    n = 1 << 20
+    # small, near 2^31 (both sides of the wide branch) and up to 2^44
+    idx = torch.cat([torch.arange(n // 4), torch.randint(2 ** 31 - n // 8, 2 ** 31 + n // 8, (n // 4,), generator=g),
+                     torch.randint(0, 2 ** 44, (n // 2,), generator=g)]).to(DEVICE)
+    out = torch.empty(n, dtype=torch.float32, device=DEVICE)
+    key = 0x5EED1234
+    _draw[(4,)](idx, out, key, n, BLOCK=n // 4)
+    assert_same_bits(out, uniform_from_index(idx, torch.tensor(key, device=DEVICE)), "uniform draws")
+
+
+# -- one operand ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("rounding", ["rtne", "sr"])
+@pytest.mark.parametrize("fmt,opts", FORMATS, ids=FORMAT_IDS)
+def test_quantize_equals_emulated_bit_for_bit(backends, fmt, opts, rounding):
+    """Every RHT size (and none); 48 rows (not a multiple of the row tile); a bf16 and an fp32 input."""
+    em, tr, _ = backends
+    for rht, dtype in ((None, torch.float32), (RHT(16, 1), torch.bfloat16), (RHT(32, 2), torch.float32),
+                       (RHT(64, 3), torch.float32), (RHT(128, 4), torch.bfloat16)):
+        op = operand(sample((48, 256), seed=1, dtype=dtype), fmt, opts, rounding, rht)
+        assert_same_bits(tr.quantize(op), em.quantize(op), f"{fmt} {opts} {rounding} {rht} {dtype}")
+
+
+@pytest.mark.parametrize("fmt,opts", [("int4", {}), ("nvfp4", {}), ("mxfp4", {})], ids=str)
+def test_transposed_view_shard_offsets_and_indices_past_2_31(backends, fmt, opts):
+    """A non-contiguous operand (Wgrad's dY^T is a view) at a shard offset whose SR indices cross
+    2^31: the kernel reads strides and draws the wide-index hash."""
+    em, tr, _ = backends
+    src = sample((256, 64), seed=2)
+    xt = src.t()  # (64, 256), strides (1, 64)
+    index = SRIndex(row_offset=(2 ** 31) // 512 - 20, col_offset=128, row_stride=512)
+    for rht in (None, RHT(16, 5)):
+        op = operand(xt, fmt, opts, "sr", rht, index=index)
+        assert_same_bits(tr.quantize(op), em.quantize(op), f"{fmt} transposed, offset {index}")
+
+
+@pytest.mark.parametrize("fmt,opts", [("int4", {}), ("nvfp4", {}), ("nvfp4", {"block_2d": True}), ("mxfp4", {})],
+                         ids=str)
+def test_nonfinite_blocks_decode_to_nan_and_leave_others_alone(backends, fmt, opts):
+    em, tr, _ = backends
+    x = sample((32, 128), seed=3)
+    x[3, 40], x[9, 70], x[20, 1] = float("nan"), float("inf"), -float("inf")
+    for rht in (None, RHT(16, 6)):
+        op = operand(x, fmt, opts, "rtne", rht)
+        got, want = tr.quantize(op), em.quantize(op)
+        assert_same_bits(got, want, f"{fmt} with NaN/Inf")
+        assert bool(torch.isnan(got[3, 32:48]).all()) and not bool(torch.isnan(got[28, 32:]).any())
+
+
+@pytest.mark.parametrize("fmt,opts", FORMATS[:6], ids=FORMAT_IDS[:6])
+def test_bf16_operands_are_the_exact_values_rounded_once(backends, fmt, opts):
+    em, _, fast = backends
+    op = operand(sample((32, 128), seed=4), fmt, opts, "sr", RHT(16, 7))
+    assert_same_bits(fast.quantize(op), em.quantize(op).to(torch.bfloat16), f"{fmt} bf16 operand")
+
+
+def test_mxfp4_values_fit_bf16_exactly(backends):
+    """An E2M1 value times a power of two has at most 2 significant bits: bf16 holds it exactly."""
+    em, _, fast = backends
+    op = operand(sample((32, 128), seed=5), "mxfp4", {}, "rtne", RHT(32, 1))
+    want = em.quantize(op)
+    assert torch.equal(fast.quantize(op).float(), want)
+
+
+# -- grouped operands (MoE experts) ---------------------------------------------------------------
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("fmt,opts", [("int4", {}), ("nvfp4", {}), ("nvfp4", {"block_2d": True}), ("mxfp4", {})],
+                         ids=str)
+def test_grouped_quantize_equals_emulated(backends, fmt, opts, axis):
+    em, tr, _ = backends
+    f = make_format(fmt, **opts)
+    sizes = (32, 0, 64, 32)
+    x = sample((sum(sizes), 64) if axis == 0 else (32, sum(sizes)), seed=6)
+    seg = Segments(axis, sizes)
+    for rounding, rht in (("rtne", None), ("sr", RHT(16, 2)), ("sr", RHT(32, 3))):
+        keys = (11, None, 22, 33) if rounding == "sr" else None
+        index = None
+        if axis == 0 and rounding == "sr":  # shard-like factored indices with a per-group row base
+            rows = torch.cat([torch.arange(s) + 1000 * g for g, s in enumerate(sizes)]).to(DEVICE)
+            index = GroupedIndex(rows, 96, torch.arange(64, device=DEVICE) + 16, False)
+        op = GroupedOperand(x, OperandQuant(f, rounding), seg, rht, keys, index, None)
+        assert_same_bits(tr.quantize_grouped(op), em.quantize_grouped(op), f"grouped {fmt} axis {axis} {rounding}")
+
+
+# -- QuantizedLinear --------------------------------------------------------------------------------
+def _linear_run(backend, recipe, x, dy, training_position):
+    torch.manual_seed(0)
+    lin = QuantizedLinear(64, 96, True, recipe, sr_seed=9, backend=backend).to(DEVICE)
+    if training_position:
+        lin.step_context.at(3, 1)
+    with torch.no_grad():
+        lin.weight[7] *= 30  # an outlier row: block scales that differ a lot
+    xg = x.clone().requires_grad_()
+    y = lin(xg)
+    y.backward(dy)
+    return y, xg.grad, lin.weight.grad, lin.bias.grad
+
+
+@pytest.mark.parametrize("recipe", [r for r in PRESETS if r != "bf16"])
+def test_quantized_linear_forward_and_backward_equal_emulated(recipe):
+    """All three GEMMs, a 3-D input with 2 x 9 = 18 tokens (Wgrad pads K to the block / RHT tile)."""
+    x = sample((18, 64), seed=7).reshape(2, 9, 64)
+    dy = sample((18, 96), seed=8).reshape(2, 9, 96)
+    for position in (False, True):
+        want = _linear_run("emulated", recipe, x, dy, position)
+        got = _linear_run("triton", recipe, x, dy, position)
+        for name, g, w in zip(("y", "dx", "dw", "db"), got, want):
+            assert_same_bits(g, w, f"{recipe} {name}")
+
+
+def test_quantized_linear_bf16_operands_are_close_not_equal():
+    """triton_bf16 rounds every dequantized UFP4 operand to bf16 once: outputs move by about 2^-9
+    relative per product, not by FP4 steps (the loss effect is measured in BENCHMARKS.md)."""
+    x = sample((32, 64), seed=9)
+    dy = sample((32, 96), seed=10)
+    want = _linear_run("triton", "ufp4", x, dy, True)
+    got = _linear_run("triton_bf16", "ufp4", x, dy, True)
+    for name, g, w in zip(("y", "dx", "dw"), got, want):
+        rel = (g - w).norm() / w.norm()
+        assert 0 < rel < 2 ** -7, (name, float(rel))  # a few bf16 roundings' worth, far below the FP4 step
+
+
+# -- selection errors -------------------------------------------------------------------------------
+def test_cpu_tensors_without_the_interpreter_are_refused_in_one_line(monkeypatch, backends):
+    _, tr, _ = backends
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    op = operand(torch.randn(16, 64), "int4", {}, "rtne", None)
+    with pytest.raises(ValueError, match="needs CUDA tensors .*TRITON_INTERPRET=1"):
+        tr.quantize(op)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        tr.check_device(torch.device("cpu"))
+
+
+def test_missing_triton_is_a_one_line_error(monkeypatch):
+    from megatron_ufp4.linear import triton_backend
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    with pytest.raises(ValueError, match="needs the triton package: pip install triton"):
+        triton_backend.TritonBackend()
