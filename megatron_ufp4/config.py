@@ -106,7 +106,9 @@ class ParallelConfig:
 
 @dataclass
 class GemmConfig:
-    backend: str = "emulated"  # a registered FP4 GEMM backend: emulated | fused (torch.compile'd, same bits)
+    # a registered FP4 GEMM backend: emulated | fused (torch.compile'd) | triton (Triton kernels, CUDA), all
+    # with the same bits | triton_bf16 (the same kernels, bf16 operands: faster, not bitwise; docs/backends.md)
+    backend: str = "emulated"
 
 
 @dataclass

@@ -210,9 +210,9 @@ def test_cpu_tensors_without_the_interpreter_are_refused_in_one_line(monkeypatch
     _, tr, _ = backends
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     op = operand(torch.randn(16, 64), "int4", {}, "rtne", None)
-    with pytest.raises(ValueError, match="needs CUDA tensors .*TRITON_INTERPRET=1"):
+    with pytest.raises(ValueError, match="need CUDA tensors .*TRITON_INTERPRET=1"):
         tr.quantize(op)
-    with pytest.raises(ValueError, match="needs CUDA tensors"):
+    with pytest.raises(ValueError, match="need CUDA tensors"):
         tr.check_device(torch.device("cpu"))
 
 
@@ -223,3 +223,52 @@ def test_missing_triton_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
     with pytest.raises(ValueError, match="needs the triton package: pip install triton"):
         triton_backend.TritonBackend()
+
+
+# -- tensor parallel ----------------------------------------------------------------------------------
+def _tp_layer_bits(rank, world):
+    """Column (plain, [gate; up] strided, sequence parallel) and row layers at TP=2: the triton run
+    of each rank's shard equals the emulated run of the same shard, bit for bit (the emulated TP
+    layers are checked against a single process in test_tensor_parallel.py)."""
+    from megatron_ufp4.parallel.state import build_parallel_state
+    from megatron_ufp4.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    torch.set_num_threads(1)
+    st = build_parallel_state(tp=world)
+    out = {}
+    for recipe in ("ufp4", "nvfp4", "mxfp4"):
+        for kind, cls, kw, in_f, out_f in (("column", ColumnParallelLinear, {}, 64, 128),
+                                           ("gate_up_sp", ColumnParallelLinear,
+                                            {"partition_stride": 2, "sequence_parallel": True}, 64, 128),
+                                           ("row", RowParallelLinear, {}, 128, 64)):
+            runs = []
+            for backend in ("emulated", "triton"):
+                torch.manual_seed(20 + rank)
+                lin = cls(in_f, out_f, True, recipe, state=st, sr_seed=4, backend=backend, **kw)
+                lin.step_context.at(2, 0)
+                x = torch.randn(2, 8, lin.weight.shape[1] if kind == "row" else in_f, requires_grad=True)
+                y = lin(x)
+                y.backward(torch.randn_like(y))
+                runs.append([t.detach().clone() for t in (y, x.grad, lin.weight.grad)])
+            out[f"{recipe} {kind}"] = all(torch.equal(bits(a), bits(b)) for a, b in zip(*runs))
+    return out
+
+
+def test_tensor_parallel_layers_on_triton_equal_emulated():
+    from dist_utils import run_ranks
+
+    for rank_result in run_ranks(2, _tp_layer_bits):
+        assert all(rank_result.values()), rank_result
+
+
+def test_trainer_refuses_triton_on_a_cpu_without_the_interpreter(monkeypatch, tmp_path):
+    from conftest import TINY_MODEL, TINY_RUN
+    from megatron_ufp4.config import load_config
+    from megatron_ufp4.training.trainer import Trainer
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cfg = load_config(None, TINY_MODEL + TINY_RUN + ["gemm.backend=triton", "training.device=cpu",
+                                                     f"training.run_dir={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match=r"^gemm.backend=triton \(training.device=cpu\): the triton kernels need"):
+        Trainer(cfg, console=lambda *a, **k: None)
+    assert not (tmp_path / "run").exists()  # refused before anything was created

@@ -115,6 +115,10 @@ class GemmBackend(Protocol):
         """Per-group qa_g @ qb_g^T in FP32 (layouts as ``grouped_mm``)."""
         ...
 
+    def check_device(self, device: torch.device) -> None:
+        """Raise ValueError (one line, what is missing) when this backend cannot run on ``device``."""
+        ...
+
 
 _REGISTRY: dict[str, Callable[[], GemmBackend]] = {}
 _INSTANCES: dict[str, GemmBackend] = {}
@@ -173,6 +177,9 @@ class EmulatedBackend:
 
     def grouped_matmul(self, qa: torch.Tensor, qb: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
         return grouped_mm(qa, qb, sizes)
+
+    def check_device(self, device: torch.device) -> None:
+        """Pure torch: any device torch runs on."""
 
 
 def _triton(operand_dtype: torch.dtype) -> GemmBackend:

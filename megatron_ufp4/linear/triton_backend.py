@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from ..fp4.formats import FP4Format, nvfp4_tensor_factors
-from ..fp4.grouped import GroupedIndex, Segments, _check_segments, default_index, grouped_tensor_amax
+from ..fp4.grouped import GroupedIndex, _check_segments, default_index, grouped_tensor_amax
 from ..fp4.hadamard import RHT, rht_scale
 from ..fp4.quantize import _check, fake_quantize, tensor_amax
 from ..fp4.sr_random import SRIndex
@@ -68,8 +68,8 @@ def _check_device(t: torch.Tensor) -> None:
         return
     if t.device.type == "cpu" and interpreting():
         return
-    raise ValueError(f"gemm.backend=triton needs CUDA tensors (got a {t.device.type} tensor); on a CPU, "
-                     "set TRITON_INTERPRET=1 before starting to run its kernels in the Triton interpreter")
+    raise ValueError(f"the triton kernels need CUDA tensors (got a {t.device.type} tensor); on a CPU, set "
+                     "TRITON_INTERPRET=1 before starting to run them in the Triton interpreter (slow: for tests)")
 
 
 def _int64(values, device) -> torch.Tensor:

@@ -40,7 +40,8 @@ from .metrics import MetricsLogger, measured_peak_flops
 from .schedule import lr_at
 from .errors import is_comm_failure
 from .run_dir import RunDirLock, check_fresh_start, clean_leftovers, make_run_dir
-from .run_setup import local_rank, make_batch, resolve_device, seed_everything, train_dataset, validation_dataset
+from .run_setup import (check_backend_device, local_rank, make_batch, resolve_device, seed_everything, train_dataset,
+                        validation_dataset)
 
 
 class CollectiveFailure(RuntimeError):
@@ -75,6 +76,7 @@ class DistributedTrainer(TrainingLoop):
         par, t = cfg.parallel, cfg.training
         # one GPU per rank (cuda:LOCAL_RANK) with NCCL, or CPU with gloo: chosen before any collective
         self.device = resolve_device(t.device, local_rank())
+        check_backend_device(cfg.gemm.backend, self.device)  # before anything is created
         init_distributed(par.timeout_s, self.device)
         self.state = st = build_parallel_state(tp=par.tensor, pp=par.pipeline, dp=par.data or None, ep=par.expert,
                                                vpp=par.virtual_pipeline, sequence_parallel=par.sequence_parallel,

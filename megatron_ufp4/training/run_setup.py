@@ -13,6 +13,7 @@ import torch
 from ..config import RunConfig
 from ..data.gpt_dataset import GPTDataset
 from ..data.indexed_dataset import IndexedDataset
+from ..linear.backends import get_backend
 
 _CUDA_INDEX = re.compile(r"cuda:[0-9]+")
 
@@ -51,6 +52,15 @@ def resolve_device(name: str, local_rank: int | None = None, field: str = "train
     if local_rank not in (None, 0) or int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
         raise ValueError(f"{field}={name} puts every local rank on one GPU; use auto or cuda under torchrun")
     return torch.device("cuda", index)
+
+
+def check_backend_device(backend: str, device: torch.device) -> None:
+    """Refuse at setup, in one line, a GEMM backend that cannot run on ``device`` (e.g.
+    ``triton`` on a CPU without the Triton interpreter): never a fallback to another backend."""
+    try:
+        get_backend(backend).check_device(device)
+    except ValueError as e:
+        raise ValueError(f"gemm.backend={backend} (training.device={device}): {e}") from None
 
 
 def seed_everything(seed: int) -> None:

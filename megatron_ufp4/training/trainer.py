@@ -20,7 +20,8 @@ from .loop import TrainingAborted, TrainingLoop, flops_per_token  # noqa: F401 (
 from .metrics import MetricsLogger, measured_peak_flops
 from .run_dir import RunDirLock, check_fresh_start, clean_leftovers, make_run_dir
 from .optim import build_optimizer, clip_grad_norm
-from .run_setup import local_rank, make_batch, resolve_device, seed_everything, train_dataset, validation_dataset  # noqa: F401
+from .run_setup import (check_backend_device, local_rank, make_batch, resolve_device, seed_everything,  # noqa: F401
+                        train_dataset, validation_dataset)
 from .schedule import lr_at
 
 
@@ -56,6 +57,7 @@ class Trainer(TrainingLoop):
                                cfg.parallel.virtual_pipeline)):
             raise ValueError("parallel: sizes > 1 need a torchrun launch (scripts/pretrain.sh)")
         self.device = resolve_device(t.device, local_rank())
+        check_backend_device(cfg.gemm.backend, self.device)  # before anything is created
         self.run_dir = make_run_dir(t.run_dir)
         self.lock = RunDirLock(self.run_dir).acquire()  # held until close() or process exit
         clean_leftovers(self.run_dir, console)  # first: it may restore an interrupted re-save
