@@ -272,3 +272,18 @@ def test_trainer_refuses_triton_on_a_cpu_without_the_interpreter(monkeypatch, tm
     with pytest.raises(ValueError, match=r"^gemm.backend=triton \(training.device=cpu\): the triton kernels need"):
         Trainer(cfg, console=lambda *a, **k: None)
     assert not (tmp_path / "run").exists()  # refused before anything was created
+
+
+@pytest.mark.parametrize("fmt,opts", [("nvfp4", {}), ("nvfp4", {"block_2d": True})], ids=str)
+def test_tensor_amax_pre_pass_equals_the_reference(backends, fmt, opts):
+    """One-read NVFP4 pre-pass: after the RHT, over finite blocks only (a NaN block and an Inf block
+    must not poison it), 40 rows: a partial row tile."""
+    em, tr, _ = backends
+    f = make_format(fmt, **opts)
+    x = sample((48, 256), seed=11)
+    x[17, 3], x[40, 200] = float("nan"), float("inf")
+    for rht in (None, RHT(16, 1), RHT(128, 2)):
+        want = em.tensor_amax(x, f, rht)
+        got = tr.tensor_amax(x, f, rht)
+        assert got.shape == () and torch.equal(bits(got), bits(want)), (rht, got, want)
+        assert bool(torch.isfinite(got)) and got > 0

@@ -30,7 +30,8 @@ import torch
 
 from ..fp4.grouped import GroupedIndex, Segments, fake_quantize_grouped
 from ..fp4.hadamard import RHT
-from ..fp4.quantize import fake_quantize
+from ..fp4.formats import FP4Format
+from ..fp4.quantize import fake_quantize, tensor_amax
 from ..fp4.recipes import OperandQuant
 from ..fp4.sr_random import SRIndex
 
@@ -119,6 +120,10 @@ class GemmBackend(Protocol):
         """Raise ValueError (one line, what is missing) when this backend cannot run on ``device``."""
         ...
 
+    def tensor_amax(self, x: torch.Tensor, fmt: FP4Format, rht: RHT | None) -> torch.Tensor:
+        """fp32 0-d ``fp4.quantize.tensor_amax`` of a 2-D operand (NVFP4's pre-pass), exactly."""
+        ...
+
 
 _REGISTRY: dict[str, Callable[[], GemmBackend]] = {}
 _INSTANCES: dict[str, GemmBackend] = {}
@@ -180,6 +185,9 @@ class EmulatedBackend:
 
     def check_device(self, device: torch.device) -> None:
         """Pure torch: any device torch runs on."""
+
+    def tensor_amax(self, x: torch.Tensor, fmt: FP4Format, rht: RHT | None) -> torch.Tensor:
+        return tensor_amax(x, fmt, rht)
 
 
 def _triton(operand_dtype: torch.dtype) -> GemmBackend:

@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from ..fp4.hadamard import RHT
-from ..fp4.quantize import tensor_amax
 from ..fp4.recipes import GEMM_ROLES, GemmQuant, Recipe
 from ..fp4.sr_random import SRIndex, derive_key, draw_key
 from .backends import Operand, get_backend
@@ -91,11 +90,12 @@ class GemmRunner:
             a, b = F.pad(a, (0, pad)), F.pad(b, (0, pad))
         keys = self.sr_keys(gemm, position)
         index = self.sr_index.get(gemm, (None, None))
+        backend = get_backend(self.backend_name)
         ops = []
         for t, quant, key, idx in zip((a, b), (spec.a, spec.b), keys, index):
             amax = None
             if quant.fmt.scale == "e4m3":  # two-level scales: the whole (logical) tensor's amax
-                amax = tensor_amax(t, quant.fmt, rht)
+                amax = backend.tensor_amax(t, quant.fmt, rht)
                 if self.amax_reduce is not None:
                     amax = self.amax_reduce(amax)
             ops.append(Operand(t, quant, rht, key if quant.rounding == "sr" else None, idx, amax))

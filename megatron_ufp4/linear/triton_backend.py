@@ -28,7 +28,7 @@ import torch
 from ..fp4.formats import FP4Format, nvfp4_tensor_factors
 from ..fp4.grouped import GroupedIndex, _check_segments, default_index, grouped_tensor_amax
 from ..fp4.hadamard import RHT, rht_scale
-from ..fp4.quantize import _check, fake_quantize, tensor_amax
+from ..fp4.quantize import _check, fake_quantize
 from ..fp4.sr_random import SRIndex
 from .backends import GroupedOperand, Operand, grouped_mm
 
@@ -122,6 +122,25 @@ def launch_quantize(x: torch.Tensor, fmt: FP4Format, rounding: str, rht: RHT | N
     return out
 
 
+def launch_tensor_amax(x: torch.Tensor, fmt: FP4Format, rht: RHT | None) -> torch.Tensor:
+    """fp4.quantize.tensor_amax (fp32 0-d: after the RHT, over the finite blocks) in one read."""
+    k = _kernels()
+    _check_device(x)
+    rows, cols = x.shape
+    n = rht.size if rht is not None else 1
+    unit_r = fmt.block if fmt.block_2d else 1
+    br, bk = _tile(rows, cols, max(fmt.block, n), unit_r)
+    launch = (-(-rows // br), -(-cols // bk))
+    parts = torch.zeros(launch[0] * launch[1], dtype=torch.float32, device=x.device)
+    if x.numel():
+        signs = rht.signs_on(x.device) if rht is not None else parts
+        k.tensor_amax_kernel[launch](x, parts, rows, cols, x.stride(0), x.stride(1), signs, BR=br, BK=bk,
+                                     QB=fmt.block, RB=unit_r, N=n, LOG2N=int(math.log2(n)),
+                                     RSCALE=rht_scale(n) if n > 1 else 1.0,
+                                     **({} if interpreting() else {"enable_fp_fusion": False}))
+    return parts.amax() if parts.numel() else parts.new_zeros(())
+
+
 def quantize_operand(op: Operand, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``Operand`` → its GEMM-ready values (what ``EmulatedBackend.quantize`` returns, in ``out_dtype``)."""
     q, x = op.quant, op.tensor
@@ -139,7 +158,7 @@ def quantize_operand(op: Operand, out_dtype: torch.dtype = torch.float32) -> tor
                   .add_(index.row_offset), cidx=torch.arange(cols, device=dev, dtype=torch.int64)
                   .add_(index.col_offset), cstride=_int64([index.row_stride or cols], dev))
     if q.fmt.scale == "e4m3":
-        amax = op.tensor_amax if op.tensor_amax is not None else tensor_amax(x, q.fmt, op.rht)
+        amax = op.tensor_amax if op.tensor_amax is not None else launch_tensor_amax(x, q.fmt, op.rht)
         kw["tensor_amax_"] = amax.float().reshape(())
     return launch_quantize(x, q.fmt, q.rounding, op.rht, out_dtype=out_dtype, **kw)
 
@@ -194,6 +213,9 @@ class TritonBackend:
     def check_device(self, device: torch.device) -> None:
         """Refuse, in one line, a device these kernels cannot run on (called once at setup)."""
         _check_device(torch.empty(0, device=device))
+
+    def tensor_amax(self, x: torch.Tensor, fmt: FP4Format, rht: RHT | None) -> torch.Tensor:
+        return launch_tensor_amax(x, fmt, rht)
 
     def quantize(self, op: Operand, stats: dict | None = None) -> torch.Tensor:
         out = quantize_operand(op, self.operand_dtype)

@@ -103,6 +103,15 @@ def rotate_rows(t, signs, BR: tl.constexpr, BK: tl.constexpr, N: tl.constexpr, L
 
 
 @triton.jit
+def block_amax(t, BR: tl.constexpr, BK: tl.constexpr, QB: tl.constexpr, RB: tl.constexpr):
+    """The tile as (BR/RB, RB, BK/QB, QB) blocks, each block's amax and whether it is finite."""
+    tb = tl.reshape(t, (BR // RB, RB, BK // QB, QB))
+    amax = tl.max(tl.max(tl.abs(tb), axis=3), axis=1)
+    has_nan = tl.max(tl.max((tb != tb).to(tl.int32), axis=3), axis=1) > 0
+    return tb, amax, (amax < float("inf")) & (~has_nan)
+
+
+@triton.jit
 def quantize_tile(t, idx, key, bscale, gdec, BR: tl.constexpr, BK: tl.constexpr, QB: tl.constexpr,
                   RB: tl.constexpr, SCALE: tl.constexpr, GRID: tl.constexpr, GMAX: tl.constexpr,
                   EMAX: tl.constexpr, SR: tl.constexpr):
@@ -113,10 +122,7 @@ def quantize_tile(t, idx, key, bscale, gdec, BR: tl.constexpr, BK: tl.constexpr,
     """
     NRB: tl.constexpr = BR // RB
     NQB: tl.constexpr = BK // QB
-    tb = tl.reshape(t, (NRB, RB, NQB, QB))
-    amax = tl.max(tl.max(tl.abs(tb), axis=3), axis=1)  # (NRB, NQB)
-    has_nan = tl.max(tl.max((tb != tb).to(tl.int32), axis=3), axis=1) > 0
-    finite = (amax < float("inf")) & (~has_nan)
+    tb, amax, finite = block_amax(t, BR, BK, QB, RB)
     if SCALE == 0:  # fp32: divide by amax / gmax (by 1 for an all-zero block)
         dec = tl.math.div_rn(amax, tl.full(amax.shape, GMAX, tl.float32))
         div = tl.where(dec > 0, dec, 1.0)
@@ -219,3 +225,19 @@ def quantize_rows_kernel(x_ptr, out_ptr, R, K, stride_r, stride_k, signs_ptr,
         q = _round_to_bf16(q).to(tl.bfloat16)
     mask = (rows[:, None] < R) & (cols[None, :] < K)
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
+
+
+@triton.jit
+def tensor_amax_kernel(x_ptr, part_ptr, R, K, stride_r, stride_k, signs_ptr,
+                       BR: tl.constexpr, BK: tl.constexpr, QB: tl.constexpr, RB: tl.constexpr,
+                       N: tl.constexpr, LOG2N: tl.constexpr, RSCALE: tl.constexpr):
+    """NVFP4's pre-pass: each program's max over its finite blocks' amaxes (rotated first), into
+    ``part[program]``; the host takes the max of the parts (exact, in any order)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    t = _load_tile(x_ptr, rows, cols, R, K, stride_r, stride_k)
+    if N > 1:
+        t = rotate_rows(t, tl.load(signs_ptr + tl.arange(0, N)), BR, BK, N, LOG2N, RSCALE)
+    _, amax, finite = block_amax(t, BR, BK, QB, RB)
+    part = tl.max(tl.max(tl.where(finite, amax, 0.0), axis=1), axis=0)
+    tl.store(part_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), part)
