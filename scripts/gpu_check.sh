@@ -179,7 +179,7 @@ if [[ "${SKIP_BENCH:-0}" != 1 ]]; then
   [[ "$DEVICE" == cpu ]] && BENCH_ARGS=(--small)
   # its markdown tables go into the report as tables (--out); its whole output, folded, after them
   timeout "$PART_TIMEOUT_S" "$PY" bench/bench_gpu.py --device "$DEVICE" "${BENCH_ARGS[@]}" --recipes "${RECIPES// /,}" \
-    --out "$RESULTS_DIR/bench_gpu.md" 2>&1 | tee "$RESULTS_DIR/bench_gpu.log"
+    --backends emulated,triton,triton_bf16 --out "$RESULTS_DIR/bench_gpu.md" 2>&1 | tee "$RESULTS_DIR/bench_gpu.log"
   rc=${PIPESTATUS[0]}
   [[ -f "$RESULTS_DIR/bench_gpu.md" ]] && cat "$RESULTS_DIR/bench_gpu.md" >> "$REPORT"
   { printf '\n<details><summary>bench_gpu.py output</summary>\n\n```\n'; cat "$RESULTS_DIR/bench_gpu.log"
