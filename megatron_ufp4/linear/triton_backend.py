@@ -154,9 +154,11 @@ def quantize_operand(op: Operand, out_dtype: torch.dtype = torch.float32) -> tor
     kw = {}
     if q.rounding == "sr":
         index = op.sr_index or SRIndex()
-        kw = dict(key=_int64([op.sr_key], dev), ridx=torch.arange(rows, device=dev, dtype=torch.int64)
-                  .add_(index.row_offset), cidx=torch.arange(cols, device=dev, dtype=torch.int64)
-                  .add_(index.col_offset), cstride=_int64([index.row_stride or cols], dev))
+        # device-side fills, not tensors from host lists: those would wait for the GPU on every call
+        kw = dict(key=torch.full((1,), int(op.sr_key), dtype=torch.int64, device=dev),
+                  ridx=torch.arange(index.row_offset, index.row_offset + rows, device=dev, dtype=torch.int64),
+                  cidx=torch.arange(index.col_offset, index.col_offset + cols, device=dev, dtype=torch.int64),
+                  cstride=torch.full((1,), int(index.row_stride or cols), dtype=torch.int64, device=dev))
     if q.fmt.scale == "e4m3":
         amax = op.tensor_amax if op.tensor_amax is not None else launch_tensor_amax(x, q.fmt, op.rht)
         kw["tensor_amax_"] = amax.float().reshape(())
