@@ -108,6 +108,11 @@ if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
   MEGATRON_UFP4_TEST_DEVICE="$DEVICE" fenced "$PY" -m pytest -q -m cuda -rfEs -p no:cacheprovider \
     --basetemp="$WORK/pytest" tests/test_cuda_quantizer.py tests/test_cuda_linear.py tests/test_cuda_training.py
   part_result "tests/test_cuda_*.py" $? $((SECONDS - t0))
+  note "" "## (a') tests/test_triton_backend.py on $DEVICE (compiled Triton kernels vs emulated)" ""
+  t0=$SECONDS
+  MEGATRON_UFP4_TEST_DEVICE="$DEVICE" fenced "$PY" -m pytest -q -rfEs -p no:cacheprovider \
+    --basetemp="$WORK/pytest_triton" tests/test_triton_backend.py
+  part_result "tests/test_triton_backend.py" $? $((SECONDS - t0))
 fi
 
 # -- (b) 20 steps per recipe, dense and MoE -------------------------------------------------------

@@ -254,6 +254,7 @@ def _tp_layer_bits(rank, world):
     return out
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="gloo ranks on CPU tensors: the interpreter run covers it")
 def test_tensor_parallel_layers_on_triton_equal_emulated():
     from dist_utils import run_ranks
 
