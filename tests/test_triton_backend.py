@@ -288,3 +288,32 @@ def test_tensor_amax_pre_pass_equals_the_reference(backends, fmt, opts):
         got = tr.tensor_amax(x, f, rht)
         assert got.shape == () and torch.equal(bits(got), bits(want)), (rht, got, want)
         assert bool(torch.isfinite(got)) and got > 0
+
+
+# -- both forms of one tensor from one read --------------------------------------------------------
+PAIRS = [  # (row-wise: format, options, rounding, RHT size), (column-wise: ...): the recipes' dY uses and more
+    (("int4", {}, "sr", 16), ("int4", {}, "sr", 16)),  # UFP4: RHT and SR on both
+    (("e2m1", {}, "sr", 0), ("e2m1", {}, "sr", 16)),  # E2M1 reference: RHT on Wgrad only
+    (("nvfp4", {}, "sr", 0), ("nvfp4", {}, "sr", 16)),  # NVFP4: two tensor amaxes
+    (("mxfp4", {}, "sr", 32), ("mxfp4", {"scale_mode": "rceil"}, "rtne", 32)),
+    (("nvfp4", {"block_2d": True}, "rtne", 0), ("nvfp4", {"block_2d": True}, "rtne", 0)),  # W and W^T
+    (("int4", {}, "rtne", 128), ("nvfp4", {}, "sr", 64)),
+]
+
+
+@pytest.mark.parametrize("first,second", PAIRS, ids=[f"{a[0]}{a[3]}-{b[0]}{b[3]}" for a, b in PAIRS])
+def test_row_and_column_wise_operands_from_one_read_equal_two_quantizations(backends, first, second):
+    em, tr, fast = backends
+    x = sample((64, 256), seed=12)
+    x[5, 9] = float("nan")  # one non-finite block in each form
+    ops = []
+    for (fmt, opts, rounding, n), t, index in ((first, x, SRIndex(row_offset=3)),
+                                               (second, x.t(), SRIndex(col_offset=2 ** 31 - 40, row_stride=2 ** 31))):
+        ops.append(operand(t, fmt, opts, rounding, RHT(n, 7) if n else None, index=index, key=len(ops) + 100))
+    row, col = tr.quantize_pair(*ops)
+    want_row, want_col = em.quantize_pair(*ops)
+    assert_same_bits(row, want_row, "row-wise")
+    assert_same_bits(col, want_col, "column-wise")
+    assert col.is_contiguous() and col.shape == (256, 64)
+    brow, bcol = fast.quantize_pair(*ops)
+    assert_same_bits(bcol, want_col.to(torch.bfloat16), "column-wise bf16")

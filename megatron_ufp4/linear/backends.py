@@ -108,6 +108,11 @@ class GemmBackend(Protocol):
     def gemm(self, a: Operand, b: Operand, stats: dict | None = None) -> torch.Tensor:
         ...
 
+    def quantize_pair(self, row: Operand, col: Operand) -> tuple[torch.Tensor, torch.Tensor]:
+        """(quantize(row), quantize(col)) for two uses of one tensor, ``col.tensor`` being
+        ``row.tensor.t()`` (dY: Dgrad's A and Wgrad's A): a kernel may read it once."""
+        ...
+
     def quantize_grouped(self, op: GroupedOperand) -> torch.Tensor:
         """One call for all groups; each group's values are those of ``quantize`` of it alone."""
         ...
@@ -174,6 +179,9 @@ class EmulatedBackend:
         if stats is not None:
             sa, sb = stats.setdefault("a", {}), stats.setdefault("b", {})
         return self.matmul(self.quantize(a, sa), self.quantize(b, sb))
+
+    def quantize_pair(self, row: Operand, col: Operand) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.quantize(row), self.quantize(col)
 
     def quantize_grouped(self, op: GroupedOperand) -> torch.Tensor:
         q = op.quant

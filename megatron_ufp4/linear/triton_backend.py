@@ -72,8 +72,41 @@ def _check_device(t: torch.Tensor) -> None:
                      "TRITON_INTERPRET=1 before starting to run them in the Triton interpreter (slow: for tests)")
 
 
-def _int64(values, device) -> torch.Tensor:
+def _int64(values, device) -> torch.Tensor:  # grouped operands only (their sizes come from the host)
     return torch.as_tensor(values, dtype=torch.int64, device=device).reshape(-1)
+
+
+def _consts(fmt: FP4Format, rounding: str, rht: RHT | None, suffix: str = "") -> dict:
+    """The kernel's compile-time description of one operand's quantization."""
+    grid = fmt.grid_obj
+    if not (grid.uniform or grid.name.startswith("e2m1")):
+        raise ValueError(f"gemm.backend=triton: no kernel for the grid {grid.name!r}")
+    n = rht.size if rht is not None else 1
+    c = dict(QB=fmt.block, RB=fmt.block if fmt.block_2d else 1, SCALE=_SCALE_KIND[fmt.scale, fmt.scale_mode],
+             GRID=0 if grid.uniform else 1, GMAX=float(grid.max), EMAX=math.frexp(grid.max)[1] - 1,
+             SR=rounding == "sr", N=n, LOG2N=int(math.log2(n)), RSCALE=rht_scale(n) if n > 1 else 1.0)
+    return {k + suffix: v for k, v in c.items()}
+
+
+def _pointers(x: torch.Tensor, fmt: FP4Format, rounding: str, rht: RHT | None, key, ridx, cidx, cstride,
+              tensor_amax_) -> list[torch.Tensor]:
+    """signs, key, row / column SR index terms, column stride, NVFP4 factors (dummies where unused)."""
+    dev = x.device
+    dummy = torch.zeros(1, dtype=torch.int64, device=dev)
+    fdummy = torch.zeros(1, dtype=torch.float32, device=dev)
+    signs = rht.signs_on(dev) if rht is not None else fdummy
+    bscale = gdec = fdummy
+    if fmt.scale == "e4m3":
+        bscale, gdec = nvfp4_tensor_factors(tensor_amax_, fmt.grid_obj.max)
+        bscale, gdec = bscale.reshape(-1).contiguous(), gdec.reshape(-1).contiguous()
+    if rounding != "sr":
+        key = ridx = cidx = cstride = dummy
+    return [signs, key, ridx, cidx, cstride, bscale, gdec]
+
+
+def _no_fp_fusion() -> dict:
+    """FMA contraction would change roundings; the interpreter has no such option."""
+    return {} if interpreting() else {"enable_fp_fusion": False}
 
 
 def launch_quantize(x: torch.Tensor, fmt: FP4Format, rounding: str, rht: RHT | None, *,
@@ -91,34 +124,16 @@ def launch_quantize(x: torch.Tensor, fmt: FP4Format, rounding: str, rht: RHT | N
     k = _kernels()
     _check_device(x)
     rows, cols = x.shape
-    dev = x.device
-    grid = fmt.grid_obj
-    if not (grid.uniform or grid.name.startswith("e2m1")):
-        raise ValueError(f"gemm.backend=triton: no kernel for the grid {grid.name!r}")
-    n = rht.size if rht is not None else 1
-    unit_r = fmt.block if fmt.block_2d else 1
-    br, bk = _tile(rows, cols, max(fmt.block, n), unit_r)
-    out = torch.empty((rows, cols), dtype=out_dtype, device=dev)
+    consts = _consts(fmt, rounding, rht)
+    br, bk = _tile(rows, cols, max(fmt.block, consts["N"]), consts["RB"])
+    out = torch.empty((rows, cols), dtype=out_dtype, device=x.device)
     if out.numel() == 0:
         return out
-    dummy = torch.zeros(1, dtype=torch.int64, device=dev)
-    fdummy = torch.zeros(1, dtype=torch.float32, device=dev)
-    signs = rht.signs_on(dev) if rht is not None else fdummy
-    sr = rounding == "sr"
-    bscale = gdec = fdummy
-    if fmt.scale == "e4m3":
-        bscale, gdec = nvfp4_tensor_factors(tensor_amax_, grid.max)
-        bscale, gdec = bscale.reshape(-1).contiguous(), gdec.reshape(-1).contiguous()
-    launch = (-(-rows // br), -(-cols // bk))
-    k.quantize_rows_kernel[launch](
-        x, out, rows, cols, x.stride(0), x.stride(1), signs,
-        key if sr else dummy, ridx if sr else dummy, cidx if sr else dummy, cstride if sr else dummy,
-        bscale, gdec,
-        BR=br, BK=bk, QB=fmt.block, RB=unit_r, SCALE=_SCALE_KIND[fmt.scale, fmt.scale_mode],
-        GRID=0 if grid.uniform else 1, GMAX=float(grid.max), EMAX=math.frexp(grid.max)[1] - 1, SR=sr,
-        N=n, LOG2N=int(math.log2(n)), RSCALE=rht_scale(n) if n > 1 else 1.0,
+    signs, *ptrs = _pointers(x, fmt, rounding, rht, key, ridx, cidx, cstride, tensor_amax_)
+    k.quantize_rows_kernel[(-(-rows // br), -(-cols // bk))](
+        x, out, rows, cols, x.stride(0), x.stride(1), signs, *ptrs, BR=br, BK=bk, **consts,
         KEY_MODE=key_mode, STRIDE_MODE=stride_mode, PAR_MODE=par_mode, OUT_BF16=out_dtype == torch.bfloat16,
-        **({} if interpreting() else {"enable_fp_fusion": False}))
+        **_no_fp_fusion())
     return out
 
 
@@ -136,13 +151,12 @@ def launch_tensor_amax(x: torch.Tensor, fmt: FP4Format, rht: RHT | None) -> torc
         signs = rht.signs_on(x.device) if rht is not None else parts
         k.tensor_amax_kernel[launch](x, parts, rows, cols, x.stride(0), x.stride(1), signs, BR=br, BK=bk,
                                      QB=fmt.block, RB=unit_r, N=n, LOG2N=int(math.log2(n)),
-                                     RSCALE=rht_scale(n) if n > 1 else 1.0,
-                                     **({} if interpreting() else {"enable_fp_fusion": False}))
+                                     RSCALE=rht_scale(n) if n > 1 else 1.0, **_no_fp_fusion())
     return parts.amax() if parts.numel() else parts.new_zeros(())
 
 
-def quantize_operand(op: Operand, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``Operand`` → its GEMM-ready values (what ``EmulatedBackend.quantize`` returns, in ``out_dtype``)."""
+def _operand_kwargs(op: Operand) -> dict:
+    """An ``Operand``'s SR key / index terms and NVFP4 tensor amax as kernel inputs (one value each)."""
     q, x = op.quant, op.tensor
     if q.rounding == "sr" and op.sr_key is None:
         raise ValueError("a stochastically rounded operand needs its SR key (Operand.sr_key)")
@@ -162,7 +176,47 @@ def quantize_operand(op: Operand, out_dtype: torch.dtype = torch.float32) -> tor
     if q.fmt.scale == "e4m3":
         amax = op.tensor_amax if op.tensor_amax is not None else launch_tensor_amax(x, q.fmt, op.rht)
         kw["tensor_amax_"] = amax.float().reshape(())
-    return launch_quantize(x, q.fmt, q.rounding, op.rht, out_dtype=out_dtype, **kw)
+    return kw
+
+
+def quantize_operand(op: Operand, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``Operand`` → its GEMM-ready values (what ``EmulatedBackend.quantize`` returns, in ``out_dtype``)."""
+    return launch_quantize(op.tensor, op.quant.fmt, op.quant.rounding, op.rht, out_dtype=out_dtype,
+                           **_operand_kwargs(op))
+
+
+def is_transpose_of(t: torch.Tensor, src: torch.Tensor) -> bool:
+    """Whether ``t`` is ``src.t()`` (the same elements, strides swapped): one read serves both."""
+    return (t.dim() == src.dim() == 2 and t.data_ptr() == src.data_ptr() and t.shape == src.shape[::-1]
+            and t.stride() == src.stride()[::-1])
+
+
+def quantize_pair(row: Operand, col: Operand, out_dtype: torch.dtype = torch.float32):
+    """(quantize(row), quantize(col)) where ``col.tensor`` is ``row.tensor.t()``, from one read of it."""
+    if not is_transpose_of(col.tensor, row.tensor):
+        raise ValueError("quantize_pair: the column-wise operand must be the row-wise operand's transpose")
+    k = _kernels()
+    x = row.tensor
+    _check_device(x)
+    rows, cols = x.shape
+    kw1, kw2 = _operand_kwargs(row), _operand_kwargs(col)
+    f1, f2 = row.quant.fmt, col.quant.fmt
+    c1 = _consts(f1, row.quant.rounding, row.rht, "1")
+    c2 = _consts(f2, col.quant.rounding, col.rht, "2")
+    # a tile holds whole blocks / RHT tiles of both operands: along K for operand 1, along R for 2
+    br, bk = _tile(rows, cols, max(f1.block, c1["N1"], c2["RB2"]), max(f2.block, c2["N2"], c1["RB1"]))
+    out_row = torch.empty((rows, cols), dtype=out_dtype, device=x.device)
+    out_col = torch.empty((cols, rows), dtype=out_dtype, device=x.device)
+    if x.numel() == 0:
+        return out_row, out_col
+    p1 = _pointers(x, f1, row.quant.rounding, row.rht, kw1.get("key"), kw1.get("ridx"), kw1.get("cidx"),
+                   kw1.get("cstride"), kw1.get("tensor_amax_"))
+    p2 = _pointers(x, f2, col.quant.rounding, col.rht, kw2.get("key"), kw2.get("ridx"), kw2.get("cidx"),
+                   kw2.get("cstride"), kw2.get("tensor_amax_"))
+    k.quantize_rowcol_kernel[(-(-rows // br), -(-cols // bk))](
+        x, out_row, out_col, rows, cols, x.stride(0), x.stride(1), *p1, *p2, BR=br, BK=bk, **c1, **c2,
+        OUT_BF16=out_dtype == torch.bfloat16, **_no_fp_fusion())
+    return out_row, out_col
 
 
 def quantize_grouped_operand(op: GroupedOperand, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -227,6 +281,11 @@ class TritonBackend:
                           nonfinite="propagate", stats=stats, sr_index=op.sr_index, sr_key=op.sr_key)
         return out
 
+    def quantize_pair(self, row: Operand, col: Operand) -> tuple[torch.Tensor, torch.Tensor]:
+        if is_transpose_of(col.tensor, row.tensor):
+            return quantize_pair(row, col, self.operand_dtype)
+        return self.quantize(row), self.quantize(col)
+
     def matmul(self, qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:
         if qa.dtype == torch.float32:
             with _ieee_fp32_matmul(qa.device):
@@ -250,4 +309,5 @@ class TritonBackend:
             return grouped_mm(qa.float(), qb.float(), sizes)
 
 
-__all__ = ["TritonBackend", "interpreting", "launch_quantize", "quantize_grouped_operand", "quantize_operand"]
+__all__ = ["TritonBackend", "interpreting", "launch_quantize", "quantize_grouped_operand", "quantize_operand",
+           "quantize_pair"]

@@ -241,3 +241,50 @@ def tensor_amax_kernel(x_ptr, part_ptr, R, K, stride_r, stride_k, signs_ptr,
     _, amax, finite = block_amax(t, BR, BK, QB, RB)
     part = tl.max(tl.max(tl.where(finite, amax, 0.0), axis=1), axis=0)
     tl.store(part_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), part)
+
+
+@triton.jit
+def quantize_rowcol_kernel(x_ptr, row_ptr, col_ptr, R, K, stride_r, stride_k,
+                           signs1_ptr, key1_ptr, ridx1_ptr, cidx1_ptr, cstride1_ptr, bscale1_ptr, gdec1_ptr,
+                           signs2_ptr, key2_ptr, ridx2_ptr, cidx2_ptr, cstride2_ptr, bscale2_ptr, gdec2_ptr,
+                           BR: tl.constexpr, BK: tl.constexpr,
+                           QB1: tl.constexpr, RB1: tl.constexpr, SCALE1: tl.constexpr, GRID1: tl.constexpr,
+                           GMAX1: tl.constexpr, EMAX1: tl.constexpr, SR1: tl.constexpr, N1: tl.constexpr,
+                           LOG2N1: tl.constexpr, RSCALE1: tl.constexpr,
+                           QB2: tl.constexpr, RB2: tl.constexpr, SCALE2: tl.constexpr, GRID2: tl.constexpr,
+                           GMAX2: tl.constexpr, EMAX2: tl.constexpr, SR2: tl.constexpr, N2: tl.constexpr,
+                           LOG2N2: tl.constexpr, RSCALE2: tl.constexpr, OUT_BF16: tl.constexpr):
+    """Both GEMM-ready forms of one tensor from a single read, as Transformer Engine's
+    quantize-transpose does: row[R, K] = x blocked along K (operand 1) and col[K, R] = x^T
+    blocked along R (operand 2, e.g. dY for Dgrad and dY^T for Wgrad), each with its own
+    format, RHT, rounding, SR key / indices and NVFP4 factors (one value each)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    t = _load_tile(x_ptr, rows, cols, R, K, stride_r, stride_k)
+    mask = (rows[:, None] < R) & (cols[None, :] < K)
+    # operand 1: the tile as loaded
+    t1 = t
+    if N1 > 1:
+        t1 = rotate_rows(t1, tl.load(signs1_ptr + tl.arange(0, N1)), BR, BK, N1, LOG2N1, RSCALE1)
+    idx1 = 0
+    if SR1:
+        idx1 = (tl.load(ridx1_ptr + rows, mask=rows < R, other=0)[:, None] * tl.load(cstride1_ptr)
+                + tl.load(cidx1_ptr + cols, mask=cols < K, other=0)[None, :])
+    q1 = quantize_tile(t1, idx1, tl.load(key1_ptr), tl.load(bscale1_ptr), tl.load(gdec1_ptr),
+                       BR, BK, QB1, RB1, SCALE1, GRID1, GMAX1, EMAX1, SR1)
+    if OUT_BF16:
+        q1 = _round_to_bf16(q1).to(tl.bfloat16)
+    tl.store(row_ptr + rows[:, None] * K + cols[None, :], q1, mask=mask)
+    # operand 2: the transposed tile, blocked along the rows of x
+    t2 = tl.trans(t)
+    if N2 > 1:
+        t2 = rotate_rows(t2, tl.load(signs2_ptr + tl.arange(0, N2)), BK, BR, N2, LOG2N2, RSCALE2)
+    idx2 = 0
+    if SR2:
+        idx2 = (tl.load(ridx2_ptr + cols, mask=cols < K, other=0)[:, None] * tl.load(cstride2_ptr)
+                + tl.load(cidx2_ptr + rows, mask=rows < R, other=0)[None, :])
+    q2 = quantize_tile(t2, idx2, tl.load(key2_ptr), tl.load(bscale2_ptr), tl.load(gdec2_ptr),
+                       BK, BR, QB2, RB2, SCALE2, GRID2, GMAX2, EMAX2, SR2)
+    if OUT_BF16:
+        q2 = _round_to_bf16(q2).to(tl.bfloat16)
+    tl.store(col_ptr + cols[:, None] * R + rows[None, :], q2, mask=tl.trans(mask))
