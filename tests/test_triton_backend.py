@@ -181,16 +181,24 @@ def _linear_run(backend, recipe, x, dy, training_position):
     return y, xg.grad, lin.weight.grad, lin.bias.grad
 
 
+@pytest.mark.parametrize("tokens", [18, 256])
 @pytest.mark.parametrize("recipe", [r for r in PRESETS if r != "bf16"])
-def test_quantized_linear_forward_and_backward_equal_emulated(recipe):
-    """All three GEMMs, a 3-D input with 2 x 9 = 18 tokens (Wgrad pads K to the block / RHT tile)."""
-    x = sample((18, 64), seed=7).reshape(2, 9, 64)
-    dy = sample((18, 96), seed=8).reshape(2, 9, 96)
+def test_quantized_linear_forward_and_backward_equal_emulated(recipe, tokens, monkeypatch):
+    """All three GEMMs on a 3-D input: 2 x 9 = 18 tokens (Wgrad pads K to the block / RHT tile, so
+    dY is quantized twice) and 2 x 128 tokens (dY's two forms come from one read)."""
+    from megatron_ufp4.linear import triton_backend
+
+    pair_calls = []
+    real_pair = triton_backend.quantize_pair
+    monkeypatch.setattr(triton_backend, "quantize_pair", lambda *a, **k: pair_calls.append(1) or real_pair(*a, **k))
+    x = sample((tokens, 64), seed=7).reshape(2, tokens // 2, 64)
+    dy = sample((tokens, 96), seed=8).reshape(2, tokens // 2, 96)
     for position in (False, True):
         want = _linear_run("emulated", recipe, x, dy, position)
         got = _linear_run("triton", recipe, x, dy, position)
         for name, g, w in zip(("y", "dx", "dw", "db"), got, want):
             assert_same_bits(g, w, f"{recipe} {name}")
+    assert len(pair_calls) == (2 if tokens == 256 else 0)
 
 
 def test_quantized_linear_bf16_operands_are_close_not_equal():

@@ -115,6 +115,28 @@ class GemmRunner:
                           rb: f"{spec.b.fmt.describe()} {spec.b.rounding}"})
         return entry
 
+    def run_pair(self, first: tuple[str, torch.Tensor, torch.Tensor], second: tuple[str, torch.Tensor, torch.Tensor],
+                 position: tuple[int, int] | None,
+                 splits: tuple[GemmSplit | None, GemmSplit | None] = (None, None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two GEMMs whose A operands are one tensor and its transpose (Dgrad's dY and Wgrad's
+        dY^T): both A operands come from one ``backend.quantize_pair`` call, which a kernel
+        backend serves from a single read.  The same operands, keys and bits as two ``run``
+        calls in this order, which is what runs when the pair cannot share a read (a GEMM in
+        high precision or in parts, telemetry on, or Wgrad's K needing padding)."""
+        (g1, a1, b1), (g2, a2, b2) = first, second
+        s1, s2 = self.recipe.gemm(g1), self.recipe.gemm(g2)
+        shared = (s1.quantized and s2.quantized and splits == (None, None) and not self.collect_stats
+                  and a2.shape[-1] % reduction_multiple(s2, self.rht.size) == 0)
+        if not shared:
+            return self.run(g1, a1, b1, position, splits[0]), self.run(g2, a2, b2, position, splits[1])
+        self.record(g1)
+        self.record(g2)
+        qa1, qb1 = self.operands(g1, a1, b1, position)
+        qa2, qb2 = self.operands(g2, a2, b2, position)
+        backend = get_backend(self.backend_name)
+        ra1, ra2 = backend.quantize_pair(qa1, qa2)
+        return backend.matmul(ra1, backend.quantize(qb1)), backend.matmul(ra2, backend.quantize(qb2))
+
     def run(self, gemm: str, a: torch.Tensor, b: torch.Tensor, position: tuple[int, int] | None,
             split: GemmSplit | None = None) -> torch.Tensor:
         """A @ B^T in FP32 as the recipe quantizes ``gemm`` (``split``: as several sub-GEMMs)."""

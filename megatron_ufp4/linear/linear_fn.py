@@ -85,11 +85,19 @@ class LinearCall:
     out_dtype: torch.dtype
     hp_dtype: torch.dtype | None  # set: high-precision GEMMs with inputs in this dtype
     position: tuple[int, int] | None
+    # ((gemm, a, b), (gemm, a^T, b'), position) -> both outputs, A quantized from one read; None: two gemm calls
+    gemm_pair: Callable | None = None
 
     def run(self, gemm: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.hp_dtype is not None:
             return high_precision_gemm(a, b, self.hp_dtype)
         return self.gemm(gemm, a, b, self.position)
+
+    def run_pair(self, first: tuple, second: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two GEMMs sharing a transposed A (Dgrad and Wgrad on dY), with ``run``'s results."""
+        if self.hp_dtype is not None or self.gemm_pair is None:
+            return self.run(*first), self.run(*second)
+        return self.gemm_pair(first, second, self.position)
 
     def finish(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """High precision: round to the GEMM's dtype first (as a single F.linear does)."""
@@ -119,10 +127,16 @@ class _LinearFunction(torch.autograd.Function):
         dy2 = dy_total.reshape(-1, dy_total.shape[-1])
         dx = dw = db = None
         with torch.autocast(dy.device.type, enabled=False):
-            if ctx.needs_input_grad[0]:
+            if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:  # dY feeds both: quantized from one read
+                x_total = hooks.gather_input(x)
+                dx, dw = call.run_pair(("dgrad", dy2, weight.t()),
+                                       ("wgrad", dy2.t(), x_total.reshape(-1, x.shape[-1]).t()))
+                dx = call.finish(hooks.reduce_input_grad(dx.reshape(*dy_total.shape[:-1], weight.shape[1])), x.dtype)
+                dw = call.finish(dw, weight.dtype)
+            elif ctx.needs_input_grad[0]:
                 dx = call.run("dgrad", dy2, weight.t()).reshape(*dy_total.shape[:-1], weight.shape[1])
                 dx = call.finish(hooks.reduce_input_grad(dx), x.dtype)
-            if ctx.needs_input_grad[1]:
+            elif ctx.needs_input_grad[1]:
                 x_total = hooks.gather_input(x)
                 dw = call.finish(call.run("wgrad", dy2.t(), x_total.reshape(-1, x.shape[-1]).t()), weight.dtype)
             if ctx.has_bias and ctx.needs_input_grad[2]:  # local tokens: sequence-parallel biases are summed later

@@ -81,10 +81,13 @@ class QuantizedLinear(nn.Module):
     def _call(self, x: torch.Tensor) -> LinearCall:
         """This forward's GEMM plan: the FP4 path when quantized, else high-precision GEMMs."""
         out_dtype, hp_dtype = linear_dtypes(x, self.weight, self.quantized)
-        return LinearCall(self._gemm, self.hooks, out_dtype, hp_dtype, self.step_context.position)
+        return LinearCall(self._gemm, self.hooks, out_dtype, hp_dtype, self.step_context.position, self._gemm_pair)
 
     def _gemm(self, gemm: str, a: torch.Tensor, b: torch.Tensor, position) -> torch.Tensor:
         return self.gemms.run(gemm, a, b, position)
+
+    def _gemm_pair(self, first: tuple, second: tuple, position) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gemms.run_pair(first, second, position)
 
     # -- telemetry ----------------------------------------------------------------------
     def telemetry(self) -> dict:
