@@ -325,3 +325,28 @@ def test_row_and_column_wise_operands_from_one_read_equal_two_quantizations(back
     assert col.is_contiguous() and col.shape == (256, 64)
     brow, bcol = fast.quantize_pair(*ops)
     assert_same_bits(bcol, want_col.to(torch.bfloat16), "column-wise bf16")
+
+
+# -- packed codes and scales ---------------------------------------------------------------------------
+@pytest.mark.parametrize("rounding", ["rtne", "sr"])
+@pytest.mark.parametrize("fmt,opts", FORMATS, ids=FORMAT_IDS)
+def test_packed_codes_and_scales_equal_the_reference_storage(fmt, opts, rounding):
+    """The optional second output: fp4.quantize's packed codes (signed zeros as code 8), stored scales
+    in their storage dtype and the NVFP4 tensor scale, with the dequantized values, from one pass."""
+    from megatron_ufp4.fp4.quantize import quantize
+    from megatron_ufp4.linear.triton_backend import quantize_packed
+
+    x = sample((48, 256), seed=13)
+    for rht in (None, RHT(32, 4)):
+        op = operand(x, fmt, opts, rounding, rht, index=SRIndex(row_offset=5))
+        want = quantize(x, op.quant.fmt, rounding=rounding, rht=rht, tensor_amax=op.tensor_amax,
+                        sr_index=op.sr_index, sr_key=op.sr_key)
+        out, packed, scales, tscale = quantize_packed(op)
+        assert torch.equal(packed.cpu(), want.packed().cpu()), (fmt, opts, rht)
+        assert scales.dtype == want.scales.dtype and scales.shape == want.scales.shape
+        as_ints = (lambda t: t.cpu().view(torch.uint8)) if scales.element_size() == 1 else bits
+        assert torch.equal(as_ints(scales), as_ints(want.scales)), (fmt, opts, rht)
+        assert (tscale is None) == (want.tensor_scale is None)
+        if tscale is not None:
+            assert torch.equal(bits(tscale.reshape(())), bits(want.tensor_scale.reshape(())))
+        assert_same_bits(out, want.dequantize(rotated=True), "values")

@@ -114,12 +114,13 @@ def launch_quantize(x: torch.Tensor, fmt: FP4Format, rounding: str, rht: RHT | N
                     ridx: torch.Tensor | None = None, cidx: torch.Tensor | None = None,
                     cstride: torch.Tensor | None = None, stride_mode: int = PER_TENSOR,
                     tensor_amax_: torch.Tensor | None = None, par_mode: int = PER_TENSOR,
-                    out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                    out_dtype: torch.dtype = torch.float32, packed: bool = False):
     """Dequantized FP4 values of a 2-D ``x`` blocked along its last dim, from one kernel.
 
     SR: element (r, c) draws at index ``ridx[r] * cstride + cidx[c]`` with ``key`` (each one
     value, per row or per column as the modes say).  NVFP4: ``tensor_amax_`` (0-d, or per
-    row / column) gives the two tensor factors.
+    row / column) gives the two tensor factors.  ``packed``: also return the packed codes
+    (R, K/2) uint8 and the blocks' stored scales (fp32), from the same pass.
     """
     k = _kernels()
     _check_device(x)
@@ -127,14 +128,18 @@ def launch_quantize(x: torch.Tensor, fmt: FP4Format, rounding: str, rht: RHT | N
     consts = _consts(fmt, rounding, rht)
     br, bk = _tile(rows, cols, max(fmt.block, consts["N"]), consts["RB"])
     out = torch.empty((rows, cols), dtype=out_dtype, device=x.device)
-    if out.numel() == 0:
-        return out
-    signs, *ptrs = _pointers(x, fmt, rounding, rht, key, ridx, cidx, cstride, tensor_amax_)
-    k.quantize_rows_kernel[(-(-rows // br), -(-cols // bk))](
-        x, out, rows, cols, x.stride(0), x.stride(1), signs, *ptrs, BR=br, BK=bk, **consts,
-        KEY_MODE=key_mode, STRIDE_MODE=stride_mode, PAR_MODE=par_mode, OUT_BF16=out_dtype == torch.bfloat16,
-        **_no_fp_fusion())
-    return out
+    extra = {}
+    if packed:
+        extra = dict(codes_ptr=torch.empty((rows, cols // 2), dtype=torch.uint8, device=x.device),
+                     scales_ptr=torch.empty((rows // consts["RB"], cols // fmt.block), device=x.device),
+                     PACKED=True)
+    if out.numel():
+        signs, *ptrs = _pointers(x, fmt, rounding, rht, key, ridx, cidx, cstride, tensor_amax_)
+        k.quantize_rows_kernel[(-(-rows // br), -(-cols // bk))](
+            x, out, rows, cols, x.stride(0), x.stride(1), signs, *ptrs, BR=br, BK=bk, **consts,
+            KEY_MODE=key_mode, STRIDE_MODE=stride_mode, PAR_MODE=par_mode, OUT_BF16=out_dtype == torch.bfloat16,
+            **extra, **_no_fp_fusion())
+    return (out, extra["codes_ptr"], extra["scales_ptr"]) if packed else out
 
 
 def launch_tensor_amax(x: torch.Tensor, fmt: FP4Format, rht: RHT | None) -> torch.Tensor:
@@ -183,6 +188,24 @@ def quantize_operand(op: Operand, out_dtype: torch.dtype = torch.float32) -> tor
     """``Operand`` → its GEMM-ready values (what ``EmulatedBackend.quantize`` returns, in ``out_dtype``)."""
     return launch_quantize(op.tensor, op.quant.fmt, op.quant.rounding, op.rht, out_dtype=out_dtype,
                            **_operand_kwargs(op))
+
+
+def quantize_packed(op: Operand, out_dtype: torch.dtype = torch.float32):
+    """(GEMM-ready values, packed codes, scales, tensor scale) of ``op`` from one pass: the codes
+    and scales of ``fp4.quantize(...)`` of the same operand, for FP4 all-gathers and exports
+    (``.packed()``, ``.scales`` in its storage dtype, ``.tensor_scale``).  Blocks holding NaN/Inf
+    have unspecified codes and scales (their values decode to NaN)."""
+    fmt = op.quant.fmt
+    kw = _operand_kwargs(op)
+    out, codes, stored = launch_quantize(op.tensor, fmt, op.quant.rounding, op.rht, out_dtype=out_dtype,
+                                         packed=True, **kw)
+    if fmt.scale == "e4m3":
+        scales = stored.to(torch.float8_e4m3fn)  # exact: the kernel rounded them to E4M3 values
+        tensor_scale = nvfp4_tensor_factors(kw["tensor_amax_"], fmt.grid_obj.max)[1]
+    else:
+        scales = stored.to(torch.uint8).view(torch.float8_e8m0fnu) if fmt.scale == "e8m0" else stored
+        tensor_scale = None
+    return out, codes, scales, tensor_scale
 
 
 def is_transpose_of(t: torch.Tensor, src: torch.Tensor) -> bool:
@@ -310,4 +333,4 @@ class TritonBackend:
 
 
 __all__ = ["TritonBackend", "interpreting", "launch_quantize", "quantize_grouped_operand", "quantize_operand",
-           "quantize_pair"]
+           "quantize_packed", "quantize_pair"]

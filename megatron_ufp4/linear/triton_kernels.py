@@ -115,7 +115,10 @@ def block_amax(t, BR: tl.constexpr, BK: tl.constexpr, QB: tl.constexpr, RB: tl.c
 def quantize_tile(t, idx, key, bscale, gdec, BR: tl.constexpr, BK: tl.constexpr, QB: tl.constexpr,
                   RB: tl.constexpr, SCALE: tl.constexpr, GRID: tl.constexpr, GMAX: tl.constexpr,
                   EMAX: tl.constexpr, SR: tl.constexpr):
-    """Dequantized fp32 values of a rotated (BR, BK) fp32 tile blocked RB x QB (RB = 1: 1-D blocks).
+    """A rotated (BR, BK) fp32 tile blocked RB x QB (RB = 1: 1-D blocks) quantized: returns its
+    dequantized fp32 values (BR, BK), its 4-bit codes (BR, BK) int32 and each block's stored
+    scale as fp32 (BR/RB, BK/QB): the fp32 scale, the E4M3 value, or the E8M0 biased exponent.
+    Unused outputs cost nothing (the compiler drops them).
 
     idx / key: int64 global SR indices and keys broadcastable to (BR, BK) (SR only).  bscale,
     gdec: NVFP4's ``S_enc / gmax`` and ``1 / S_enc`` (fp32, broadcastable per row / column).
@@ -125,6 +128,7 @@ def quantize_tile(t, idx, key, bscale, gdec, BR: tl.constexpr, BK: tl.constexpr,
     tb, amax, finite = block_amax(t, BR, BK, QB, RB)
     if SCALE == 0:  # fp32: divide by amax / gmax (by 1 for an all-zero block)
         dec = tl.math.div_rn(amax, tl.full(amax.shape, GMAX, tl.float32))
+        stored = dec
         div = tl.where(dec > 0, dec, 1.0)
         v = tl.math.div_rn(tb, div[:, None, :, None])
     elif SCALE == 1:  # e4m3 block scale (round-half-even, subnormals from 2^-9) x fp32 tensor scale
@@ -135,6 +139,7 @@ def quantize_tile(t, idx, key, bscale, gdec, BR: tl.constexpr, BK: tl.constexpr,
         s = tl.minimum(amax * bsc, 448.0)
         e = tl.maximum(((s.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
         s = _rint(s * _pow2(3 - e)) * _pow2(e - 3)
+        stored = s
         dec = s * gdc
         # 1 / dec clamped to the fp32 max; a zero dec (all-zero block) gives the clamp's value directly
         one = tl.full(dec.shape, 1.0, tl.float32)
@@ -150,6 +155,7 @@ def quantize_tile(t, idx, key, bscale, gdec, BR: tl.constexpr, BK: tl.constexpr,
             ex = tl.where(pow2, fl, fl + 1)
         ex = tl.minimum(tl.maximum(tl.where(amax > 0, ex, -127), -127), 127)
         dec = _pow2(ex)
+        stored = (ex + 127).to(tl.float32)
         v = tb * _pow2(-ex)[:, None, :, None]
     v = tl.minimum(tl.maximum(v, -GMAX), GMAX)
     vbits = v.to(tl.int32, bitcast=True)
@@ -169,8 +175,13 @@ def quantize_tile(t, idx, key, bscale, gdec, BR: tl.constexpr, BK: tl.constexpr,
         r = _rint(m)
     qm = r * step
     q = (qm.to(tl.int32, bitcast=True) | (vbits & -2147483648)).to(tl.float32, bitcast=True)  # v's sign, -0 kept
+    if GRID == 0:
+        code = qm.to(tl.int32)
+    else:  # e2m1 levels 0, .5, 1, 1.5 | 2, 3 | 4, 6 -> codes 0..3 | 4, 5 | 6, 7
+        code = tl.where(qm < 2.0, qm * 2.0, tl.where(qm < 4.0, qm + 2.0, qm * 0.5 + 4.0)).to(tl.int32)
+    code = code | tl.where(vbits < 0, 8, 0)  # the sign bit of the value: -0 is code 8
     dec = tl.where(finite, dec, float("nan"))
-    return tl.reshape(q * dec[:, None, :, None], (BR, BK))
+    return tl.reshape(q * dec[:, None, :, None], (BR, BK)), tl.reshape(code, (BR, BK)), stored
 
 
 @triton.jit
@@ -197,7 +208,7 @@ def quantize_rows_kernel(x_ptr, out_ptr, R, K, stride_r, stride_k, signs_ptr,
                          SCALE: tl.constexpr, GRID: tl.constexpr, GMAX: tl.constexpr, EMAX: tl.constexpr,
                          SR: tl.constexpr, N: tl.constexpr, LOG2N: tl.constexpr, RSCALE: tl.constexpr,
                          KEY_MODE: tl.constexpr, STRIDE_MODE: tl.constexpr, PAR_MODE: tl.constexpr,
-                         OUT_BF16: tl.constexpr):
+                         OUT_BF16: tl.constexpr, codes_ptr=None, scales_ptr=None, PACKED: tl.constexpr = False):
     """out[R, K] = the dequantized FP4 values of x[R, K] blocked along K (row-major output).
 
     SR index of element (r, c): ridx[r] * cstride + cidx[c] (cstride one value or per column);
@@ -220,11 +231,20 @@ def quantize_rows_kernel(x_ptr, out_ptr, R, K, stride_r, stride_k, signs_ptr,
     if SCALE == 1:
         bscale = _per(bscale_ptr, rows, cols, R, K, PAR_MODE)
         gdec = _per(gdec_ptr, rows, cols, R, K, PAR_MODE)
-    q = quantize_tile(t, idx, key, bscale, gdec, BR, BK, QB, RB, SCALE, GRID, GMAX, EMAX, SR)
+    q, code, stored = quantize_tile(t, idx, key, bscale, gdec, BR, BK, QB, RB, SCALE, GRID, GMAX, EMAX, SR)
     if OUT_BF16:
         q = _round_to_bf16(q).to(tl.bfloat16)
     mask = (rows[:, None] < R) & (cols[None, :] < K)
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
+    if PACKED:  # two codes per byte (element 2i low nibble) and the blocks' scales
+        lo, hi = tl.split(tl.reshape(code, (BR, BK // 2, 2)))
+        pcols = tl.program_id(1) * (BK // 2) + tl.arange(0, BK // 2)
+        tl.store(codes_ptr + rows[:, None] * (K // 2) + pcols[None, :], (lo | (hi << 4)).to(tl.uint8),
+                 mask=(rows[:, None] < R) & (pcols[None, :] < K // 2))
+        srows = tl.program_id(0) * (BR // RB) + tl.arange(0, BR // RB)
+        scols = tl.program_id(1) * (BK // QB) + tl.arange(0, BK // QB)
+        tl.store(scales_ptr + srows[:, None] * (K // QB) + scols[None, :], stored,
+                 mask=(srows[:, None] < R // RB) & (scols[None, :] < K // QB))
 
 
 @triton.jit
@@ -270,8 +290,8 @@ def quantize_rowcol_kernel(x_ptr, row_ptr, col_ptr, R, K, stride_r, stride_k,
     if SR1:
         idx1 = (tl.load(ridx1_ptr + rows, mask=rows < R, other=0)[:, None] * tl.load(cstride1_ptr)
                 + tl.load(cidx1_ptr + cols, mask=cols < K, other=0)[None, :])
-    q1 = quantize_tile(t1, idx1, tl.load(key1_ptr), tl.load(bscale1_ptr), tl.load(gdec1_ptr),
-                       BR, BK, QB1, RB1, SCALE1, GRID1, GMAX1, EMAX1, SR1)
+    q1, _, _ = quantize_tile(t1, idx1, tl.load(key1_ptr), tl.load(bscale1_ptr), tl.load(gdec1_ptr),
+                             BR, BK, QB1, RB1, SCALE1, GRID1, GMAX1, EMAX1, SR1)
     if OUT_BF16:
         q1 = _round_to_bf16(q1).to(tl.bfloat16)
     tl.store(row_ptr + rows[:, None] * K + cols[None, :], q1, mask=mask)
@@ -283,8 +303,8 @@ def quantize_rowcol_kernel(x_ptr, row_ptr, col_ptr, R, K, stride_r, stride_k,
     if SR2:
         idx2 = (tl.load(ridx2_ptr + cols, mask=cols < K, other=0)[:, None] * tl.load(cstride2_ptr)
                 + tl.load(cidx2_ptr + rows, mask=rows < R, other=0)[None, :])
-    q2 = quantize_tile(t2, idx2, tl.load(key2_ptr), tl.load(bscale2_ptr), tl.load(gdec2_ptr),
-                       BK, BR, QB2, RB2, SCALE2, GRID2, GMAX2, EMAX2, SR2)
+    q2, _, _ = quantize_tile(t2, idx2, tl.load(key2_ptr), tl.load(bscale2_ptr), tl.load(gdec2_ptr),
+                             BK, BR, QB2, RB2, SCALE2, GRID2, GMAX2, EMAX2, SR2)
     if OUT_BF16:
         q2 = _round_to_bf16(q2).to(tl.bfloat16)
     tl.store(col_ptr + cols[:, None] * R + rows[None, :], q2, mask=tl.trans(mask))
