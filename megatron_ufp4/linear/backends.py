@@ -203,7 +203,13 @@ def _triton(operand_dtype: torch.dtype) -> GemmBackend:
     return TritonBackend(operand_dtype)
 
 
+def _native() -> GemmBackend:
+    from .native_backend import NativeBackend  # FP4 tensor cores (compute capability 10.x)
+    return NativeBackend()
+
+
 register_backend("emulated", EmulatedBackend)
 register_backend("fused", lambda: EmulatedBackend(fused=True))
 register_backend("triton", lambda: _triton(torch.float32))
 register_backend("triton_bf16", lambda: _triton(torch.bfloat16))
+register_backend("native", lambda: _native())
