@@ -20,7 +20,7 @@ import torch
 
 from .formats import FP4Format, make_format
 from .hadamard import RHT
-from .quantize import _block_amax, _blocked, _check, _rotate, _run_core
+from .quantize import _block_amax, _blocked, _rotate, _run_core, check_quantize_args
 
 _M31 = (1 << 31) - 1
 
@@ -55,7 +55,7 @@ def _units(fmt: FP4Format, seg: Segments) -> int:
     return fmt.block if (seg.axis == 1 or fmt.block_2d) else 1
 
 
-def _check_segments(x: torch.Tensor, fmt: FP4Format, seg: Segments, rht: RHT | None) -> None:
+def check_segments(x: torch.Tensor, fmt: FP4Format, seg: Segments, rht: RHT | None) -> None:
     if x.dim() != 2:
         raise ValueError(f"a grouped operand is 2-D (got shape {tuple(x.shape)})")
     if sum(seg.sizes) != x.shape[seg.axis]:
@@ -71,7 +71,7 @@ def grouped_tensor_amax(x: torch.Tensor, fmt: str | FP4Format, rht: RHT | None, 
     """fp32 ``(G,)``: each group's tensor amax, exactly ``quantize.tensor_amax`` of that group
     alone (after the RHT, over its finite blocks; 0 for an empty group)."""
     fmt = make_format(fmt)
-    _check_segments(x, fmt, seg, rht)
+    check_segments(x, fmt, seg, rht)
     rot = rht.signs_on(x.device) if rht is not None else None
     amax = _block_amax(_blocked(_rotate(x.detach().contiguous(), rot), fmt), fmt)
     amax = torch.where(torch.isfinite(amax), amax, 0.0)
@@ -134,8 +134,8 @@ def fake_quantize_grouped(x: torch.Tensor, fmt: str | FP4Format, seg: Segments, 
     independent once the amax is known), the same bits as one pass.
     """
     fmt = make_format(fmt)
-    _check(x, fmt, -1, rounding, rht, "propagate")
-    _check_segments(x, fmt, seg, rht)
+    check_quantize_args(x, fmt, -1, rounding, rht, "propagate")
+    check_segments(x, fmt, seg, rht)
     xm = x.detach().contiguous()
     key = None
     if rounding == "sr":

@@ -73,7 +73,9 @@ def _blocked(moved: torch.Tensor, fmt: FP4Format) -> torch.Tensor:
     return moved.reshape(*moved.shape[:-1], moved.shape[-1] // b, b)
 
 
-def _check(x: torch.Tensor, fmt: FP4Format, axis: int, rounding: str, rht: RHT | None, nonfinite: str) -> int:
+def check_quantize_args(x: torch.Tensor, fmt: FP4Format, axis: int, rounding: str, rht: RHT | None,
+                        nonfinite: str) -> int:
+    """One-line ValueErrors for arguments no quantizer can take; returns the normalised axis."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ValueError(f"quantize expects a floating-point tensor (got {getattr(x, 'dtype', type(x).__name__)})")
     if x.dim() == 0:
@@ -227,7 +229,7 @@ def quantize(x: torch.Tensor, fmt: str | FP4Format, axis: int = -1, rounding: st
     nonfinite: "raise" (default) or "propagate" (blocks with NaN/Inf decode to NaN).
     """
     fmt = make_format(fmt, **fmt_options)
-    axis = _check(x, fmt, axis, rounding, rht, nonfinite)
+    axis = check_quantize_args(x, fmt, axis, rounding, rht, nonfinite)
     q, stored, dec, tscale, mshape = _quantize_values(x, fmt, axis, rounding, rht, generator, tensor_amax, nonfinite,
                                                       sr_index=sr_index, sr_key=sr_key)
     codes = fmt.grid_obj.encode(q).reshape(mshape).movedim(-1, axis)
@@ -246,7 +248,7 @@ def fake_quantize(x: torch.Tensor, fmt: str | FP4Format, axis: int = -1, roundin
     fused: run the torch.compile'd core (same bits, fewer memory passes).
     """
     fmt = make_format(fmt, **fmt_options)
-    axis = _check(x, fmt, axis, rounding, rht, nonfinite)
+    axis = check_quantize_args(x, fmt, axis, rounding, rht, nonfinite)
     q, _, dec, _, mshape = _quantize_values(x, fmt, axis, rounding, rht, generator, tensor_amax, nonfinite, True, fused,
                                             sr_index, sr_key)
     if stats is not None:

@@ -26,9 +26,9 @@ from typing import Sequence
 import torch
 
 from ..fp4.formats import FP4Format, nvfp4_tensor_factors
-from ..fp4.grouped import GroupedIndex, _check_segments, default_index, grouped_tensor_amax
+from ..fp4.grouped import GroupedIndex, check_segments, default_index, grouped_tensor_amax
 from ..fp4.hadamard import RHT, rht_scale
-from ..fp4.quantize import _check, fake_quantize
+from ..fp4.quantize import check_quantize_args, fake_quantize
 from ..fp4.sr_random import SRIndex
 from .backends import GroupedOperand, Operand, grouped_mm
 
@@ -165,7 +165,7 @@ def _operand_kwargs(op: Operand) -> dict:
     q, x = op.quant, op.tensor
     if q.rounding == "sr" and op.sr_key is None:
         raise ValueError("a stochastically rounded operand needs its SR key (Operand.sr_key)")
-    _check(x, q.fmt, -1, q.rounding, op.rht, "propagate")
+    check_quantize_args(x, q.fmt, -1, q.rounding, op.rht, "propagate")
     if x.dim() != 2:
         raise ValueError(f"an Operand is 2-D (got shape {tuple(x.shape)})")
     rows, cols = x.shape
@@ -245,8 +245,8 @@ def quantize_pair(row: Operand, col: Operand, out_dtype: torch.dtype = torch.flo
 def quantize_grouped_operand(op: GroupedOperand, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``GroupedOperand`` → one kernel for all groups (per-row / per-column keys, indices, amax)."""
     q, x, seg = op.quant, op.tensor, op.segments
-    _check(x, q.fmt, -1, q.rounding, op.rht, "propagate")
-    _check_segments(x, q.fmt, seg, op.rht)
+    check_quantize_args(x, q.fmt, -1, q.rounding, op.rht, "propagate")
+    check_segments(x, q.fmt, seg, op.rht)
     dev = x.device
     mode = PER_ROW if seg.axis == 0 else PER_COL
     kw = {}
