@@ -104,9 +104,12 @@ def _pointers(x: torch.Tensor, fmt: FP4Format, rounding: str, rht: RHT | None, k
     return [signs, key, ridx, cidx, cstride, bscale, gdec]
 
 
-def _no_fp_fusion() -> dict:
-    """FMA contraction would change roundings; the interpreter has no such option."""
-    return {} if interpreting() else {"enable_fp_fusion": False}
+def _launch_options(tile_elements: int) -> dict:
+    """GPU launch options: no FMA contraction (it would change roundings) and enough warps
+    that a tile's fp32 values fit in registers (the interpreter takes neither)."""
+    if interpreting():
+        return {}
+    return {"enable_fp_fusion": False, "num_warps": 8 if tile_elements > (1 << 13) else 4}
 
 
 def launch_quantize(x: torch.Tensor, fmt: FP4Format, rounding: str, rht: RHT | None, *,
@@ -138,7 +141,7 @@ def launch_quantize(x: torch.Tensor, fmt: FP4Format, rounding: str, rht: RHT | N
         k.quantize_rows_kernel[(-(-rows // br), -(-cols // bk))](
             x, out, rows, cols, x.stride(0), x.stride(1), signs, *ptrs, BR=br, BK=bk, **consts,
             KEY_MODE=key_mode, STRIDE_MODE=stride_mode, PAR_MODE=par_mode, OUT_BF16=out_dtype == torch.bfloat16,
-            **extra, **_no_fp_fusion())
+            **extra, **_launch_options(br * bk))
     return (out, extra["codes_ptr"], extra["scales_ptr"]) if packed else out
 
 
@@ -156,7 +159,7 @@ def launch_tensor_amax(x: torch.Tensor, fmt: FP4Format, rht: RHT | None) -> torc
         signs = rht.signs_on(x.device) if rht is not None else parts
         k.tensor_amax_kernel[launch](x, parts, rows, cols, x.stride(0), x.stride(1), signs, BR=br, BK=bk,
                                      QB=fmt.block, RB=unit_r, N=n, LOG2N=int(math.log2(n)),
-                                     RSCALE=rht_scale(n) if n > 1 else 1.0, **_no_fp_fusion())
+                                     RSCALE=rht_scale(n) if n > 1 else 1.0, **_launch_options(br * bk))
     return parts.amax() if parts.numel() else parts.new_zeros(())
 
 
@@ -238,7 +241,7 @@ def quantize_pair(row: Operand, col: Operand, out_dtype: torch.dtype = torch.flo
                    kw2.get("cstride"), kw2.get("tensor_amax_"))
     k.quantize_rowcol_kernel[(-(-rows // br), -(-cols // bk))](
         x, out_row, out_col, rows, cols, x.stride(0), x.stride(1), *p1, *p2, BR=br, BK=bk, **c1, **c2,
-        OUT_BF16=out_dtype == torch.bfloat16, **_no_fp_fusion())
+        OUT_BF16=out_dtype == torch.bfloat16, **_launch_options(br * bk))
     return out_row, out_col
 
 
