@@ -184,3 +184,13 @@ def test_butterfly_within_its_rounding_bound(n):
     gamma = m * 2.0 ** -24 / (1 - m * 2.0 ** -24)
     l1 = x.double().abs().reshape(-1, n).sum(-1, keepdim=True).expand(-1, n).reshape(x.shape)
     assert bool(((r.rotate(x).double() - ref).abs() <= gamma * l1 / math.sqrt(n)).all())
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_both_spellings_of_the_butterfly_agree_bit_for_bit(n):
+    """The eager stage form and the unrolled form torch.compile fuses are the same operations."""
+    from megatron_ufp4.fp4.hadamard import _fwht_stages, _fwht_unrolled
+
+    g = torch.Generator().manual_seed(80 + n)
+    x = torch.randn(50, 2 * n, generator=g).reshape(-1, n) * torch.logspace(-5, 5, n)
+    assert torch.equal(_fwht_stages(x).view(torch.int32), _fwht_unrolled(x).view(torch.int32))

@@ -20,6 +20,8 @@ import math
 import torch
 
 RHT_SIZES = (16, 32, 64, 128)
+# fp32(1/sqrt(n)) as Python floats, computed once (a constant for torch.compile'd callers)
+_RHT_SCALES = {n: float(torch.tensor(1.0 / math.sqrt(n), dtype=torch.float32)) for n in RHT_SIZES}
 
 
 def sylvester_hadamard(n: int) -> torch.Tensor:
@@ -35,21 +37,45 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     """Unnormalised Walsh-Hadamard transform of each tile of the last dim (``x @ H_n``, with
     n the last dim, a power of two) in the reference order: log2(n) stages, stage h = 1, 2,
     4, ... replacing each pair (a, b) = (x[j], x[j + h]) (j with bit h clear) by
-    (a + b, a - b), one fp32 rounding per add.  Pure elementwise torch ops."""
+    (a + b, a - b), one fp32 rounding per add.
+
+    Two spellings of exactly these operations (tests/test_fp4_rht.py holds them bitwise equal):
+    eager, one add and one subtract per stage over strided halves; under torch.compile, for
+    n <= 32, every stage unrolled over the n columns, which inductor fuses into one kernel.
+    """
+    if x.shape[-1] <= 32 and torch.compiler.is_compiling():
+        return _fwht_unrolled(x)
+    return _fwht_stages(x)
+
+
+def _fwht_stages(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[-1]
-    lead = x.shape[:-1]
     h = 1
     while h < n:
-        pairs = x.reshape(*lead, n // (2 * h), 2, h)
-        a, b = pairs[..., 0, :], pairs[..., 1, :]
-        x = torch.stack((a + b, a - b), dim=-2).reshape(*lead, n)
+        pairs = x.reshape(-1, n // (2 * h), 2, h)
+        out = torch.empty_like(pairs)
+        torch.add(pairs[:, :, 0], pairs[:, :, 1], out=out[:, :, 0])
+        torch.sub(pairs[:, :, 0], pairs[:, :, 1], out=out[:, :, 1])
+        x = out.reshape(x.shape)
         h *= 2
     return x
 
 
+def _fwht_unrolled(x: torch.Tensor) -> torch.Tensor:
+    n = x.shape[-1]
+    cols = list(x.unbind(-1))
+    h = 1
+    while h < n:
+        for j in range(n):
+            if not j & h:
+                cols[j], cols[j + h] = cols[j] + cols[j + h], cols[j] - cols[j + h]
+        h *= 2
+    return torch.stack(cols, dim=-1)
+
+
 def rht_scale(n: int) -> float:
     """The one final factor 1/sqrt(n), as the fp32 number every backend multiplies by."""
-    return float(torch.tensor(1.0 / math.sqrt(n), dtype=torch.float32))
+    return _RHT_SCALES[n]
 
 
 def rotate_tiles(x: torch.Tensor, signs: torch.Tensor, transpose: bool = False) -> torch.Tensor:
