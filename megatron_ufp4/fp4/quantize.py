@@ -157,7 +157,7 @@ def _blocks_core(xm, fmt: FP4Format, rounding: str, rot, sr_key, sr_index, tenso
     return q, stored, dec, tscale, finite.all()
 
 
-_compiled_core = None
+_compiled_core = _compiled_rotate = None
 
 
 def _dynamo_limits():
@@ -172,13 +172,18 @@ def _dynamo_limits():
 def _run_core(fused: bool, *args):
     """The eager core, or the same function through torch.compile: one fused C++/Triton
     kernel per (format, rounding, RHT) instead of ~10 memory passes; bitwise identical."""
-    global _compiled_core
+    global _compiled_core, _compiled_rotate
     if not fused:
         return _blocks_core(*args)
     if _compiled_core is None:
         _compiled_core = torch.compile(_blocks_core, dynamic=True)
+        _compiled_rotate = torch.compile(rotate_tiles, dynamic=True)
     with _dynamo_limits():
-        return _compiled_core(*args)
+        xm, fmt, rounding, rot, *rest = args
+        if rot is not None:  # rotated in a kernel of its own: fused into the block amax and the
+            # scaling, inductor would recompute the butterfly for each (measured 2-3x slower)
+            xm, rot = _compiled_rotate(xm, rot), None
+        return _compiled_core(xm, fmt, rounding, rot, *rest)
 
 
 def _quantize_values(x, fmt, axis, rounding, rht, generator, tensor_amax, nonfinite, dequantize=False, fused=False,
