@@ -11,9 +11,10 @@ setup(
     # torch>=2.7: torch.float8_e8m0fnu (MXFP4's E8M0 scales), new in 2.7; install torch (CPU: torch==2.13.0) first.
     install_requires=["torch>=2.7", "numpy", "pyyaml", "sentencepiece", "tqdm"],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "matplotlib", "ruff==0.17.6"],
+        # triton: the CPU tests run the Triton backend's kernels in its interpreter
+        "dev": ["pytest", "pytest-timeout", "matplotlib", "ruff==0.17.6", "triton>=3.3,<4"],
         "plot": ["matplotlib"],
-        "gpu": ["triton"],
+        "gpu": ["triton>=3.3"],
         "wandb": ["wandb"],
         "tensorboard": ["tensorboard"],
     },
