@@ -106,6 +106,7 @@ class GemmBackend(Protocol):
         ...
 
     def gemm(self, a: Operand, b: Operand, stats: dict | None = None) -> torch.Tensor:
+        """Must equal ``matmul(quantize(a), quantize(b))``: callers may run either."""
         ...
 
     def quantize_pair(self, row: Operand, col: Operand) -> tuple[torch.Tensor, torch.Tensor]:

@@ -97,8 +97,8 @@ class NativeBackend:
         b = qb.codes.view(torch.float4_e2m1fn_x2)
         out = torch._scaled_mm(a, b.t(), swizzle_scales(qa.scales), swizzle_scales(qb.scales),
                                out_dtype=torch.float32)
-        if qa.tensor_scale is not None:  # NVFP4: the second-level decode factors of both operands
-            out = out * (qa.tensor_scale * qb.tensor_scale)
+        if qa.tensor_scale is not None:  # NVFP4: each operand's decode factor, one at a time (their
+            out = out * qa.tensor_scale * qb.tensor_scale  # product alone can underflow fp32)
         return out
 
     def gemm(self, a: Operand, b: Operand, stats: dict | None = None) -> torch.Tensor:

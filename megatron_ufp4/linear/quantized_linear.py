@@ -15,7 +15,7 @@ from torch import nn
 from ..fp4.hadamard import RHT
 from ..fp4.recipes import GEMM_ROLES, Recipe
 from .backends import get_backend
-from .gemm import GemmRunner, reduction_multiple
+from .gemm import GemmRunner, GemmSplit, reduction_multiple
 from .linear_fn import NO_COLLECTIVES, LinearCall, linear, linear_dtypes
 from .step_context import StepContext
 
@@ -83,11 +83,15 @@ class QuantizedLinear(nn.Module):
         out_dtype, hp_dtype = linear_dtypes(x, self.weight, self.quantized)
         return LinearCall(self._gemm, self.hooks, out_dtype, hp_dtype, self.step_context.position, self._gemm_pair)
 
+    def _split(self, gemm: str) -> GemmSplit | None:
+        """How ``gemm`` runs in sub-GEMMs (None: whole); a strided tensor-parallel shard overrides it."""
+        return None
+
     def _gemm(self, gemm: str, a: torch.Tensor, b: torch.Tensor, position) -> torch.Tensor:
-        return self.gemms.run(gemm, a, b, position)
+        return self.gemms.run(gemm, a, b, position, self._split(gemm))
 
     def _gemm_pair(self, first: tuple, second: tuple, position) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.gemms.run_pair(first, second, position)
+        return self.gemms.run_pair(first, second, position, (self._split(first[0]), self._split(second[0])))
 
     # -- telemetry ----------------------------------------------------------------------
     def telemetry(self) -> dict:

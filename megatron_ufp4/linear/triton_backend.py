@@ -196,8 +196,8 @@ def quantize_operand(op: Operand, out_dtype: torch.dtype = torch.float32) -> tor
 def quantize_packed(op: Operand, out_dtype: torch.dtype = torch.float32):
     """(GEMM-ready values, packed codes, scales, tensor scale) of ``op`` from one pass: the codes
     and scales of ``fp4.quantize(...)`` of the same operand, for FP4 all-gathers and exports
-    (``.packed()``, ``.scales`` in its storage dtype, ``.tensor_scale``).  Blocks holding NaN/Inf
-    have unspecified codes and scales (their values decode to NaN)."""
+    (``.packed()``, ``.scales`` in its storage dtype, ``.tensor_scale``).  A block holding NaN/Inf
+    stores a NaN scale (unspecified codes), so it decodes to NaN as its values do."""
     fmt = op.quant.fmt
     kw = _operand_kwargs(op)
     out, codes, stored = launch_quantize(op.tensor, fmt, op.quant.rounding, op.rht, out_dtype=out_dtype,

@@ -54,7 +54,7 @@ def _round_to_bf16(q):
 def _pow2(e):
     """2^e as fp32 from its bits, for integer tensors e in [-149, 127]."""
     normal = ((e + 127) << 23).to(tl.float32, bitcast=True)
-    sub = (tl.full(e.shape, 1, tl.int32) << tl.maximum(e + 149, 0)).to(tl.float32, bitcast=True)
+    sub = (tl.full(e.shape, 1, tl.int32) << tl.minimum(tl.maximum(e + 149, 0), 31)).to(tl.float32, bitcast=True)
     return tl.where(e >= -126, normal, sub)
 
 
@@ -181,6 +181,8 @@ def quantize_tile(t, idx, key, bscale, gdec, BR: tl.constexpr, BK: tl.constexpr,
         code = tl.where(qm < 2.0, qm * 2.0, tl.where(qm < 4.0, qm + 2.0, qm * 0.5 + 4.0)).to(tl.int32)
     code = code | tl.where(vbits < 0, 8, 0)  # the sign bit of the value: -0 is code 8
     dec = tl.where(finite, dec, float("nan"))
+    # a non-finite block stores a NaN scale (E8M0: its NaN byte 255), so packed storage keeps the NaN too
+    stored = tl.where(finite, stored, 255.0 if SCALE >= 2 else float("nan"))
     return tl.reshape(q * dec[:, None, :, None], (BR, BK)), tl.reshape(code, (BR, BK)), stored
 
 
@@ -214,8 +216,9 @@ def quantize_rows_kernel(x_ptr, out_ptr, R, K, stride_r, stride_k, signs_ptr,
     SR index of element (r, c): ridx[r] * cstride + cidx[c] (cstride one value or per column);
     key and the NVFP4 factors: one value, per row or per column (a grouped operand's groups).
     """
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    # int64 offsets: an operand (or a transposed view's strides) may span more than 2^31 elements
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1).to(tl.int64) * BK + tl.arange(0, BK)
     t = _load_tile(x_ptr, rows, cols, R, K, stride_r, stride_k)
     if N > 1:
         t = rotate_rows(t, tl.load(signs_ptr + tl.arange(0, N)), BR, BK, N, LOG2N, RSCALE)
@@ -238,11 +241,11 @@ def quantize_rows_kernel(x_ptr, out_ptr, R, K, stride_r, stride_k, signs_ptr,
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
     if PACKED:  # two codes per byte (element 2i low nibble) and the blocks' scales
         lo, hi = tl.split(tl.reshape(code, (BR, BK // 2, 2)))
-        pcols = tl.program_id(1) * (BK // 2) + tl.arange(0, BK // 2)
+        pcols = tl.program_id(1).to(tl.int64) * (BK // 2) + tl.arange(0, BK // 2)
         tl.store(codes_ptr + rows[:, None] * (K // 2) + pcols[None, :], (lo | (hi << 4)).to(tl.uint8),
                  mask=(rows[:, None] < R) & (pcols[None, :] < K // 2))
-        srows = tl.program_id(0) * (BR // RB) + tl.arange(0, BR // RB)
-        scols = tl.program_id(1) * (BK // QB) + tl.arange(0, BK // QB)
+        srows = tl.program_id(0).to(tl.int64) * (BR // RB) + tl.arange(0, BR // RB)
+        scols = tl.program_id(1).to(tl.int64) * (BK // QB) + tl.arange(0, BK // QB)
         tl.store(scales_ptr + srows[:, None] * (K // QB) + scols[None, :], stored,
                  mask=(srows[:, None] < R // RB) & (scols[None, :] < K // QB))
 
@@ -253,8 +256,9 @@ def tensor_amax_kernel(x_ptr, part_ptr, R, K, stride_r, stride_k, signs_ptr,
                        N: tl.constexpr, LOG2N: tl.constexpr, RSCALE: tl.constexpr):
     """NVFP4's pre-pass: each program's max over its finite blocks' amaxes (rotated first), into
     ``part[program]``; the host takes the max of the parts (exact, in any order)."""
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    # int64 offsets: an operand (or a transposed view's strides) may span more than 2^31 elements
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1).to(tl.int64) * BK + tl.arange(0, BK)
     t = _load_tile(x_ptr, rows, cols, R, K, stride_r, stride_k)
     if N > 1:
         t = rotate_rows(t, tl.load(signs_ptr + tl.arange(0, N)), BR, BK, N, LOG2N, RSCALE)
@@ -278,8 +282,9 @@ def quantize_rowcol_kernel(x_ptr, row_ptr, col_ptr, R, K, stride_r, stride_k,
     quantize-transpose does: row[R, K] = x blocked along K (operand 1) and col[K, R] = x^T
     blocked along R (operand 2, e.g. dY for Dgrad and dY^T for Wgrad), each with its own
     format, RHT, rounding, SR key / indices and NVFP4 factors (one value each)."""
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    # int64 offsets: an operand (or a transposed view's strides) may span more than 2^31 elements
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1).to(tl.int64) * BK + tl.arange(0, BK)
     t = _load_tile(x_ptr, rows, cols, R, K, stride_r, stride_k)
     mask = (rows[:, None] < R) & (cols[None, :] < K)
     # operand 1: the tile as loaded

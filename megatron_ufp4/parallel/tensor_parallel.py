@@ -234,12 +234,6 @@ class ColumnParallelLinear(_TensorParallelLinear):
                              "cat_rows")
         return None  # no stochastic rounding on the split operand: indices do not matter
 
-    def _gemm(self, gemm, a, b, position):
-        return self.gemms.run(gemm, a, b, position, self._split(gemm))
-
-    def _gemm_pair(self, first, second, position):
-        return self.gemms.run_pair(first, second, position, (self._split(first[0]), self._split(second[0])))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
         return gather_from_tp(y, self.tp_group) if self.gather_output else y
