@@ -268,6 +268,26 @@ def tensor_amax_kernel(x_ptr, part_ptr, R, K, stride_r, stride_k, signs_ptr,
 
 
 @triton.jit
+def _pair_operand(t, rows, cols, R, K, signs_ptr, key_ptr, ridx_ptr, cidx_ptr, cstride_ptr, bscale_ptr, gdec_ptr,
+                  BR: tl.constexpr, BK: tl.constexpr, QB: tl.constexpr, RB: tl.constexpr, SCALE: tl.constexpr,
+                  GRID: tl.constexpr, GMAX: tl.constexpr, EMAX: tl.constexpr, SR: tl.constexpr, N: tl.constexpr,
+                  LOG2N: tl.constexpr, RSCALE: tl.constexpr, OUT_BF16: tl.constexpr):
+    """One operand of the pair kernel: the (BR, BK) tile ``t`` holds rows ``rows`` (< R) and columns
+    ``cols`` (< K) of that operand, blocked along its columns; returns the values to store."""
+    if N > 1:
+        t = rotate_rows(t, tl.load(signs_ptr + tl.arange(0, N)), BR, BK, N, LOG2N, RSCALE)
+    idx = 0
+    if SR:
+        idx = (tl.load(ridx_ptr + rows, mask=rows < R, other=0)[:, None] * tl.load(cstride_ptr)
+               + tl.load(cidx_ptr + cols, mask=cols < K, other=0)[None, :])
+    q, _, _ = quantize_tile(t, idx, tl.load(key_ptr), tl.load(bscale_ptr), tl.load(gdec_ptr),
+                            BR, BK, QB, RB, SCALE, GRID, GMAX, EMAX, SR)
+    if OUT_BF16:
+        q = _round_to_bf16(q).to(tl.bfloat16)
+    return q
+
+
+@triton.jit
 def quantize_rowcol_kernel(x_ptr, row_ptr, col_ptr, R, K, stride_r, stride_k,
                            signs1_ptr, key1_ptr, ridx1_ptr, cidx1_ptr, cstride1_ptr, bscale1_ptr, gdec1_ptr,
                            signs2_ptr, key2_ptr, ridx2_ptr, cidx2_ptr, cstride2_ptr, bscale2_ptr, gdec2_ptr,
@@ -287,29 +307,11 @@ def quantize_rowcol_kernel(x_ptr, row_ptr, col_ptr, R, K, stride_r, stride_k,
     cols = tl.program_id(1).to(tl.int64) * BK + tl.arange(0, BK)
     t = _load_tile(x_ptr, rows, cols, R, K, stride_r, stride_k)
     mask = (rows[:, None] < R) & (cols[None, :] < K)
-    # operand 1: the tile as loaded
-    t1 = t
-    if N1 > 1:
-        t1 = rotate_rows(t1, tl.load(signs1_ptr + tl.arange(0, N1)), BR, BK, N1, LOG2N1, RSCALE1)
-    idx1 = 0
-    if SR1:
-        idx1 = (tl.load(ridx1_ptr + rows, mask=rows < R, other=0)[:, None] * tl.load(cstride1_ptr)
-                + tl.load(cidx1_ptr + cols, mask=cols < K, other=0)[None, :])
-    q1, _, _ = quantize_tile(t1, idx1, tl.load(key1_ptr), tl.load(bscale1_ptr), tl.load(gdec1_ptr),
-                             BR, BK, QB1, RB1, SCALE1, GRID1, GMAX1, EMAX1, SR1)
-    if OUT_BF16:
-        q1 = _round_to_bf16(q1).to(tl.bfloat16)
+    q1 = _pair_operand(t, rows, cols, R, K, signs1_ptr, key1_ptr, ridx1_ptr, cidx1_ptr, cstride1_ptr, bscale1_ptr,
+                       gdec1_ptr, BR, BK, QB1, RB1, SCALE1, GRID1, GMAX1, EMAX1, SR1, N1, LOG2N1, RSCALE1, OUT_BF16)
     tl.store(row_ptr + rows[:, None] * K + cols[None, :], q1, mask=mask)
     # operand 2: the transposed tile, blocked along the rows of x
-    t2 = tl.trans(t)
-    if N2 > 1:
-        t2 = rotate_rows(t2, tl.load(signs2_ptr + tl.arange(0, N2)), BK, BR, N2, LOG2N2, RSCALE2)
-    idx2 = 0
-    if SR2:
-        idx2 = (tl.load(ridx2_ptr + cols, mask=cols < K, other=0)[:, None] * tl.load(cstride2_ptr)
-                + tl.load(cidx2_ptr + rows, mask=rows < R, other=0)[None, :])
-    q2, _, _ = quantize_tile(t2, idx2, tl.load(key2_ptr), tl.load(bscale2_ptr), tl.load(gdec2_ptr),
-                             BK, BR, QB2, RB2, SCALE2, GRID2, GMAX2, EMAX2, SR2)
-    if OUT_BF16:
-        q2 = _round_to_bf16(q2).to(tl.bfloat16)
+    q2 = _pair_operand(tl.trans(t), cols, rows, K, R, signs2_ptr, key2_ptr, ridx2_ptr, cidx2_ptr, cstride2_ptr,
+                       bscale2_ptr, gdec2_ptr, BK, BR, QB2, RB2, SCALE2, GRID2, GMAX2, EMAX2, SR2, N2, LOG2N2, RSCALE2,
+                       OUT_BF16)
     tl.store(col_ptr + cols[:, None] * R + rows[None, :], q2, mask=tl.trans(mask))
