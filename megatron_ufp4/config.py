@@ -66,6 +66,11 @@ class TrainingConfig:
     device: str = "auto"  # auto (cuda:LOCAL_RANK when CUDA exists, else cpu) | cpu | cuda | cuda:N
     eval_interval: int = 50
     eval_iters: int = 10
+    # fixed validation windows (seq_len tokens each, the val split's first ones) per evaluation;
+    # null: eval_iters x micro_batch_size.  Logged with the per-window standard error
+    eval_windows: int | None = None
+    sr_seed: int | None = None  # base of the stochastic-rounding draws; null: training.seed (init and data order)
+    cpu_threads: int = 0  # torch intra-op threads; 0: the usable cores / the processes on this node
     max_consecutive_nonfinite: int = 5  # abort after this many skipped steps in a row
     resume: str = "auto"  # auto (latest checkpoint in run_dir) | none | <checkpoint path>
     overwrite: bool = False  # start afresh in a run_dir holding another run: move that run aside (never deleted)
@@ -86,6 +91,7 @@ class LoggingConfig:
     wandb_project: str = "megatron_ufp4"
     wandb_mode: str = "offline"  # offline needs no account
     tensorboard: bool = False
+    peak_tflops: float | None = None  # MFU denominator per process; null: a matmul measured at start-up
 
 
 @dataclass
@@ -156,6 +162,10 @@ class RunConfig:
             ("training.micro_batch_size", t.micro_batch_size, t.micro_batch_size >= 1, ">= 1"),
             ("training.global_batch_size", t.global_batch_size, t.global_batch_size >= 1, ">= 1"),
             ("training.eval_interval", t.eval_interval, t.eval_interval >= 0, ">= 0 (0: no evaluation)"),
+            ("training.eval_windows", t.eval_windows, t.eval_windows is None or t.eval_windows >= 1,
+             "null or >= 1"),
+            ("training.sr_seed", t.sr_seed, t.sr_seed is None or 0 <= t.sr_seed < 2 ** 63, "null or in [0, 2^63)"),
+            ("training.cpu_threads", t.cpu_threads, t.cpu_threads >= 0, ">= 0 (0: automatic)"),
             ("training.eval_iters", t.eval_iters, t.eval_iters >= (1 if t.eval_interval > 0 else 0),
              ">= 1 when training.eval_interval > 0" if t.eval_interval > 0 else ">= 0"),
             ("training.max_consecutive_nonfinite", t.max_consecutive_nonfinite, t.max_consecutive_nonfinite >= 1,
@@ -213,6 +223,7 @@ _FLOAT_RULES = {
     "schedule.min_lr_ratio": ("in [0, 1]", lambda v: 0 <= v <= 1),
     "schedule.decay_fraction": ("in (0, 1]", lambda v: 0 < v <= 1),
     "parallel.timeout_s": ("> 0", lambda v: v > 0),
+    "logging.peak_tflops": ("> 0", lambda v: v > 0),
 }
 
 

@@ -1,50 +1,96 @@
-"""Validation loss and perplexity of a checkpoint.
+"""Validation loss of a checkpoint on fixed windows, with its standard error.
 
-    python -m megatron_ufp4.eval runs/tiny_dense [--iters 20] [--data-prefix data/shakespeare] [--device cuda]
+    python -m megatron_ufp4.eval runs/tiny_dense [--windows 256] [--backend fused] [--json out.json]
+
+The windows are the first ``--windows`` ``seq_len``-token windows of the validation split,
+in stream order, so every checkpoint of the same data and ``seq_len`` is scored on the same
+text.  ``--json`` writes the per-window losses too (a study pairs them across runs).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import sys
+from pathlib import Path
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="megatron-ufp4-eval", description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", help="checkpoint directory (step_*) or run directory (latest checkpoint)")
-    ap.add_argument("--iters", type=int, default=None, help="validation micro-batches (default: training.eval_iters)")
+    ap.add_argument("--windows", type=int, default=None,
+                    help="validation windows (default: the run's training.eval_windows, else eval_iters x "
+                         "micro_batch_size)")
+    ap.add_argument("--iters", type=int, default=None, help="validation micro-batches (--windows = iters x batch)")
+    ap.add_argument("--batch-size", type=int, default=None, help="windows per forward (default: micro_batch_size)")
     ap.add_argument("--data-prefix", default=None, help="prepared dataset prefix (default: the run's data.prefix)")
+    ap.add_argument("--backend", default=None, help="FP4 GEMM backend to evaluate with (default: the run's)")
     ap.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: the usable cores)")
+    ap.add_argument("--json", default=None, help="write the result and the per-window losses to this file")
     args = ap.parse_args(argv)
-    if args.iters is not None and args.iters < 1:  # checked before any checkpoint is read
-        print(f"error: --iters must be >= 1 (got {args.iters})", file=sys.stderr)
+    for name in ("windows", "iters", "batch_size"):  # checked before any checkpoint is read
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            print(f"error: --{name.replace('_', '-')} must be >= 1 (got {v})", file=sys.stderr)
+            return 2
+    if args.threads < 0:
+        print(f"error: --threads must be >= 0 (got {args.threads})", file=sys.stderr)
         return 2
 
     import torch
 
     from .config import ConfigError
     from .training.checkpoint import CheckpointError
-    from .training.inference import load_trained_model
-    from .training.run_setup import resolve_device
-    from .training.trainer import evaluate_loss, validation_dataset
+    from .training.evaluation import eval_window_count, summarize, window_losses
+    from .training.inference import load_trained_model, resolve_checkpoint
+    from .training.run_info import precision_label
+    from .training.run_setup import check_backend_device, configure_threads, resolve_device, validation_dataset
 
     try:
+        configure_threads(args.threads)
         device = resolve_device(args.device, field="--device")
-        model, cfg, step = load_trained_model(args.checkpoint, device)
+        if args.backend is not None:
+            check_backend_device(args.backend, device)
+        ckpt = resolve_checkpoint(args.checkpoint)
+        model, cfg, step = load_trained_model(ckpt, device, backend=args.backend)
         if args.data_prefix:
             cfg.data.prefix = args.data_prefix
-        if args.iters is not None:
-            cfg.training.eval_iters = args.iters
-        if cfg.training.eval_iters < 1:
-            raise ValueError(f"the run has training.eval_iters={cfg.training.eval_iters}; pass --iters N (N >= 1)")
+        batch = args.batch_size or cfg.training.micro_batch_size
+        ds = validation_dataset(cfg)
+        if args.windows is not None:
+            windows = min(args.windows, len(ds))
+        elif args.iters is not None:
+            windows = min(args.iters * batch, len(ds))
+        else:
+            windows = eval_window_count(cfg, len(ds))
+        if windows < 1:
+            raise ValueError(f"the run evaluates no windows (training.eval_iters={cfg.training.eval_iters}); "
+                             "pass --windows N (N >= 1)")
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.training.dtype == "bf16")
-        loss = evaluate_loss(model, validation_dataset(cfg), cfg.training.micro_batch_size,
-                             cfg.training.eval_iters, autocast)
+        losses = window_losses(model, ds, windows, batch, autocast)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"step {step}: validation loss {loss:.4f}, perplexity {math.exp(min(loss, 50)):.2f} "
-          f"({cfg.training.eval_iters} x {cfg.training.micro_batch_size} samples of {cfg.data.seq_len} tokens)")
+    res = summarize(losses)
+    recipe, backend = cfg.build_recipe()
+    se = f" ± {res['se']:.4f}" if math.isfinite(res["se"]) else ""
+    print(f"step {step}: validation loss {res['loss']:.4f}{se}, perplexity {math.exp(min(res['loss'], 50)):.2f} "
+          f"({res['windows']} windows of {cfg.data.seq_len} tokens; {precision_label(recipe, cfg.training.dtype)} "
+          f"on {backend})")
+    if args.json:
+        out = {"checkpoint": str(ckpt), "step": step, **res, "seq_len": cfg.data.seq_len, "data_prefix":
+               cfg.data.prefix, "backend": backend, "label": precision_label(recipe, cfg.training.dtype),
+               "window_losses": losses.tolist()}
+        path = Path(args.json)
+        try:
+            tmp = path.with_name(path.name + ".tmp")  # atomic: a reader never sees half a file
+            tmp.write_text(json.dumps(out) + "\n")
+            os.replace(tmp, path)
+        except OSError as e:
+            print(f"error: --json {path}: {e.strerror or e}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -53,6 +53,8 @@ def _main(argv=None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
+        from .training.run_setup import configure_threads
+        configure_threads(cfg.training.cpu_threads)  # before any tensor work
         if int(os.environ.get("RANK", "0")) == 0:
             print("resolved config:\n" + dump_config(cfg))
         if distributed_launch():

@@ -402,9 +402,9 @@ def test_eval_cli_matches_trainer_evaluate(cli_runs, trained_run, tiny_cfg, tmp_
     cfg = tiny_cfg("tiny_dense", tmp_path, "recipe.name=ufp4", "training.train_steps=4", "checkpoint.interval=0")
     trainer = Trainer(cfg, console=quiet)
     assert trainer.step == 2
-    want = trainer.evaluate()
-    assert f"step 2: validation loss {want:.4f}," in out, out  # the CLI prints 4 decimals
-    printed = float(out.split("validation loss ")[1].split(",")[0])
+    want = trainer.evaluate()["loss"]
+    assert f"step 2: validation loss {want:.4f} ± " in out, out  # the CLI prints 4 decimals
+    printed = float(out.split("validation loss ")[1].split(" ")[0])
     assert abs(printed - want) <= 5e-5 + 1e-9
     # the CLI's own computation path, to full precision
     model, ckpt_cfg, step = load_trained_model(run_dir)

@@ -69,7 +69,7 @@ def _train_ranks(rank, world, prefix, run_dir, extra, exit_after):
         if exit_after and trainer.step >= exit_after:
             trainer.save()
             break
-    val = trainer.evaluate()
+    val = trainer.evaluate()["loss"]
     return [r["loss"] for r in records], [r["grad_norm"] for r in records], val
 
 
@@ -77,7 +77,7 @@ def _single(prefix, run_dir, extra):
     from megatron_ufp4.training.trainer import Trainer
     t = Trainer(_cfg(prefix, run_dir, _single_extra(extra)), console=lambda *a: None)
     recs = [t.train_step() for _ in range(t.cfg.training.train_steps)]
-    return [r["loss"] for r in recs], [r["grad_norm"] for r in recs], t.evaluate()
+    return [r["loss"] for r in recs], [r["grad_norm"] for r in recs], t.evaluate()["loss"]
 
 
 def _teacher_forced_ranks(rank, world, prefix, run_dir, extra, also_bf16):

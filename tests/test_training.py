@@ -210,9 +210,10 @@ def test_loss_decreases_bf16_and_ufp4(tiny_cfg, tmp_path):
                        "training.eval_interval=0", "training.eval_iters=4", "checkpoint.interval=0",
                        "checkpoint.save_final=false")
         trainer = Trainer(cfg, console=quiet)
-        val_before = trainer.evaluate()
+        val_before = trainer.evaluate()["loss"]
         losses = [trainer.train_step()["loss"] for _ in range(steps)]
-        out[recipe] = dict(losses=losses, last=sum(losses[-5:]) / 5, val_before=val_before, val=trainer.evaluate())
+        out[recipe] = dict(losses=losses, last=sum(losses[-5:]) / 5, val_before=val_before,
+                           val=trainer.evaluate()["loss"])
     for recipe, r in out.items():
         first = r["losses"][0]
         assert first == pytest.approx(math.log(512), abs=0.15), recipe  # uniform over the vocabulary

@@ -163,6 +163,18 @@ class Recipe:
         last = round(self.bf16_last * n) if isinstance(self.bf16_last, float) else self.bf16_last
         return layer < first or layer >= n - last
 
+    def label(self) -> str:
+        """What runs, in a few characters: the preset's name when the recipe is exactly that
+        preset, else the name with every overridden key, e.g. ``ufp4[format=e2m1]``, so an
+        overridden preset is never reported as the preset itself."""
+        base = PRESETS.get(self.name)
+        if base is not None and self == Recipe.preset(self.name):
+            return self.name
+        flat_base = _flatten(base or {})
+        changed = [f"{k}={_short(v)}" for k, v in _flatten(self.spec).items()
+                   if k != "name" and flat_base.get(k, _MISSING) != v]
+        return f"{self.name}[{'; '.join(changed)}]" if changed else self.name
+
     def table(self) -> str:
         bf16 = []
         if self.bf16_first:
@@ -182,6 +194,26 @@ class Recipe:
         return "\n".join(lines)
 
     __str__ = table
+
+
+_MISSING = object()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """``{"w": {"block_2d": True}}`` -> ``{"w.block_2d": True}``."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _short(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v)) or "none"
+    return "none" if v is None else str(v)
 
 
 def _merge(base: dict, over: dict) -> dict:

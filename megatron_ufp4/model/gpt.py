@@ -98,13 +98,15 @@ class GPTModel(nn.Module):
 
     ce_chunk_tokens = DEFAULT_CE_CHUNK_TOKENS  # tokens per chunk of the chunked cross entropy (forward(labels=))
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
+                reduction: str = "mean") -> torch.Tensor:
         """tokens (B, T) int64 -> logits (B, T, vocab) float32; with ``labels`` (B, T): the
-        mean cross entropy instead, through ``head_loss`` (the full logits never exist)."""
+        cross entropy instead, through ``head_loss`` (the full logits never exist), reduced
+        as ``reduction`` says ("mean"; "none": per-token losses (B, T), what evaluation uses)."""
         h = self.hidden_states(tokens)
         if self.head is None:
             return h
-        return self.head(h).float() if labels is None else self.head_loss(h, labels)
+        return self.head(h).float() if labels is None else self.head_loss(h, labels, reduction)
 
     def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
         """Everything before the head: embedding, this model's layers, the final norm (those
@@ -114,7 +116,7 @@ class GPTModel(nn.Module):
             h = layer(h)
         return self.norm(h) if self.norm is not None else h
 
-    def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """``lm_loss(self.head(hidden).float(), labels)`` from the final-norm output, chunked
         over tokens (``chunked_cross_entropy``, ``ce_chunk_tokens`` a chunk): a head with a
         ``chunked_loss(hidden, labels, chunk_tokens)`` method (the vocabulary-parallel one)
@@ -122,10 +124,11 @@ class GPTModel(nn.Module):
         head falls back to the full logits."""
         chunked = getattr(self.head, "chunked_loss", None)
         if chunked is not None:
-            return chunked(hidden, labels, chunk_tokens=self.ce_chunk_tokens)
+            return chunked(hidden, labels, chunk_tokens=self.ce_chunk_tokens, reduction=reduction)
         if type(self.head) is nn.Linear and self.head.bias is None:
-            return chunked_lm_loss(hidden, self.head.weight, labels, chunk_tokens=self.ce_chunk_tokens)
-        return lm_loss(self.head(hidden).float(), labels)
+            return chunked_cross_entropy(hidden, self.head.weight, labels, chunk_tokens=self.ce_chunk_tokens,
+                                         reduction=reduction)
+        return lm_loss(self.head(hidden).float(), labels, reduction)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -182,11 +185,12 @@ class GPTModel(nn.Module):
             m.load_accum.zero_()
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy of one micro-batch, in FP32 (labels -100 ignored).
-    Needs the full logits; ``chunked_lm_loss`` computes the same from the hidden states and
-    the head weight without them."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross entropy of one micro-batch in FP32 (labels -100 ignored): the mean,
+    or with ``reduction="none"`` the per-token losses (B, T).  Needs the full logits;
+    ``chunked_lm_loss`` computes the same from the hidden states and the head weight without them."""
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction=reduction)
+    return loss.view(labels.shape) if reduction == "none" else loss
 
 
 # -- chunked cross entropy: head GEMM + softmax cross entropy, a chunk of tokens at a time ----

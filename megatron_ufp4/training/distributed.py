@@ -40,8 +40,10 @@ from .metrics import MetricsLogger, measured_peak_flops
 from .schedule import lr_at
 from .errors import is_comm_failure
 from .run_dir import RunDirLock, check_fresh_start, clean_leftovers, make_run_dir
-from .run_setup import (check_backend_device, local_rank, make_batch, resolve_device, seed_everything, train_dataset,
-                        validation_dataset)
+from .evaluation import eval_window_count
+from .run_info import write_run_info
+from .run_setup import (check_backend_device, local_rank, make_batch, resolve_device,
+                        seed_everything, sr_base_seed, train_dataset, validation_dataset)
 
 
 class CollectiveFailure(RuntimeError):
@@ -93,7 +95,8 @@ class DistributedTrainer(TrainingLoop):
 
         seed_everything(t.seed)
         self.recipe, backend = cfg.build_recipe()
-        factory = ParallelLinearFactory(self.recipe, cfg.model.num_layers, st, backend=backend, seed=t.seed)
+        factory = ParallelLinearFactory(self.recipe, cfg.model.num_layers, st, backend=backend,
+                                        seed=sr_base_seed(cfg))
         # only this rank's shard is ever allocated; values equal the single-process init
         self.stages = build_rank_chunks(cfg.model, factory, st, init_seed=t.seed, device=self.device,
                                         dispatcher=par.expert_dispatcher, first_stage_layers=par.first_stage_layers,
@@ -113,11 +116,14 @@ class DistributedTrainer(TrainingLoop):
         self.val_ds = validation_dataset(cfg)
         self.step, self.skipped_total, self.consecutive_nonfinite = 0, 0, 0
         self._resume(resume_from)
+        if self.step == 0 and st.rank == 0:  # parameters are sharded: only the data order is fingerprinted
+            write_run_info(self.run_dir, cfg, self.recipe, None, self.train_ds, torch.get_num_threads())
         c = cfg.logging
         self.logger = MetricsLogger(self.run_dir, cfg.to_dict(), c.wandb and st.rank == 0, c.wandb_project,
                                     c.wandb_mode, c.tensorboard and st.rank == 0, self.step, self.console) \
             if st.rank == 0 else None
-        self.peak_flops = measured_peak_flops(self.device) * st.world_size
+        peak = c.peak_tflops * 1e12 if c.peak_tflops else measured_peak_flops(self.device)
+        self.peak_flops = peak * st.world_size
         self.flops_per_token = flops_per_token(cfg)
         self.console(f"{st.world_size} ranks: tensor {st.tp} x pipeline {st.pp} (virtual {st.vpp}) x data {st.dp} "
                      f"(expert {st.ep}); {self.num_micro} micro-batches of {t.micro_batch_size} per rank per step")
@@ -207,13 +213,13 @@ class DistributedTrainer(TrainingLoop):
 
     @guarded("evaluation")
     @torch.no_grad()
-    def evaluate(self) -> float:
-        t = self.cfg.training
+    def evaluate(self) -> dict:
+        """``{"loss", "windows"}``: the mean over whole rounds of the first validation windows
+        (every round evaluates one local batch on each data-parallel rank).  No per-window
+        standard error here (each rank sees batch means); ``megatron_ufp4.eval`` gives it."""
         self.phase = f"evaluation after step {self.step}"
-        # the single-process trainer evaluates eval_iters x micro_batch_size samples; here every
-        # round evaluates one local batch on each data-parallel rank
         per_round = self.local_batch * self.state.dp
-        n = max(1, min(t.eval_iters * t.micro_batch_size, len(self.val_ds)) // per_round)
+        n = max(1, eval_window_count(self.cfg, len(self.val_ds)) // per_round)
         self.runner.eval()
         total = torch.zeros((), device=self.device)
         for i in range(n):
@@ -221,7 +227,7 @@ class DistributedTrainer(TrainingLoop):
             total += self.runner.evaluate(tokens if self.state.is_first_stage else None,
                                           labels if self.state.is_last_stage else None)
         self.runner.train()
-        return float(self._dp_mean(total / n))
+        return {"loss": float(self._dp_mean(total / n)), "windows": n * per_round}
 
     @guarded("the MoE load all-reduce")
     def moe_stats(self) -> dict:

@@ -8,6 +8,7 @@ import torch
 from ..config import RunConfig, config_from_saved
 from ..model import GPTModel, LinearFactory
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from .run_setup import sr_base_seed
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -21,12 +22,19 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return latest
 
 
-def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPTModel, RunConfig, int]:
+def load_trained_model(path: str | Path, device: str | torch.device = "cpu",
+                       backend: str | None = None) -> tuple[GPTModel, RunConfig, int]:
+    """The checkpoint's model in eval mode, its config and step.  ``backend`` runs its FP4
+    GEMMs on another registered backend than the one it trained with (``cfg.gemm.backend``
+    is set to it)."""
     ckpt = resolve_checkpoint(path)
     state = load_checkpoint(ckpt)
     cfg = config_from_saved(state["config"])
+    if backend is not None:
+        cfg.gemm.backend = backend
+        cfg.validate()
     recipe, backend = cfg.build_recipe()
-    factory = LinearFactory(recipe, num_layers=cfg.model.num_layers, backend=backend, seed=cfg.training.seed)
+    factory = LinearFactory(recipe, num_layers=cfg.model.num_layers, backend=backend, seed=sr_base_seed(cfg))
     with torch.device(device):
         model = GPTModel(cfg.model, factory, init_seed=cfg.training.seed)  # overwritten by the checkpoint
     model.load_state_dict(state["model"])

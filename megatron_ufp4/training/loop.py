@@ -2,7 +2,8 @@
 
 A trainer provides ``cfg``, ``step``, ``skipped_total``, ``consecutive_nonfinite``,
 ``console``, ``logger`` (None on ranks that do not log), ``flops_per_token``, ``peak_flops``
-and the methods ``train_step() -> record``, ``evaluate() -> loss``, ``moe_stats() -> dict``,
+and the methods ``train_step() -> record``, ``evaluate() -> {"loss", "windows"[, "se"]}``,
+``moe_stats() -> dict``,
 ``save() -> path`` and ``agree_to_stop(local: bool) -> bool`` (every rank's answer is True
 if any rank's ``local`` is).
 
@@ -124,16 +125,23 @@ class TrainingLoop:
     def _train(self, exit_after: int | None, signals: StopSignals) -> dict:
         t, cfg = self.cfg.training, self.cfg
         tokens_per_step = t.global_batch_size * cfg.data.seq_len
+        clip = cfg.optimizer.grad_clip
         result = {"step": self.step}
-        t_last, steps_since = time.perf_counter(), 0
+        t_last, steps_since, clipped_since = time.perf_counter(), 0, 0
         t_start, start_step = t_last, self.step
         skipped_before = self.skipped_total
         while self.step < t.train_steps:
+            t_step = time.perf_counter()
             rec = self.train_step()
             steps_since += 1
             now = time.perf_counter()
-            rec["tokens_per_s"] = tokens_per_step * steps_since / max(now - t_last, 1e-9)
+            # this step's own rate (the finite check synced the device): a study takes medians of
+            # these; the progress line shows the mean since the previous line
+            rec["step_time_s"] = now - t_step
+            rec["tokens_per_s"] = tokens_per_step / max(now - t_step, 1e-9)
             rec["mfu"] = rec["tokens_per_s"] * self.flops_per_token / self.peak_flops
+            rec["clipped"] = int(clip > 0 and math.isfinite(rec["grad_norm"]) and rec["grad_norm"] > clip)
+            clipped_since += rec["clipped"]
             aborting = self.consecutive_nonfinite >= t.max_consecutive_nonfinite
             log_now = self.step % cfg.logging.interval == 0 or self.step == t.train_steps or aborting
             if log_now and cfg.model.num_experts:
@@ -141,8 +149,11 @@ class TrainingLoop:
             if log_now:
                 if self.logger is not None:
                     eta = (now - t_start) / (self.step - start_step) * (t.train_steps - self.step)
-                    self.logger.progress(rec, t.train_steps, eta)
-                t_last, steps_since = now, 0
+                    rate = tokens_per_step * steps_since / max(now - t_last, 1e-9)
+                    self.logger.progress({**rec, "tokens_per_s": rate, "mfu": rate * self.flops_per_token /
+                                          self.peak_flops, "clipped_since": clipped_since, "steps_since": steps_since},
+                                         t.train_steps, eta)
+                t_last, steps_since, clipped_since = now, 0, 0
             if aborting:  # the record of the step that triggers the stop is kept
                 if self.logger is not None:
                     self.logger.log(_json_safe(rec))
@@ -150,10 +161,14 @@ class TrainingLoop:
                                       f"row (last: step {self.step}); stopping. Lower optimizer.lr or try another "
                                       "recipe")
             if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.train_steps):
-                rec["val_loss"] = self.evaluate()
+                val = self.evaluate()
+                rec["val_loss"], rec["val_windows"] = val["loss"], val["windows"]
+                if "se" in val:
+                    rec["val_loss_se"] = val["se"]
                 rec["val_ppl"] = math.exp(min(rec["val_loss"], 50))
-                self.console(f"step {self.step:>6} | validation loss {rec['val_loss']:.4f} | "
-                             f"perplexity {rec['val_ppl']:.2f}")
+                se = f" ± {val['se']:.4f}" if math.isfinite(val.get("se", math.nan)) else ""
+                self.console(f"step {self.step:>6} | validation loss {rec['val_loss']:.4f}{se} "
+                             f"({val['windows']} windows) | perplexity {rec['val_ppl']:.2f}")
             if self.logger is not None:
                 self.logger.log(_json_safe(rec))
             result = rec

@@ -85,6 +85,8 @@ class MetricsLogger:
     def progress(self, r: dict, total_steps: int, eta_s: float) -> None:
         mfu = f" | MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
         skipped = f" | skipped {r['skipped_total']}" if r.get("skipped_total") else ""
+        if r.get("clipped_since"):
+            skipped += f" | clipped {r['clipped_since']}/{r['steps_since']}"
         self.console(f"step {r['step']:>6}/{total_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
                      f"grad {r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s{mfu} | "
                      f"ETA {format_eta(eta_s)}{skipped}")

@@ -63,6 +63,32 @@ def check_backend_device(backend: str, device: torch.device) -> None:
         raise ValueError(f"gemm.backend={backend} (training.device={device}): {e}") from None
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask; all cores where there is none)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def configure_threads(requested: int = 0) -> int:
+    """Set torch's intra-op thread count and return it.  ``requested`` > 0 is used as given;
+    0 respects ``OMP_NUM_THREADS`` when set, else splits the usable cores between the
+    processes torchrun started on this node (``LOCAL_WORLD_SIZE``): more threads than cores
+    makes processes preempt each other mid-GEMM, several times slower on a small box."""
+    if requested <= 0:
+        if os.environ.get("OMP_NUM_THREADS", "").strip():
+            return torch.get_num_threads()
+        requested = max(1, usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    torch.set_num_threads(requested)
+    return requested
+
+
+def sr_base_seed(cfg: RunConfig) -> int:
+    """The base of every module's stochastic-rounding seed: ``training.sr_seed``, else ``training.seed``."""
+    t = cfg.training
+    return t.sr_seed if t.sr_seed is not None else t.seed
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -20,27 +20,16 @@ from .loop import TrainingAborted, TrainingLoop, flops_per_token  # noqa: F401 (
 from .metrics import MetricsLogger, measured_peak_flops
 from .run_dir import RunDirLock, check_fresh_start, clean_leftovers, make_run_dir
 from .optim import build_optimizer, clip_grad_norm
-from .run_setup import (check_backend_device, local_rank, make_batch, resolve_device, seed_everything,  # noqa: F401
-                        train_dataset, validation_dataset)
+from .evaluation import eval_window_count, summarize, window_losses
+from .run_info import write_run_info
+from .run_setup import (check_backend_device, local_rank, make_batch,  # noqa: F401
+                        resolve_device, seed_everything, sr_base_seed, train_dataset, validation_dataset)
 from .schedule import lr_at
 
 
-@torch.no_grad()
 def evaluate_loss(model, ds: GPTDataset, batch_size: int, iters: int, autocast) -> float:
     """Mean next-token loss over the first ``iters`` micro-batches of ``ds``."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    n = min(iters * batch_size, len(ds))
-    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
-    for s in range(0, n, batch_size):
-        tokens, labels = make_batch(ds, range(s, min(n, s + batch_size)), device)
-        with autocast:
-            loss = micro_batch_loss(model, tokens, labels)
-        total += loss.double() * tokens.shape[0]  # float64, as Python floats add: one sync at the end
-        count += tokens.shape[0]
-    model.train(was_training)
-    return float(total) / max(count, 1)
+    return summarize(window_losses(model, ds, iters * batch_size, batch_size, autocast))["loss"]
 
 
 def micro_batch_loss(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -65,7 +54,8 @@ class Trainer(TrainingLoop):
         check_fresh_start(self.run_dir, t.resume, resume_from, t.overwrite, console)
         seed_everything(t.seed)
         self.recipe, backend = cfg.build_recipe()
-        factory = LinearFactory(self.recipe, num_layers=cfg.model.num_layers, backend=backend, seed=t.seed)
+        factory = LinearFactory(self.recipe, num_layers=cfg.model.num_layers, backend=backend,
+                                seed=sr_base_seed(cfg))
         with torch.device(self.device):
             self.model = GPTModel(cfg.model, factory, init_seed=t.seed)
         self.optimizer = build_optimizer(self.model, cfg.optimizer.lr, cfg.optimizer.weight_decay,
@@ -78,11 +68,14 @@ class Trainer(TrainingLoop):
         self.consecutive_nonfinite = 0
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.dtype == "bf16")
         self._resume(resume_from)
+        if self.step == 0:  # the initial weights and the data order, for a study to compare its arms
+            write_run_info(self.run_dir, cfg, self.recipe, self.model.named_parameters(), self.train_ds,
+                           torch.get_num_threads())
         c = cfg.logging
         self.logger = MetricsLogger(self.run_dir, cfg.to_dict(), c.wandb, c.wandb_project, c.wandb_mode,
                                     c.tensorboard, self.step, console)
         self.flops_per_token = flops_per_token(cfg)
-        self.peak_flops = measured_peak_flops(self.device)
+        self.peak_flops = c.peak_tflops * 1e12 if c.peak_tflops else measured_peak_flops(self.device)
 
     # -- data ---------------------------------------------------------------------------
     def _build_data(self) -> None:
@@ -119,9 +112,11 @@ class Trainer(TrainingLoop):
         return self.finish_step(loss_sum, grad_norm, lr, apply_update, self.model.discard_expert_loads,
                                 lambda: self.optimizer.zero_grad(set_to_none=True))
 
-    def evaluate(self) -> float:
-        t = self.cfg.training
-        return evaluate_loss(self.model, self.val_ds, t.micro_batch_size, t.eval_iters, self.autocast)
+    def evaluate(self) -> dict:
+        """``{"loss", "se", "windows"}`` over the fixed validation windows (``evaluation.py``)."""
+        n = eval_window_count(self.cfg, len(self.val_ds))
+        return summarize(window_losses(self.model, self.val_ds, n, self.cfg.training.micro_batch_size,
+                                       self.autocast))
 
     # -- checkpoints ----------------------------------------------------------------------
     def moe_stats(self) -> dict:

@@ -1,0 +1,76 @@
+"""``<run_dir>/run_info.json``: what a run is, written once when it starts from step 0.
+
+- ``label``: what actually runs (``Recipe.label``; a recipe with no quantized GEMM is
+  ``bf16`` under ``training.dtype=bf16`` and ``fp32`` under ``fp32``, since that is the
+  precision its GEMMs then run in);
+- ``fingerprint.init``: a SHA-256 of the initial parameters (names, shapes, fp32 bytes) and
+  ``fingerprint.data_order``: of the run's training-sample order, so that a study can check,
+  not assume, that the arms of one seed start from the same weights and see the same data;
+- the recipe, backend, dtype, seeds and threads the run used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.gpt_dataset import GPTDataset
+from .fsutil import write_synced
+
+RUN_INFO = "run_info.json"
+
+
+def precision_label(recipe, dtype: str) -> str:
+    quantized = any(recipe.gemm(g).quantized for g in ("fprop", "dgrad", "wgrad"))
+    return recipe.label() if quantized else ("bf16" if dtype == "bf16" else "fp32")
+
+
+def params_fingerprint(named_parameters) -> str:
+    """SHA-256 of (name, shape, fp32 bytes) of every parameter, in name order (buffers such
+    as RHT signs and SR states are left out: they belong to the recipe, not the weights)."""
+    h = hashlib.sha256()
+    for name, p in sorted(named_parameters, key=lambda kv: kv[0]):
+        t = p.detach().float().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def data_order_fingerprint(ds: GPTDataset) -> str:
+    """SHA-256 of the window length, the epoch size and the order of every training sample."""
+    h = hashlib.sha256(f"{ds.seq_len}:{ds.tokens_per_epoch}:{ds.num_samples};".encode())
+    left = ds.num_samples
+    for epoch in range(ds.num_epochs):
+        order = ds.epoch_order(epoch)[:left]
+        h.update(np.ascontiguousarray(order, dtype=np.int64).tobytes())
+        left -= len(order)
+    return h.hexdigest()
+
+
+def write_run_info(run_dir: Path, cfg, recipe, named_parameters, train_ds: GPTDataset, threads: int) -> dict:
+    t = cfg.training
+    info = {
+        "label": precision_label(recipe, t.dtype),
+        "recipe": recipe.name,
+        "backend": cfg.gemm.backend,
+        "dtype": t.dtype,
+        "seed": t.seed,
+        "sr_seed": t.sr_seed if t.sr_seed is not None else t.seed,
+        "threads": threads,
+        "torch": torch.__version__,
+        "fingerprint": {"init": params_fingerprint(named_parameters) if named_parameters is not None else None,
+                        "data_order": data_order_fingerprint(train_ds)},
+    }
+    write_synced(Path(run_dir) / RUN_INFO, json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def read_run_info(run_dir: Path) -> dict | None:
+    p = Path(run_dir) / RUN_INFO
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
