@@ -72,3 +72,18 @@ def test_each_call_draws_a_new_key():
     a = fake_quantize(x, "int4", rounding="sr", generator=g)
     b = fake_quantize(x, "int4", rounding="sr", generator=g)
     assert not torch.equal(a, b)
+
+
+def test_int32_draws_equal_int64_draws():
+    """The int32 hash (used when every index is below 2^31) wraps its products modulo 2^32;
+    the low 31 bits it keeps are the int64 product's, so the draws are the same bits.  Odd
+    lengths exercise the scalar tails next to the vectorised bodies."""
+    g = torch.Generator().manual_seed(7)
+    idx = torch.cat([torch.randint(0, 2 ** 31 - 1, (100_003,), generator=g, dtype=torch.int64),
+                     torch.tensor([0, 1, 2 ** 31 - 1, 2 ** 31 - 2, 2 ** 30])])
+    for key in (0, 1, 0x5BD1E995, 2 ** 31 - 1):
+        want = uniform_from_index(idx, key, wide=False)
+        assert torch.equal(uniform_from_index(idx.to(torch.int32), key), want), key
+        assert torch.equal(uniform_from_index(idx, key, wide=True), want), key
+    shape, where = (37, 129), SRIndex(row_offset=5, col_offset=3, row_stride=4099)
+    assert torch.equal(element_index(shape, where, "cpu", torch.int32).long(), element_index(shape, where, "cpu"))

@@ -148,7 +148,8 @@ def _blocks_core(xm, fmt: FP4Format, rounding: str, rot, sr_key, sr_index, tenso
         if torch.is_tensor(sr_index):
             idx = sr_index
         else:
-            idx, wide = element_index(xm.shape, sr_index, xm.device), needs_wide_index(xm.shape, sr_index)
+            wide = needs_wide_index(xm.shape, sr_index)
+            idx = element_index(xm.shape, sr_index, xm.device, torch.int64 if wide else torch.int32)
         u = _blocked(uniform_from_index(idx, sr_key, wide), fmt)
     q = fmt.grid_obj.round_(scale_values(xb, dec, enc), rounding, u)
     dec = torch.where(finite, dec, float("nan"))  # a block holding NaN/Inf decodes to NaN, never a number

@@ -24,6 +24,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="output directory (default: the study's out_dir)")
     ap.add_argument("--plan", action="store_true", help="list the runs and their state; run nothing")
     ap.add_argument("--report", action="store_true", help="only write the report from the finished runs")
+    ap.add_argument("--verbose", action="store_true", help="with --plan: every run's overrides too")
     args = ap.parse_args(argv)
     if args.jobs is not None and args.jobs < 1:
         print(f"error: --jobs must be >= 1 (got {args.jobs})", file=sys.stderr)
@@ -41,7 +42,10 @@ def main(argv=None) -> int:
     if args.plan:
         for run in study.runs():
             st = status(study, run)
-            print(f"{st.state:<8} {run.key:<40} step {st.step}/{st.train_steps}  {' '.join(run.overrides)}")
+            own = " ".join(o for o in run.overrides if not o.startswith(("training.run_dir=",)))
+            print(f"{st.state:<8} {run.key:<32} step {st.step}/{st.train_steps}  {run.run_dir}")
+            if args.verbose:
+                print(f"         overrides: {own}")
         return 0
     failures = {}
     if not args.report:
