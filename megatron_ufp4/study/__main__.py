@@ -21,6 +21,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="megatron-ufp4-study", description=__doc__.splitlines()[0])
     ap.add_argument("study", help="study YAML (see configs/studies/)")
     ap.add_argument("--jobs", type=int, default=None, help="runs at a time (default: the study's jobs)")
+    ap.add_argument("--seeds", default=None,
+                    help="replace the study's seeds: a count N (seeds 1..N) or a list 1,2,5")
     ap.add_argument("--out", default=None, help="output directory (default: the study's out_dir)")
     ap.add_argument("--plan", action="store_true", help="list the runs and their state; run nothing")
     ap.add_argument("--report", action="store_true", help="only write the report from the finished runs")
@@ -33,7 +35,7 @@ def main(argv=None) -> int:
     from .spec import StudyError, load_study
 
     try:
-        study = load_study(args.study, args.out)
+        study = load_study(args.study, args.out, seeds=_parse_seeds(args.seeds))
     except StudyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -65,6 +67,17 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _parse_seeds(text: str | None):
+    if text is None:
+        return None
+    from .spec import StudyError
+    try:
+        parts = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise StudyError(f"--seeds: expected a count or a comma-separated list of integers (got {text!r})") from None
+    return parts[0] if len(parts) == 1 and "," not in text else parts
 
 
 def write_report(study) -> Path:

@@ -125,8 +125,9 @@ def _positive_int(v, where: str, path: Path) -> int:
     return v
 
 
-def load_study(path: str | Path, out_dir: str | None = None) -> Study:
-    """Read and check a study file; every run's config is resolved (and so validated) too."""
+def load_study(path: str | Path, out_dir: str | None = None, seeds=None) -> Study:
+    """Read and check a study file; every run's config is resolved (and so validated) too.
+    ``seeds`` (a count or a list) replaces the file's seeds."""
     path = Path(path)
     if not path.is_file():
         raise StudyError(f"study file not found: {path}")
@@ -149,12 +150,12 @@ def load_study(path: str | Path, out_dir: str | None = None) -> Study:
     if not arms:
         raise StudyError(f"{path}: arms: at least one arm is needed")
     arms = {a: _mapping(o, f"arms.{a}", path) for a, o in arms.items()}
-    seeds = d["seeds"]
+    seeds = d["seeds"] if seeds is None else seeds
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = list(range(1, seeds + 1)) if seeds >= 1 else seeds  # "seeds: 3" means 1, 2, 3
     if not isinstance(seeds, list) or not seeds or not all(
             isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 32 for s in seeds):
-        raise StudyError(f"{path}: seeds: expected a count or a list of integers in [0, 2^32) (got {d['seeds']!r})")
+        raise StudyError(f"{path}: seeds: expected a count or a list of integers in [0, 2^32) (got {seeds!r})")
     if len(set(seeds)) != len(seeds):
         raise StudyError(f"{path}: seeds: repeated seed in {seeds}")
     reference = d.get("reference")
