@@ -91,6 +91,9 @@ class LoggingConfig:
     wandb_project: str = "megatron_ufp4"
     wandb_mode: str = "offline"  # offline needs no account
     tensorboard: bool = False
+    # every N steps: per layer and GEMM, each quantized operand's alpha, SQNR, amax, saturated and
+    # zeroed fractions and what ran (backend, format, rounding, RHT) into metrics.jsonl; 0: off
+    quant_stats_interval: int = 0
     peak_tflops: float | None = None  # MFU denominator per process; null: a matmul measured at start-up
 
 
@@ -178,6 +181,8 @@ class RunConfig:
              ">= 0 (0: only the final checkpoint)"),
             ("checkpoint.keep_last", self.checkpoint.keep_last, self.checkpoint.keep_last >= 1, ">= 1"),
             ("logging.interval", self.logging.interval, self.logging.interval >= 1, ">= 1"),
+            ("logging.quant_stats_interval", self.logging.quant_stats_interval, self.logging.quant_stats_interval >= 0,
+             ">= 0 (0: off)"),
             *((f"parallel.{k}", getattr(p, k), getattr(p, k) >= 1, ">= 1")
               for k in ("tensor", "pipeline", "expert", "virtual_pipeline")),
             ("parallel.data", p.data, p.data >= 0, ">= 0 (0: the rest of the world)"),

@@ -2,9 +2,9 @@
 from .backends import EmulatedBackend, GemmBackend, Operand, available_backends, get_backend, register_backend
 from .gemm import GemmRunner
 from .linear_fn import CollectiveHooks, linear_dtypes, linear_output_dtype
-from .quantized_linear import QuantizedLinear, precision_table
+from .quantized_linear import QuantizedLinear, precision_table, quant_stats, set_quant_stats
 from .step_context import StepContext
 
 __all__ = ["EmulatedBackend", "GemmBackend", "Operand", "available_backends", "get_backend", "register_backend",
            "GemmRunner", "CollectiveHooks", "linear_dtypes", "linear_output_dtype", "QuantizedLinear",
-           "precision_table", "StepContext"]
+           "precision_table", "quant_stats", "set_quant_stats", "StepContext"]

@@ -130,8 +130,44 @@ def precision_table(model: nn.Module) -> str:
     for name, mod in model.named_modules():
         if isinstance(mod, QuantizedLinear):
             layer = str(mod.layer_index) if mod.layer_index is not None else name
-            rows.setdefault(layer, set()).add(mod.recipe.name if mod.quantized else "high precision")
+            rows.setdefault(layer, set()).add(mod.recipe.label() if mod.quantized else "high precision")
     lines = ["layer  linears run as"]
     for layer, kinds in rows.items():
         lines.append(f"{layer:<6} {', '.join(sorted(kinds))}")
     return "\n".join(lines)
+
+
+def set_quant_stats(modules, on: bool) -> None:
+    """Switch operand statistics on or off in every ``QuantizedLinear`` of ``modules`` (a
+    module or a list).  On, a dY pair is quantized as two calls (the same keys and bits), and
+    each quantized operand costs one more pass in float64."""
+    for root in (modules if isinstance(modules, (list, tuple)) else [modules]):
+        for mod in root.modules():
+            if isinstance(mod, QuantizedLinear) and mod.quantized:
+                mod.set_collect_stats(on)
+
+
+def quant_stats(modules) -> dict:
+    """``{module name: {gemm: {"ran", "backend", "rht", <role>: {amax, alpha, sqnr_db, nmse,
+    saturated, zeroed}}}}`` of the quantized GEMMs that ran with statistics on since the last
+    call (the last call of each GEMM); the statistics are consumed."""
+    out = {}
+    for root in (modules if isinstance(modules, (list, tuple)) else [modules]):
+        for name, mod in root.named_modules():
+            if not (isinstance(mod, QuantizedLinear) and mod.quantized):
+                continue
+            per_gemm = {}
+            for gemm, entry in mod.gemms.log.items():
+                stats = entry.pop("stats", None)
+                if stats is None:
+                    continue
+                row = {"ran": entry.get("ran"), "backend": entry.get("backend"), "rht": entry.get("rht"),
+                       "recipe": mod.recipe.label()}
+                for role, st in stats.items():
+                    nmse = st.get("nmse")
+                    sqnr = 10 * math.log10(1 / nmse) if nmse else None  # exact operands: no finite SQNR
+                    row[role] = {**st, "sqnr_db": sqnr}
+                per_gemm[gemm] = row
+            if per_gemm:
+                out[name] = per_gemm
+    return out

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from ..config import RunConfig, dump_config
 from ..data.gpt_dataset import GPTDataset
+from ..linear import quant_stats, set_quant_stats
 from ..parallel.data_parallel import DataParallel
 from ..parallel.expert import reduced_moe_stats, update_expert_bias
 from ..parallel.optimizer import DistributedOptimizer
@@ -185,6 +186,8 @@ class DistributedTrainer(TrainingLoop):
         lr = lr_at(self.step, t.train_steps, o.lr, s.kind, s.warmup_steps, s.min_lr_ratio, s.decay_fraction)
         self.optimizer.set_lr(lr)
         tokens, labels = self._local_batch(self.step * t.global_batch_size, self.train_ds)
+        stats_due = self.quant_stats_due()
+        set_quant_stats(self.stages, stats_due)
         self.runner.train()
         sync_ctx = self.ddp.no_sync() if self.num_micro > 1 else contextlib.nullcontext()
         with sync_ctx:
@@ -209,7 +212,23 @@ class DistributedTrainer(TrainingLoop):
             for stage in self.stages:
                 stage.discard_expert_loads()
 
-        return self.finish_step(loss, grad_norm, lr, apply_update, discard_update, self.optimizer.zero_grad)
+        rec = self.finish_step(loss, grad_norm, lr, apply_update, discard_update, self.optimizer.zero_grad)
+        if stats_due:
+            rec["quant"] = self._gathered_quant_stats()
+            set_quant_stats(self.stages, False)
+        return rec
+
+    @guarded("the operand-statistics gather")
+    def _gathered_quant_stats(self) -> dict:
+        """Every pipeline stage's operand statistics on rank 0, from data-parallel rank 0
+        (the other replicas see other tokens); a tensor-parallel shard's names end in @tp<r>."""
+        st = self.state
+        mine = quant_stats(self.stages) if st.dp_rank == 0 else {}
+        if st.tp > 1:
+            mine = {f"{k}@tp{st.tp_rank}": v for k, v in mine.items()}
+        everyone = [None] * st.world_size
+        dist.all_gather_object(everyone, mine)
+        return {k: v for part in everyone for k, v in sorted(part.items())}
 
     @guarded("evaluation")
     @torch.no_grad()

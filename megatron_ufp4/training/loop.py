@@ -90,6 +90,11 @@ def _json_safe(value):
 
 
 class TrainingLoop:
+    def quant_stats_due(self) -> bool:
+        """Whether the step about to run collects operand statistics (``logging.quant_stats_interval``)."""
+        n = self.cfg.logging.quant_stats_interval
+        return n > 0 and (self.step + 1) % n == 0
+
     def finish_step(self, loss, grad_norm, lr: float, apply_update, discard_update, zero_grad) -> dict:
         """The end of every step, for both trainers: a finite loss and gradient norm apply the
         update (``apply_update``: optimizer step, expert-bias step), anything else skips it

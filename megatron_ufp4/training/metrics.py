@@ -25,6 +25,19 @@ def measured_peak_flops(device: torch.device) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
+def flat_quant_scalars(quant: dict) -> dict:
+    """``quant/<module>/<gemm>/<operand>/<stat>`` scalars of a step's operand statistics (wandb, TensorBoard)."""
+    out = {}
+    for module, gemms in quant.items():
+        for gemm, row in gemms.items():
+            for role, st in row.items():
+                if isinstance(st, dict) and role != "ran":
+                    for k, v in st.items():
+                        if isinstance(v, (int, float)) and v is not None:
+                            out[f"quant/{module}/{gemm}/{role}/{k}"] = v
+    return out
+
+
 def format_eta(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -76,6 +89,7 @@ class MetricsLogger:
         with self.path.open("a") as f:
             f.write(json.dumps(record, allow_nan=False) + "\n")  # strict JSON (the loop writes NaN as null)
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        scalars.update(flat_quant_scalars(record.get("quant", {})))
         if self.wandb is not None:
             self.wandb.log(scalars, step=record["step"])
         if self.tb is not None:

@@ -13,6 +13,7 @@ import torch
 
 from ..config import RunConfig, dump_config
 from ..data.gpt_dataset import GPTDataset
+from ..linear import quant_stats, set_quant_stats
 from ..model import GPTModel, LinearFactory
 from .checkpoint import (CheckpointError, capture_rng, checkpoint_to_resume, config_differences, load_checkpoint,
                          restore_rng, save_checkpoint)
@@ -92,6 +93,8 @@ class Trainer(TrainingLoop):
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.model.train()
+        stats_due = self.quant_stats_due()
+        set_quant_stats(self.model, stats_due)
         start = self.step * t.global_batch_size
         loss_sum = torch.zeros((), device=self.device)
         for m in range(self.accum):
@@ -109,8 +112,12 @@ class Trainer(TrainingLoop):
             self.optimizer.step()
             self.model.update_expert_bias()
 
-        return self.finish_step(loss_sum, grad_norm, lr, apply_update, self.model.discard_expert_loads,
-                                lambda: self.optimizer.zero_grad(set_to_none=True))
+        rec = self.finish_step(loss_sum, grad_norm, lr, apply_update, self.model.discard_expert_loads,
+                               lambda: self.optimizer.zero_grad(set_to_none=True))
+        if stats_due:
+            rec["quant"] = quant_stats(self.model)
+            set_quant_stats(self.model, False)
+        return rec
 
     def evaluate(self) -> dict:
         """``{"loss", "se", "windows"}`` over the fixed validation windows (``evaluation.py``)."""
