@@ -12,8 +12,9 @@ setup(
     install_requires=["torch>=2.7", "numpy", "pyyaml", "sentencepiece", "tqdm"],
     extras_require={
         # triton: the CPU tests run the Triton backend's kernels in its interpreter
-        "dev": ["pytest", "pytest-timeout", "matplotlib", "ruff==0.17.6", "triton>=3.3,<4"],
+        "dev": ["pytest", "pytest-timeout", "matplotlib", "scipy", "ruff==0.17.6", "triton>=3.3,<4"],
         "plot": ["matplotlib"],
+        "study": ["scipy", "matplotlib"],  # the study runner's statistics and figures
         "gpu": ["triton>=3.3"],
         "wandb": ["wandb"],
         "tensorboard": ["tensorboard"],
@@ -23,5 +24,6 @@ setup(
         "megatron-ufp4-eval=megatron_ufp4.eval:main",
         "megatron-ufp4-sample=megatron_ufp4.sample:main",
         "megatron-ufp4-prepare=megatron_ufp4.data.prepare:main",
+        "megatron-ufp4-study=megatron_ufp4.study.__main__:main",
     ]},
 )
