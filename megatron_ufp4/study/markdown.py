@@ -63,6 +63,44 @@ def _point_section(study: dict, res: dict, plots: list[str]) -> list[str]:
     return lines
 
 
+def _probe_section(study: dict, point: str, res: dict, plots: list[str]) -> list[str]:
+    pr = study["probes"]
+    recipes = list(res["recipes"])
+    lines = [f"## Fidelity probes{'' if point == 'None' else ' at ' + point}", "",
+             f"Each recipe on the final weights of the `{pr['arm']}` runs (seeds {res['seeds']}), on the same "
+             f"{pr['batches']} x {pr['batch_size']} validation windows, against every GEMM in high precision.  "
+             "Means over seeds (± sd where there are several).", "",
+             "| recipe | runs as | forward loss − high precision |", "|---|---|---|"]
+    for name, r in res["recipes"].items():
+        d = r["loss_diff"]
+        sd = f" ± {d['sd']:.5f}" if d.get("sd") else ""
+        lines.append(f"| {name} | {r['label']} | {d['mean']:+.5f}{sd} |")
+    if not recipes:
+        return lines + ["", "(no probe results yet)"]
+    layers = list(res["recipes"][recipes[0]]["gradients"])
+    for key, title in (("norm_ratio", "Gradient norm ratio ‖g_FP4‖ / ‖g_high‖ per layer (below 1: shrinkage)"),
+                       ("cosine", "Gradient cosine to high precision per layer")):
+        lines += ["", f"### {title}", "", "| layer | " + " | ".join(recipes) + " |", "|---|" + "---|" * len(recipes)]
+        for layer in layers:
+            cells = []
+            for name in recipes:
+                s = res["recipes"][name]["gradients"].get(layer, {}).get(key, {})
+                cells.append(_f(s.get("mean"), 4) + (f" ± {s['sd']:.4f}" if s.get("sd") else ""))
+            lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    ops = list(res["recipes"][recipes[0]]["operands"])
+    lines += ["", "### Quantized operands (mean over the model's quantized linears)", "",
+              "SQNR in dB / attenuation α / saturated fraction / zeroed fraction.", "",
+              "| operand | " + " | ".join(recipes) + " |", "|---|" + "---|" * len(recipes)]
+    for op in ops:
+        cells = []
+        for name in recipes:
+            s = res["recipes"][name]["operands"].get(op, {})
+            cells.append("—" if s.get("sqnr_db") is None else
+                         f"{s['sqnr_db']:.2f} / {s['alpha']:.4f} / {s['saturated']:.4f} / {s['zeroed']:.4f}")
+        lines.append(f"| {op} | " + " | ".join(cells) + " |")
+    return lines + [""] + [f"![{p}]({p})" for p in plots]
+
+
 def render_markdown(report: dict, plots: dict[str, list[str]]) -> str:
     study = report["study"]
     lines = [f"# Study {study['name']}", "",
@@ -98,4 +136,6 @@ def render_markdown(report: dict, plots: dict[str, list[str]]) -> str:
                     else _f(eff.get("ratio"), 3))
             lines.append(f"| {a} | {len(f['x'])} | {row} | {effs} |")
         lines += [""] + [f"![{p}]({p})" for p in plots.get("scaling", [])]
+    for point, res in (report.get("probes") or {}).items():
+        lines += [""] + _probe_section(study, point, res, plots.get(f"probes_{point}", []))
     return "\n".join(lines) + "\n"

@@ -115,7 +115,33 @@ def make_plots(report: dict, out_dir: Path) -> dict[str, list[str]] | None:
         ax.legend()
         ax.grid(alpha=0.3, which="both")
         out["scaling"] = [_save(fig, out_dir, "scaling.png", plt)]
+    for point, res in (report.get("probes") or {}).items():
+        if res["recipes"]:
+            tag = "" if point == "None" else f"_{point}"
+            out[f"probes_{point}"] = [_probe_figure(res, out_dir, f"probes{tag}.png", plt)]
     return out
+
+
+def _probe_figure(res: dict, out_dir: Path, name: str, plt) -> str:
+    """Per layer: gradient norm ratio, gradient cosine and operand SQNR, one line per recipe."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for recipe, r in res["recipes"].items():
+        layers = list(r["gradients"])
+        for ax, key in zip(axes[:2], ("norm_ratio", "cosine")):
+            ys = [r["gradients"][layer][key]["mean"] for layer in layers]
+            ax.plot(range(len(layers)), ys, marker="o", ms=3, label=f"{recipe} ({r['label']})")
+            ax.set_xticks(range(len(layers)), layers, rotation=30, ha="right", fontsize=7)
+        mods = list(r["module_sqnr_db"])
+        axes[2].plot(range(len(mods)), [r["module_sqnr_db"][m] for m in mods], marker=".", lw=1, label=recipe)
+        axes[2].set_xticks(range(len(mods)), mods, rotation=90, fontsize=5)
+    axes[0].axhline(1, color="k", lw=0.8)
+    axes[0].set_ylabel("gradient norm ratio to high precision")
+    axes[1].set_ylabel("gradient cosine to high precision")
+    axes[2].set_ylabel("operand SQNR (dB, mean over the GEMMs' operands)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return _save(fig, out_dir, name, plt)
 
 
 def _save(fig, out_dir: Path, name: str, plt) -> str:

@@ -160,6 +160,49 @@ def sweep_results(study: Study, runs: list[dict], per_point: dict) -> dict | Non
     return {"kind": study.sweep_kind, "x": xs, "arms": fits}
 
 
+OPERANDS = [("fprop", "x"), ("fprop", "w"), ("dgrad", "dy"), ("dgrad", "w"), ("wgrad", "dy"), ("wgrad", "x")]
+
+
+def probe_results(study: Study) -> dict | None:
+    """The fidelity probes of every seed (per sweep point), averaged over seeds."""
+    if not study.probes:
+        return None
+    out = {}
+    for point in (list(study.points) or [None]):
+        files = {}
+        for seed in study.seeds:
+            p = study.out_dir / "probes" / (point or "") / f"seed_{seed}.json"
+            try:
+                files[seed] = json.loads(p.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+        res = {"seeds": sorted(files), "recipes": {}}
+        for name in study.probes["recipes"]:
+            per = [f["recipes"][name] for f in files.values() if name in f.get("recipes", {})]
+            if not per:
+                continue
+            layers = list(per[0]["gradients"])
+            grads = {layer: {k: summary([r["gradients"][layer][k] for r in per
+                                         if r["gradients"].get(layer, {}).get(k) is not None])
+                             for k in ("norm_ratio", "cosine")} for layer in layers}
+            ops = {}
+            for g, role in OPERANDS:  # per GEMM operand: the mean over the model's quantized linears
+                for k in ("sqnr_db", "alpha", "saturated", "zeroed"):
+                    vals = [st[g][role][k] for r in per for st in r["operands"].values()
+                            if g in st and role in st[g] and st[g][role].get(k) is not None]
+                    ops.setdefault(f"{g}.{role}", {})[k] = math.fsum(vals) / len(vals) if vals else None
+            per_layer_sqnr = {}
+            for mod in per[0]["operands"]:
+                vals = [st.get(k) for r in per for gm in r["operands"].get(mod, {}).values() for st in gm.values()
+                        for k in ("sqnr_db",) if isinstance(st, dict)]
+                vals = [v for v in vals if v is not None]
+                per_layer_sqnr[mod] = math.fsum(vals) / len(vals) if vals else None
+            res["recipes"][name] = {"label": per[0]["label"], "loss_diff": summary([r["loss_diff"] for r in per]),
+                                    "gradients": grads, "operands": ops, "module_sqnr_db": per_layer_sqnr}
+        out[str(point)] = res
+    return out
+
+
 def build_report(study: Study) -> dict:
     runs = collect(study)
     points = list(study.points) or [None]
@@ -167,6 +210,7 @@ def build_report(study: Study) -> dict:
     missing = [r["key"] for r in runs if r["eval"] is None]
     return {"study": study_dict(study), "missing_runs": missing, "points": per_point,
             "sweep": sweep_results(study, runs, per_point) if study.points else None,
+            "probes": probe_results(study),
             "curves": {r["key"]: {"arm": r["arm"], "seed": r["seed"], "point": r["point"],
                                   "tokens_per_step": r["tokens_per_step"], "train": r["train"], "val": r["val"]}
                        for r in runs}}

@@ -143,8 +143,47 @@ class StudyRunner:
             self.console(f"  done  {run.key}: validation loss {ev['loss']:.4f} ± {ev['se']:.4f}")
         return None
 
+    def probe_path(self, point: str | None, seed: int) -> Path:
+        return self.study.out_dir / "probes" / (point or "") / f"seed_{seed}.json"
+
+    def run_probes(self) -> dict[str, str]:
+        """The study's fidelity probes on each seed's final checkpoint of ``probes.arm`` (in
+        this process, after the trainings); a probe already done with the same settings is kept."""
+        from ..training.run_setup import configure_threads
+        from .probes import run_probes
+
+        p, failures = self.study.probes, {}
+        configure_threads(0)
+        for run in (r for r in self.study.runs() if r.arm == p["arm"]):
+            out = self.probe_path(run.point, run.seed)
+            try:
+                if json.loads(out.read_text()).get("settings") == p:
+                    continue
+            except (OSError, json.JSONDecodeError):
+                pass
+            st = status(self.study, run)
+            if st.state != "done":
+                failures[f"probes {run.key}"] = "its training did not finish"
+                continue
+            ckpt = latest_checkpoint(run.run_dir)
+            log = self.log_dir / (run.key.replace("/", "__") + ".log")
+            if is_distributed_checkpoint(ckpt):
+                ckpt = self._single_file(run, ckpt, log)
+                if ckpt is None:
+                    failures[f"probes {run.key}"] = f"could not consolidate the sharded checkpoint (log: {log})"
+                    continue
+            self.console(f"  probes on {run.key} ({len(p['recipes'])} recipes, {p['batches']} x {p['batch_size']} "
+                         "windows)")
+            res = run_probes(ckpt, p["recipes"], p["batches"], p["batch_size"], console=self.console)
+            res["settings"] = p
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_text(json.dumps(res) + "\n")
+            os.replace(tmp, out)
+        return failures
+
     def run(self) -> dict[str, str]:
-        """Every run not yet done; returns {run key: why it failed}."""
+        """Every run not yet done, then the probes; returns {run key: why it failed}."""
         todo = [st for st in (status(self.study, r) for r in self.study.runs()) if st.state != "done"]
         total = len(self.study.runs())
         self.console(f"study {self.study.name}: {total} runs, {total - len(todo)} done, {len(todo)} to go "
@@ -160,4 +199,6 @@ class StudyRunner:
                     self.console(f"  FAILED {futures[f]}: {why}")
         finally:
             ex.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: queued runs never start; running ones save
+        if self.study.probes:
+            failures.update(self.run_probes())
         return failures

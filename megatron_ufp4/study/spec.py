@@ -17,6 +17,11 @@
     out_dir: runs/studies/recipes      # relative to the working directory
     jobs: 1                            # runs at a time (threads are split between them)
     launcher: null                     # e.g. [torchrun, --nproc-per-node, 2] for every run
+    probes:                            # optional fidelity probes on each seed's final checkpoint of one arm
+      arm: bf16
+      recipes: [ufp4, e2m1_ref]        # preset names, or name -> recipe mapping
+      batches: 4                       # validation batches of batch_size windows
+      batch_size: 8
 
 Every (sweep point, arm, seed) is an ordinary run directory
 ``<out_dir>/runs/[<point>/]<arm>/seed_<seed>``.
@@ -39,7 +44,7 @@ class StudyError(ValueError):
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 _KEYS = ("name", "base", "overrides", "arms", "reference", "pairs", "seeds", "sweep", "eval", "final_window",
-         "out_dir", "jobs", "launcher")
+         "out_dir", "jobs", "launcher", "probes")
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,7 @@ class Study:
     final_window: int = 50
     jobs: int = 1
     launcher: list[str] = field(default_factory=list)
+    probes: dict | None = None  # {"arm", "recipes": {name: recipe mapping}, "batches", "batch_size"}
 
     def runs(self) -> list[RunSpec]:
         out = []
@@ -192,6 +198,7 @@ def load_study(path: str | Path, out_dir: str | None = None, seeds=None) -> Stud
         launcher = launcher.split()
     if not isinstance(launcher, list) or not all(isinstance(x, (str, int)) for x in launcher):
         raise StudyError(f"{path}: launcher: expected a command as a list (got {launcher!r})")
+    probes = _probes(d.get("probes"), arms, path)
     study = Study(
         path=path, name=str(d.get("name", path.stem)), base=base, arms=arms, seeds=seeds,
         out_dir=Path(out_dir or d.get("out_dir") or f"runs/studies/{path.stem}"),
@@ -202,13 +209,38 @@ def load_study(path: str | Path, out_dir: str | None = None, seeds=None) -> Stud
                          if ev.get("batch_size") is not None else None),
         eval_backend=ev.get("backend"),
         final_window=_positive_int(d.get("final_window", 50), "final_window", path),
-        jobs=_positive_int(d.get("jobs", 1), "jobs", path), launcher=[str(x) for x in launcher])
+        jobs=_positive_int(d.get("jobs", 1), "jobs", path), launcher=[str(x) for x in launcher], probes=probes)
     for run in study.runs():  # every run's config resolves: a typo stops the study before anything runs
         cfg = study.run_config(run)
         if study.final_window > cfg.training.train_steps:
             raise StudyError(f"{path}: final_window: {study.final_window} is more than run {run.key}'s "
                              f"training.train_steps={cfg.training.train_steps}")
     return study
+
+
+def _probes(p, arms: dict, path: Path) -> dict | None:
+    if p is None:
+        return None
+    p = _mapping(p, "probes", path)
+    bad = sorted(set(p) - {"arm", "recipes", "batches", "batch_size"})
+    if bad:
+        raise StudyError(f"{path}: probes: unknown key {bad[0]!r} (known: arm, recipes, batches, batch_size)")
+    arm = p.get("arm")
+    if arm not in arms:
+        raise StudyError(f"{path}: probes.arm: {arm!r} is not an arm (arms: {', '.join(arms)})")
+    recipes = p.get("recipes")
+    if isinstance(recipes, list):
+        recipes = {str(r): {"name": r} for r in recipes}
+    if not isinstance(recipes, dict) or not recipes:
+        raise StudyError(f"{path}: probes.recipes: expected preset names or name -> recipe mappings (got {recipes!r})")
+    from ..fp4.recipes import Recipe
+    for name, spec in recipes.items():
+        try:
+            Recipe.from_dict(spec)
+        except ValueError as e:
+            raise StudyError(f"{path}: probes.recipes.{name}: {e}") from None
+    return {"arm": arm, "recipes": recipes, "batches": _positive_int(p.get("batches", 4), "probes.batches", path),
+            "batch_size": _positive_int(p.get("batch_size", 8), "probes.batch_size", path)}
 
 
 def study_dict(study: Study) -> dict:
