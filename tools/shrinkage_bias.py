@@ -130,7 +130,32 @@ def render_text(report: dict) -> str:
 # -----------------------------------------------------------------------------
 # figure
 
-def write_plot(report: dict, path: str) -> None:
+def _sqnr_panel(ax, report: dict, title: str, np) -> None:
+    """SQNR per format without and with RHT; the axis spans the values (the differences are
+    tenths of a dB on a ~20 dB scale), each RHT bar labelled with its change."""
+    names = list(report["formats"])
+    pos = np.arange(len(names))
+    plain = [report["formats"][n]["identity"]["sqnr_db"] for n in names]
+    rotated = [report["formats"][n]["rht"]["sqnr_db"] for n in names]
+    for offset, values, label in ((-0.2, plain, "no RHT"), (0.2, rotated, f"RHT-{report['rht_size']}")):
+        bars = ax.bar(pos + offset, values, width=0.4, label=label)
+        if label != "no RHT":
+            ax.bar_label(bars, labels=[f"{r - p:+.2f}" for p, r in zip(plain, rotated)], fontsize=8)
+    values = plain + rotated
+    lo, hi = min(values), max(values)
+    pad = max(0.25, 0.15 * (hi - lo))
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_xticks(pos, names)
+    ax.set_ylabel("SQNR (dB); labels: change with RHT")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+
+
+def write_plot(report: dict, path: str, heavy: dict | None = None) -> None:
+    """Per-level bias (interior levels and the two edge levels on their own scales, so the
+    interior shrinkage is readable beside the edges' one-sided bias) and SQNR per format, for
+    the analysed tensor and, when given, a heavy-tailed one (where RHT's effect flips)."""
     try:
         import matplotlib
         matplotlib.use("Agg")  # no display needed
@@ -139,32 +164,34 @@ def write_plot(report: dict, path: str) -> None:
         raise UserError("--plot needs matplotlib (pip install matplotlib)") from None
     import numpy as np
 
-    fig, (ax_bias, ax_sqnr) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), gridspec_kw={"width_ratios": [3, 1.4]})
+    (ax_int, ax_edge), (ax_sqnr, ax_heavy) = axes
     e2m1, int4 = report["per_level_bias"]["e2m1"], report["per_level_bias"]["int4"]
-    x = np.arange(NUM_BUCKETS)
-    for offset, t, color in ((-0.2, e2m1, "tab:red"), (0.2, int4, "tab:blue")):
-        ax_bias.bar(x + offset, t["empirical"], width=0.4, color=color, label=f"{t['grid']} (empirical)")
-        interior = [i for i, a in enumerate(t["analytic"]) if a is not None]
-        ax_bias.scatter(x[interior] + offset, [t["analytic"][i] for i in interior], marker="_", s=200, color="k",
-                        zorder=3, label="analytic" if t is int4 else None)
-    ax_bias.axhline(0, color="gray", lw=0.8)
-    ax_bias.set_xticks(x, [f"{a:g} | {b:g}" for a, b in zip(e2m1["levels"], int4["levels"])])
-    ax_bias.set_xlabel("level q (e2m1 | int4)")
-    ax_bias.set_ylabel("E[|round(t)| - |t|  |  q]")
-    ax_bias.set_title("Per-level rounding bias (RTNE, t uniform)")
-    ax_bias.legend()
-
-    names = list(report["formats"])
-    pos = np.arange(len(names))
-    plain = [report["formats"][n]["identity"]["sqnr_db"] or 0.0 for n in names]
-    rotated = [report["formats"][n]["rht"]["sqnr_db"] or 0.0 for n in names]
-    for offset, values, label in ((-0.2, plain, "no RHT"), (0.2, rotated, f"RHT-{report['rht_size']}")):
-        bars = ax_sqnr.bar(pos + offset, values, width=0.4, label=label)
-        ax_sqnr.bar_label(bars, fmt="%.2f", fontsize=8)
-    ax_sqnr.set_xticks(pos, names)
-    ax_sqnr.set_ylabel("SQNR (dB)")
-    ax_sqnr.set_title(f"SQNR on {report['input']}")
-    ax_sqnr.legend()
+    interior = list(range(1, NUM_BUCKETS - 1))
+    edges = [0, NUM_BUCKETS - 1]
+    for ax, idx in ((ax_int, interior), (ax_edge, edges)):
+        x = np.arange(len(idx))
+        for offset, t, color in ((-0.2, e2m1, "tab:red"), (0.2, int4, "tab:blue")):
+            vals = [t["empirical"][i] for i in idx]
+            bars = ax.bar(x + offset, vals, width=0.4, color=color, label=f"{t['grid']} (measured)")
+            ax.bar_label(bars, fmt="%+.3f", fontsize=7)
+            ana = [(j, t["analytic"][i]) for j, i in enumerate(idx) if t["analytic"][i] is not None]
+            if ana:
+                ax.scatter([j + offset for j, _ in ana], [a for _, a in ana], marker="_", s=250, color="k", zorder=3,
+                           label="analytic" if t is int4 else None)
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set_xticks(x, [f"{e2m1['levels'][i]:g} | {int4['levels'][i]:g}" for i in idx])
+        ax.set_xlabel("level q (e2m1 | int4)")
+        ax.grid(alpha=0.3, axis="y")
+    ax_int.set_ylabel("E[|round(t)| − |t|  given  round(t) = q]")
+    ax_int.set_title("Rounding bias at the interior levels (RTNE, t uniform): E2M1 shrinks at 2 and 4")
+    ax_int.legend(fontsize=8)
+    ax_edge.set_title("Edge levels (one-sided)")
+    _sqnr_panel(ax_sqnr, report, f"SQNR on {report['input']}", np)
+    if heavy is not None:
+        _sqnr_panel(ax_heavy, heavy, f"heavy tails: {heavy['input']}", np)
+    else:
+        ax_heavy.axis("off")
     fig.tight_layout()
     try:
         fig.savefig(path, dpi=120)
@@ -189,7 +216,13 @@ def run(argv=None) -> dict:
     report["input"] = source
     print(json.dumps(report, indent=2) if args.json else render_text(report))
     if args.plot:
-        write_plot(report, args.plot)
+        heavy = None
+        if not source.startswith("student_t"):  # the figure shows the heavy-tailed case beside it
+            t3 = make_tensor("student_t", tensor.shape[0], tensor.shape[-1], seed=args.seed, df=3.0)
+            heavy = analyze(t3, formats=args.formats, rht_size=args.rht_size, seed=args.seed,
+                            bias_samples=args.bias_samples)
+            heavy["input"] = "student_t(df=3)"
+        write_plot(report, args.plot, heavy)
     return report
 
 
