@@ -59,7 +59,7 @@ def make_plots(report: dict, out_dir: Path) -> dict[str, list[str]] | None:
         if finals:  # zoom on the end, where the recipes differ
             lo, hi = min(finals), max(finals)
             ax.set_ylim(lo - 0.1 * (hi - lo + 1e-3), hi + 1.5 * (hi - lo + 1e-3))
-        ax.legend()
+        _legend(ax)
         ax.grid(alpha=0.3)
         ax.set_title(f"{study['name']}{tag}: loss curves")
         files.append(_save(fig, out_dir, f"loss_curves{tag}.png", plt))
@@ -80,7 +80,7 @@ def make_plots(report: dict, out_dir: Path) -> dict[str, list[str]] | None:
             ax1.axhline(0, color="k", lw=0.8)
             ax1.set_xlabel("training tokens")
             ax1.set_ylabel(f"validation gap to {ref} (%, mean over seeds)")
-            ax1.legend()
+            _legend(ax1)
             ax1.grid(alpha=0.3)
             names = list(res["gap_pct"])
             for i, a in enumerate(names):
@@ -142,6 +142,11 @@ def _probe_figure(res: dict, out_dir: Path, name: str, plt) -> str:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     return _save(fig, out_dir, name, plt)
+
+
+def _legend(ax, **kw) -> None:
+    if ax.get_legend_handles_labels()[0]:  # nothing drawn (e.g. no finished run): no empty legend
+        ax.legend(**kw)
 
 
 def _save(fig, out_dir: Path, name: str, plt) -> str:

@@ -117,8 +117,12 @@ class DistributedTrainer(TrainingLoop):
         self.val_ds = validation_dataset(cfg)
         self.step, self.skipped_total, self.consecutive_nonfinite = 0, 0, 0
         self._resume(resume_from)
-        if self.step == 0 and st.rank == 0:  # parameters are sharded: only the data order is fingerprinted
-            write_run_info(self.run_dir, cfg, self.recipe, None, self.train_ds, torch.get_num_threads())
+        if self.step == 0 and st.rank == 0:
+            # rank 0 holds every parameter (global names) only without TP/PP/EP sharding; else
+            # only the data order is fingerprinted
+            whole = st.tp == st.pp == st.ep == 1 and len(self.stages) == 1
+            write_run_info(self.run_dir, cfg, self.recipe, self.stages[0].named_parameters() if whole else None,
+                           self.train_ds, torch.get_num_threads())
         c = cfg.logging
         self.logger = MetricsLogger(self.run_dir, cfg.to_dict(), c.wandb and st.rank == 0, c.wandb_project,
                                     c.wandb_mode, c.tensorboard and st.rank == 0, self.step, self.console) \
