@@ -292,3 +292,14 @@ def test_rejections(d, pattern):
 def test_rejects_non_mapping():
     with pytest.raises(ValueError, match="mapping"):
         Recipe.from_dict(["ufp4"])
+
+
+def test_label_names_what_runs_whatever_the_spelling():
+    from megatron_ufp4.fp4.recipes import Recipe
+
+    a = Recipe.from_dict({"name": "ufp4", "rht": [], "sr": []}).label()
+    assert a == Recipe.from_dict({"name": "ufp4", "rht": False, "sr": None}).label() == "ufp4[rht=none; sr=none]"
+    # a no-op key beside a real change, and a key set to its default, are not listed
+    assert Recipe.from_dict({"name": "ufp4", "format": "e2m1", "rht": ["wgrad", "fprop", "dgrad"],
+                             "rht_size": 16}).label() == "ufp4[format=e2m1]"
+    assert Recipe.from_dict({"name": "e2m1_ref", "rht": True}).label() == "e2m1_ref[rht=dgrad,fprop,wgrad]"

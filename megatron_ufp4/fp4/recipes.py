@@ -170,9 +170,9 @@ class Recipe:
         base = PRESETS.get(self.name)
         if base is not None and self == Recipe.preset(self.name):
             return self.name
-        flat_base = _flatten(base or {})
-        changed = [f"{k}={_short(v)}" for k, v in _flatten(self.spec).items()
-                   if k != "name" and flat_base.get(k, _MISSING) != v]
+        flat_base = _canonical(_flatten(base or {}))
+        changed = [f"{k}={_short(v)}" for k, v in _canonical(_flatten(self.spec)).items()
+                   if k != "name" and flat_base.get(k, _LABEL_DEFAULTS.get(k, _MISSING)) != v]
         return f"{self.name}[{'; '.join(changed)}]" if changed else self.name
 
     def table(self) -> str:
@@ -207,6 +207,23 @@ def _flatten(d: dict, prefix: str = "") -> dict:
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
+    return out
+
+
+# top-level keys' values when neither the preset nor the user sets them (a key set to one is not a change)
+_LABEL_DEFAULTS = {"rht": [], "sr": [], "rht_size": 16, "rht_seed": 0, "bf16_first": 0, "bf16_last": 0,
+                   "bf16_layers": []}
+
+
+def _canonical(flat: dict) -> dict:
+    """Spellings of one meaning made equal: ``rht``/``sr`` as sorted lists (true: all, false/null: none)."""
+    out = dict(flat)
+    for key, allowed in (("rht", ALL_GEMMS), ("sr", ROLES)):
+        if key in out:
+            try:
+                out[key] = sorted(_as_list(out[key], allowed, key))
+            except (ValueError, TypeError):
+                pass  # invalid: from_dict has refused it already
     return out
 
 
