@@ -379,18 +379,24 @@ def config_from_saved(d) -> RunConfig:
     return config_from_dict(upgrade_saved_config(d))
 
 
+def read_yaml_mapping(p: Path, what: str = "config", top: str = "a mapping of sections") -> dict:
+    """A YAML file's top-level mapping (``safe_load``: no code runs); one-line ConfigErrors."""
+    if not p.is_file():
+        raise ConfigError(f"{what} file not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: top level must be {top}")
+    return loaded
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
     d: dict = dict(base or {})
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of sections")
+        loaded = read_yaml_mapping(p)
         for name in sorted(loaded, key=str):
             if name not in SECTIONS:
                 raise _unknown("section", name, SECTIONS, f" in {p}")

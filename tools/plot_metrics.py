@@ -14,20 +14,16 @@ import math
 import sys
 from pathlib import Path
 
+from megatron_ufp4.study.plots import moving_average
+from megatron_ufp4.study.report import read_metrics
+
 OPERANDS = [("fprop", "x"), ("fprop", "w"), ("dgrad", "dy"), ("dgrad", "w"), ("wgrad", "dy"), ("wgrad", "x")]
 
 
 def read_records(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
+    if not (run / "metrics.jsonl").is_file():
         raise ValueError(f"{run}: no metrics.jsonl (not a run directory?)")
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line torn by a kill
-    return out
+    return read_metrics(run)
 
 
 def run_label(run: Path) -> str:
@@ -38,16 +34,6 @@ def run_label(run: Path) -> str:
         return run.name
 
 
-def _smooth(ys, k):
-    out, acc = [], 0.0
-    for i, y in enumerate(ys):
-        acc += y
-        if i >= k:
-            acc -= ys[i - k]
-        out.append(acc / min(i + 1, k))
-    return out
-
-
 def plot_losses(runs: list[Path], out: Path, smooth: int, plt) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for run in runs:
@@ -56,7 +42,7 @@ def plot_losses(runs: list[Path], out: Path, smooth: int, plt) -> None:
         val = [(r["step"], r["val_loss"]) for r in recs if r.get("val_loss") is not None]
         label = run_label(run)
         if train:
-            line, = ax1.plot([s for s, _ in train], _smooth([v for _, v in train], smooth), lw=1.2, label=label)
+            line, = ax1.plot([s for s, _ in train], moving_average([v for _, v in train], smooth), lw=1.2, label=label)
             if val:
                 ax2.plot([s for s, _ in val], [v for _, v in val], marker="o", ms=3, color=line.get_color(),
                          label=label)

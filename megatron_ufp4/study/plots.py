@@ -14,7 +14,8 @@ def _pyplot():
     return plt
 
 
-def _moving_average(ys, k: int):
+def moving_average(ys, k: int) -> list[float]:
+    """The mean of each value and the k - 1 before it (fewer at the start)."""
     out, acc = [], 0.0
     for i, y in enumerate(ys):
         acc += y
@@ -52,7 +53,7 @@ def make_plots(report: dict, out_dir: Path) -> dict[str, list[str]] | None:
                 continue
             steps, mean = _mean_curve([c["train"] for c in cs])
             tokens = [s * cs[0]["tokens_per_step"] for s in steps]
-            ax.plot(tokens, _moving_average(mean, smooth), label=f"{a} ({len(cs)} seeds)", lw=1.2)
+            ax.plot(tokens, moving_average(mean, smooth), label=f"{a} ({len(cs)} seeds)", lw=1.2)
         ax.set_xlabel("training tokens")
         ax.set_ylabel(f"training loss (mean over seeds, {smooth}-step average)")
         finals = [m for c in curves for _, m in c["train"][-study["final_window"]:]]

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import ConfigError, RunConfig, load_config
+from ..config import ConfigError, RunConfig, load_config, read_yaml_mapping
 
 
 class StudyError(ValueError):
@@ -135,14 +135,10 @@ def load_study(path: str | Path, out_dir: str | None = None, seeds=None) -> Stud
     """Read and check a study file; every run's config is resolved (and so validated) too.
     ``seeds`` (a count or a list) replaces the file's seeds."""
     path = Path(path)
-    if not path.is_file():
-        raise StudyError(f"study file not found: {path}")
     try:
-        d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise StudyError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(d, dict):
-        raise StudyError(f"{path}: top level must be a mapping")
+        d = read_yaml_mapping(path, "study", "a mapping")
+    except ConfigError as e:
+        raise StudyError(str(e)) from None
     unknown = sorted(str(k) for k in d if k not in _KEYS)
     if unknown:
         raise StudyError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(_KEYS)})")
