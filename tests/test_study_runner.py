@@ -86,7 +86,8 @@ def test_statistics_by_hand():
     t975 = 0.95 / math.sqrt(2 * 0.975 * 0.025)  # df = 2 has a closed form: t_p = (2p - 1) / sqrt(2p(1 - p))
     half = t975 / math.sqrt(3)  # t x sd (= 1) / sqrt(n)
     assert s["mean"] == 2.0 and s["sd"] == 1.0 and s["ci"] == pytest.approx([2 - half, 2 + half], rel=1e-12)
-    assert summary([5.0]) == {"n": 1, "mean": 5.0, "sd": None, "ci": None}
+    assert summary([5.0]) == {"n": 1, "mean": 5.0, "median": 5.0, "sd": None, "ci": None}
+    assert summary([4.0, 1.0, 3.0, 100.0])["median"] == 3.5
     d = paired_difference({1: 1.0, 2: 0.5, 3: 2.0}, {1: 0.5, 2: 1.0, 4: 9.0})
     assert d["per_seed"] == {1: 0.5, 2: -0.5} and (d["positive"], d["negative"], d["zero"]) == (1, 1, 0)
     assert d["mean"] == 0.0 and d["n"] == 2

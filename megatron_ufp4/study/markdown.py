@@ -12,6 +12,11 @@ def _ci(s: dict, digits=3) -> str:
     return f"[{s['ci'][0]:+.{digits}f}, {s['ci'][1]:+.{digits}f}]" if s.get("ci") else "—"
 
 
+def _stats_cells(s: dict) -> str:
+    """mean | median | sd | 95 % CI of a seed-level summary."""
+    return f"{_f(s['mean'], 3, True)} | {_f(s['median'], 3, True)} | {_f(s['sd'], 3)} | {_ci(s)}"
+
+
 def _point_section(study: dict, res: dict, plots: list[str]) -> list[str]:
     ref = study["reference"]
     seeds = [str(s) for s in study["seeds"]]
@@ -35,22 +40,21 @@ def _point_section(study: dict, res: dict, plots: list[str]) -> list[str]:
                   "windows score both runs).  Across seeds: mean, sd and the 95 % t-interval of the mean; the "
                   f"paper's definition uses the training loss averaged over the last {study['final_window']} "
                   "steps instead.", "",
-                  "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | sd | 95 % CI | paper's gap "
-                  "(train, mean ± sd) |", "|---|" + "---|" * len(seeds) + "---|---|---|---|"]
+                  "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | median | sd | 95 % CI | paper's gap "
+                  "(train, mean ± sd) |", "|---|" + "---|" * len(seeds) + "---|---|---|---|---|"]
         for a, g in res["gap_pct"].items():
             cells = [f"{g['per_seed'][s]:+.3f} ({g['per_seed_eval_se'][s]:.3f})" if s in g["per_seed"] else "—"
                      for s in seeds]
             tg = res["train_gap_pct"][a]
             paper = f"{tg['mean']:+.3f} ± {tg['sd']:.3f}" if tg.get("sd") is not None else _f(tg.get("mean"), 3, True)
-            lines.append(f"| {a} | " + " | ".join(cells) + f" | {_f(g['mean'], 3, True)} | {_f(g['sd'], 3)} | "
-                         f"{_ci(g)} | {paper} |")
+            lines.append(f"| {a} | " + " | ".join(cells) + f" | {_stats_cells(g)} | {paper} |")
     if res.get("pairs"):
         lines += ["", "### Paired differences of the gap (percentage points, by seed)", "",
-                  "| A − B | per seed | mean | sd | 95 % CI | A − B > 0 / < 0 |", "|---|---|---|---|---|---|"]
+                  "| A − B | per seed | mean | median | sd | 95 % CI | A − B > 0 / < 0 |",
+                  "|---|---|---|---|---|---|---|"]
         for name, p in res["pairs"].items():
             per = ", ".join(f"{v:+.3f}" for v in p["per_seed"].values())
-            lines.append(f"| {name} | {per} | {_f(p['mean'], 3, True)} | {_f(p['sd'], 3)} | {_ci(p)} | "
-                         f"{p['positive']} / {p['negative']} |")
+            lines.append(f"| {name} | {per} | {_stats_cells(p)} | {p['positive']} / {p['negative']} |")
     lines += ["", "### Runs", "", "| arm | median step (s) | clipped steps | skipped steps |", "|---|---|---|---|"]
     for a in arms:
         t = res["throughput"][a]

@@ -25,17 +25,20 @@ def t_quantile(df: int, level: float = 0.95) -> float:
 
 
 def summary(xs, level: float = 0.95) -> dict:
-    """n, mean, sample sd and the t-interval of the mean (None where n is too small)."""
+    """n, mean, median, sample sd and the t-interval of the mean (None where n is too small).
+    The median is there because one diverged seed moves a small-sample mean a long way."""
     xs = [float(x) for x in xs]
     n = len(xs)
     if n == 0:
-        return {"n": 0, "mean": None, "sd": None, "ci": None}
+        return {"n": 0, "mean": None, "median": None, "sd": None, "ci": None}
     mean = math.fsum(xs) / n
+    srt = sorted(xs)
+    median = srt[n // 2] if n % 2 else (srt[n // 2 - 1] + srt[n // 2]) / 2
     if n < 2:
-        return {"n": 1, "mean": mean, "sd": None, "ci": None}
+        return {"n": 1, "mean": mean, "median": median, "sd": None, "ci": None}
     sd = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1))
     half = t_quantile(n - 1, level) * sd / math.sqrt(n)
-    return {"n": n, "mean": mean, "sd": sd, "ci": [mean - half, mean + half]}
+    return {"n": n, "mean": mean, "median": median, "sd": sd, "ci": [mean - half, mean + half]}
 
 
 def paired_difference(a: dict, b: dict) -> dict:
