@@ -167,11 +167,14 @@ def test_run_grid(tmp_path, shakespeare_prefix):
     assert load_study(path, seeds=[5, 9]).seeds == [5, 9]
     moved = load_study(path, out_dir=str(tmp_path / "elsewhere"))
     assert all(r.run_dir.parent.parent.parent == tmp_path / "elsewhere" for r in moved.runs())
-    # an override the study sets on training.seed is replaced by each run's own seed
-    path = _write(tmp_path / "seeded.yaml", _spec(shakespeare_prefix, tmp_path / "seeded", overrides={
-        **_overrides(shakespeare_prefix), "training.seed": 77}))
-    study = load_study(path)
-    assert [study.run_config(r).training.seed for r in study.runs()] == [1, 2, 1, 2]
+    # training.seed and training.run_dir belong to the study: setting them is refused
+    for key, value in (("training.seed", 77), ("training.run_dir", "x")):
+        path = _write(tmp_path / "seeded.yaml", _spec(shakespeare_prefix, tmp_path / "seeded", overrides={
+            **_overrides(shakespeare_prefix), key: value}))
+        with pytest.raises(StudyError, match=f"overrides: {key} is set by the study"):
+            load_study(path)
+    path = _write(tmp_path / "noref.yaml", {**_spec(shakespeare_prefix, tmp_path / "noref"), "reference": None})
+    assert load_study(path).reference is None  # an explicit null: no reference arm
 
 
 # -- 4. statistics ------------------------------------------------------------------------------

@@ -160,10 +160,18 @@ def load_study(path: str | Path, out_dir: str | None = None, seeds=None) -> Stud
         raise StudyError(f"{path}: seeds: expected a count or a list of integers in [0, 2^32) (got {seeds!r})")
     if len(set(seeds)) != len(seeds):
         raise StudyError(f"{path}: seeds: repeated seed in {seeds}")
-    reference = d.get("reference")
-    if reference is None:
+    owned = ("training.seed", "training.run_dir")  # the study sets these per run
+    for where, over in [("overrides", _mapping(d.get("overrides"), "overrides", path)),
+                        *((f"arms.{a}", o) for a, o in arms.items())]:
+        for key in owned:
+            if key in over:
+                raise StudyError(f"{path}: {where}: {key} is set by the study for every run "
+                                 f"({'use seeds' if key == 'training.seed' else 'use out_dir'})")
+    if "reference" in d:  # written as null: no reference arm (no gaps)
+        reference = d["reference"]
+    else:
         reference = next((a for a in ("bf16", "fp32") if a in arms), None)
-    elif reference not in arms:
+    if reference is not None and reference not in arms:
         raise StudyError(f"{path}: reference: {reference!r} is not an arm (arms: {', '.join(arms)})")
     pairs = d.get("pairs") or []
     if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
