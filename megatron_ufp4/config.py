@@ -23,7 +23,7 @@ import yaml
 
 from .fp4.recipes import Recipe
 from .linear.backends import available_backends
-from .model.config import ModelConfig, with_preset
+from .model.config import ModelConfig, upgrade_saved_model, with_preset
 
 
 class ConfigError(ValueError):
@@ -207,6 +207,9 @@ class RunConfig:
         for key, v, allowed in choices:
             if v not in allowed:
                 raise ConfigError(f"{key}: must be one of {', '.join(allowed)} (got {v!r})")
+        if self.model.mtp_depth and p.pipeline > 1:  # the last stage would need its own embedding copy
+            raise ConfigError(f"model.mtp_depth: multi-token prediction needs parallel.pipeline=1 (got "
+                              f"mtp_depth={self.model.mtp_depth} with pipeline={p.pipeline})")
         if not (t.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:[0-9]+", str(t.device))):
             raise ConfigError(f"training.device: must be auto, cpu, cuda or cuda:N (got {t.device!r})")
         for key, v in (("data.prefix", self.data.prefix), ("training.run_dir", t.run_dir),
@@ -356,9 +359,10 @@ def config_from_dict(d: dict) -> RunConfig:
 
 def upgrade_saved_config(d) -> dict:
     """A config saved with an older checkpoint, in today's layout: ``recipe.backend`` moves
-    to ``gemm.backend`` (``emulated`` when neither is set, the default then and now) and
+    to ``gemm.backend`` (``emulated`` when neither is set, the default then and now),
     ``parallel.zero1`` goes (it changed nothing: the only trainer that read it refused
-    false).  Anything that is not a mapping becomes ``{}``; other sections are copied."""
+    false) and model fields added since get their defaults.  Anything that is not a mapping
+    becomes ``{}``; other sections are copied."""
     if not isinstance(d, dict):
         return {}
     d = dict(d)
@@ -371,6 +375,8 @@ def upgrade_saved_config(d) -> dict:
     d.setdefault("gemm", dataclasses.asdict(GemmConfig()))
     if isinstance(d.get("parallel"), dict):
         d["parallel"] = {k: v for k, v in d["parallel"].items() if k != "zero1"}
+    if isinstance(d.get("model"), dict) and "preset" not in d["model"]:
+        d["model"] = upgrade_saved_model(d["model"])  # fields added since: their defaults
     return d
 
 

@@ -30,6 +30,9 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     bias: bool = False  # bias on the attention / MLP / expert linears
+    head_dim: int | None = None  # per attention head; None: hidden_size // num_heads (resolved on construction)
+    qk_norm: bool = False  # RMSNorm over head_dim on every query and key head before RoPE (one weight each)
+    rotary_fraction: float = 1.0  # RoPE on the first int(fraction * head_dim) channels of each head; rest unrotated
     # -- mixture of experts (num_experts == 0: every layer dense) -------------------------
     num_experts: int = 0
     moe_top_k: int = 2
@@ -41,11 +44,24 @@ class ModelConfig:
     aux_loss_coeff: float = 0.01  # Switch/GShard load-balancing loss; 0: off
     expert_bias_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3) update speed; 0: off
     moe_capacity_factor: float | None = None  # None: no token dropping
+    # group-limited routing (DeepSeek-V3): experts in router_groups equal groups, a token picks its
+    # top-k experts inside its router_topk_groups best groups (group score: sum of its 2 best scores)
+    router_groups: int = 1
+    router_topk_groups: int = 1
+    routed_scaling_factor: float = 1.0  # routed experts' weights multiplied by this (after renormalisation)
+    # -- multi-token prediction (DeepSeek-V3 MTP): depth k predicts token t+k+1 ---------------
+    mtp_depth: int = 0  # MTP modules after the last layer; 0: none
+    mtp_loss_coeff: float = 0.1  # the MTP losses' weight: coeff / depth * sum over depths
+
+    def __post_init__(self):
+        if self.head_dim is None and _divides(self.num_heads, self.hidden_size):
+            self.head_dim = self.hidden_size // self.num_heads
 
     # -- derived ----------------------------------------------------------------------------
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+    def rotary_dim(self) -> int:
+        """Channels of each head that RoPE rotates (the first ones; the rest pass through)."""
+        return int(self.head_dim * self.rotary_fraction)
 
     @property
     def expert_ffn_hidden_size(self) -> int:
@@ -73,20 +89,27 @@ class ModelConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 bad(name, "must be a positive integer")
-        if self.hidden_size % self.num_heads:
-            bad("num_heads", f"must divide hidden_size={self.hidden_size}")
+        if self.head_dim is None:
+            bad("num_heads", f"must divide hidden_size={self.hidden_size} (or set head_dim)")
+        if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim < 1:
+            bad("head_dim", "must be a positive integer (or None: hidden_size // num_heads)")
         if self.num_heads % self.num_kv_heads:
             bad("num_kv_heads", f"must divide num_heads={self.num_heads}")
-        if self.head_dim % 2:
-            bad("num_heads", f"gives an odd head_dim={self.head_dim}; rotary embeddings need it even")
+        if not (math.isfinite(self.rotary_fraction) and 0 < self.rotary_fraction <= 1):
+            bad("rotary_fraction", "must be finite and in (0, 1]")
+        if self.rotary_dim < 2 or self.rotary_dim % 2:
+            bad("rotary_fraction", f"gives rotary_dim = int({self.rotary_fraction} * head_dim={self.head_dim}) = "
+                                   f"{self.rotary_dim}; rotary embeddings need it even and >= 2")
         finite("rope_theta", 0, True)
+        finite("routed_scaling_factor", 0, True)
+        finite("mtp_loss_coeff", 0, False)
         finite("norm_eps", 0, True)
         finite("init_std", 0, True)
         finite("aux_loss_coeff", 0, False)
         finite("expert_bias_rate", 0, False)
         if self.moe_capacity_factor is not None:
             finite("moe_capacity_factor", 0, True, " (or None: no token dropping)")
-        for name in ("num_experts", "num_shared_experts", "first_k_dense"):
+        for name in ("num_experts", "num_shared_experts", "first_k_dense", "mtp_depth"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 bad(name, "must be an integer >= 0")
@@ -102,6 +125,16 @@ class ModelConfig:
             f = self.moe_ffn_hidden_size
             if f is not None and (isinstance(f, bool) or not isinstance(f, int) or f < 1):
                 bad("moe_ffn_hidden_size", "must be a positive integer or None")
+            g, tg = self.router_groups, self.router_topk_groups
+            if isinstance(g, bool) or not isinstance(g, int) or g < 1 or self.num_experts % g:
+                bad("router_groups", f"must be a positive integer dividing num_experts={self.num_experts}")
+            if g > 1 and self.num_experts // g < 2:
+                bad("router_groups", "must leave >= 2 experts per group (a group scores by its 2 best experts)")
+            if isinstance(tg, bool) or not isinstance(tg, int) or not 1 <= tg <= g:
+                bad("router_topk_groups", f"must be an integer in [1, router_groups={g}]")
+            if tg * (self.num_experts // g) < self.moe_top_k:
+                bad("router_topk_groups", f"leaves {tg * (self.num_experts // g)} experts to choose from, fewer "
+                                          f"than moe_top_k={self.moe_top_k}")
         elif self.num_shared_experts:
             bad("num_shared_experts", "needs num_experts > 0")
         return self
@@ -119,6 +152,21 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown ModelConfig key {unknown[0]!r}; known keys: {sorted(known)}")
         return cls(**d).validate()
+
+
+def _divides(a, b) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (a, b)) and b % a == 0
+
+
+def upgrade_saved_model(d: dict) -> dict:
+    """A model section saved before a field existed, with that field's default (``head_dim``
+    resolved as then: hidden_size // num_heads), so resuming an older run compares equal."""
+    out = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+           if f.default is not dataclasses.MISSING and f.name not in d}
+    out.update(d)
+    if out.get("head_dim") is None and _divides(out.get("num_heads"), out.get("hidden_size")):
+        out["head_dim"] = out["hidden_size"] // out["num_heads"]
+    return out
 
 
 def with_preset(d: dict) -> dict:

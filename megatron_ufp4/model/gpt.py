@@ -4,6 +4,11 @@
     logits = model(tokens)                  # (B, T, vocab) float32; MoE aux losses ride on autograd
     loss = model(tokens, labels=labels)     # mean CE; head + CE chunked over tokens, no full logits
 
+With ``mtp_depth`` > 0 the model also holds multi-token-prediction modules (``model.mtp``);
+in training, ``model(tokens, labels=labels)`` still returns the next-token loss, and the
+MTP losses reach the gradient through ``AuxLossScaler`` (as MoE aux losses do), so the
+reported loss stays comparable with a model without MTP.
+
 ``model.layers`` is an ``nn.ModuleDict`` keyed by the global layer index, so a pipeline
 stage is this same class with the parts it does not hold removed (layers deleted, embed /
 norm / head set to ``None``; ``forward`` skips them) and keeps the full model's
@@ -25,7 +30,7 @@ from .config import ModelConfig
 from .init import KeyedInit
 from .layers import Attention, RotaryEmbedding, SwiGLU, rms_norm
 from .linear_factory import LinearFactory
-from .moe import MoE
+from .moe import AuxLossScaler, MoE
 
 DEFAULT_CE_CHUNK_TOKENS = 1024  # tokens per chunk of the chunked cross entropy
 
@@ -38,7 +43,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer_index = layer_index
         self.attn_norm = rms_norm(config, device)
-        self.attn = Attention(config, linear_factory, layer_index, rope)
+        self.attn = Attention(config, linear_factory, layer_index, rope, device=device)
         self.mlp_norm = rms_norm(config, device)
         if config.is_moe_layer(layer_index):
             self.mlp = MoE(config, linear_factory, layer_index, step_context, device=device)
@@ -56,6 +61,51 @@ class Block(nn.Module):
         self.mlp_norm.reset_parameters()
         self.attn.init_weights(init, std, out_std)
         self.mlp.init_weights(init, std, out_std)
+
+
+class MTPModule(nn.Module):
+    """Multi-token prediction at depth ``depth`` (DeepSeek-V3): from the previous depth's
+    hidden states h (the main model's last layer output for depth 1) and the embedding e of
+    the token ``depth`` positions ahead, ``block(proj([hidden_norm(h); embed_norm(e)]))``; its
+    ``norm`` then the model's shared head predict the token ``depth + 1`` ahead.  The block is
+    the main stack's kind (MoE when the model's later layers are) at layer index
+    ``num_layers + depth - 1``, so recipes treat it as a layer after the last one.  ``proj``
+    is a high-precision, replicated linear (2 * hidden -> hidden), like the router."""
+
+    def __init__(self, config: ModelConfig, linear_factory, depth: int, rope: RotaryEmbedding,
+                 step_context: StepContext | None = None, device=None):
+        super().__init__()
+        self.depth, self.layer_index = depth, config.num_layers + depth - 1
+        self.hidden_norm = rms_norm(config, device)
+        self.embed_norm = rms_norm(config, device)
+        self.proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False, device=device)
+        self.block = Block(config, linear_factory, self.layer_index, rope, step_context, device=device)
+        self.norm = rms_norm(config, device)
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return self.block(self.proj(torch.cat([self.hidden_norm(h), self.embed_norm(e)], dim=-1)))
+
+    @torch.no_grad()
+    def init_weights(self, init: KeyedInit, std: float, out_std: float) -> None:
+        for norm in (self.hidden_norm, self.embed_norm, self.norm):
+            norm.reset_parameters()
+        init.normal_(self.proj, "weight", std)
+        self.block.init_weights(init, std, out_std)
+
+
+def mtp_targets(labels: torch.Tensor, depth: int, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input tokens, targets) of MTP depth ``depth`` from the next-token ``labels`` (B, T):
+    position i reads token t[i + depth] = labels[i + depth - 1] and predicts t[i + depth + 1]
+    = labels[i + depth]; positions past the end get input 0 and target ``ignore_index`` (by
+    causality they cannot reach earlier positions).  Needs only labels, which the last
+    pipeline stage has."""
+    t = labels.shape[1]
+    inputs = labels.new_zeros(labels.shape)
+    targets = labels.new_full(labels.shape, ignore_index)
+    if depth <= t:
+        inputs[:, :t - depth + 1] = labels[:, depth - 1:]
+        targets[:, :t - depth] = labels[:, depth:]
+    return inputs.masked_fill(inputs < 0, 0), targets
 
 
 class GPTModel(nn.Module):
@@ -87,13 +137,17 @@ class GPTModel(nn.Module):
             embedding_factory = embedding_factory or (lambda n, d: nn.Embedding(n, d, device=device))
             head_factory = head_factory or (lambda i, o: nn.Linear(i, o, bias=False, device=device))
             self.embed = embedding_factory(config.vocab_size, config.hidden_size)
-            self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta, device=device)
+            self.rope = RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta, device=device,
+                                        rotary_dim=config.rotary_dim)
             self.layers = nn.ModuleDict({str(i): Block(config, linear_factory, i, self.rope, self.step_context,
                                                        device=device) for i in range(config.num_layers)})
             self.norm = rms_norm(config, device)
             self.head = head_factory(config.hidden_size, config.vocab_size)
+            self.mtp = nn.ModuleList([MTPModule(config, linear_factory, d, self.rope, self.step_context, device)
+                                      for d in range(1, config.mtp_depth + 1)]) if config.mtp_depth else None
             if config.tie_embeddings:
                 self.head.weight = self.embed.weight
+        self.last_mtp_losses: torch.Tensor | None = None
         self.init_weights()
 
     ce_chunk_tokens = DEFAULT_CE_CHUNK_TOKENS  # tokens per chunk of the chunked cross entropy (forward(labels=))
@@ -103,18 +157,49 @@ class GPTModel(nn.Module):
         """tokens (B, T) int64 -> logits (B, T, vocab) float32; with ``labels`` (B, T): the
         cross entropy instead, through ``head_loss`` (the full logits never exist), reduced
         as ``reduction`` says ("mean"; "none": per-token losses (B, T), what evaluation uses)."""
-        h = self.hidden_states(tokens)
-        if self.head is None:
+        h = self.layer_states(tokens)
+        if self.norm is None:
             return h
-        return self.head(h).float() if labels is None else self.head_loss(h, labels, reduction)
+        out = self.norm(h)
+        if self.head is None:
+            return out
+        if labels is None:
+            return self.head(out).float()
+        loss = self.head_loss(out, labels, reduction)
+        if self.mtp is not None and self.training and reduction == "mean":
+            mtp_loss = self.mtp_loss(h, labels)
+            if mtp_loss.requires_grad and loss.requires_grad:
+                loss = AuxLossScaler.apply(loss, mtp_loss, self.step_context.aux_loss_scale)
+        return loss
 
-    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Everything before the head: embedding, this model's layers, the final norm (those
-        it holds; a pipeline chunk takes the previous stage's hidden states as ``tokens``)."""
+    def layer_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The embedding and this model's layers (those it holds; a pipeline chunk takes the
+        previous stage's hidden states as ``tokens``)."""
         h = self.embed(tokens) if self.embed is not None else tokens
         for layer in self.layers.values():
             h = layer(h)
+        return h
+
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Everything before the head: ``layer_states`` then the final norm (when held)."""
+        h = self.layer_states(tokens)
         return self.norm(h) if self.norm is not None else h
+
+    def mtp_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``mtp_loss_coeff / depth * sum_k CE_k``: depth k's cross entropy against the token
+        k + 1 ahead (``mtp_targets``), from the last layer's output ``h`` (before the final
+        norm).  Keeps the detached per-depth losses (a device tensor: no host sync) in
+        ``last_mtp_losses`` for logging."""
+        if self.embed is None:
+            raise ValueError("multi-token prediction needs the embedding on the stage that holds the head")
+        losses = []
+        for module in self.mtp:
+            inputs, targets = mtp_targets(labels, module.depth)
+            h = module(h, self.embed(inputs))
+            losses.append(self.head_loss(module.norm(h), targets))
+        losses = torch.stack(losses)
+        self.last_mtp_losses = losses.detach()
+        return losses.sum() * (self.config.mtp_loss_coeff / len(losses))
 
     def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """``lm_loss(self.head(hidden).float(), labels)`` from the final-norm output, chunked
@@ -151,6 +236,8 @@ class GPTModel(nn.Module):
                 self.head.weight = self.embed.weight  # to_empty gives each module its own tensor
         for layer in self.layers.values():
             layer.init_weights(init, std, out_std)
+        for module in self.mtp or ():
+            module.init_weights(init, std, out_std)
         if self.norm is not None:
             self.norm.reset_parameters()
         if self.head is not None and (not tied or self.embed is None):  # a pipeline stage's copy of a tied weight
@@ -375,25 +462,31 @@ def _swiglu_params(h: int, f: int, bias: bool) -> int:
 
 def num_params(config: ModelConfig) -> ParamCount:
     """Total / active parameter counts from the config alone (embedding, head when untied,
-    norms and routers included; RoPE has none)."""
+    norms, routers and MTP modules included; RoPE has none)."""
     c = config.validate()
+    h = c.hidden_size
+    total = active = c.vocab_size * h * (1 if c.tie_embeddings else 2) + h  # embed, head, final norm
+    for i in range(c.num_layers + c.mtp_depth):
+        layer, inactive = _layer_params(c, i)
+        if i >= c.num_layers:  # an MTP module: its two input norms, output norm and 2h -> h projection
+            layer += 3 * h + 2 * h * h
+        total, active = total + layer, active + layer - inactive
+    return ParamCount(total, active)
+
+
+def _layer_params(c: ModelConfig, i: int) -> tuple[int, int]:
+    """Parameters of transformer block ``i`` (MTP blocks continue the numbering), and how
+    many of them a token does not use (the routed experts it is not sent to)."""
     h, hd = c.hidden_size, c.head_dim
     qkv_out = (c.num_heads + 2 * c.num_kv_heads) * hd
-    attn = h * qkv_out + c.num_heads * hd * h + ((qkv_out + h) if c.bias else 0)
-    total = active = c.vocab_size * h * (1 if c.tie_embeddings else 2) + h  # embed, head, final norm
-    for i in range(c.num_layers):
-        layer = attn + 2 * h
-        if c.is_moe_layer(i):
-            expert = _swiglu_params(h, c.expert_ffn_hidden_size, c.bias)
-            shared = _swiglu_params(h, c.num_shared_experts * c.expert_ffn_hidden_size, c.bias) \
-                if c.num_shared_experts else 0
-            layer += c.num_experts * h + c.num_experts * expert + shared
-            active += layer - (c.num_experts - c.moe_top_k) * expert
-        else:
-            layer += _swiglu_params(h, c.ffn_hidden_size, c.bias)
-            active += layer
-        total += layer
-    return ParamCount(total, active)
+    layer = h * qkv_out + c.num_heads * hd * h + ((qkv_out + h) if c.bias else 0) + 2 * h
+    layer += 2 * hd if c.qk_norm else 0
+    if not c.is_moe_layer(i):
+        return layer + _swiglu_params(h, c.ffn_hidden_size, c.bias), 0
+    expert = _swiglu_params(h, c.expert_ffn_hidden_size, c.bias)
+    shared = _swiglu_params(h, c.num_shared_experts * c.expert_ffn_hidden_size, c.bias) \
+        if c.num_shared_experts else 0
+    return layer + c.num_experts * h + c.num_experts * expert + shared, (c.num_experts - c.moe_top_k) * expert
 
 
 def count_params(model: nn.Module) -> ParamCount:

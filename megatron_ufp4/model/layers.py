@@ -1,4 +1,5 @@
-"""Building blocks of a Llama-style transformer: RMSNorm, RoPE, GQA attention, SwiGLU.
+"""Building blocks of a Llama-style transformer: RMSNorm, RoPE (full or partial), GQA
+attention (optionally with QK-norm), SwiGLU.
 
 Every linear of attention and MLP comes from a ``linear_factory`` (see linear_factory.py);
 norms, rotary embeddings, the softmax and the QK^T / PV batched matmuls stay in torch's
@@ -20,21 +21,32 @@ def rms_norm(config: ModelConfig, device=None) -> nn.RMSNorm:
     return nn.RMSNorm(config.hidden_size, eps=config.norm_eps, device=device)
 
 
-class RotaryEmbedding(nn.Module):
-    """Rotary position embedding, "rotate-half" layout (GPT-NeoX / HF Llama).
+class HeadRMSNorm(nn.RMSNorm):
+    """RMSNorm over ``head_dim``, one weight shared by every head (QK-norm).  A tensor-parallel
+    rank holds only its heads, so its gradient for the weight is a partial sum over the
+    tensor-parallel group (parallel/parallel_factory.py marks and sums it)."""
 
-    Channel i of the first half pairs with channel i of the second half and is rotated by
-    angle pos * theta^(-2i/head_dim).  cos/sin are precomputed in float64 and stored as
-    non-persistent float32 buffers (max_seq_len, head_dim / 2).
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding, "rotate-half" layout (GPT-NeoX / HF Llama), on the first
+    ``rotary_dim`` channels of each head (all of them by default; partial RoPE as in
+    GPT-NeoX / Ling: the other channels pass through unrotated).
+
+    Rotated channel i of the first half pairs with channel i of the second half and turns by
+    angle pos * theta^(-2i/rotary_dim).  cos/sin are precomputed in float64 and stored as
+    non-persistent float32 buffers (max_seq_len, rotary_dim / 2).
     """
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0, device=None):
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0, device=None,
+                 rotary_dim: int | None = None):
         super().__init__()
-        if head_dim % 2:
-            raise ValueError(f"rotary embeddings need an even head_dim (got {head_dim})")
-        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
-        self.register_buffer("cos", torch.empty(max_seq_len, head_dim // 2, device=device), persistent=False)
-        self.register_buffer("sin", torch.empty(max_seq_len, head_dim // 2, device=device), persistent=False)
+        rotary_dim = head_dim if rotary_dim is None else rotary_dim
+        if rotary_dim % 2 or not 2 <= rotary_dim <= head_dim:
+            raise ValueError(f"rotary embeddings need an even rotary_dim in [2, head_dim={head_dim}] "
+                             f"(got {rotary_dim})")
+        self.head_dim, self.rotary_dim, self.max_seq_len, self.theta = head_dim, rotary_dim, max_seq_len, theta
+        self.register_buffer("cos", torch.empty(max_seq_len, rotary_dim // 2, device=device), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, rotary_dim // 2, device=device), persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -42,7 +54,7 @@ class RotaryEmbedding(nn.Module):
         """(Re)compute the tables, e.g. after ``to_empty`` materialised a meta-device model."""
         if self.cos.is_meta:
             return
-        inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim)
+        inv_freq = self.theta ** (-torch.arange(0, self.rotary_dim, 2, dtype=torch.float64) / self.rotary_dim)
         angles = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float64), inv_freq)
         self.cos.copy_(angles.cos())
         self.sin.copy_(angles.sin())
@@ -58,11 +70,14 @@ class RotaryEmbedding(nn.Module):
             cos, sin = self.cos[positions], self.sin[positions]
         dtype = torch.promote_types(x.dtype, torch.float32)
         cos, sin = cos.to(dtype), sin.to(dtype)
-        x1, x2 = x.to(dtype).chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+        rot, rest = x.split([self.rotary_dim, self.head_dim - self.rotary_dim], dim=-1)
+        x1, x2 = rot.to(dtype).chunk(2, dim=-1)
+        out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+        return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, max_seq_len={self.max_seq_len}, theta={self.theta}"
+        part = f", rotary_dim={self.rotary_dim}" if self.rotary_dim != self.head_dim else ""
+        return f"head_dim={self.head_dim}{part}, max_seq_len={self.max_seq_len}, theta={self.theta}"
 
 
 class Attention(nn.Module):
@@ -71,10 +86,12 @@ class Attention(nn.Module):
     qkv output layout, grouped by KV head (Megatron's): for each of the num_kv_heads
     groups, its num_heads/num_kv_heads query heads, then its key head, then its value head.
     A contiguous split of that output (a column-parallel shard) holds whole groups.
-    Query head h attends with KV head h // (num_heads / num_kv_heads).
+    Query head h attends with KV head h // (num_heads / num_kv_heads).  ``qk_norm``: every
+    query and key head is RMS-normalised over head_dim (one weight for q, one for k) before
+    RoPE (OLMo-2 / Qwen3 / Ling).
     """
 
-    def __init__(self, config: ModelConfig, linear_factory, layer_index: int, rope: RotaryEmbedding):
+    def __init__(self, config: ModelConfig, linear_factory, layer_index: int, rope: RotaryEmbedding, device=None):
         super().__init__()
         hd, nh, nkv = config.head_dim, config.num_heads, config.num_kv_heads
         self.head_dim, self.q_per_kv = hd, nh // nkv
@@ -83,6 +100,8 @@ class Attention(nn.Module):
         self.proj = linear_factory(nh * hd, config.hidden_size, kind="row", layer_index=layer_index,
                                    name="attn.proj", bias=config.bias)
         self.rope = rope  # shared by all layers; non-persistent buffers, so no state-dict keys
+        self.q_norm = HeadRMSNorm(hd, eps=config.norm_eps, device=device) if config.qk_norm else None
+        self.k_norm = HeadRMSNorm(hd, eps=config.norm_eps, device=device) if config.qk_norm else None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         r, hd = self.q_per_kv, self.head_dim
@@ -92,6 +111,8 @@ class Attention(nn.Module):
         q, k, v = qkv.split([r * hd, hd, hd], dim=-1)
         q = q.reshape(b, t, -1, hd).transpose(1, 2)  # (B, heads, T, hd)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, kv heads, T, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(q, positions), self.rope(k, positions)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=r > 1)
         return self.proj(y.transpose(1, 2).reshape(b, t, -1))
@@ -100,6 +121,9 @@ class Attention(nn.Module):
     def init_weights(self, init: KeyedInit, std: float, out_std: float) -> None:
         _init_linear(init, self.qkv, std)
         _init_linear(init, self.proj, out_std)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.reset_parameters()
 
 
 class SwiGLU(nn.Module):

@@ -2,7 +2,11 @@
 
 Router (high precision): scores = softmax or sigmoid of x W_r^T; the top-k experts are
 picked on scores + expert_bias (the bias steers *selection only*), and the k weights are
-the plain scores, optionally renormalised to sum to 1.
+the plain scores, optionally renormalised to sum to 1, times ``routed_scaling_factor``.
+Group-limited routing (DeepSeek-V3): the experts form ``groups`` equal contiguous groups,
+each scored by the sum of its two best biased scores; a token chooses its k experts inside
+its ``topk_groups`` best groups only (with EP, groups aligned to ranks bound how many ranks
+a token is sent to).
 
 Dispatch has no loop over tokens: token-slots are sorted by expert id, the sorted rows run
 through the experts as grouped GEMMs (``GroupedExperts``, experts.py: bitwise the loop over
@@ -68,9 +72,10 @@ class Router(nn.Module):
     """Top-k router; computes in at least float32 with autocast off."""
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, *, score: str = "softmax",
-                 norm_topk: bool = True, device=None):
+                 norm_topk: bool = True, groups: int = 1, topk_groups: int = 1, scaling: float = 1.0, device=None):
         super().__init__()
         self.num_experts, self.top_k, self.score, self.norm_topk = num_experts, top_k, score, norm_topk
+        self.groups, self.topk_groups, self.scaling = groups, topk_groups, scaling
         self.linear = nn.Linear(hidden_size, num_experts, bias=False, device=device)
         # selection-only bias of aux-loss-free balancing: a buffer (never trained), saved in checkpoints
         self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32, device=device))
@@ -81,14 +86,32 @@ class Router(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(x.to(dtype), self.linear.weight.to(dtype))
         scores = logits.softmax(dim=-1) if self.score == "softmax" else logits.sigmoid()
-        _, idx = torch.topk(scores.detach() + self.expert_bias.to(dtype), self.top_k, dim=-1)
+        choice = scores.detach() + self.expert_bias.to(dtype)
+        if self.groups > 1 and self.topk_groups < self.groups:
+            choice = self.limit_to_groups(choice)
+        _, idx = torch.topk(choice, self.top_k, dim=-1)
         weights = scores.gather(-1, idx)
         if self.norm_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+        if self.scaling != 1.0:
+            weights = weights * self.scaling
         return weights, idx, scores
 
+    def limit_to_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """``choice`` (N, E) with every expert outside the token's ``topk_groups`` best groups
+        set to -inf (a group's score: the sum of its two best entries)."""
+        n = choice.shape[0]
+        grouped = choice.view(n, self.groups, -1)
+        group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        best = group_score.topk(self.topk_groups, dim=-1).indices
+        keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best, True)
+        return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(n, -1)
+
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, top_k={self.top_k}, score={self.score}, norm_topk={self.norm_topk}"
+        groups = f", groups={self.topk_groups}/{self.groups}" if self.groups > 1 else ""
+        scaling = f", scaling={self.scaling}" if self.scaling != 1.0 else ""
+        return (f"num_experts={self.num_experts}, top_k={self.top_k}, score={self.score}, "
+                f"norm_topk={self.norm_topk}{groups}{scaling}")
 
 
 def combine(x: torch.Tensor, ys: torch.Tensor, token: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -140,7 +163,9 @@ class MoE(nn.Module):
         self.aux_loss_coeff, self.expert_bias_rate = config.aux_loss_coeff, config.expert_bias_rate
         self.capacity_factor = config.moe_capacity_factor
         self.router = Router(h, config.num_experts, config.moe_top_k, score=config.router_score,
-                             norm_topk=config.router_norm_topk, device=device)
+                             norm_topk=config.router_norm_topk, groups=config.router_groups,
+                             topk_groups=config.router_topk_groups, scaling=config.routed_scaling_factor,
+                             device=device)
         self.experts = GroupedExperts({e: SwiGLU(h, f, linear_factory, layer_index, name=f"mlp.experts.{e}",
                                                  bias=config.bias, expert=e, in_moe=True)
                                        for e in range(config.num_experts)})

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..model.gpt import GPTModel
+from ..model.layers import HeadRMSNorm
 from ..model.linear_factory import LinearFactory
 from .mappings import all_reduce
 from .state import ParallelState
@@ -84,12 +85,20 @@ class ParallelLinearFactory(LinearFactory):
 
 # -- model construction -------------------------------------------------------------------------
 def mark_sequence_parallel_params(model: nn.Module, state: ParallelState) -> int:
-    """With sequence parallelism every parameter that is not TP-sharded (norms, row-parallel
-    biases) acts on this rank's tokens only: mark it ``sequence_parallel=True`` so that
-    ``sync_sequence_parallel_grads`` sums its gradient over TP.  Returns how many."""
-    if not state.sequence_parallel:
-        return 0
+    """Mark the replicated parameters whose gradient on one TP rank is a partial sum, so that
+    ``sync_sequence_parallel_grads`` sums it over TP; returns how many.  With sequence
+    parallelism every parameter that is not TP-sharded (norms, row-parallel biases) acts on
+    this rank's tokens only (``sequence_parallel=True``); with TP > 1 a QK-norm weight
+    (``HeadRMSNorm``, shared by all heads) sees only this rank's heads (``tp_partial_grad=True``)."""
     n = 0
+    if state.tp > 1:
+        for m in model.modules():
+            if isinstance(m, HeadRMSNorm):
+                for p in m.parameters():
+                    p.tp_partial_grad = True
+                    n += 1
+    if not state.sequence_parallel:
+        return n
     for p in model.parameters():
         if not getattr(p, "tensor_parallel", False):
             p.sequence_parallel = True
@@ -111,13 +120,14 @@ def build_tensor_parallel_gpt(config, factory: ParallelLinearFactory, *, init_se
 
 # -- gradients -----------------------------------------------------------------------------------
 def sync_sequence_parallel_grads(model: nn.Module, state: ParallelState) -> int:
-    """Sum the gradients of ``sequence_parallel`` parameters over the TP group (one
+    """Sum the gradients of ``sequence_parallel`` / ``tp_partial_grad`` parameters over the TP group (one
     coalesced FP32 all-reduce).  Call after the last micro-batch's backward and after
     ``DataParallel.finish_grad_sync`` (which overwrites ``.grad``; both are sums, so the
     order does not change the result), before clipping and the optimizer step.  Returns
     the count synced."""
     group = state.group("tp")
-    grads = [p.grad for p in model.parameters() if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    grads = [p.grad for p in model.parameters() if p.grad is not None
+             and (getattr(p, "sequence_parallel", False) or getattr(p, "tp_partial_grad", False))]
     if not grads or state.tp == 1 or group is None:
         return len(grads)
     flat = all_reduce(torch.cat([g.reshape(-1).float() for g in grads]), group)

@@ -106,6 +106,8 @@ def stage_chunk(model: GPTModel, layer_indices: Sequence[int], stage_index: int,
         chunk._modules["embed"] = None
     if stage_index != num_stages - 1:
         chunk._modules["norm"] = chunk._modules["head"] = None
+        if "mtp" in chunk._modules:
+            chunk._modules["mtp"] = None
     chunk.stage_index, chunk.num_stages = stage_index, num_stages
     return chunk
 

@@ -72,10 +72,12 @@ class StopSignals:
 
 
 def flops_per_token(cfg) -> float:
-    """Training FLOPs per token: 6 per active non-embedding parameter plus causal attention."""
+    """Training FLOPs per token: 6 per active non-embedding parameter plus causal attention
+    (QK^T and PV over num_heads x head_dim, in every layer and MTP block)."""
     m = cfg.model
     embeddings = m.vocab_size * m.hidden_size * (1 if m.tie_embeddings else 2)
-    return 6 * (num_params(m).active - embeddings) + 6 * m.num_layers * m.hidden_size * cfg.data.seq_len
+    attention = 6 * (m.num_layers + m.mtp_depth) * m.num_heads * m.head_dim * cfg.data.seq_len
+    return 6 * (num_params(m).active - embeddings) + attention
 
 
 def _json_safe(value):
