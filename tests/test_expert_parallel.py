@@ -221,6 +221,27 @@ def _ep_checks(rank, world):
     # yardstick: the same single-process step with other stochastic-rounding draws
     _, refu_sr = _reference(tiny_model("ufp4", sr_seed=1), tokens, labels)
     out["ufp4_sr_seed_gap"] = _rel_gap({"grads": {n: refu_sr["grads"][n] for n in gotu["grads"]}}, refu)
+
+    # 5. Ling-style routing (sigmoid, 2 groups of 2 with the best group only, routed scaling, a shared
+    # expert) with QK-norm and an MTP block (MoE too), through the models' own labels loss
+    ling = tiny_model(router_score="sigmoid", router_groups=2, router_topk_groups=1, routed_scaling_factor=2.0,
+                      num_shared_experts=1, qk_norm=True, rotary_fraction=0.5, mtp_depth=1, aux_loss_coeff=0.0)
+    force_bias(ling, [0.3, -0.2, 0.1, 0.0])  # selection-only bias in play
+    ref_m = copy.deepcopy(ling)
+    ref_loss = ref_m(tokens, labels=labels)
+    ref_loss.backward()
+    ep_m = build_expert_parallel_model(copy.deepcopy(ling), st, "alltoall")
+    dp = DataParallel(ep_m, st, bucket_numel=4096)
+    rows = slice(2 * rank, 2 * rank + 2)
+    loss = ep_m(tokens[rows], labels=labels[rows])
+    loss.backward()
+    dp.finish_grad_sync()
+    mean = loss.detach().clone()
+    dist.all_reduce(mean)
+    ref_grads, grads = _grad_dict(ref_m), _grad_dict(ep_m)
+    out["ling"] = {"loss": abs(float(mean) / 2 - float(ref_loss)),
+                   "grad": max(float((g - ref_grads[n]).abs().max()) for n, g in grads.items() if g is not None)}
+    out["ling_mtp_moe"] = len(ep_m.moe_layers()) == 3  # layers 0, 1 and the MTP block
     return out
 
 
@@ -246,6 +267,8 @@ def test_expert_parallel_two_ranks_equals_single_process():
         # both gaps are one draw of the same kind of noise (measured 0.086 vs 0.10): factor 2 for
         # the spread of a single draw, no absolute slack
         assert o["ufp4_grad_rel_gap"] < 2 * o["ufp4_sr_seed_gap"], o
+        # fp32 sums in another order (the mean over ranks, index_add by rank): the 1e-5 bound above
+        assert o["ling_mtp_moe"] and o["ling"]["loss"] < 1e-5 and o["ling"]["grad"] < 1e-5, o["ling"]
     # rank 1 received no tokens: its experts have no gradient (None: no replica had one), rank 0's do
     for kind in ("alltoall", "allgather"):
         assert set(outs[1][f"zero_{kind}_expert_grads"]) <= {"none", "zero"}

@@ -196,7 +196,7 @@ def _gather_grads(model, state) -> dict:
 
 
 def _model_case(st, recipe, sp, optimizer, steps=3, autocast=False, teacher_forced=False, vs_fp4_effect=False,
-                **cfg_kw):
+                with_labels=False, **cfg_kw):
     """The TP model against the single-process one over ``steps`` optimizer steps.
 
     Free-running (SGD): both models take their own steps; SGD's update is linear in the
@@ -204,6 +204,8 @@ def _model_case(st, recipe, sp, optimizer, steps=3, autocast=False, teacher_forc
     before every step the single-process weights are copied into the TP model, so each step
     compares gradients at identical weights.  AdamW's update ~ lr * g / |g| is not Lipschitz
     in g near zero: two free runs would be compared through an amplifier of fp32 noise.
+    ``with_labels``: the loss is the models' own ``model(tokens, labels=labels)`` (chunked
+    head + CE; multi-token prediction losses ride on its backward) instead of CE of logits.
     """
     st = dataclasses.replace(st, sequence_parallel=sp)
     cfg = ModelConfig(**{**CFG, **cfg_kw})
@@ -236,8 +238,11 @@ def _model_case(st, recipe, sp, optimizer, steps=3, autocast=False, teacher_forc
         tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=gen)
         labels = torch.randint(0, cfg.vocab_size, (2, 16), generator=gen)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            lf = F.cross_entropy(full(tokens).float().flatten(0, 1), labels.flatten())
-            lt = vocab_parallel_cross_entropy(model(tokens), labels, st.group("tp"))
+            if with_labels:
+                lf, lt = full(tokens, labels=labels), model(tokens, labels=labels)
+            else:
+                lf = F.cross_entropy(full(tokens).float().flatten(0, 1), labels.flatten())
+                lt = vocab_parallel_cross_entropy(model(tokens), labels, st.group("tp"))
         losses.append((lf.item(), lt.item()))
         if step == steps:
             break
@@ -300,6 +305,14 @@ def _all_checks(rank, world):
     out["models"]["bf16_autocast"] = _model_case(st, "bf16", False, "sgd", steps=1, autocast=True)
     out["models"]["moe_ufp4_sgd"] = _model_case(st, "ufp4", False, "sgd", steps=1, num_experts=4, moe_top_k=2,
                                                 moe_ffn_hidden_size=64)
+    # Ling-style options: QK-norm (its weight's gradient is a partial sum over TP ranks), partial
+    # RoPE, an explicit head_dim, multi-token prediction; the MoE one with sigmoid group-limited routing
+    ling = dict(qk_norm=True, rotary_fraction=0.5, head_dim=24, mtp_depth=2, mtp_loss_coeff=0.3, with_labels=True)
+    out["models"]["ling_ufp4_sp_sgd"] = _model_case(st, "ufp4", True, "sgd", steps=1, **ling)
+    out["models"]["ling_moe_ufp4_sgd"] = _model_case(st, "ufp4", False, "sgd", steps=1, num_experts=8, moe_top_k=2,
+                                                     moe_ffn_hidden_size=64, router_score="sigmoid", router_groups=4,
+                                                     router_topk_groups=2, routed_scaling_factor=2.5,
+                                                     num_shared_experts=1, first_k_dense=1, **ling)
     return out
 
 
@@ -364,10 +377,13 @@ BF16_ULP = 2.0 ** -8  # relative rounding step of bfloat16: one flipped rounding
     ("ufp4_sp_autocast", None, None),  # teacher-forced, gradients bounded by the FP4 effect: see _all_checks
     ("bf16_autocast", BF16_ULP, 1e-4),
     ("moe_ufp4_sgd", 1e-5, 1e-5),
+    ("ling_ufp4_sp_sgd", 1e-5, 1e-5),
+    ("ling_moe_ufp4_sgd", 1e-5, 1e-5),
 ])
 def test_tp2_gpt_matches_single_process(tp_results, case, grad_tol, param_tol):
     """TP=2 (+ sequence parallel with biases and tied embeddings; + bf16 autocast; MoE with TP
-    experts) vs the single-process model on the same tokens: identical init, loss and grads
+    experts; QK-norm, partial RoPE, head_dim and MTP, dense with SP and MoE with group-limited
+    sigmoid routing) vs the single-process model on the same tokens: identical init, loss and grads
     at step 0, losses and parameters over 3 (autocast, MoE: 1) SGD steps; the AdamW cases are
     teacher-forced (single-process weights copied in before every step), so their losses
     and gradients are compared at identical weights at every step."""
