@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_ufp4.config import ConfigError, load_config
 from megatron_ufp4.model import GPTModel, ModelConfig
 from megatron_ufp4.model.config import PRESETS, upgrade_saved_model
 from megatron_ufp4.model.gpt import count_params, mtp_targets, num_params
@@ -243,12 +242,6 @@ def test_presets_document_their_counts():
 def test_bad_model_options_name_the_field(kw, field):
     with pytest.raises(ValueError, match=f"ModelConfig.{field} ") as e:
         cfg(**kw)
-    assert "\n" not in str(e.value)
-
-
-def test_mtp_with_pipeline_parallelism_is_refused_in_one_line(tmp_path):
-    with pytest.raises(ConfigError, match=r"^model\.mtp_depth: .*pipeline=1") as e:
-        load_config("configs/tiny_dense.yaml", ["model.mtp_depth=1", "parallel.pipeline=2"])
     assert "\n" not in str(e.value)
 
 

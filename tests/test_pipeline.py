@@ -41,6 +41,10 @@ CASES = {
     "moe": ("bf16", "1f1b", 1, {}, MOE, False, 1),
     "tied": ("bf16", "1f1b", 1, {}, dict(tie_embeddings=True), False, 2),
     "autocast": ("bf16", "1f1b", 1, {}, {}, True, 1),
+    # multi-token prediction: the last stage holds the MTP modules and a copy of the embedding
+    "mtp": ("ufp4", "1f1b", 1, {}, dict(mtp_depth=2, qk_norm=True, rotary_fraction=0.5), False, 2),
+    "mtp_moe_tied": ("bf16", "interleaved_1f1b", 2, {}, dict(MOE, mtp_depth=1, tie_embeddings=True,
+                                                              router_score="sigmoid", router_groups=2), False, 1),
 }
 LR = 0.5  # plain SGD between steps of the two-step cases (large, so step 2 sees visibly new weights)
 
@@ -174,11 +178,17 @@ def test_pp2_matches_single_process(pipeline_results, case):
         ref = reference(case, replica)
         assert res[0][case]["loss"] == res[1][case]["loss"]  # broadcast to every pipeline rank
         assert max(abs(a - b) for a, b in zip(res[1][case]["loss"], ref["loss"])) <= TOL
+        model_kw = CASES[case][4]
+        copies = {}
+        if model_kw.get("mtp_depth"):  # the last stage's embedding copy (MTP; tied: also its head): equal grads
+            copies["embed.weight"] = res[1][case]["grads"].pop("embed.weight")
         grads = _merged(res, case, "grads")
-        if CASES[case][4].get("tie_embeddings"):  # the last stage's head holds the tied copy
-            assert torch.equal(grads.pop("head.weight"), grads["embed.weight"])
+        if model_kw.get("tie_embeddings") and not model_kw.get("mtp_depth"):  # the last stage's head: the copy
+            copies["embed.weight"] = grads.pop("head.weight")
+        for k, v in copies.items():
+            assert torch.equal(v, grads[k]), k
         assert _max_diff(grads, ref["grads"]) <= TOL
-        if case != "tied":
+        if not copies:  # an embedding both ends hold is summed by an all-reduce (and feeds step 2's weights)
             assert _max_diff(grads, ref["grads"]) == 0.0, "measured bitwise equal: a changed op order?"
         sr = _merged(res, case, "sr")
         assert set(sr) == set(ref["sr"]) and all(torch.equal(sr[k], ref["sr"][k]) for k in sr), "SR draws differ"
@@ -256,6 +266,17 @@ def test_stage_names_are_global_and_cover_the_model(model_kw):
     st = ParallelState(pp=2, pp_rank=1)
     n_unique = len(unique_parameters([last], st))
     assert n_unique == len(list(last.parameters())) - bool(model_kw.get("tie_embeddings"))
+
+
+def test_mtp_last_stage_holds_the_mtp_modules_and_an_embedding_copy():
+    ref = build_model("bf16", dict(mtp_depth=2)).state_dict()
+    first, last = (build_stage_modules(build_model("bf16", dict(mtp_depth=2)), pp=2, pp_rank=r)[0] for r in (0, 1))
+    assert first.mtp is None and last.mtp is not None and first.embed is not None and last.embed is not None
+    keys = list(first.state_dict()) + list(last.state_dict())
+    assert sorted(set(keys)) == sorted(ref) and [k for k in set(keys) if keys.count(k) > 1] == ["embed.weight"]
+    assert torch.equal(first.embed.weight, last.embed.weight)
+    st = ParallelState(pp=2, pp_rank=1)
+    assert all(p is not last.embed.weight for p in unique_parameters([last], st))  # counted once, on stage 0
 
 
 @pytest.mark.parametrize("model_kw", [{}, dict(tie_embeddings=True), MOE], ids=["dense", "tied", "moe"])

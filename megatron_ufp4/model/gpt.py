@@ -160,12 +160,16 @@ class GPTModel(nn.Module):
         h = self.layer_states(tokens)
         if self.norm is None:
             return h
+        if labels is not None:
+            return self.loss_from_layer_states(h, labels, reduction)
         out = self.norm(h)
-        if self.head is None:
-            return out
-        if labels is None:
-            return self.head(out).float()
-        loss = self.head_loss(out, labels, reduction)
+        return out if self.head is None else self.head(out).float()
+
+    def loss_from_layer_states(self, h: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Final norm, head and cross entropy from the last layer's output ``h``; in training
+        with MTP the MTP losses join the backward (``AuxLossScaler``; the value returned stays
+        the next-token loss).  The last pipeline stage's loss function."""
+        loss = self.head_loss(self.norm(h), labels, reduction)
         if self.mtp is not None and self.training and reduction == "mean":
             mtp_loss = self.mtp_loss(h, labels)
             if mtp_loss.requires_grad and loss.requires_grad:
@@ -173,9 +177,10 @@ class GPTModel(nn.Module):
         return loss
 
     def layer_states(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The embedding and this model's layers (those it holds; a pipeline chunk takes the
-        previous stage's hidden states as ``tokens``)."""
-        h = self.embed(tokens) if self.embed is not None else tokens
+        """The embedding of token ids and this model's layers (those it holds).  A pipeline
+        chunk after the first takes the previous stage's hidden states (floating point) and
+        does not embed them, even when it holds an embedding (the last stage's copy for MTP)."""
+        h = self.embed(tokens) if self.embed is not None and not tokens.is_floating_point() else tokens
         for layer in self.layers.values():
             h = layer(h)
         return h

@@ -102,8 +102,8 @@ def stage_chunk(model: GPTModel, layer_indices: Sequence[int], stage_index: int,
     chunk._parameters, chunk._buffers, chunk._modules = (dict(model._parameters), dict(model._buffers),
                                                          dict(model._modules))
     chunk._modules["layers"] = nn.ModuleDict({str(i): model.layers[str(i)] for i in layer_indices})
-    if stage_index != 0:
-        chunk._modules["embed"] = None
+    if stage_index != 0 and not (stage_index == num_stages - 1 and model.mtp is not None):
+        chunk._modules["embed"] = None  # the last stage keeps a copy when MTP embeds tokens there
     if stage_index != num_stages - 1:
         chunk._modules["norm"] = chunk._modules["head"] = None
         if "mtp" in chunk._modules:
@@ -165,13 +165,15 @@ def _materialise(chunks: list[GPTModel], device) -> None:
 
 def unique_parameters(stage_modules: Sequence[nn.Module], state: ParallelState | None = None) -> list[nn.Parameter]:
     """The parameters to count in a pipeline-wide gradient norm: everything the chunks hold,
-    except the last stage's copy of a tied embedding when the first stage holds the other."""
+    except the last stage's copy of the embedding (tied head, or MTP's) when the first stage
+    holds the other."""
     pp = state.pp if state is not None else 1
     params, seen = [], set()
     for m in stage_modules:
         skip = None
-        if pp > 1 and m.config.tie_embeddings and m.head is not None and m.embed is None:
-            skip = m.head.weight
+        if pp > 1 and m.stage_index != 0:
+            skip = m.embed.weight if m.embed is not None else (
+                m.head.weight if m.config.tie_embeddings and m.head is not None else None)
         for p in m.parameters():
             if p is not skip and id(p) not in seen and p.requires_grad:
                 seen.add(id(p))

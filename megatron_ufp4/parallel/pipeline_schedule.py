@@ -27,14 +27,15 @@ Three choices make it reproduce the single-process trainer:
 So each module sees the same operations on the same values as in one process, and PP
 results match the single-process trainer bit for bit (tests: fp32 bf16-recipe and ufp4,
 dense and MoE, all three schedules).  The one place where the sum order necessarily
-changes is a tied embedding (``tie_embeddings``): the first and last stage each hold a
-copy, and their gradient contributions are added by an all-reduce after the schedule
-instead of inside autograd (agreement ~1e-9 rather than bitwise).
+changes is an embedding both ends hold (``tie_embeddings``, or MTP's token embedding on
+the last stage): the first and last stage each hold a copy, and their gradient
+contributions are added by an all-reduce after the schedule instead of inside autograd
+(agreement ~1e-9 rather than bitwise).
 
 Gradient bookkeeping left to the training loop: gradients *accumulate* into ``.grad`` (zero
 them after the optimizer step, as the single-process trainer does); data-parallel reduction
 is not done here; for gradient clipping the squared norm must be summed over the pipeline
-group, counting the last stage's tied ``head.weight`` copy out (``unique_parameters``).
+group, counting the last stage's embedding copy out (``unique_parameters``).
 """
 from __future__ import annotations
 
@@ -55,8 +56,9 @@ SCHEDULES = ("1f1b", "interleaved_1f1b", "gpipe")
 class _ScheduledChunk(nn.Module):
     """What the schedule runs for one chunk: sets the SR position of each forward, autocast.
 
-    ``stop_before_head``: the chunk returns its head's input (the final-norm output), and the
-    loss function runs head and cross entropy together (``head_loss``, chunked over tokens).
+    ``stop_before_head``: the chunk returns its last layer's output and the loss function runs
+    final norm, head and cross entropy together (``head_loss``, chunked over tokens; with MTP
+    the MTP modules too, which need the last layer's output, not the final norm's).
     """
 
     def __init__(self, chunk: GPTModel, autocast_dtype: torch.dtype | None, stop_before_head: bool = False):
@@ -76,11 +78,11 @@ class _ScheduledChunk(nn.Module):
         with self.autocast(x.device.type):
             if labels is not None:
                 return self.chunk(x, labels=labels)
-            return self.chunk.hidden_states(x) if self.stop_before_head else self.chunk(x)
+            return self.chunk.layer_states(x) if self.stop_before_head else self.chunk(x)
 
     def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with self.autocast(hidden.device.type):
-            return self.chunk.head_loss(hidden, labels)
+            return self.chunk.loss_from_layer_states(hidden, labels)
 
 
 class PipelineRunner:
@@ -139,7 +141,8 @@ class PipelineRunner:
         self._scheduled = [_ScheduledChunk(m, autocast_dtype, stop_before_head=loss_fn is None and m.head is not None)
                            for m in stage_modules]
         cfg = stage_modules[0].config
-        self.tied = pp > 1 and cfg.tie_embeddings
+        # first and last stage both hold the embedding: tied to the head, or for MTP's token embedding
+        self.tied = pp > 1 and (cfg.tie_embeddings or cfg.mtp_depth > 0)
         self._embedding_group = _embedding_group(state) if self.tied else None
         if pp == 1:
             self.schedule = None
@@ -156,7 +159,7 @@ class PipelineRunner:
         def io_meta(m: GPTModel):
             # requires_grad marks the tensors whose gradients travel back between stages
             act = torch.empty(hidden, dtype=activation_dtype, device=meta, requires_grad=True)
-            x = torch.empty(micro_batch_size, seq_len, dtype=torch.long, device=meta) if m.embed is not None else act
+            x = torch.empty(micro_batch_size, seq_len, dtype=torch.long, device=meta) if m.stage_index == 0 else act
             if m.head is None or loss_fn is None:  # hidden states (to the next stage, or to head_loss)
                 return x, act
             vocab = getattr(m.head, "out_features", cfg.vocab_size)
@@ -278,12 +281,14 @@ class PipelineRunner:
         return self._broadcast_loss(self._run(tokens, labels, backward=False))
 
     def _reduce_tied_embedding(self) -> None:
-        """First and last stage hold copies of a tied embedding/head weight: sum their grads."""
+        """First and last stage hold copies of the embedding (tied head weight, or MTP's
+        embedding; both at once are one tensor): sum their grads."""
         w = None
         if self.is_first:
             w = self.stages[0].embed.weight
         elif self.is_last:
-            w = self.stages[-1].head.weight
+            last = self.stages[-1]
+            w = last.embed.weight if last.embed is not None else last.head.weight
         if w is None:
             return
         if w.grad is None:
