@@ -207,13 +207,10 @@ class RunConfig:
         for key, v, allowed in choices:
             if v not in allowed:
                 raise ConfigError(f"{key}: must be one of {', '.join(allowed)} (got {v!r})")
-        if self.model.mtp_depth and p.pipeline > 1:  # the last stage would need its own embedding copy
-            raise ConfigError(f"model.mtp_depth: multi-token prediction needs parallel.pipeline=1 (got "
-                              f"mtp_depth={self.model.mtp_depth} with pipeline={p.pipeline})")
         if not (t.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:[0-9]+", str(t.device))):
             raise ConfigError(f"training.device: must be auto, cpu, cuda or cuda:N (got {t.device!r})")
         for key, v in (("data.prefix", self.data.prefix), ("training.run_dir", t.run_dir),
-                       ("training.resume", t.resume)):
+                       ("training.resume", t.resume), ("training.init_from", t.init_from or "-")):
             if not v.strip():
                 raise ConfigError(f"{key}: must not be empty (got {v!r})")
         return self
