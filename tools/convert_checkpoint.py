@@ -29,19 +29,6 @@ import torch
 PART = ".part"
 
 
-def _merge_parts(flat: dict, partitions: dict) -> dict:
-    out, parts = {}, {}
-    for k, v in flat.items():
-        base, sep, j = k.rpartition(PART)
-        if sep and j.isdigit() and base in partitions:
-            parts.setdefault(base, {})[int(j)] = v
-        else:
-            out[k] = v
-    for base, pieces in parts.items():
-        out[base] = torch.cat([pieces[j] for j in sorted(pieces)], dim=partitions[base]["dim"])
-    return out
-
-
 def _split_parts(flat: dict, partitions: dict) -> dict:
     out = {}
     for k, v in flat.items():
@@ -54,35 +41,10 @@ def _split_parts(flat: dict, partitions: dict) -> dict:
     return out
 
 
-def _nest_extra_state(model_flat: dict) -> dict:
-    """``x._extra_state.sr_generator`` → ``x._extra_state = {"sr_generator": ...}``."""
-    out = {}
-    for k, v in model_flat.items():
-        head, sep, field = k.partition("._extra_state.")
-        if sep:
-            out.setdefault(f"{head}._extra_state", {})[field] = v
-        else:
-            out[k] = v
-    return out
-
-
 def to_single(src: Path, dst: Path) -> None:
-    from megatron_ufp4.training.safe_load import load_dcp_full, read_partitions
+    from megatron_ufp4.training.dist_checkpoint import load_consolidated
 
-    meta = read_partitions(src)  # needed: which .part<j> pieces to join along which dim, and the config
-    flat = load_dcp_full(src)  # .metadata verified by a restricted unpickler; tensors only
-    model = {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}
-    optim = {k[len("optim."):]: v for k, v in flat.items() if k.startswith("optim.")}
-    model = _nest_extra_state(_merge_parts(model, meta.get("model", {})))
-    optimizer: dict = {}
-    for k, v in _merge_parts(optim, meta.get("optim", {})).items():
-        fqn, _, field = k.rpartition(".")
-        optimizer.setdefault(fqn, {})[field] = v
-    trainer = {k[len("trainer."):]: int(v) for k, v in flat.items() if k.startswith("trainer.")}
-    out = {"model": model, "optimizer": optimizer, "step": trainer.get("step", 0), "trainer": trainer,
-           "config": meta.get("config", {}),
-           "partitions": {"model": meta.get("model", {}), "optim": meta.get("optim", {})}}
-    torch.save(out, dst)
+    torch.save(load_consolidated(src), dst)
 
 
 def _layout_of(config: dict):

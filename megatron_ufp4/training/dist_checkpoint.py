@@ -268,3 +268,51 @@ def load_trainer(path: Path, stages, optimizer, state, config: dict) -> dict:
         states[fqn] = sd
     optimizer.load_state_dict(states)
     return {k: int(entries[f"trainer.{k}"]) for k in COUNTERS}
+
+
+# -- one process, the whole checkpoint ----------------------------------------------------------------
+def merge_parts(flat: dict, partitions: dict) -> dict:
+    """Join the ``<name>.part<j>`` pieces of fused parameters back along their split dim."""
+    out, parts = {}, {}
+    for k, v in flat.items():
+        base, sep, j = k.rpartition(PART)
+        if sep and j.isdigit() and base in partitions:
+            parts.setdefault(base, {})[int(j)] = v
+        else:
+            out[k] = v
+    for base, pieces in parts.items():
+        out[base] = torch.cat([pieces[j] for j in sorted(pieces)], dim=partitions[base]["dim"])
+    return out
+
+
+def nest_extra_state(model_flat: dict) -> dict:
+    """``x._extra_state.sr_generator`` → ``x._extra_state = {"sr_generator": ...}``."""
+    out = {}
+    for k, v in model_flat.items():
+        head, sep, field = k.partition("._extra_state.")
+        if sep:
+            out.setdefault(f"{head}._extra_state", {})[field] = v
+        else:
+            out[k] = v
+    return out
+
+
+def load_consolidated(path: str | Path) -> dict:
+    """A sharded checkpoint read whole in one process (no torchrun), safely: ``{"model":
+    <single-process GPTModel state dict>, "optimizer": {fqn: {exp_avg, exp_avg_sq, step}},
+    "step", "trainer", "config", "partitions"}``, TP shards and fused parts joined."""
+    from .safe_load import load_dcp_full, read_partitions
+
+    meta = read_partitions(path)  # which .part<j> pieces to join along which dim, and the config
+    flat = load_dcp_full(path)  # .metadata verified by a restricted unpickler; tensors only
+    model = {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}
+    optim = {k[len("optim."):]: v for k, v in flat.items() if k.startswith("optim.")}
+    model = nest_extra_state(merge_parts(model, meta.get("model", {})))
+    optimizer: dict = {}
+    for k, v in merge_parts(optim, meta.get("optim", {})).items():
+        fqn, _, field = k.rpartition(".")
+        optimizer.setdefault(fqn, {})[field] = v
+    trainer = {k[len("trainer."):]: int(v) for k, v in flat.items() if k.startswith("trainer.")}
+    return {"model": model, "optimizer": optimizer, "step": trainer.get("step", 0), "trainer": trainer,
+            "config": meta.get("config", {}),
+            "partitions": {"model": meta.get("model", {}), "optim": meta.get("optim", {})}}
