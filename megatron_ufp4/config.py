@@ -74,6 +74,9 @@ class TrainingConfig:
     max_consecutive_nonfinite: int = 5  # abort after this many skipped steps in a row
     resume: str = "auto"  # auto (latest checkpoint in run_dir) | none | <checkpoint path>
     overwrite: bool = False  # start afresh in a run_dir holding another run: move that run aside (never deleted)
+    # a fresh start (nothing to resume) takes its model weights from this checkpoint (e.g. tools/import_hf.py's
+    # state.pt): weights only, fresh optimizer, step 0; null: initialise from training.seed
+    init_from: str | None = None
 
 
 @dataclass

@@ -179,3 +179,30 @@ def config_differences(saved: dict, current: dict, sections=("model", "recipe", 
     for s in sections:
         walk(saved.get(s), current.get(s), s)
     return diffs
+
+
+def init_weights_from(model, path: str | Path) -> None:
+    """``training.init_from``: copy a checkpoint's model weights into ``model`` (weights only:
+    the run keeps its own SR generators and RHT signs, optimizer and step).  The checkpoint
+    (single-file or sharded) must hold exactly the model's weights, shape for shape; else
+    one ``CheckpointError`` line naming the key."""
+    from .dist_checkpoint import is_distributed_checkpoint, load_consolidated
+
+    p = Path(path)
+    src = (load_consolidated(p) if p.is_dir() and is_distributed_checkpoint(p) else load_checkpoint(p))["model"]
+    own = model.state_dict()
+    merged = {}
+    for k, v in own.items():
+        if k.endswith("_extra_state"):
+            merged[k] = v
+        elif k not in src:
+            raise CheckpointError(f"training.init_from {p} lacks {k!r}, which the model has")
+        elif tuple(src[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"training.init_from {p}: {k} has shape {tuple(src[k].shape)}, the model "
+                                  f"{tuple(v.shape)}")
+        else:
+            merged[k] = src[k]
+    extra = sorted(k for k in src if k not in own and not k.endswith("_extra_state"))
+    if extra:
+        raise CheckpointError(f"training.init_from {p} has {extra[0]!r}, which the model lacks")
+    model.load_state_dict(merged)

@@ -77,6 +77,9 @@ class DistributedTrainer(TrainingLoop):
     def __init__(self, cfg: RunConfig, console=print):
         self.cfg = cfg
         par, t = cfg.parallel, cfg.training
+        if t.init_from:
+            raise CheckpointError("training.init_from: weights-only starts are supported by the single-process "
+                                  "trainer only (a parallel run resumes from a sharded checkpoint)")
         # one GPU per rank (cuda:LOCAL_RANK) with NCCL, or CPU with gloo: chosen before any collective
         self.device = resolve_device(t.device, local_rank())
         check_backend_device(cfg.gemm.backend, self.device)  # before anything is created

@@ -15,8 +15,8 @@ from ..config import RunConfig, dump_config
 from ..data.gpt_dataset import GPTDataset
 from ..linear import quant_stats, set_quant_stats
 from ..model import GPTModel, LinearFactory
-from .checkpoint import (CheckpointError, capture_rng, checkpoint_to_resume, config_differences, load_checkpoint,
-                         restore_rng, save_checkpoint)
+from .checkpoint import (CheckpointError, capture_rng, checkpoint_to_resume, config_differences, init_weights_from,
+                         load_checkpoint, restore_rng, save_checkpoint)
 from .loop import TrainingAborted, TrainingLoop, flops_per_token  # noqa: F401 (re-exported)
 from .metrics import MetricsLogger, measured_peak_flops
 from .run_dir import RunDirLock, check_fresh_start, clean_leftovers, make_run_dir
@@ -69,6 +69,9 @@ class Trainer(TrainingLoop):
         self.consecutive_nonfinite = 0
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.dtype == "bf16")
         self._resume(resume_from)
+        if resume_from is None and t.init_from:  # a fresh start from given weights (a resume continues the run)
+            init_weights_from(self.model, t.init_from)
+            console(f"initialised the model weights from {t.init_from}")
         if self.step == 0:  # the initial weights and the data order, for a study to compare its arms
             write_run_info(self.run_dir, cfg, self.recipe, self.model.named_parameters(), self.train_ds,
                            torch.get_num_threads())
