@@ -12,8 +12,10 @@ setup(
     install_requires=["torch>=2.7", "numpy", "pyyaml", "sentencepiece", "tqdm"],
     extras_require={
         # triton: the CPU tests run the Triton backend's kernels in its interpreter
-        "dev": ["pytest", "pytest-timeout", "matplotlib", "scipy", "ruff==0.17.6", "triton>=3.3,<4"],
+        "dev": ["pytest", "pytest-timeout", "matplotlib", "scipy", "ruff==0.17.6", "triton>=3.3,<4", "transformers",
+                "safetensors"],
         "plot": ["matplotlib"],
+        "hf": ["transformers", "safetensors"],  # tools/export_hf.py, tools/import_hf.py (docs/huggingface.md)
         "study": ["scipy", "matplotlib"],  # the study runner's statistics and figures
         "gpu": ["triton>=3.3"],
         "wandb": ["wandb"],
