@@ -47,7 +47,7 @@ def test_every_rank_holds_the_single_process_values(model_kw, layout):
 @pytest.mark.slow
 def test_moe_124b_structure_at_tiny_width():
     """The paper's 124B layer/expert structure (42 layers, first 2 dense, 512 experts top-8 +
-    1 shared, sigmoid router) at tiny width, in its TP2·PP4·EP32·DP32 layout with uneven
+    1 shared, sigmoid group-limited router, an MTP module) at tiny width, in its TP2·PP4·EP32·DP32 layout with uneven
     first/last stages: rank 0 (embedding, the dense layers) and the last rank (head, other
     TP rank, last EP rank) hold the single-process values at their global names."""
     from megatron_ufp4.model.config import preset
@@ -65,9 +65,12 @@ def test_moe_124b_structure_at_tiny_width():
         sd = chunk.state_dict()
         layers = {int(k.split(".")[1]) for k in sd if k.startswith("layers.")}
         assert layers == set(stages[st.pp_rank]), rank
-        experts = {int(k.split(".")[4]) for k in sd if ".mlp.experts." in k}
+        experts = {int(k.split(".")[4]) for k in sd if k.startswith("layers.") and ".mlp.experts." in k}
         assert experts == set(range(st.ep_rank * 16, (st.ep_rank + 1) * 16)), rank  # 512 / EP32 per rank
-        assert ("embed.weight" in sd) == (st.pp_rank == 0) and ("head.weight" in sd) == (st.pp_rank == pp - 1)
+        mtp_experts = {int(k.split(".")[5]) for k in sd if k.startswith("mtp.0.block.mlp.experts.")}
+        assert mtp_experts == (experts if st.pp_rank == pp - 1 else set()), rank  # the MTP block: last stage
+        # the embedding: first stage, and a copy on the last for MTP's token embedding
+        assert ("embed.weight" in sd) == (st.pp_rank in (0, pp - 1)) and ("head.weight" in sd) == (st.pp_rank == pp - 1)
         expected = shard_state_dict(full, chunk, st)
         for k, v in sd.items():
             if isinstance(v, torch.Tensor):

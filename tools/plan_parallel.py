@@ -110,7 +110,9 @@ def layer_params(m, i: int) -> dict:
     h, hd, bias = m.hidden_size, m.head_dim, m.bias
     qkv_out = (m.num_heads + 2 * m.num_kv_heads) * hd
     tp = h * qkv_out + m.num_heads * hd * h + (qkv_out if bias else 0)
-    rep = 2 * h + (h if bias else 0)
+    rep = 2 * h + (h if bias else 0) + (2 * hd if m.qk_norm else 0)
+    if i >= m.num_layers:  # an MTP module's block: plus its 3 norms and replicated 2h -> h projection
+        rep += 3 * h + 2 * h * h
     expert = 0
     if m.is_moe_layer(i):
         fe = m.expert_ffn_hidden_size
@@ -171,6 +173,8 @@ def plan(cfg, world: int, ce_chunk: int | None = None, gpus_per_node: int = 8) -
     for r in range(pp):
         vs = [virtual_stage_of(c, r, pp) for c in range(vpp)]
         layers = [i for v in vs for i in ranges[v]]
+        if n_virtual - 1 in vs:  # the MTP modules sit beside the head
+            layers += list(range(m.num_layers, m.num_layers + m.mtp_depth))
         tp_el = rep_el = ex_el = 0
         acts = 0.0
         for i in layers:
@@ -184,6 +188,8 @@ def plan(cfg, world: int, ce_chunk: int | None = None, gpus_per_node: int = 8) -
         if head:
             rep_el += h  # final norm
             if not m.tie_embeddings or not embed:  # untied, or the last stage's copy of a tied weight
+                tp_el += V * h
+            if m.mtp_depth and not embed and not m.tie_embeddings:  # the MTP's copy of the embedding
                 tp_el += V * h
         dense = tp_el / tp + rep_el
         expert = ex_el / (tp * ep)

@@ -184,21 +184,32 @@ def with_preset(d: dict) -> dict:
 
 
 LING_VOCAB = 157184
+# Ling 2.0-style MoE choices (public Ling / DeepSeek-V3 configurations; the paper states none of
+# them, docs/models.md gives the reasons): sigmoid router in 8 groups of which a token uses its 4
+# best, weights renormalised then x2.5, balancing by the aux-loss-free expert bias (DeepSeek-V3's
+# update rate 1e-3) and no auxiliary loss, QK-norm, RoPE on half of each 128-wide head, one MTP
+# module (loss weight 0.1), RMSNorm eps 1e-6.
+LING_MOE = dict(router_score="sigmoid", router_groups=8, router_topk_groups=4, routed_scaling_factor=2.5,
+                aux_loss_coeff=0.0, expert_bias_rate=1e-3, qk_norm=True, rotary_fraction=0.5, mtp_depth=1,
+                mtp_loss_coeff=0.1, norm_eps=1e-6)
 # Llama-style stacks with standard GQA attention in place of Ling 3.0's hybrid linear attention
 # (a documented substitution, arXiv 2606.20381); every width a multiple of 32 so all FP4 recipes
-# (MXFP4's 1x32 blocks included) apply.  num_params (untied head, embeddings included):
+# (MXFP4's 1x32 blocks included) apply.  num_params (untied head, embeddings included; the MTP
+# module is training-only and is not exported):
 #   dense-1.5b  1.512B
-#   moe-7.9b    7.917B total / 1.270B active  (24 layers, 128 experts top-8 + 1 shared, Ling-3.0-tiny-like)
-#   moe-124b  124.140B total / 5.232B active  (42 layers, first 2 dense, 512 experts top-8 + 1 shared)
+#   moe-7.9b    7.917B total / 1.270B active, + MTP 8.242B / 1.305B  (24 layers, 14 heads of 128 with
+#               2 KV heads, 128 experts top-8 + 1 shared, first layer dense; Ling-3.0-tiny-like)
+#   moe-124b  124.140B total / 5.232B active, + MTP 127.239B / 5.358B  (42 layers, 32 heads of 128 with
+#               4 KV heads, first 2 dense, 512 experts top-8 + 1 shared)
 PRESETS: dict[str, dict] = {
     "dense-1.5b": dict(vocab_size=LING_VOCAB, hidden_size=2048, num_layers=18, num_heads=16, num_kv_heads=4,
                        ffn_hidden_size=6144, max_seq_len=4096),
-    "moe-7.9b": dict(vocab_size=LING_VOCAB, hidden_size=1792, num_layers=24, num_heads=28, num_kv_heads=4,
+    "moe-7.9b": dict(vocab_size=LING_VOCAB, hidden_size=1792, num_layers=24, num_heads=14, num_kv_heads=2,
                      ffn_hidden_size=4864, max_seq_len=4096, num_experts=128, moe_top_k=8,
-                     moe_ffn_hidden_size=448, num_shared_experts=1, first_k_dense=1, router_score="sigmoid"),
+                     moe_ffn_hidden_size=448, num_shared_experts=1, first_k_dense=1, **LING_MOE),
     "moe-124b": dict(vocab_size=LING_VOCAB, hidden_size=4096, num_layers=42, num_heads=32, num_kv_heads=4,
                      ffn_hidden_size=6144, max_seq_len=4096, num_experts=512, moe_top_k=8,
-                     moe_ffn_hidden_size=480, num_shared_experts=1, first_k_dense=2, router_score="sigmoid"),
+                     moe_ffn_hidden_size=480, num_shared_experts=1, first_k_dense=2, **LING_MOE),
 }
 
 
