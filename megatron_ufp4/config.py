@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from .fp4.recipes import Recipe
+from .fp4.schedule import PrecisionSchedule, base_recipe_config
 from .linear.backends import available_backends
 from .model.config import ModelConfig, upgrade_saved_model, with_preset
 
@@ -137,8 +138,12 @@ class RunConfig:
     gemm: GemmConfig = field(default_factory=GemmConfig)
 
     def build_recipe(self) -> tuple[Recipe, str]:
-        """The recipe and the GEMM backend name it runs on."""
-        return Recipe.from_dict(dict(self.recipe)), self.gemm.backend
+        """The recipe (the base one under a ``recipe.schedule``) and the GEMM backend name it runs on."""
+        return Recipe.from_dict(base_recipe_config(dict(self.recipe))), self.gemm.backend
+
+    def build_schedule(self) -> PrecisionSchedule:
+        """The precision phases of ``recipe.schedule`` (one phase, the recipe, without it)."""
+        return PrecisionSchedule.from_config(dict(self.recipe), self.training.train_steps)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -154,6 +159,7 @@ class RunConfig:
                               f"command line: gemm.backend={b})")
         try:
             self.build_recipe()
+            self.build_schedule()
         except ValueError as e:
             msg = str(e)
             raise ConfigError(msg if msg.startswith("recipe") else f"recipe: {msg}") from None
