@@ -35,6 +35,7 @@ from typing import Sequence
 import torch
 
 from ..fp4.grouped import GroupedIndex, Segments, grouped_tensor_amax
+from ..fp4.recipes import GEMM_ROLES
 from ..fp4.sr_random import SRIndex
 from .backends import GroupedOperand, get_backend
 from .gemm import GemmSplit, reduction_multiple
@@ -260,9 +261,12 @@ def grouped_linear(linears, x: torch.Tensor, sizes: Sequence[int]) -> torch.Tens
 
 def can_group(linears) -> bool:
     """Whether the experts' linears can run grouped: all FP4 (high-precision layers run
-    ``F.linear`` per expert), no telemetry statistics, one backend, one RHT."""
+    ``F.linear`` per expert, and a recipe with one GEMM in high precision runs the loop), no
+    telemetry statistics, one backend, one RHT."""
     lead = linears[0]
     if not getattr(lead, "quantized", False) or lead.gemms.collect_stats:
+        return False
+    if not all(lead.recipe.gemm(g).quantized for g in GEMM_ROLES):
         return False
     signs = lead.gemms.rht.signs
     return all(type(lin) is type(lead) and lin.quantized and not lin.gemms.collect_stats

@@ -3,9 +3,14 @@
 ``QuantizedLinear`` is a drop-in ``nn.Linear``: the recipe decides, per GEMM and per
 operand, format, block, RHT and rounding; layers the recipe keeps in high precision (and
 the ``bf16`` recipe) run ``F.linear`` itself, so they match it exactly.
+
+Under a precision schedule a module holds one ``LinearPhase`` per phase (recipe, whether
+it quantizes, its ``GemmRunner``), all sharing its SR generator, SR seed and RHT signs, and
+``recipe`` / ``quantized`` / ``gemms`` are those of the phase its ``StepContext`` names.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -18,6 +23,14 @@ from .backends import get_backend
 from .gemm import GemmRunner, GemmSplit, reduction_multiple
 from .linear_fn import NO_COLLECTIVES, LinearCall, linear, linear_dtypes
 from .step_context import StepContext
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearPhase:
+    """One precision phase of a module: its recipe, whether it quantizes, its GEMM runner."""
+    recipe: Recipe
+    quantized: bool
+    gemms: GemmRunner
 
 
 class QuantizedLinear(nn.Module):
@@ -43,28 +56,71 @@ class QuantizedLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_dict(recipe)
-        self.recipe = recipe
-        self.quantized = not recipe.is_high_precision_layer(layer_index, num_layers)
-        if self.quantized:
+        quantized = not recipe.is_high_precision_layer(layer_index, num_layers)
+        if quantized:
             get_backend(backend)  # fail at construction, not at the first step
-            self._check_dims()
+            self._check_dims(recipe)
         # the SR generator stays on the CPU whatever the weights' device: it only draws one
         # 31-bit key per quantized operand (no device sync), and its saved state is the same
         # ByteTensor on every device, so checkpoints load anywhere
-        self.gemms = GemmRunner(recipe, RHT(recipe.rht_size, recipe.rht_seed),
-                                torch.Generator(device="cpu").manual_seed(int(sr_seed)), backend, collect_stats,
-                                sr_seed=int(sr_seed))
+        gemms = GemmRunner(recipe, RHT(recipe.rht_size, recipe.rht_seed),
+                           torch.Generator(device="cpu").manual_seed(int(sr_seed)), backend, collect_stats,
+                           sr_seed=int(sr_seed))
+        self.phases: tuple[LinearPhase, ...] = (LinearPhase(recipe, quantized, gemms),)
         self.reset_parameters()
 
-    def _check_dims(self):
-        for gemm, k in (("fprop", self.in_features), ("dgrad", self.out_features)):
-            spec = self.recipe.gemm(gemm)
-            need = reduction_multiple(spec, self.recipe.rht_size)
+    # -- precision phases ---------------------------------------------------------------
+    @property
+    def phase(self) -> LinearPhase:
+        """The phase this step runs (the only one without a schedule)."""
+        if len(self.phases) == 1:
+            return self.phases[0]
+        i = self.step_context.phase
+        if not 0 <= i < len(self.phases):
+            raise IndexError(f"precision phase {i}: this linear has phases 0..{len(self.phases) - 1}")
+        return self.phases[i]
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.phase.recipe
+
+    @property
+    def quantized(self) -> bool:
+        return self.phase.quantized
+
+    @property
+    def gemms(self) -> GemmRunner:
+        return self.phase.gemms
+
+    def add_phase(self, recipe: Recipe, num_layers: int | None) -> int:
+        """Append a precision phase running ``recipe`` (the high-precision layer rule and the
+        shape checks applied to it); returns its index.  Its GEMM runner is phase 0's with
+        another recipe and its own telemetry log: the same SR generator, seed, RHT signs,
+        TP amax reduction and SR indices, so a phase changes only how GEMMs quantize."""
+        base = self.phases[0]
+        quantized = not recipe.is_high_precision_layer(self.layer_index, num_layers)
+        if quantized:
+            self._check_dims(recipe)
+            if any(recipe.gemm(g).rht for g in GEMM_ROLES) and (recipe.rht_size, recipe.rht_seed) != (
+                    base.gemms.rht.size, base.recipe.rht_seed):
+                raise ValueError(f"recipe {recipe.label()}: rotates with rht_size {recipe.rht_size} / rht_seed "
+                                 f"{recipe.rht_seed}, but this linear's RHT signs are size {base.gemms.rht.size} / "
+                                 f"seed {base.recipe.rht_seed}")
+        gemms = dataclasses.replace(base.gemms, recipe=recipe, log={})
+        self.phases = (*self.phases, LinearPhase(recipe, quantized, gemms))
+        return len(self.phases) - 1
+
+    def _check_dims(self, recipe: Recipe):
+        # a fused column shard (tensor-parallel, partition_stride S) reduces Dgrad over each of its S parts
+        out_part = self.out_features // getattr(self, "partition_stride", 1)
+        for gemm, k in (("fprop", self.in_features), ("dgrad", out_part)):
+            spec = recipe.gemm(gemm)
+            need = reduction_multiple(spec, recipe.rht_size)
             if k % need:
                 raise ValueError(f"QuantizedLinear({self.in_features}, {self.out_features}): {gemm} reduces over "
-                                 f"{k}, which must be a multiple of {need} for recipe {self.recipe.name}")
+                                 f"{k}, which must be a multiple of {need} for recipe {recipe.label()}")
             w = spec.b.fmt
-            if w.block_2d and (self.in_features % w.block or self.out_features % w.block):
+            if w is not None and w.block_2d and (self.in_features % w.block or out_part % w.block):
                 raise ValueError(f"QuantizedLinear({self.in_features}, {self.out_features}): 2D {w.block}x{w.block} "
                                  f"weight blocks need both dims to be multiples of {w.block}")
 
@@ -102,7 +158,8 @@ class QuantizedLinear(nn.Module):
         return {g: dict(v) for g, v in self.gemms.log.items()}
 
     def set_collect_stats(self, on: bool = True) -> None:
-        self.gemms.collect_stats = on
+        for p in self.phases:
+            p.gemms.collect_stats = on
 
     # -- state that must survive checkpoints: SR generator and RHT signs ---------------
     def get_extra_state(self):
@@ -116,7 +173,10 @@ class QuantizedLinear(nn.Module):
                              f"({expected} bytes)")
         self.gemms.generator.set_state(saved)
         if not torch.equal(state["rht_signs"].cpu(), self.gemms.rht.signs):
-            self.gemms.rht = RHT(self.recipe.rht_size, self.recipe.rht_seed, state["rht_signs"])
+            base = self.phases[0].recipe
+            rht = RHT(base.rht_size, base.rht_seed, state["rht_signs"])
+            for p in self.phases:  # one set of signs for every phase
+                p.gemms.rht = rht
 
     def extra_repr(self) -> str:
         mode = self.recipe.name if self.quantized else "high precision"
@@ -125,15 +185,27 @@ class QuantizedLinear(nn.Module):
 
 def precision_table(model: nn.Module) -> str:
     """One line per transformer layer: which recipe its quantized linears run (from the
-    modules and their ``layer_index`` metadata; linears outside a layer by module name)."""
-    rows: dict[str, set] = {}
+    modules and their ``layer_index`` metadata; linears outside a layer by module name);
+    under a precision schedule, one column per phase."""
+    rows: dict[str, list[set]] = {}
+    phases = 1
     for name, mod in model.named_modules():
         if isinstance(mod, QuantizedLinear):
             layer = str(mod.layer_index) if mod.layer_index is not None else name
-            rows.setdefault(layer, set()).add(mod.recipe.label() if mod.quantized else "high precision")
-    lines = ["layer  linears run as"]
-    for layer, kinds in rows.items():
-        lines.append(f"{layer:<6} {', '.join(sorted(kinds))}")
+            phases = max(phases, len(mod.phases))
+            row = rows.setdefault(layer, [])
+            for i, p in enumerate(mod.phases):
+                if i == len(row):
+                    row.append(set())
+                row[i].add(p.recipe.label() if p.quantized else "high precision")
+    cells = {layer: [", ".join(sorted(kinds)) for kinds in row] for layer, row in rows.items()}
+    if phases == 1:
+        return "\n".join(["layer  linears run as"] + [f"{layer:<6} {c[0]}" for layer, c in cells.items()])
+    width = [max([len(f"phase {i}")] + [len(c[i]) for c in cells.values() if i < len(c)]) for i in range(phases)]
+    lines = ["layer  linears run as, per precision phase",
+             f"{'':<6} " + " | ".join(f"{f'phase {i}':<{w}}" for i, w in enumerate(width))]
+    for layer, c in cells.items():
+        lines.append(f"{layer:<6} " + " | ".join(f"{v:<{w}}" for v, w in zip(c, width)).rstrip())
     return "\n".join(lines)
 
 
@@ -143,7 +215,7 @@ def set_quant_stats(modules, on: bool) -> None:
     each quantized operand costs one more pass in float64."""
     for root in (modules if isinstance(modules, (list, tuple)) else [modules]):
         for mod in root.modules():
-            if isinstance(mod, QuantizedLinear) and mod.quantized:
+            if isinstance(mod, QuantizedLinear):  # every phase's runners: off stays off after a phase change
                 mod.set_collect_stats(on)
 
 

@@ -5,6 +5,10 @@ it builds, and the training loop (or a pipeline stage) sets it before each micro
 forward.  Layers read it *in forward* and keep what they read on the autograd context,
 so a backward that runs after later micro-batches' forwards (pipeline schedules) still
 uses its own micro-batch's values, and two models in one process never interfere.
+
+``phase`` is the precision-schedule phase (fp4/schedule.py) whose GEMM plan the layers run.
+The loop sets it at step boundaries only, when no backward is pending, so every forward
+and backward of one step sees the same phase; ``at`` leaves it alone.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ class StepContext:
     step: int | None = None  # None: outside training (SR keys then come from each layer's generator)
     micro_batch: int = 0  # counted over the whole global batch, across data-parallel ranks
     aux_loss_scale: float = 1.0  # weight of auxiliary (MoE) losses in backward, e.g. 1 / micro-batches
+    phase: int = 0  # precision-schedule phase of the current step (0: the base recipe)
 
     def at(self, step: int | None, micro_batch: int = 0) -> "StepContext":
         """Set the position of the next forward (``None``: leave training)."""

@@ -24,6 +24,7 @@ from typing import Protocol
 from torch import nn
 
 from ..fp4.recipes import Recipe
+from ..fp4.schedule import PrecisionSchedule
 from ..linear import QuantizedLinear, StepContext
 
 KINDS = ("column", "row")
@@ -53,15 +54,22 @@ class LinearFactory:
 
     num_layers must be the model's layer count: the recipe's bf16_first / bf16_last
     fractions are resolved against it.  ``seed`` is the base of every module's SR seed.
-    ``step_context``: the model's (a new one by default).
+    ``step_context``: the model's (a new one by default).  ``schedule``: a precision schedule
+    whose base is ``recipe``; every linear then gets each phase's GEMM plan, resolved here
+    once (``add_phase``), and runs the one its ``step_context.phase`` names.
     """
 
     def __init__(self, recipe: Recipe | dict | str | None, num_layers: int, *,
                  backend: str = "emulated", seed: int = 0, collect_stats: bool = False,
-                 step_context: StepContext | None = None, device=None, dtype=None):
+                 step_context: StepContext | None = None, schedule: PrecisionSchedule | None = None,
+                 device=None, dtype=None):
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"LinearFactory.num_layers must be the model's positive layer count (got {num_layers!r})")
         self.recipe = recipe if isinstance(recipe, Recipe) else Recipe.from_dict(recipe)
+        self.schedule = schedule if schedule is not None else PrecisionSchedule.single(self.recipe)
+        if self.schedule.base != self.recipe:
+            raise ValueError(f"LinearFactory: the schedule's base recipe {self.schedule.base.label()} is not the "
+                             f"recipe {self.recipe.label()}")
         self.num_layers = num_layers
         self.backend = backend
         self.seed = int(seed)
@@ -80,10 +88,21 @@ class LinearFactory:
     def __call__(self, in_features: int, out_features: int, *, kind: str, layer_index: int, name: str,
                  bias: bool = False, parts: int = 1, in_moe: bool = False) -> nn.Module:
         self.check_kind(kind, name)
-        return QuantizedLinear(in_features, out_features, bias, self.recipe, layer_index=layer_index,
-                               num_layers=self.num_layers, sr_seed=self.sr_seed(layer_index, name),
-                               backend=self.backend, collect_stats=self.collect_stats,
-                               step_context=self.step_context, device=self.device, dtype=self.dtype)
+        return self.with_phases(QuantizedLinear(in_features, out_features, bias, self.recipe, layer_index=layer_index,
+                                                num_layers=self.num_layers, sr_seed=self.sr_seed(layer_index, name),
+                                                backend=self.backend, collect_stats=self.collect_stats,
+                                                step_context=self.step_context, device=self.device,
+                                                dtype=self.dtype), f"layers.{layer_index}.{name}")
+
+    def with_phases(self, module: QuantizedLinear, full_name: str) -> QuantizedLinear:
+        """``module`` with the GEMM plan of every schedule phase after the base (a shape a
+        phase's recipe cannot run is a one-line error naming the phase and the module)."""
+        for phase in self.schedule.phases[1:]:
+            try:
+                module.add_phase(phase.recipe, self.num_layers)
+            except ValueError as e:
+                raise ValueError(f"{phase.where}: {full_name}: {e}") from None
+        return module
 
     def __repr__(self) -> str:
         return (f"LinearFactory(recipe={self.recipe.name}, num_layers={self.num_layers}, backend={self.backend}, "

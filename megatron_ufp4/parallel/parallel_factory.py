@@ -38,9 +38,9 @@ class ParallelLinearFactory(LinearFactory):
     """``LinearFactory`` whose "column" / "row" linears are split over ``state``'s TP group."""
 
     def __init__(self, recipe, num_layers: int, state: ParallelState, backend: str = "emulated", seed: int = 0, *,
-                 collect_stats: bool = False, step_context=None, device=None, dtype=None):
+                 collect_stats: bool = False, step_context=None, schedule=None, device=None, dtype=None):
         super().__init__(recipe, num_layers, backend=backend, seed=seed, collect_stats=collect_stats,
-                         step_context=step_context, device=device, dtype=dtype)
+                         step_context=step_context, schedule=schedule, device=device, dtype=dtype)
         if not isinstance(state, ParallelState):
             raise ValueError(f"ParallelLinearFactory needs a ParallelState (got {type(state).__name__})")
         self.state = state
@@ -57,8 +57,10 @@ class ParallelLinearFactory(LinearFactory):
                       collect_stats=self.collect_stats, step_context=self.step_context, device=self.device,
                       dtype=self.dtype)
         if kind == "column":
-            return ColumnParallelLinear(in_features, out_features, bias, partition_stride=parts, **common)
-        return RowParallelLinear(in_features, out_features, bias, **common)
+            module = ColumnParallelLinear(in_features, out_features, bias, partition_stride=parts, **common)
+        else:
+            module = RowParallelLinear(in_features, out_features, bias, **common)
+        return self.with_phases(module, full_name)
 
     def embedding(self, num_embeddings: int, embedding_dim: int) -> nn.Module:
         return VocabParallelEmbedding(num_embeddings, embedding_dim, state=self.state, device=self.device,
@@ -74,7 +76,7 @@ class ParallelLinearFactory(LinearFactory):
     def single_process_factory(self) -> LinearFactory:
         """The ``LinearFactory`` of the equivalent single-process model (same recipe, seeds)."""
         return LinearFactory(self.recipe, self.num_layers, backend=self.backend, seed=self.seed,
-                             collect_stats=self.collect_stats)  # its own StepContext: a separate model
+                             collect_stats=self.collect_stats, schedule=self.schedule)  # its own StepContext
 
     def __repr__(self) -> str:
         st = self.state
