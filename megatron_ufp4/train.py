@@ -63,6 +63,8 @@ def _main(argv=None) -> int:
         else:
             trainer = Trainer(cfg)
         trainer.console(trainer.recipe.table())
+        if trainer.precision_schedule.scheduled:
+            trainer.console(trainer.precision_schedule.table(cfg.training.train_steps))
         trainer.console(precision_table(trainer.model) if hasattr(trainer, "model") else
                         "\n".join(precision_table(s) for s in trainer.stages))
         result = trainer.train(exit_after=args.exit_after)

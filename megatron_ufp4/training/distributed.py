@@ -99,8 +99,9 @@ class DistributedTrainer(TrainingLoop):
 
         seed_everything(t.seed)
         self.recipe, backend = cfg.build_recipe()
+        self.precision_schedule = cfg.build_schedule()
         factory = ParallelLinearFactory(self.recipe, cfg.model.num_layers, st, backend=backend,
-                                        seed=sr_base_seed(cfg))
+                                        seed=sr_base_seed(cfg), schedule=self.precision_schedule)
         # only this rank's shard is ever allocated; values equal the single-process init
         self.stages = build_rank_chunks(cfg.model, factory, st, init_seed=t.seed, device=self.device,
                                         dispatcher=par.expert_dispatcher, first_stage_layers=par.first_stage_layers,
@@ -124,7 +125,8 @@ class DistributedTrainer(TrainingLoop):
             # rank 0 holds every parameter (global names) only without TP/PP/EP sharding; else
             # only the data order is fingerprinted
             whole = st.tp == st.pp == st.ep == 1 and len(self.stages) == 1
-            write_run_info(self.run_dir, cfg, self.recipe, self.stages[0].named_parameters() if whole else None,
+            write_run_info(self.run_dir, cfg, self.precision_schedule,
+                           self.stages[0].named_parameters() if whole else None,
                            self.train_ds, torch.get_num_threads())
         c = cfg.logging
         self.logger = MetricsLogger(self.run_dir, cfg.to_dict(), c.wandb and st.rank == 0, c.wandb_project,
@@ -193,6 +195,7 @@ class DistributedTrainer(TrainingLoop):
         lr = lr_at(self.step, t.train_steps, o.lr, s.kind, s.warmup_steps, s.min_lr_ratio, s.decay_fraction)
         self.optimizer.set_lr(lr)
         tokens, labels = self._local_batch(self.step * t.global_batch_size, self.train_ds)
+        self.enter_precision_phase([stage.step_context for stage in self.stages])
         stats_due = self.quant_stats_due()
         set_quant_stats(self.stages, stats_due)
         self.runner.train()
@@ -263,6 +266,19 @@ class DistributedTrainer(TrainingLoop):
             stats.update(reduced_moe_stats(stage, self.state.group("dp")))
         return stats
 
+    @guarded("the MTP loss reduction")
+    def mtp_losses(self) -> list:
+        """The last micro-batch's MTP losses per depth, averaged over data-parallel ranks and
+        sent from the last pipeline stage (which runs the MTP modules) to every rank."""
+        self.phase = f"the MTP loss reduction after step {self.step}"
+        last = self.stages[-1]
+        held = self.state.is_last_stage and last.mtp is not None and last.last_mtp_losses is not None
+        x = last.last_mtp_losses if held else torch.zeros(self.cfg.model.mtp_depth)
+        x = self._dp_mean(x.to(self.device))
+        if self.state.pp > 1:
+            dist.broadcast(x, src=self.state.ranks["pp"][-1], group=self.state.group("pp"))
+        return [float(v) for v in x]
+
     def _counters(self) -> dict:
         return {k: getattr(self, k) for k in dcpk.COUNTERS}
 
@@ -277,4 +293,5 @@ class DistributedTrainer(TrainingLoop):
             return
         for k, v in dcpk.load_trainer(path, self.stages, self.optimizer, self.state, self.cfg.to_dict()).items():
             setattr(self, k, v)
+        self.enter_precision_phase([stage.step_context for stage in self.stages], max(self.step - 1, 0))
         self.console(f"resumed from {path} at step {self.step}")

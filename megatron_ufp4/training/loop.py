@@ -3,9 +3,14 @@
 A trainer provides ``cfg``, ``step``, ``skipped_total``, ``consecutive_nonfinite``,
 ``console``, ``logger`` (None on ranks that do not log), ``flops_per_token``, ``peak_flops``
 and the methods ``train_step() -> record``, ``evaluate() -> {"loss", "windows"[, "se"]}``,
-``moe_stats() -> dict``,
+``moe_stats() -> dict``, ``mtp_losses() -> list`` (with ``model.mtp_depth``),
 ``save() -> path`` and ``agree_to_stop(local: bool) -> bool`` (every rank's answer is True
-if any rank's ``local`` is).
+if any rank's ``local`` is), and ``precision_schedule`` (fp4/schedule.py).
+
+Precision phases: at every step boundary ``enter_precision_phase`` sets the phase of the
+step about to run (index ``self.step``, 0-based: the steps done so far) on every
+``StepContext`` of the model; evaluation runs the phase of the last step trained.  Under a
+schedule, each record carries ``precision_phase`` and ``precision_recipe`` (the phase's label).
 
 Preemption (``checkpoint.save_on_signal``): SIGTERM (what SLURM and Kubernetes send) or
 SIGINT only sets a flag; at the next step boundary the ranks agree to stop, save a
@@ -92,6 +97,16 @@ def _json_safe(value):
 
 
 class TrainingLoop:
+    precision_phase = 0  # the phase the model's StepContexts hold
+
+    def enter_precision_phase(self, contexts, step: int | None = None) -> int:
+        """Set the precision phase of step ``step`` (default: the step about to run) on every
+        StepContext in ``contexts``; returns its index."""
+        self.precision_phase = self.precision_schedule.phase_at(self.step if step is None else step)
+        for c in contexts:
+            c.phase = self.precision_phase
+        return self.precision_phase
+
     def quant_stats_due(self) -> bool:
         """Whether the step about to run collects operand statistics (``logging.quant_stats_interval``)."""
         n = self.cfg.logging.quant_stats_interval
@@ -117,8 +132,12 @@ class TrainingLoop:
             self.consecutive_nonfinite += 1
         zero_grad()
         self.step += 1
-        return {"step": self.step, "loss": loss_v, "lr": lr, "grad_norm": norm_v,
-                "skipped": int(not finite), "skipped_total": self.skipped_total}
+        rec = {"step": self.step, "loss": loss_v, "lr": lr, "grad_norm": norm_v,
+               "skipped": int(not finite), "skipped_total": self.skipped_total}
+        if self.precision_schedule.scheduled:
+            rec["precision_phase"] = self.precision_phase
+            rec["precision_recipe"] = self.precision_schedule.phases[self.precision_phase].recipe.label()
+        return rec
 
     def train(self, exit_after: int | None = None) -> dict:
         """Train to ``training.train_steps`` (or stop, with a checkpoint, after ``exit_after``)."""
@@ -153,6 +172,8 @@ class TrainingLoop:
             log_now = self.step % cfg.logging.interval == 0 or self.step == t.train_steps or aborting
             if log_now and cfg.model.num_experts:
                 rec["moe"] = {str(k): v for k, v in self.moe_stats().items()}  # syncs: log steps only
+            if log_now and cfg.model.mtp_depth:
+                rec["mtp_loss"] = self.mtp_losses()  # per depth, the step's last micro-batch
             if log_now:
                 if self.logger is not None:
                     eta = (now - t_start) / (self.step - start_step) * (t.train_steps - self.step)

@@ -2,7 +2,8 @@
 
 - ``label``: what actually runs (``Recipe.label``; a recipe with no quantized GEMM is
   ``bf16`` under ``training.dtype=bf16`` and ``fp32`` under ``fp32``, since that is the
-  precision its GEMMs then run in);
+  precision its GEMMs then run in; under a precision schedule every phase's label with its
+  start step, ``ufp4>bf16@180``, and ``schedule``: the phases);
 - ``fingerprint.init``: a SHA-256 of the initial parameters (names, shapes, fp32 bytes) and
   ``fingerprint.data_order``: of the run's training-sample order, so that a study can check,
   not assume, that the arms of one seed start from the same weights and see the same data;
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from ..data.gpt_dataset import GPTDataset
+from ..fp4.schedule import PrecisionSchedule
 from .fsutil import write_synced
 
 RUN_INFO = "run_info.json"
@@ -50,10 +52,14 @@ def data_order_fingerprint(ds: GPTDataset) -> str:
     return h.hexdigest()
 
 
-def write_run_info(run_dir: Path, cfg, recipe, named_parameters, train_ds: GPTDataset, threads: int) -> dict:
+def write_run_info(run_dir: Path, cfg, schedule, named_parameters, train_ds: GPTDataset, threads: int) -> dict:
+    """``schedule``: the run's ``PrecisionSchedule`` (or a ``Recipe``: one phase)."""
     t = cfg.training
+    if not hasattr(schedule, "phases"):
+        schedule = PrecisionSchedule.single(schedule)
+    recipe = schedule.base
     info = {
-        "label": precision_label(recipe, t.dtype),
+        "label": schedule.label(lambda r: precision_label(r, t.dtype)),
         "recipe": recipe.name,
         "backend": cfg.gemm.backend,
         "dtype": t.dtype,
@@ -64,6 +70,8 @@ def write_run_info(run_dir: Path, cfg, recipe, named_parameters, train_ds: GPTDa
         "fingerprint": {"init": params_fingerprint(named_parameters) if named_parameters is not None else None,
                         "data_order": data_order_fingerprint(train_ds)},
     }
+    if schedule.scheduled:
+        info["schedule"] = schedule.to_list()
     write_synced(Path(run_dir) / RUN_INFO, json.dumps(info, indent=1) + "\n")
     return info
 

@@ -55,8 +55,9 @@ class Trainer(TrainingLoop):
         check_fresh_start(self.run_dir, t.resume, resume_from, t.overwrite, console)
         seed_everything(t.seed)
         self.recipe, backend = cfg.build_recipe()
+        self.precision_schedule = cfg.build_schedule()
         factory = LinearFactory(self.recipe, num_layers=cfg.model.num_layers, backend=backend,
-                                seed=sr_base_seed(cfg))
+                                seed=sr_base_seed(cfg), schedule=self.precision_schedule)
         with torch.device(self.device):
             self.model = GPTModel(cfg.model, factory, init_seed=t.seed)
         self.optimizer = build_optimizer(self.model, cfg.optimizer.lr, cfg.optimizer.weight_decay,
@@ -73,7 +74,7 @@ class Trainer(TrainingLoop):
             init_weights_from(self.model, t.init_from)
             console(f"initialised the model weights from {t.init_from}")
         if self.step == 0:  # the initial weights and the data order, for a study to compare its arms
-            write_run_info(self.run_dir, cfg, self.recipe, self.model.named_parameters(), self.train_ds,
+            write_run_info(self.run_dir, cfg, self.precision_schedule, self.model.named_parameters(), self.train_ds,
                            torch.get_num_threads())
         c = cfg.logging
         self.logger = MetricsLogger(self.run_dir, cfg.to_dict(), c.wandb, c.wandb_project, c.wandb_mode,
@@ -96,6 +97,7 @@ class Trainer(TrainingLoop):
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.model.train()
+        self.enter_precision_phase([self.model.step_context])
         stats_due = self.quant_stats_due()
         set_quant_stats(self.model, stats_due)
         start = self.step * t.global_batch_size
@@ -132,6 +134,10 @@ class Trainer(TrainingLoop):
     def moe_stats(self) -> dict:
         return self.model.moe_stats()
 
+    def mtp_losses(self) -> list:
+        losses = self.model.last_mtp_losses
+        return [] if losses is None else [float(x) for x in losses]
+
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
                 "consumed_samples": self.step * self.cfg.training.global_batch_size,
@@ -163,4 +169,5 @@ class Trainer(TrainingLoop):
         self.step, self.skipped_total = int(state["step"]), int(state["skipped_total"])
         self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
         restore_rng(state["rng"])
+        self.enter_precision_phase([self.model.step_context], max(self.step - 1, 0))  # the last step's, for evaluation
         self.console(f"resumed from {path} at step {self.step}")
