@@ -163,6 +163,13 @@ def load_checkpoint(path: str | Path) -> dict:
     return load_state_file(f)  # corrupt / foreign / unsafe file: one line, naming it
 
 
+def describe_differences(diffs: list[str]) -> str:
+    """The first difference in full, then the other differing keys by name (one changed field
+    can move derived ones too: hidden_size changes a resolved head_dim)."""
+    rest = [d.split(":", 1)[0] for d in diffs[1:]]
+    return diffs[0] + (f" (+{len(rest)} more: {', '.join(rest)})" if rest else "")
+
+
 def config_differences(saved: dict, current: dict, sections=("model", "recipe", "gemm")) -> list[str]:
     """Dotted keys whose values differ in the sections that decide the parameter layout/math
     (``saved``: a checkpoint's config, of this or an older layout)."""

@@ -26,8 +26,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from .checkpoint import (CheckpointError, checkpoint_root, commit_checkpoint, config_differences, latest_checkpoint,
-                         prune_checkpoints)
+from .checkpoint import (CheckpointError, checkpoint_root, commit_checkpoint, config_differences, describe_differences,
+                         latest_checkpoint, prune_checkpoints)
 from .errors import is_comm_failure
 from .fsutil import fsync_dir, os_error_line, write_synced
 
@@ -253,7 +253,7 @@ def load_trainer(path: Path, stages, optimizer, state, config: dict) -> dict:
                               "or start a new run_dir")
     diffs = config_differences(read_partitions(path).get("config", {}), config)
     if diffs:
-        raise CheckpointError(f"checkpoint {path} is from an incompatible config: {diffs[0]}")
+        raise CheckpointError(f"checkpoint {path} is from an incompatible config: {describe_differences(diffs)}")
     entries, owners = trainer_entries(stages, optimizer, state, dict.fromkeys(COUNTERS, 0), templates=True)
     load_sharded(entries, path)  # verified, no unpickling of code; fills this layout's entries, resharding
     restore_model(stages, {k[len("model."):]: v for k, v in entries.items() if k.startswith("model.")}, owners, state)

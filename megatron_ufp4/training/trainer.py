@@ -15,8 +15,8 @@ from ..config import RunConfig, dump_config
 from ..data.gpt_dataset import GPTDataset
 from ..linear import quant_stats, set_quant_stats
 from ..model import GPTModel, LinearFactory
-from .checkpoint import (CheckpointError, capture_rng, checkpoint_to_resume, config_differences, init_weights_from,
-                         load_checkpoint, restore_rng, save_checkpoint)
+from .checkpoint import (CheckpointError, capture_rng, checkpoint_to_resume, config_differences, describe_differences,
+                         init_weights_from, load_checkpoint, restore_rng, save_checkpoint)
 from .loop import TrainingAborted, TrainingLoop, flops_per_token  # noqa: F401 (re-exported)
 from .metrics import MetricsLogger, measured_peak_flops
 from .run_dir import RunDirLock, check_fresh_start, clean_leftovers, make_run_dir
@@ -162,8 +162,7 @@ class Trainer(TrainingLoop):
         state = load_checkpoint(path)
         diffs = config_differences(state.get("config", {}), self.cfg.to_dict())
         if diffs:
-            raise CheckpointError(f"checkpoint {path} is from an incompatible config: {diffs[0]}"
-                                  + (f" (+{len(diffs) - 1} more)" if len(diffs) > 1 else ""))
+            raise CheckpointError(f"checkpoint {path} is from an incompatible config: {describe_differences(diffs)}")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.skipped_total = int(state["step"]), int(state["skipped_total"])
