@@ -64,31 +64,33 @@ def e4m3_ref(v: float) -> float:
     return round(v / step) * step  # v/step is exact (power-of-two step); round() is half-even
 
 
-def nvfp4_ref(blocks, tensor_amax=None):
-    """TE's NVFP4 arithmetic, one fp32 operation at a time (numpy float32).
+def nvfp4_ref(blocks, tensor_amax=None, levels=E2M1_LEVELS):
+    """TE's NVFP4 arithmetic, one fp32 operation at a time (numpy float32), on the grid
+    ``levels`` (E2M1, gmax 6; the uniform grid 0..7 is nvint4, gmax 7).
 
     ``blocks``: list of 1-D float sequences (already fp32 values).  Returns
     (S_enc, [S_dec_b], g_dec, [decode], [[dequantized element]]).
     """
+    gmax = F32(levels[-1])
     blocks = [[F32(x) for x in b] for b in blocks]
     amaxes = [max(abs(x) for x in b) for b in blocks]
     t_amax = F32(max(amaxes) if tensor_amax is None else tensor_amax)
     with np.errstate(divide="ignore", over="ignore"):
-        s_enc = F32(F32(448.0 * 6.0) / t_amax) if t_amax != 0 else F32(1.0)
+        s_enc = F32(F32(448.0 * gmax) / t_amax) if t_amax != 0 else F32(1.0)
     if s_enc == 0:
         s_enc = F32(1.0)
     if not np.isfinite(s_enc):
         s_enc = F32(np.finfo(np.float32).max)
-    s_enc_over_6 = F32(s_enc * F32(F32(1.0) / F32(6.0)))
+    s_enc_over_gmax = F32(s_enc * F32(F32(1.0) / gmax))
     g_dec = F32(F32(1.0) / s_enc)
     s_dec, dec, deq = [], [], []
     for b, a in zip(blocks, amaxes):
-        sd = F32(e4m3_ref(min(float(F32(a * s_enc_over_6)), 448.0)))
+        sd = F32(e4m3_ref(min(float(F32(a * s_enc_over_gmax)), 448.0)))
         d = F32(sd * g_dec)
         with np.errstate(divide="ignore"):
             enc = F32(F32(1.0) / d) if d != 0 else F32(np.finfo(np.float32).max)
         with np.errstate(over="ignore"):
-            vals = [F32(rtne_ref(float(F32(x * enc)), E2M1_LEVELS)) * d for x in b]
+            vals = [F32(rtne_ref(float(F32(x * enc)), levels)) * d for x in b]
         s_dec.append(float(sd))
         dec.append(float(d))
         deq.append([float(F32(v)) for v in vals])
@@ -144,7 +146,7 @@ def scaled_blocks_ref(x: np.ndarray, fmt: str, block: int, levels) -> np.ndarray
     """The fp32 values each format hands to the element conversion, blocks along the last axis.
 
     fp32 scale (e2m1, int4, range-restricted e2m1): x / f32(amax / gmax) (an all-zero block
-    divides by 1); nvfp4: x * enc_b with TE's two-level arithmetic (as in ``nvfp4_ref``);
+    divides by 1); nvfp4 / nvint4: x * enc_b with TE's two-level arithmetic (as in ``nvfp4_ref``);
     mxfp4 (OCP floor rule): x * 2^-(floor(log2 amax) - floor(log2 gmax)), exact.
     """
     x = np.asarray(x, dtype=np.float32)
@@ -154,12 +156,12 @@ def scaled_blocks_ref(x: np.ndarray, fmt: str, block: int, levels) -> np.ndarray
     if fmt in ("e2m1", "int4"):
         dec = (amax / gmax).astype(np.float32)
         out = xb / np.where(dec > 0, dec, F32(1.0))
-    elif fmt == "nvfp4":
+    elif fmt in ("nvfp4", "nvint4"):  # the same two-level arithmetic, gmax 6 or 7
         t_amax = F32(amax.max())
-        s_enc = F32(F32(448.0 * 6.0) / t_amax) if t_amax != 0 else F32(1.0)
-        s_enc_over_6 = F32(s_enc * F32(F32(1.0) / F32(6.0)))
+        s_enc = F32(F32(448.0 * gmax) / t_amax) if t_amax != 0 else F32(1.0)
+        s_enc_over_gmax = F32(s_enc * F32(F32(1.0) / gmax))
         g_dec = F32(F32(1.0) / s_enc)
-        sd = np.vectorize(lambda a: e4m3_ref(min(float(F32(F32(a) * s_enc_over_6)), 448.0)))(amax).astype(np.float32)
+        sd = np.vectorize(lambda a: e4m3_ref(min(float(F32(F32(a) * s_enc_over_gmax)), 448.0)))(amax).astype(np.float32)
         d = (sd * g_dec).astype(np.float32)
         fmax = np.finfo(np.float32).max
         with np.errstate(divide="ignore", over="ignore"):

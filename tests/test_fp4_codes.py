@@ -18,6 +18,7 @@ CASES = {
     "nvfp4": ("nvfp4", {}, "nvfp4", 16, levels_for("e2m1")),
     "mxfp4": ("mxfp4", {}, "mxfp4", 32, levels_for("e2m1")),
     "int4": ("int4", {}, "int4", 16, levels_for("int4")),
+    "nvint4": ("nvint4", {}, "nvint4", 16, levels_for("int4")),
     "e2m1_max2": ("e2m1", {"max_level": 2}, "e2m1", 16, levels_for("e2m1", 2)),
     "e2m1_max3": ("e2m1", {"max_level": 3}, "e2m1", 16, levels_for("e2m1", 3)),
     "e2m1_max4": ("e2m1", {"max_level": 4}, "e2m1", 16, levels_for("e2m1", 4)),
@@ -60,7 +61,7 @@ def test_rtne_codes_and_packed_bytes_match_reference(case, use_rht):
 
 
 @pytest.mark.parametrize("use_rht", [False, True])
-@pytest.mark.parametrize("case", ["e2m1", "nvfp4", "mxfp4", "int4", "e2m1_max3"])
+@pytest.mark.parametrize("case", ["e2m1", "nvfp4", "mxfp4", "int4", "nvint4", "e2m1_max3"])
 def test_sr_codes_sign_bit_and_neighbours_match_reference(case, use_rht):
     fmt, kw, kind, block, levels = CASES[case]
     x = _gaussian(1)

@@ -14,6 +14,8 @@ TABLE = {
     "e2m1_ref": dict(grid="e2m1", scale="fp32", block=16, rht={"wgrad"}, rht_size=16, w_2d=False),
     "nvfp4": dict(grid="e2m1", scale="e4m3", block=16, rht={"wgrad"}, rht_size=16, w_2d=True),
     "mxfp4": dict(grid="e2m1", scale="e8m0", block=32, rht=ALL, rht_size=32, w_2d=False),
+    # not a paper row: UFP4's RHT/SR scopes on the INT4 grid with NVFP4's E4M3 + FP32 two-level scales
+    "ufp4_nv": dict(grid="int4", scale="e4m3", block=16, rht=ALL, rht_size=16, w_2d=False),
 }
 
 

@@ -196,7 +196,7 @@ def test_bad_configuration_is_refused():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["ufp4", "nvfp4"])
+@pytest.mark.parametrize("recipe", ["ufp4", "nvfp4", "ufp4_nv"])
 def test_fused_backend_is_bitwise_equal_to_emulated(recipe):
     """The torch.compile'd quantizer must produce the same bits as the eager reference."""
     torch.manual_seed(6)

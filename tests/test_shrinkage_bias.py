@@ -115,7 +115,8 @@ def test_heavy_tailed_rht_lowers_e2m1_and_raises_int4(seed):
 
 def test_analyze_is_json_serialisable_and_validates():
     report = analyze(make_tensor("gaussian", 8, 64, seed=0), bias_samples=1000)
-    assert json.loads(json.dumps(report, allow_nan=False))["formats"].keys() == {"e2m1", "int4", "nvfp4", "mxfp4"}
+    assert json.loads(json.dumps(report, allow_nan=False))["formats"].keys() == {"e2m1", "int4", "nvfp4", "nvint4",
+                                                                                 "mxfp4"}
     assert report["per_level_bias"]["e2m1"]["analytic"][4] == -0.125
     with pytest.raises(ValueError, match="multiple of 32"):
         analyze(torch.randn(4, 48))
@@ -204,6 +205,6 @@ def test_cli_text_table(capsys):
     assert shrinkage_bias.main(["--rows", "8", "--cols", "64"] + FAST) == 0
     text = capsys.readouterr().out
     assert "K=8 magnitude buckets" in text
-    for name in ("e2m1", "int4", "nvfp4", "mxfp4"):
+    for name in ("e2m1", "int4", "nvfp4", "nvint4", "mxfp4"):
         assert any(line.startswith(name + " ") for line in text.splitlines())
     assert "-0.1250" in text and "-0.2500" in text  # analytic E2M1 bias at 2 and 4

@@ -36,7 +36,7 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
 
 # (format, options) pairs: every scale kind, 2-D weight blocks, range-restricted e2m1, both E8M0 rules
 FORMATS = [("int4", {}), ("e2m1", {}), ("e2m1", {"max_level": 4}), ("nvfp4", {}), ("nvfp4", {"block_2d": True}),
-           ("mxfp4", {}), ("mxfp4", {"scale_mode": "rceil"}), ("int4", {"block_2d": True})]
+           ("mxfp4", {}), ("mxfp4", {"scale_mode": "rceil"}), ("int4", {"block_2d": True}), ("nvint4", {})]
 FORMAT_IDS = [f + "".join(f"-{k}={v}" for k, v in o.items()) for f, o in FORMATS]
 
 

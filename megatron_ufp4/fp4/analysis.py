@@ -24,7 +24,7 @@ from .hadamard import RHT
 from .quantize import quantize
 
 DISTRIBUTIONS = ("gaussian", "laplace", "student_t")
-DEFAULT_FORMATS = ("e2m1", "int4", "nvfp4", "mxfp4")
+DEFAULT_FORMATS = ("e2m1", "int4", "nvfp4", "nvint4", "mxfp4")
 BIAS_GRIDS = ("e2m1", "int4")
 NUM_BUCKETS = 8  # magnitude codes 0..7; the sign bit is not a bucket
 

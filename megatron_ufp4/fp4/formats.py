@@ -6,7 +6,8 @@ branch in ``block_scales``).  Scale kinds:
 * ``fp32`` — the paper's recipes: one plain FP32 scale per block, ``amax / grid_max``;
   elements are divided by it.
 * ``e4m3`` — NVFP4 two-level scaling, Transformer Engine's arithmetic operation for
-  operation: ``S_enc = 448*gmax/amax_tensor`` (→1 when amax or S_enc is 0),
+  operation (on E2M1, gmax 6: ``nvfp4``; on the uniform grid, gmax 7: ``nvint4``):
+  ``S_enc = 448*gmax/amax_tensor`` (→1 when amax or S_enc is 0),
   ``S_dec_b = e4m3(min(amax_b * (S_enc * (1/gmax)), 448))`` (one rounding, no lower
   clamp), encode multiplier ``1 / (f32(S_dec_b) * (1/S_enc))``.
 * ``e8m0`` — OCP MX power-of-two scales.  ``scale_mode="floor"`` is the OCP rule
@@ -64,6 +65,8 @@ FORMATS: dict[str, FP4Format] = {
     "e2m1": FP4Format("e2m1", grid="e2m1", scale="fp32", block=16),
     "int4": FP4Format("int4", grid="int4", scale="fp32", block=16),
     "nvfp4": FP4Format("nvfp4", grid="e2m1", scale="e4m3", block=16),
+    # the uniform grid (integer magnitudes 0..7) with NVFP4's two-level scales: S_enc = 448*7/amax
+    "nvint4": FP4Format("nvint4", grid="int4", scale="e4m3", block=16),
     "mxfp4": FP4Format("mxfp4", grid="e2m1", scale="e8m0", block=32),
 }
 

@@ -10,7 +10,7 @@ reduction axis:
 A recipe is a plain dict (``PRESETS`` below, or YAML) interpreted by ``Recipe.from_dict``:
 
     name: preset to start from (its keys are overridden by the ones given here)
-    format: fp4 format of every operand ("e2m1", "int4", "nvfp4", "mxfp4"; "bf16"/None = none)
+    format: fp4 format of every operand ("e2m1", "int4", "nvfp4", "nvint4", "mxfp4"; "bf16"/None = none)
     rht: GEMMs whose operands are rotated (list, or true/false for all/none)
     sr: operand roles rounded stochastically everywhere ("x", "w", "dy"); the rest use RTNE
     block, max_level, scale_mode: format options applied to every operand
@@ -45,6 +45,9 @@ PRESETS: dict[str, dict] = {
     # SR on gradients, first ~3% and last ~13% of the blocks in BF16 (2 + 8 of 62 at 12B).
     "nvfp4": {"format": "nvfp4", "rht": ["wgrad"], "sr": ["dy"], "w": {"block_2d": True},
               "bf16_first": 0.03, "bf16_last": 0.13},
+    # UFP4's RHT and SR scopes on the uniform grid with NVFP4's E4M3 block + FP32 tensor scales
+    # (nvint4): the scale arithmetic FP4 tensor cores consume.
+    "ufp4_nv": {"format": "nvint4", "rht": ALL_GEMMS, "sr": ["dy"]},
     # OCP MXFP4: E8M0 power-of-two scales per 32, Quartet-style RHT everywhere (size 32).
     "mxfp4": {"format": "mxfp4", "rht": ALL_GEMMS, "sr": ["dy"], "rht_size": 32},
 }
