@@ -81,6 +81,12 @@ def test_e4m3_rounding_down_saturates_at_code_7():
     top = float(F32(7) * F32(dec[1]))  # the fp32 product the dequantization forms
     assert 9.3 / dec[1] > 7.0 and deq[1][:2] == [top, -top]
     assert q.codes.reshape(2, 16)[1, :2].tolist() == [7, 15]
+    # under SR too: a value above the grid has no upper neighbour, so every draw gives +-7 and
+    # the expectation is pulled toward zero (the bias E4M3 scales add to SR; FP32 scales have none)
+    xs = x.repeat(64, 1)
+    sr = quantize(xs, "nvint4", rounding="sr", generator=torch.Generator().manual_seed(3),
+                  tensor_amax=torch.tensor(100.0))
+    assert (sr.codes.reshape(128, 16)[1::2, :2] == torch.tensor([7, 15])).all()
 
 
 def test_all_sixteen_codes_decode_to_signed_integers():
