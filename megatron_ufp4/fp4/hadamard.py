@@ -15,6 +15,7 @@ Specification: docs/rht_and_sr.md.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -95,9 +96,15 @@ def rotate_tiles(x: torch.Tensor, signs: torch.Tensor, transpose: bool = False) 
     return t.reshape(shape)
 
 
-def random_signs(n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator(device="cpu").manual_seed(int(seed))
+@functools.lru_cache(maxsize=64)
+def _random_signs(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator(device="cpu").manual_seed(seed)
     return torch.randint(0, 2, (n,), generator=g, device="cpu").to(torch.float32).mul_(2).sub_(1)
+
+
+def random_signs(n: int, seed: int) -> torch.Tensor:
+    """The ±1 vector of (n, seed); a fresh copy of a cached one (a model builds thousands)."""
+    return _random_signs(int(n), int(seed)).clone()
 
 
 class RHT:
@@ -107,9 +114,12 @@ class RHT:
         if size not in RHT_SIZES:
             raise ValueError(f"RHT size must be one of {RHT_SIZES} (got {size})")
         self.size, self.seed = size, int(seed)
-        self.signs = random_signs(size, seed) if signs is None else signs.detach().to(torch.float32).cpu()
-        if self.signs.shape != (size,) or not bool(((self.signs == 1) | (self.signs == -1)).all()):
-            raise ValueError(f"RHT signs must be a ±1 vector of length {size}")
+        if signs is None:
+            self.signs = random_signs(size, seed)
+        else:
+            self.signs = signs.detach().to(torch.float32).cpu()
+            if self.signs.shape != (size,) or not bool(((self.signs == 1) | (self.signs == -1)).all()):
+                raise ValueError(f"RHT signs must be a ±1 vector of length {size}")
         self._signs_on: dict[str, torch.Tensor] = {}
 
     def matrix64(self) -> torch.Tensor:

@@ -125,6 +125,8 @@ class QuantizedLinear(nn.Module):
                                  f"weight blocks need both dims to be multiples of {w.block}")
 
     def reset_parameters(self) -> None:
+        if self.weight.is_meta:  # no values to set; skipping saves a rank's meta build real time
+            return
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default; models re-init
         if self.bias is not None:
             nn.init.zeros_(self.bias)
