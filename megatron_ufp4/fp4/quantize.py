@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .compiled import compile_scope
 from .formats import FP4Format, block_scales, make_format, scale_values, storage_dtype_view
 from .grids import ROUNDINGS
 from .hadamard import RHT, rotate_tiles
@@ -161,25 +162,17 @@ def _blocks_core(xm, fmt: FP4Format, rounding: str, rot, sr_key, sr_index, tenso
 _compiled_core = _compiled_rotate = None
 
 
-def _dynamo_limits():
-    """One graph per (format, rounding, RHT, 2D, dequantize) a model uses: allow them all, or
-    dynamo silently falls back to eager after its default of 8.  Scoped to our own calls
-    (``config.patch``), so the rest of the process keeps its own settings."""
-    cfg = torch._dynamo.config
-    knobs = {k: max(getattr(cfg, k), 64) for k in ("recompile_limit", "cache_size_limit") if hasattr(cfg, k)}
-    return cfg.patch(**knobs)
-
-
 def _run_core(fused: bool, *args):
     """The eager core, or the same function through torch.compile: one fused C++/Triton
-    kernel per (format, rounding, RHT) instead of ~10 memory passes; bitwise identical."""
+    kernel per (format, rounding, RHT) instead of ~10 memory passes; bitwise identical.
+    Compiled within ``compiled.compile_scope`` (graph limits; a cache key per CPU target)."""
     global _compiled_core, _compiled_rotate
     if not fused:
         return _blocks_core(*args)
     if _compiled_core is None:
         _compiled_core = torch.compile(_blocks_core, dynamic=True)
         _compiled_rotate = torch.compile(rotate_tiles, dynamic=True)
-    with _dynamo_limits():
+    with compile_scope():
         xm, fmt, rounding, rot, *rest = args
         if rot is not None:  # rotated in a kernel of its own: fused into the block amax and the
             # scaling, inductor would recompute the butterfly for each (measured 2-3x slower)

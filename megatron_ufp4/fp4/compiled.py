@@ -1,0 +1,48 @@
+"""How the ``fused`` backend's torch.compile'd quantizer is compiled: limits and cache key.
+
+Inductor keeps compiled graphs on disk (``TORCHINDUCTOR_CACHE_DIR``, default under /tmp) and
+keys them by the graph, torch's source and the GPU, but not by the CPU vector instruction
+set it generated C++ for.  Graph code generated for AVX-512 (16-lane vectors) and read back
+in a process that targets AVX2 (``ATEN_CPU_CAPABILITY=avx2``, or another node of a cluster
+sharing the directory) is rebuilt against 8-lane vectors: it returns garbage and corrupts the
+heap.  Every compile of ours therefore carries a cache-key tag naming what the generated code
+depends on (torch's version and build, the machine and the vector ISA Inductor targets), so
+a process can only ever read entries made for its own target.  The tag is scoped to our
+calls (``config.patch``) and appended to any tag the user set.
+"""
+from __future__ import annotations
+
+import contextlib
+import platform
+
+import torch
+
+
+def target_isa() -> str:
+    """The CPU vector ISA Inductor generates code for in this process ("avx512", "avx2", ...,
+    "scalar" when vectorization is off, e.g. ``ATEN_CPU_CAPABILITY=default``)."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    return str(pick_vec_isa()) or "scalar"
+
+
+def cache_key_tag() -> str:
+    """What our compiled code depends on beyond what Inductor already hashes."""
+    return (f"megatron_ufp4.fused torch={torch.__version__} git={torch.version.git_version} "
+            f"machine={platform.machine()} isa={target_isa()}")
+
+
+@contextlib.contextmanager
+def compile_scope():
+    """Enter around every call of a compiled quantizer function.
+
+    - one graph per (format, rounding, RHT, 2D, dequantize) a model uses: allow them all, or
+      dynamo silently falls back to eager after its default of 8;
+    - the on-disk cache key carries ``cache_key_tag()`` (see the module docstring).
+    """
+    dynamo = torch._dynamo.config
+    limits = {k: max(getattr(dynamo, k), 64) for k in ("recompile_limit", "cache_size_limit") if hasattr(dynamo, k)}
+    user_tag = torch.compiler.config.cache_key_tag
+    tag = f"{user_tag} {cache_key_tag()}" if user_tag else cache_key_tag()
+    with dynamo.patch(**limits), torch.compiler.config.patch(cache_key_tag=tag):
+        yield
