@@ -23,7 +23,8 @@ def target_isa() -> str:
     "scalar" when vectorization is off, e.g. ``ATEN_CPU_CAPABILITY=default``)."""
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
-    return str(pick_vec_isa()) or "scalar"
+    isa = pick_vec_isa()
+    return str(isa) if isa else "scalar"  # an ISA is falsy when Inductor will not vectorize
 
 
 def cache_key_tag() -> str:

@@ -150,7 +150,12 @@ def _blocks_core(xm, fmt: FP4Format, rounding: str, rot, sr_key, sr_index, tenso
             idx = sr_index
         else:
             wide = needs_wide_index(xm.shape, sr_index)
-            idx = element_index(xm.shape, sr_index, xm.device, torch.int64 if wide else torch.int32)
+            # int32 hashing relies on products wrapping modulo 2^32.  Fused into one compiled C++
+            # loop, that wrap is undefined behaviour: the compiler drops a mask it proves redundant
+            # and the scalar build (ATEN_CPU_CAPABILITY=default) draws other numbers.  Compiled
+            # code hashes in int64 (no product overflows; the same draws, sr_random's docstring).
+            narrow = not wide and not torch.compiler.is_compiling()
+            idx = element_index(xm.shape, sr_index, xm.device, torch.int32 if narrow else torch.int64)
         u = _blocked(uniform_from_index(idx, sr_key, wide), fmt)
     q = fmt.grid_obj.round_(scale_values(xb, dec, enc), rounding, u)
     dec = torch.where(finite, dec, float("nan"))  # a block holding NaN/Inf decodes to NaN, never a number

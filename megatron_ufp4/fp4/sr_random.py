@@ -12,7 +12,9 @@ All arithmetic stays in 31-bit values multiplied by 31-bit odd constants, every 
 a bijection on [0, 2^31).  In int64 the products stay below 2^62 (no overflow); when every
 index is below 2^31 the same steps run on int32, where a product wraps modulo 2^32 (two's
 complement, as CPU vector units and CUDA multiply) and the mask keeps its low 31 bits, which
-are the int64 product's low 31 bits: the same draws at a third of the cost on a CPU.
+are the int64 product's low 31 bits: the same draws at a third of the cost on a CPU.  That
+wrap is undefined behaviour in C++, harmless in an eager kernel (one op per loop) but not in
+compiled code that fuses the whole hash into one loop, so the fused quantizer passes int64.
 
 Specification: docs/rht_and_sr.md.
 """

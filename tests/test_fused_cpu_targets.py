@@ -1,4 +1,12 @@
-"""The ``fused`` backend never reads compiled code made for another CPU target.
+"""The ``fused`` backend's compiled quantizer on every CPU target: exact in scalar code, and
+never reading compiled code made for another target.
+
+Scalar C++ (``ATEN_CPU_CAPABILITY=default``, what Inductor emits without a vector ISA) is
+where signed-overflow undefined behaviour shows: the SR hash's int32 products wrapped in
+vector registers but, fused into one scalar loop, let the compiler drop a mask and draw other
+numbers.  The compiled core therefore hashes in int64 (``quantize._blocks_core``).
+
+The cache:
 
 Inductor's on-disk cache is not keyed by the CPU vector ISA it generated C++ for, so without
 our cache-key tag (``megatron_ufp4/fp4/compiled.py``) a graph compiled at one
@@ -20,6 +28,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
+from megatron_ufp4.fp4 import RHT, fake_quantize
 
 PROBE = """
 import importlib, json
@@ -88,3 +97,20 @@ def test_cache_key_tag_names_the_target_and_keeps_the_users_tag():
         with compile_scope():
             assert torch.compiler.config.cache_key_tag == f"site-a {tag}"
         assert torch.compiler.config.cache_key_tag == "site-a"  # scoped to our calls
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
+def test_fused_sr_in_scalar_code_equals_eager(fmt):
+    """``cpp.simdlen=1`` matches no vector ISA: Inductor emits scalar C++, as at the default level."""
+    from torch._inductor import config as inductor_config
+
+    x = torch.randn(64, 512, generator=torch.Generator().manual_seed(0))
+    eager = fake_quantize(x, fmt, rounding="sr", rht=RHT(16, 0), generator=torch.Generator().manual_seed(1))
+    with inductor_config.patch({"cpp.simdlen": 1}):
+        from megatron_ufp4.fp4.compiled import target_isa
+
+        assert target_isa() == "scalar"
+        fused = fake_quantize(x, fmt, rounding="sr", rht=RHT(16, 0), generator=torch.Generator().manual_seed(1),
+                              fused=True)
+    assert torch.equal(fused, eager)
