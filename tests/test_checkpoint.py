@@ -38,7 +38,7 @@ def step_names(run_dir) -> list[str]:
     return [p.name for p in list_checkpoints(run_dir)]
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.numerical, pytest.mark.usefixtures("single_thread")]
 
 # -- exact resume ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("config", ["tiny_dense", "tiny_moe"])

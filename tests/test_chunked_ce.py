@@ -38,6 +38,8 @@ from megatron_ufp4.parallel.state import build_parallel_state
 from megatron_ufp4.parallel.vocab_parallel import (VocabParallelLMHead, vocab_parallel_chunked_cross_entropy,
                                                    vocab_parallel_cross_entropy)
 
+pytestmark = pytest.mark.numerical
+
 U = 2.0 ** -24
 
 

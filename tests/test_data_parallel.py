@@ -25,7 +25,7 @@ from megatron_ufp4.training.optim import build_optimizer, clip_grad_norm
 from dist_utils import run_ranks
 from test_expert_parallel import T, tiny_model
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.numerical, pytest.mark.usefixtures("single_thread")]
 
 GLOBAL_BATCH = 4
 # AdamW's update lr * m / (sqrt(v) + eps) with the usual eps=1e-8 is ~ lr * g / |g|: a rounding

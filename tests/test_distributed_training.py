@@ -40,6 +40,8 @@ import torch
 
 from dist_utils import run_ranks
 
+pytestmark = pytest.mark.numerical
+
 TINY = {"model.num_layers": 4, "model.hidden_size": 64, "model.num_heads": 4, "model.num_kv_heads": 2,
         "model.ffn_hidden_size": 128, "model.max_seq_len": 64, "model.vocab_size": 512, "data.seq_len": 64,
         "training.micro_batch_size": 2, "training.global_batch_size": 8, "training.train_steps": 4,

@@ -40,6 +40,8 @@ from megatron_ufp4.training.evaluation import eval_window_count, paired_standard
 from megatron_ufp4.training.run_setup import make_batch
 from megatron_ufp4.training.trainer import Trainer
 
+pytestmark = pytest.mark.numerical
+
 U32 = 2.0 ** -24
 U64 = 2.0 ** -53
 FAST = ["logging.peak_tflops=1"]  # no start-up matmul benchmark (MFU denominator only)

@@ -25,7 +25,7 @@ from megatron_ufp4.parallel.expert import (AllGatherDispatcher, AllToAllDispatch
 
 from dist_utils import run_ranks
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.numerical, pytest.mark.usefixtures("single_thread")]
 
 B, T = 4, 32  # global batch: rank r of 2 takes rows [2r, 2r + 2)
 

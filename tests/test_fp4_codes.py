@@ -12,6 +12,8 @@ import torch
 from megatron_ufp4.fp4 import RHT, fake_quantize, get_grid, quantize
 from fp4_reference import (fp4_codes_ref, levels_for, pack_ref, scaled_blocks_ref, sr_level_indices)
 
+pytestmark = pytest.mark.numerical
+
 # (format name, quantize options, reference scale kind, block, grid levels)
 CASES = {
     "e2m1": ("e2m1", {}, "e2m1", 16, levels_for("e2m1")),

@@ -7,6 +7,8 @@ import torch
 from megatron_ufp4.fp4 import E2M1, INT4, Grid, get_grid, quantize
 from fp4_reference import E2M1_LEVELS, INT4_LEVELS, levels_for, rtne_ref
 
+pytestmark = pytest.mark.numerical
+
 # ---------------------------------------------------------------------------------------------
 # exact grid values through quantize(...).dequantize() with a unit block scale
 # ---------------------------------------------------------------------------------------------

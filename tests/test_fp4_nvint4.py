@@ -14,6 +14,8 @@ from megatron_ufp4.linear import QuantizedLinear
 from megatron_ufp4.linear.native_backend import native_format_problem
 from fp4_reference import INT4_LEVELS, nvfp4_ref
 
+pytestmark = pytest.mark.numerical
+
 F32 = np.float32
 
 

@@ -5,6 +5,8 @@ import pytest
 
 from megatron_ufp4.fp4.recipes import PRESETS, Recipe
 
+pytestmark = pytest.mark.numerical
+
 GEMMS = {"fprop": ("x", "w"), "dgrad": ("dy", "w"), "wgrad": ("dy", "x")}
 ALL = {"fprop", "dgrad", "wgrad"}
 

@@ -9,6 +9,8 @@ from megatron_ufp4.fp4 import RHT, fake_quantize, quantize
 from megatron_ufp4.fp4.hadamard import sylvester_hadamard
 from fp4_reference import hadamard_ref
 
+pytestmark = pytest.mark.numerical
+
 SIZES = [16, 32, 64, 128]
 
 

@@ -7,6 +7,8 @@ import torch
 from megatron_ufp4.fp4 import fake_quantize, quantize
 from fp4_reference import levels_for, sr_neighbours
 
+pytestmark = pytest.mark.numerical
+
 N_DRAWS = 2000  # independent SR draws of the same block (rows of one tensor)
 Z = 5.0  # per-element bound in standard errors of the mean
 

@@ -8,6 +8,8 @@ import torch
 from megatron_ufp4.fp4 import quantize
 from fp4_reference import E2M1_LEVELS, INT4_LEVELS, levels_for, nvfp4_ref, rtne_ref
 
+pytestmark = pytest.mark.numerical
+
 F32 = np.float32
 
 # ---------------------------------------------------------------------------------------------

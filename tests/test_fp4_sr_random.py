@@ -1,10 +1,13 @@
 """Counter-based SR draws: uniform, reproducible, and independent of how a tensor is split."""
 import math
 
+import pytest
 import torch
 
 from megatron_ufp4.fp4 import fake_quantize, quantize
 from megatron_ufp4.fp4.sr_random import SRIndex, element_index, uniform_from_index
+
+pytestmark = pytest.mark.numerical
 
 
 def test_draws_are_uniform_and_uncorrelated():

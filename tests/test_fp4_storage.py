@@ -4,6 +4,8 @@ import torch
 
 from megatron_ufp4.fp4 import FORMATS, RHT, fake_quantize, pack_codes, quantize, unpack_codes
 
+pytestmark = pytest.mark.numerical
+
 
 def _bits(t):
     """Bit pattern of an fp32 tensor, with -0.0 folded onto +0.0 and NaNs canonicalised."""

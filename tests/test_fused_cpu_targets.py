@@ -30,6 +30,8 @@ import torch
 from conftest import REPO_ROOT
 from megatron_ufp4.fp4 import RHT, fake_quantize
 
+pytestmark = pytest.mark.numerical
+
 PROBE = """
 import importlib, json
 import torch

@@ -17,6 +17,8 @@ from megatron_ufp4.model import LinearFactory, ModelConfig, MoE
 from megatron_ufp4.model.experts import GroupedExperts
 from megatron_ufp4.model.init import KeyedInit
 
+pytestmark = pytest.mark.numerical
+
 RECIPES = list(PRESETS) + [{"name": "ufp4", "sr": ["x", "w", "dy"]}, {"name": "nvfp4", "sr": ["x", "w", "dy"]},
                            {"name": "mxfp4", "sr": ["x", "w", "dy"]}]
 COUNTS = [5, 0, 1, 17, 0, 33, 2, 6]  # uneven, empty experts, not whole blocks (16 / 32)

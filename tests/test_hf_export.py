@@ -36,6 +36,8 @@ try:
 except ImportError:
     from conftest import REPO_ROOT, SHAKESPEARE_SAMPLE
 
+pytestmark = pytest.mark.numerical
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 T = 24  # tokens per sequence in the comparisons
 BASE = dict(vocab_size=512, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, ffn_hidden_size=96,

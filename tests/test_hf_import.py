@@ -21,6 +21,8 @@ except ImportError:
     from conftest import quiet
     from test_hf_export import SIGMOID, make_checkpoint, prefix  # noqa: F401
 
+pytestmark = pytest.mark.numerical
+
 
 def _tensors(d):
     from safetensors.torch import load_file

@@ -24,7 +24,7 @@ from megatron_ufp4.parallel.parallel_factory import (ParallelLinearFactory, buil
 from megatron_ufp4.parallel.pipeline import build_stage_modules
 from megatron_ufp4.parallel.state import ParallelState
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.numerical, pytest.mark.usefixtures("single_thread")]
 
 BASE = dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=128,
             max_seq_len=16)

@@ -13,6 +13,8 @@ from megatron_ufp4.linear import QuantizedLinear
 from megatron_ufp4.model import (PRESETS, Attention, GPTModel, LinearFactory, ModelConfig, MoE, RotaryEmbedding,
                                  count_params, derive_sr_seed, num_params, preset)
 
+pytestmark = pytest.mark.numerical
+
 
 def tiny(**kw) -> ModelConfig:
     base = dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=128,

@@ -19,6 +19,8 @@ from megatron_ufp4.model.linear_factory import LinearFactory
 from megatron_ufp4.model.moe import Router
 from megatron_ufp4.training.checkpoint import config_differences
 
+pytestmark = pytest.mark.numerical
+
 BASE = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=64,
             max_seq_len=16)
 LING_MOE = dict(num_experts=8, moe_top_k=2, moe_ffn_hidden_size=16, router_score="sigmoid", router_groups=4,

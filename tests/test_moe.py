@@ -9,6 +9,8 @@ from megatron_ufp4.linear import QuantizedLinear
 from megatron_ufp4.model import GPTModel, LinearFactory, ModelConfig, MoE, Router
 from megatron_ufp4.model.init import KeyedInit
 
+pytestmark = pytest.mark.numerical
+
 
 def moe_cfg(**kw) -> ModelConfig:
     base = dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=128,

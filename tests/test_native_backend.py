@@ -10,7 +10,8 @@ import torch
 from megatron_ufp4.fp4.formats import make_format
 from megatron_ufp4.fp4.recipes import PRESETS, Recipe
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+pytestmark = [pytest.mark.numerical,
+              pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")]
 
 
 def _native_gpu() -> bool:

@@ -33,6 +33,8 @@ from megatron_ufp4.parallel.pipeline_schedule import PipelineRunner
 from conftest import one_thread
 from dist_utils import run_ranks
 
+pytestmark = pytest.mark.numerical
+
 N_MICRO, MBS, SEQ = 4, 2, 32
 TOL = 1e-5
 MOE = dict(num_experts=4, moe_top_k=2, moe_ffn_hidden_size=64)

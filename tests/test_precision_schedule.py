@@ -22,7 +22,7 @@ from megatron_ufp4.training import trainer as trainer_module
 from megatron_ufp4.training.run_info import read_run_info
 from megatron_ufp4.training.trainer import Trainer
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.numerical, pytest.mark.usefixtures("single_thread")]
 
 FPROP_BF16 = "{x: {format: bf16}, w: {format: bf16}}"  # recipe.fprop: both Fprop operands unquantized
 # phase 0 ufp4 at step 0; phase 1 Fprop in high precision from step floor(0.3 * 4 + 1/2) = 1; phase 2 bf16 from step 2

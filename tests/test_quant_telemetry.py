@@ -17,7 +17,7 @@ from megatron_ufp4.training.trainer import Trainer
 
 from conftest import CONFIGS, REPO_ROOT, assert_state_equal, quiet, read_metrics, snapshot
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.numerical, pytest.mark.usefixtures("single_thread")]
 
 U32 = 2.0 ** -24  # fp32 unit roundoff
 U64 = 2.0 ** -53  # float64 unit roundoff

@@ -8,6 +8,8 @@ from megatron_ufp4.fp4 import RHT, fake_quantize
 from megatron_ufp4.fp4.recipes import PRESETS, Recipe
 from megatron_ufp4.linear import QuantizedLinear
 
+pytestmark = pytest.mark.numerical
+
 FP4_RECIPES = [n for n in PRESETS if n != "bf16"]
 
 

@@ -14,6 +14,8 @@ from megatron_ufp4.fp4 import E2M1, INT4, RHT, fake_quantize
 from megatron_ufp4.fp4.analysis import (analytic_level_bias, analyze, effective_bucket_ratio, empirical_level_bias,
                                         load_tensor, make_tensor, quantization_metrics)
 
+pytestmark = pytest.mark.numerical
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = os.path.join(REPO, "tools", "shrinkage_bias.py")
 sys.path.insert(0, os.path.join(REPO, "tools"))

@@ -55,6 +55,8 @@ from megatron_ufp4.parallel.vocab_parallel import VocabParallelEmbedding, vocab_
 
 from dist_utils import run_ranks
 
+pytestmark = pytest.mark.numerical
+
 CFG = dict(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=128,
            max_seq_len=16)
 

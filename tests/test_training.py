@@ -15,7 +15,7 @@ from megatron_ufp4.training.schedule import lr_at
 from megatron_ufp4.training.trainer import Trainer, TrainingAborted, micro_batch_loss
 
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+pytestmark = [pytest.mark.numerical, pytest.mark.usefixtures("single_thread")]
 
 # -- schedules (expected values computed by hand) ----------------------------------------------------
 def lrs(kind, total, warmup, base=1.0, min_ratio=0.1, decay_fraction=0.2, steps=None):

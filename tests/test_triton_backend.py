@@ -30,7 +30,7 @@ from megatron_ufp4.linear import triton_kernels  # noqa: E402  (after the interp
 DEVICE = os.environ.get("MEGATRON_UFP4_TEST_DEVICE", "cpu") if torch.cuda.is_available() else "cpu"
 # the interpreter runs kernels as numpy, which warns where a GPU silently computes inf / NaN
 # (1/0 in a masked-out lane, NaN blocks): the results are checked bit for bit instead
-pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning")]
+pytestmark = [pytest.mark.numerical, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     pytestmark.append(pytest.mark.skip(reason="CPU tensors need TRITON_INTERPRET=1 (set in conftest.py)"))
 
