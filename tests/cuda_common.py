@@ -42,6 +42,7 @@ import os
 
 import pytest
 import torch
+from error_bounds import U32
 
 # cuBLAS needs this (before its first handle) for torch.use_deterministic_algorithms; harmless otherwise
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -82,7 +83,6 @@ CUDA_MARKS = [pytest.mark.cuda, pytest.mark.skipif(SKIP is not None, reason=SKIP
 
 DRY_RUN = device_name_under_test() == "cpu"
 RECIPES = list(PRESETS)  # bf16, ufp4, e2m1_ref, nvfp4, mxfp4
-U32 = 2.0 ** -24  # unit roundoff of fp32 (round to nearest)
 
 
 @pytest.fixture(autouse=True)

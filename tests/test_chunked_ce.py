@@ -28,6 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dist_utils import run_ranks
+from error_bounds import U32, gamma
 from torch import nn
 
 from megatron_ufp4.model import GPTModel, lm_loss
@@ -40,11 +41,6 @@ from megatron_ufp4.parallel.vocab_parallel import (VocabParallelLMHead, vocab_pa
 
 pytestmark = pytest.mark.numerical
 
-U = 2.0 ** -24
-
-
-def gamma(n: int) -> float:
-    return n * U / (1 - n * U)
 
 
 def fp32_bounds(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100):
@@ -63,13 +59,13 @@ def fp32_bounds(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, ignore_i
     ell = (ls.squeeze(-1) - (z.gather(-1, yl[:, None]).squeeze(-1) - m.squeeze(-1))) * keep
     A = h.abs() @ w.abs().t()
     R = (z - m).abs().amax(-1)
-    eps = 2 * gamma(H) * A.amax(-1) + 2 * U * R + gamma(V) + 4 * U + U * ls.squeeze(-1).abs() + U * ell.abs()
+    eps = 2 * gamma(H) * A.amax(-1) + 2 * U32 * R + gamma(V) + 4 * U32 + U32 * ls.squeeze(-1).abs() + U32 * ell.abs()
     L = ell.sum() / M
-    loss_bound = float((eps * keep).sum() / M + gamma(M) * ell.abs().sum() / M + U * L.abs())
+    loss_bound = float((eps * keep).sum() / M + gamma(M) * ell.abs().sum() / M + U32 * L.abs())
     p = (z - m).exp() / s
     onehot = F.one_hot(yl, V).double()
     dz = (p - onehot) * keep[:, None] / M
-    E = ((p * (eps[:, None] + 2 * U) + U * (p - onehot).abs()) / M + U * dz.abs()) * keep[:, None]
+    E = ((p * (eps[:, None] + 2 * U32) + U32 * (p - onehot).abs()) / M + U32 * dz.abs()) * keep[:, None]
     dh_bound = gamma(V) * dz.abs() @ w.abs() + E @ w.abs()
     dw_bound = gamma(N) * dz.abs().t() @ h.abs() + E.t() @ h.abs()
     return loss_bound, dh_bound, dw_bound

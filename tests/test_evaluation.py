@@ -35,6 +35,7 @@ import math
 import pytest
 import torch
 from conftest import one_thread, quiet
+from error_bounds import U32, U64, gamma
 
 from megatron_ufp4.training.evaluation import eval_window_count, paired_standard_error, summarize, window_losses
 from megatron_ufp4.training.run_setup import make_batch
@@ -42,14 +43,8 @@ from megatron_ufp4.training.trainer import Trainer
 
 pytestmark = pytest.mark.numerical
 
-U32 = 2.0 ** -24
-U64 = 2.0 ** -53
 FAST = ["logging.peak_tflops=1"]  # no start-up matmul benchmark (MFU denominator only)
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
-
-
-def gamma(n: int, u: float = U32) -> float:
-    return n * u / (1 - n * u)
 
 
 # -- summarize / paired_standard_error: hand-computed values ---------------------------------------

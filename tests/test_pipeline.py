@@ -32,6 +32,7 @@ from megatron_ufp4.parallel.pipeline_schedule import PipelineRunner
 
 from conftest import one_thread
 from dist_utils import run_ranks
+from error_bounds import gamma
 
 pytestmark = pytest.mark.numerical
 
@@ -57,7 +58,6 @@ CASES = {
 LR = 0.5  # plain SGD between steps of the two-step cases (large, so step 2 sees visibly new weights)
 # FP4 cases whose embedding gradient is all-reduced between the ends: every step from the reference's weights
 TEACHER_FORCED = {"mtp"}
-U = 2.0 ** -24  # fp32 unit roundoff
 
 
 def tiny_config(**kw) -> ModelConfig:
@@ -154,10 +154,6 @@ def _embedding_terms(model: GPTModel):
     return lambda: (uses[0], positions[0], mag)
 
 
-def _gamma(n: int) -> float:
-    return n * U / (1 - n * U)
-
-
 def _reordered_sum_bound(uses: int, positions: int, magnitudes: torch.Tensor) -> torch.Tensor:
     """Both runs sum the same per-use embedding gradients t (each computed by the same ops on
     bitwise-equal inputs), in different orders: autograd adds each micro-batch's uses into .grad,
@@ -166,7 +162,7 @@ def _reordered_sum_bound(uses: int, positions: int, magnitudes: torch.Tensor) ->
     Stability, Thm 4.1), so two orders differ by at most twice that, per element; and each
     computed |t| (itself a sum over <= ``positions`` token positions) is at most
     (1 + gamma_positions) times the recorded sum of its inputs' magnitudes."""
-    return 2 * _gamma(uses - 1) * (1 + _gamma(positions)) * magnitudes
+    return 2 * gamma(uses - 1) * (1 + gamma(positions)) * magnitudes
 
 
 # -- what each pipeline rank does (one spawn runs every case) ---------------------------------------

@@ -54,6 +54,7 @@ from megatron_ufp4.parallel.tensor_parallel import ColumnParallelLinear, RowPara
 from megatron_ufp4.parallel.vocab_parallel import VocabParallelEmbedding, vocab_parallel_cross_entropy
 
 from dist_utils import run_ranks
+from error_bounds import U32, gamma
 
 pytestmark = pytest.mark.numerical
 
@@ -69,13 +70,6 @@ def _rel(a, b) -> float:
     return _diff(a, b) / max(float(b.detach().float().abs().max()), 1e-30)
 
 
-U = 2.0 ** -24  # fp32 unit roundoff
-
-
-def _gamma(n: int) -> float:
-    return n * U / (1 - n * U)
-
-
 def _ce_per_token_bound(logits: torch.Tensor, labels: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
     """Forward-error bound between two fp32 evaluations of ce = log(sum_j exp(z_j - m)) - (z_y - m)
     in different summation orders and exp/log implementations (the vocab-parallel one sums each
@@ -87,7 +81,7 @@ def _ce_per_token_bound(logits: torch.Tensor, labels: torch.Tensor, ce: torch.Te
     v = logits.shape[-1]
     z = logits.float()
     zy = z.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1) - z.amax(-1)
-    bound = 2 * _gamma(v + 1) + 4 * U * (ce.abs() + 2 * zy.abs())
+    bound = 2 * gamma(v + 1) + 4 * U32 * (ce.abs() + 2 * zy.abs())
     return torch.where(labels == -100, torch.zeros_like(bound), bound)
 
 
@@ -184,11 +178,11 @@ def _vocab_checks(st):
     valid = labels != -100
     n = int(valid.sum())
     # the mean: each token's bound, plus the n-term sum of the mean on either side
-    mean_bound = float(tok_bound[valid].mean() + 2 * _gamma(n) * ref_tok[valid].abs().mean())
+    mean_bound = float(tok_bound[valid].mean() + 2 * gamma(n) * ref_tok[valid].abs().mean())
     # d ce / d z_j = (p_j - [j = y]) / n: p_j = exp(z_j - m) / S carries exp's 2u and the sum's
     # gamma_(V-1) on either side, the subtraction and division 2u more: within 2 gamma_(V+3) (p_j + 1) / n
     p = torch.softmax(logits.float(), -1)
-    grad_bound = 2 * _gamma(v + 3) * (p + 1) / n * valid.unsqueeze(-1)
+    grad_bound = 2 * gamma(v + 3) * (p + 1) / n * valid.unsqueeze(-1)
     return {"ce": abs(out.item() - ref.item()) / mean_bound,
             "ce_grad": float(((ls.grad - lf.grad[..., sel]).abs() / grad_bound[..., sel].clamp_min(1e-30)).max()),
             "ce_none": float(((per_tok - ref_tok).abs() / tok_bound.clamp_min(1e-30)).max()),
@@ -321,7 +315,7 @@ def _model_case(st, recipe, sp, optimizer, steps=3, autocast=False, with_labels=
             # one sum of N squares, each within gamma_N (the squares' rounding included) of the exact sum
             sq = torch.stack([g.float().pow(2).sum() for g in grads.values()]).sum()
             norm_rel = abs(float(tp_grad_sq_norm(model.parameters(), st)) / float(sq) - 1)
-            norm_bound = 2 * _gamma(sum(g.numel() for g in grads.values()) + 1)
+            norm_bound = 2 * gamma(sum(g.numel() for g in grads.values()) + 1)
         opt_full.step()
         opt_tp.step()
     copied = copy.deepcopy(model)  # process groups are shared, not copied
