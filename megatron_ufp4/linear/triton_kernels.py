@@ -94,9 +94,8 @@ def rotate_rows(t, signs, BR: tl.constexpr, BK: tl.constexpr, N: tl.constexpr, L
     stages of (a + b, a - b) on the pairs (j, j + h), h = 1, 2, 4, ..., one fp32 scale."""
     M: tl.constexpr = BR * BK // N
     t = tl.reshape(t, (M, N)) * signs[None, :]
-    for i in tl.static_range(LOG2N):
-        H: tl.constexpr = 1 << i
-        t4 = tl.permute(tl.reshape(t, (M, N // (2 * H), 2, H)), (0, 1, 3, 2))
+    for i in tl.static_range(LOG2N):  # h = 1 << i, written inline: a constexpr name cannot be rebound per unrolled step
+        t4 = tl.permute(tl.reshape(t, (M, N // (2 << i), 2, 1 << i)), (0, 1, 3, 2))
         a, b = tl.split(t4)
         t = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (M, N))
     return tl.reshape(t * RSCALE, (BR, BK))
