@@ -5,10 +5,11 @@ accepts constructs the compiler rejects (a ``tl.constexpr`` name rebound in each
 ``tl.static_range`` made every RHT configuration fail to compile).  Here the configurations
 the launchers make are recorded from the launchers themselves (linear/triton_aot.py) and
 compiled by ``tools/compile_kernels.py --subset suite`` with Triton's compiler and bundled
-ptxas, in a process without ``TRITON_INTERPRET``: every kernel x format (2-D blocks, E8M0
-floor / rceil, nvint4 included) x rounding with the RHT, plus packed, pair and grouped (both
-axes) launches and NVFP4's tensor-amax pre-pass.  The full matrix (RHT 128, bf16 output,
-no RHT) is the tool's default.
+ptxas, in a process without ``TRITON_INTERPRET``: the row kernel for every format (2-D
+blocks, E8M0 floor / rceil, nvint4 included) x rounding with the RHT, one unrotated case,
+pair, packed and grouped (both axes) launches for int4 and nvfp4, NVFP4's tensor-amax
+pre-pass.  The full matrix (every format in every kernel, RHT 128, bf16 output, no RHT) is
+the tool's default.
 """
 from __future__ import annotations
 

@@ -199,8 +199,9 @@ def launcher_matrix(subset: str = "full", rows: int = 256, cols: int = 512) -> l
     """(label, configuration) of every distinct launch the launchers make for one operand shape,
     over format x rounding x RHT size x output dtype, plus packed, pair (row + column from one
     read), grouped (groups along rows and along K) and NVFP4's tensor-amax pre-pass.
-    ``subset``: "full"; "quick" (RHT sizes none and 16, fp32 output); "suite" (the quick
-    matrix with the RHT only: every kernel x format x rounding once, plus one unrotated case)."""
+    ``subset``: "full"; "quick" (RHT sizes none and 16, fp32 output); "suite" (from the quick
+    matrix: the row kernel for every format x rounding with the RHT, one unrotated case, pair,
+    packed and grouped launches for int4 and nvfp4)."""
     if subset not in SUBSETS:
         raise ValueError(f"subset must be one of {SUBSETS} (got {subset!r})")
     full = subset == "full"
@@ -248,6 +249,9 @@ def launcher_matrix(subset: str = "full", rows: int = 256, cols: int = 512) -> l
                 record(f"grouped axis={axis} {name} {rounding}",
                        lambda: triton_backend.quantize_grouped_operand(g))
     matrix = [(label, cfg) for cfg, label in out.items()]
-    if subset == "suite":
-        matrix = [(label, cfg) for label, cfg in matrix if "rht=None" not in label or label.startswith("rows int4")]
+    if subset == "suite":  # the row kernel for every format x rounding; the pair, packed and grouped
+        # launches (each ptxas run of the pair kernel takes seconds) for UFP4's and NVFP4's formats
+        matrix = [(label, cfg) for label, cfg in matrix
+                  if (label.startswith("rows ") and ("rht=None" not in label or label.startswith("rows int4 ")))
+                  or label.split()[-2] in ("int4", "nvfp4")]
     return matrix
