@@ -43,12 +43,6 @@ class KernelConfig:
     num_warps: int
     enable_fp_fusion: bool
 
-    def describe(self) -> str:
-        keep = ("QB", "RB", "SCALE", "GRID", "SR", "N", "KEY_MODE", "PAR_MODE", "OUT_BF16", "PACKED", "BR", "BK")
-        c = dict(self.constexprs)
-        parts = [f"{k}{s}={c[k + s]}" for s in ("", "1", "2") for k in keep if k + s in c]
-        return " ".join(parts) + f" w{self.num_warps}"
-
 
 @dataclass(frozen=True)
 class CompileResult:
