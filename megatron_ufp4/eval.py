@@ -46,11 +46,11 @@ def main(argv=None) -> int:
     from .training.evaluation import eval_window_count, summarize, window_losses
     from .training.inference import load_trained_model, resolve_checkpoint
     from .training.run_info import precision_label
-    from .training.run_setup import check_backend_device, configure_threads, resolve_device, validation_dataset
+    from .training.run_setup import check_backend_device, configure_threads, select_device, validation_dataset
 
     try:
         configure_threads(args.threads)
-        device = resolve_device(args.device, field="--device")
+        device = select_device(args.device, field="--device")
         if args.backend is not None:
             check_backend_device(args.backend, device)
         ckpt = resolve_checkpoint(args.checkpoint)

@@ -35,10 +35,10 @@ def main(argv=None) -> int:
     from .data.tokenizer import Tokenizer
     from .training.checkpoint import CheckpointError
     from .training.inference import generate, load_trained_model
-    from .training.run_setup import resolve_device
+    from .training.run_setup import select_device
 
     try:
-        model, cfg, _ = load_trained_model(args.checkpoint, resolve_device(args.device, field="--device"))
+        model, cfg, _ = load_trained_model(args.checkpoint, select_device(args.device, field="--device"))
         tok = Tokenizer(args.tokenizer or cfg.data.prefix + ".model")
         prompt = tok.encode(args.prompt) if args.prompt else [tok.eos_id]
         g = torch.Generator().manual_seed(args.seed)

@@ -19,12 +19,18 @@ pytestmark = CUDA_MARKS
 # -- 4. training on the device ------------------------------------------------------------------
 @pytest.fixture
 def deterministic():
-    """Deterministic kernels where torch has them (SDPA backward, index_add_); warn_only so an
-    op without one warns instead of failing, and a remaining difference shows in the losses."""
+    """Deterministic kernels where torch has them (index_add_, scatter); warn_only so an op
+    without one warns instead of failing, and a remaining difference shows in the losses.
+    Attention runs SDPA's math backend: fp32 inputs would otherwise take the memory-efficient
+    kernel, whose backward accumulates with atomics and stays non-deterministic (torch only
+    warns under warn_only)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     before, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        yield
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
     finally:
         torch.use_deterministic_algorithms(before, warn_only=warn)
 

@@ -14,7 +14,7 @@ from megatron_ufp4.config import ConfigError, load_config
 from megatron_ufp4.fp4.sr_random import draw_key
 from megatron_ufp4.linear import QuantizedLinear
 from megatron_ufp4.parallel.state import process_group_backend
-from megatron_ufp4.training.run_setup import local_rank, resolve_device
+from megatron_ufp4.training.run_setup import local_rank, resolve_device, select_device
 
 
 @pytest.fixture
@@ -58,6 +58,17 @@ def test_explicit_index(fake_gpus, monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun with 2 local ranks: one named GPU cannot serve both
     with pytest.raises(ValueError, match="puts every local rank on one GPU"):
         resolve_device("cuda:1", local_rank=0)
+
+
+def test_a_chosen_gpu_becomes_the_current_device(fake_gpus, monkeypatch):
+    """Triton launches, pinned staging buffers and NCCL use the current device: a process on cuda:1
+    must make it current, or it also opens a context (and launches kernels) on GPU 0."""
+    fake_gpus(2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(torch.device(d)))
+    assert select_device("cuda:1") == torch.device("cuda", 1) and current == [torch.device("cuda", 1)]
+    assert select_device("cpu") == torch.device("cpu") and len(current) == 1  # a CPU run touches no GPU
 
 
 @pytest.mark.parametrize("name", ["gpu", "cuda:", "cuda:x", "mps", ""])

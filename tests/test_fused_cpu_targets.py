@@ -101,6 +101,30 @@ def test_cache_key_tag_names_the_target_and_keeps_the_users_tag():
         assert torch.compiler.config.cache_key_tag == "site-a"  # scoped to our calls
 
 
+def test_compiled_triton_code_divides_and_rounds_as_eager():
+    """On a GPU, Inductor lowers our graphs to Triton: within ``compile_scope`` an fp32 division is
+    Triton's IEEE ``div_rn`` (by default the approximate ``/``, which changes block-scale
+    quotients), and kernels compile without FMA contraction or subnormal flushing.  Checked on
+    Inductor's own code generators (no GPU needed to ask them)."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.codegen.triton import TritonKernel, TritonOverrides
+
+    from megatron_ufp4.fp4.compiled import compile_scope
+
+    class Var(str):
+        dtype = torch.float32
+
+    def division() -> str:
+        return TritonOverrides.truediv(Var("x"), Var("y"))
+
+    assert division() == "(x / y)"  # torch's default: approximate on NVIDIA GPUs
+    with compile_scope():
+        assert division() == "triton.language.div_rn(x, y)"
+        meta = TritonKernel.triton_meta_common()
+        assert meta["enable_fp_fusion"] is False and meta["disable_ftz"] is True
+    assert division() == "(x / y)" and not inductor_config.eager_numerics.division_rounding  # scoped
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
 def test_fused_sr_in_scalar_code_equals_eager(fmt):

@@ -69,9 +69,44 @@ def test_formats_without_native_gemm_are_refused_in_one_line():
         get_backend("native").quantize(op)
 
 
+_E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def _decode(codes: torch.Tensor, scales: torch.Tensor, tensor_scale: torch.Tensor, block: int) -> torch.Tensor:
+    """Packed E2M1 codes (element 2i in the low nibble, sign bit 8) x block scale x tensor scale,
+    as the reference dequantizes: level * (scale * tensor scale) in fp32."""
+    c = torch.stack([codes & 15, codes >> 4], dim=-1).reshape(codes.shape[0], -1).long()
+    level = _E2M1[c & 7] * torch.where(c >= 8, -1.0, 1.0)
+    return level * (scales.float() * tensor_scale.float()).repeat_interleave(block, dim=1)
+
+
+@pytest.mark.parametrize("k", [48, 64])
+def test_operands_are_padded_to_32_along_k_and_decode_unchanged(k):
+    """The FP4 _scaled_mm needs K % 32 == 0; an NVFP4 operand (16-element blocks) may have
+    K = 16 mod 32 (a Wgrad over such a token count): padded with zero codes and zero scales,
+    it decodes to the emulated operand followed by zeros (run in the Triton interpreter)."""
+    from megatron_ufp4.fp4.hadamard import RHT
+    from megatron_ufp4.fp4.quantize import tensor_amax
+    from megatron_ufp4.fp4.recipes import OperandQuant
+    from megatron_ufp4.linear.backends import Operand, get_backend
+
+    f = make_format("nvfp4")
+    x = torch.randn(40, k, generator=torch.Generator().manual_seed(1))
+    rht = RHT(16, 1)
+    op = Operand(x, OperandQuant(f, "sr"), rht, 12345, None, tensor_amax(x, f, rht))
+    q = get_backend("native").quantize(op)
+    padded = -(-k // 32) * 32
+    assert q.codes.shape == (40, padded // 2) and q.scales.shape == (40, padded // 16)
+    values = _decode(q.codes, q.scales, q.tensor_scale, 16)
+    want = get_backend("emulated").quantize(op)
+    assert torch.equal(values[:, :k].view(torch.int32), want.view(torch.int32))
+    assert not bool(values[:, k:].any())
+
+
 @pytest.mark.skipif(not _native_gpu(), reason="needs a GPU with FP4 tensor cores (compute capability 10.x)")
+@pytest.mark.parametrize("k", [512, 48])  # 48: K = 16 mod 32, padded for the tensor cores
 @pytest.mark.parametrize("fmt,opts", [("nvfp4", {}), ("nvfp4", {"block_2d": True}), ("mxfp4", {})], ids=str)
-def test_native_gemm_matches_emulated_within_fp32_accumulation(fmt, opts):
+def test_native_gemm_matches_emulated_within_fp32_accumulation(fmt, opts, k):
     """Same exact products (E2M1 x scale), summed in another order: within 2 gamma_(K+2) |A| |B|^T
     of the emulated GEMM, u = 2^-24 (each side accumulates K terms and rounds its decode scales)."""
     from megatron_ufp4.fp4.hadamard import RHT
@@ -80,8 +115,10 @@ def test_native_gemm_matches_emulated_within_fp32_accumulation(fmt, opts):
     from megatron_ufp4.linear.backends import Operand, get_backend
 
     f = make_format(fmt, **opts)
+    if k % f.block:
+        pytest.skip(f"K={k} is not a multiple of {fmt}'s {f.block}-element block")
     g = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(256, 512, generator=g).cuda() for _ in range(2))
+    a, b = (torch.randn(256, k, generator=g).cuda() for _ in range(2))
     rht = RHT(16, 1)
     ops = [Operand(t, OperandQuant(f, "rtne"), rht, None, None, tensor_amax(t, f, rht)) for t in (a, b)]
     em, nat = get_backend("emulated"), get_backend("native")

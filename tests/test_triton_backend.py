@@ -18,7 +18,7 @@ from megatron_ufp4.fp4.grouped import GroupedIndex, Segments
 from megatron_ufp4.fp4.hadamard import RHT
 from megatron_ufp4.fp4.quantize import tensor_amax
 from megatron_ufp4.fp4.recipes import PRESETS, OperandQuant
-from megatron_ufp4.fp4.sr_random import SRIndex, uniform_from_index
+from megatron_ufp4.fp4.sr_random import SRIndex, needs_wide_index, uniform_from_index
 from megatron_ufp4.linear import QuantizedLinear
 from megatron_ufp4.linear.backends import GroupedOperand, Operand, get_backend
 
@@ -79,10 +79,22 @@ def backends():
 
 # -- the SR hash ----------------------------------------------------------------------------------
 @triton.jit
-def _draw(idx_ptr, out_ptr, key, n, BLOCK: tl.constexpr):
+def _draw(idx_ptr, out_ptr, key, n, BLOCK: tl.constexpr, WIDE: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     idx = tl.load(idx_ptr + offs, mask=offs < n, other=0)
-    tl.store(out_ptr + offs, triton_kernels.sr_uniform(idx, key.to(tl.int64)), mask=offs < n)
+    if WIDE:
+        u = triton_kernels.sr_uniform(idx, key.to(tl.int64), WIDE)
+    else:
+        u = triton_kernels.sr_uniform(idx, key, WIDE)
+    tl.store(out_ptr + offs, u, mask=offs < n)
+
+
+def _draws(idx: torch.Tensor, key: int, wide: bool) -> torch.Tensor:
+    n = idx.numel()
+    out = torch.empty(n, dtype=torch.float32, device=idx.device)
+    block = -(-n // 4) if DEVICE == "cpu" else 1024  # the interpreter: few programs; a GPU: a register tile
+    _draw[(-(-n // block),)](idx, out, key, n, BLOCK=triton.next_power_of_2(block), WIDE=wide)
+    return out
 
 
 def test_sr_hash_in_triton_equals_the_torch_one_on_a_million_indices():
@@ -91,10 +103,12 @@ def test_sr_hash_in_triton_equals_the_torch_one_on_a_million_indices():
     # small, near 2^31 (both sides of the wide branch) and up to 2^44
     idx = torch.cat([torch.arange(n // 4), torch.randint(2 ** 31 - n // 8, 2 ** 31 + n // 8, (n // 4,), generator=g),
                      torch.randint(0, 2 ** 44, (n // 2,), generator=g)]).to(DEVICE)
-    out = torch.empty(n, dtype=torch.float32, device=DEVICE)
     key = 0x5EED1234
-    _draw[(4,)](idx, out, key, n, BLOCK=n // 4)
-    assert_same_bits(out, uniform_from_index(idx, torch.tensor(key, device=DEVICE)), "uniform draws")
+    want = uniform_from_index(idx, torch.tensor(key, device=DEVICE))
+    assert_same_bits(_draws(idx, key, wide=True), want, "uniform draws, int64")
+    # below 2^31 the kernels hash in int32 (wrapping products): the same draws
+    narrow = idx < 2 ** 31
+    assert_same_bits(_draws(idx[narrow].to(torch.int32), key, wide=False), want[narrow], "uniform draws, int32")
 
 
 # -- one operand ----------------------------------------------------------------------------------
@@ -112,14 +126,18 @@ def test_quantize_equals_emulated_bit_for_bit(backends, fmt, opts, rounding):
 @pytest.mark.parametrize("fmt,opts", [("int4", {}), ("nvfp4", {}), ("mxfp4", {})], ids=str)
 def test_transposed_view_shard_offsets_and_indices_past_2_31(backends, fmt, opts):
     """A non-contiguous operand (Wgrad's dY^T is a view) at a shard offset whose SR indices cross
-    2^31: the kernel reads strides and draws the wide-index hash."""
+    2^31 (the kernel reads strides and draws the wide-index hash in int64), and one whose last
+    index is 2^31 - 2 (hashed in int32)."""
     em, tr, _ = backends
     src = sample((256, 64), seed=2)
     xt = src.t()  # (64, 256), strides (1, 64)
-    index = SRIndex(row_offset=(2 ** 31) // 512 - 20, col_offset=128, row_stride=512)
-    for rht in (None, RHT(16, 5)):
-        op = operand(xt, fmt, opts, "sr", rht, index=index)
-        assert_same_bits(tr.quantize(op), em.quantize(op), f"{fmt} transposed, offset {index}")
+    wide = SRIndex(row_offset=(2 ** 31) // 512 - 20, col_offset=128, row_stride=512)
+    top = SRIndex(row_offset=(2 ** 31) // 512 - 64, col_offset=255, row_stride=512)  # last index 2^31 - 2: int32
+    assert needs_wide_index(xt.shape, wide) and not needs_wide_index(xt.shape, top)
+    for index in (wide, top):
+        for rht in (None, RHT(16, 5)):
+            op = operand(xt, fmt, opts, "sr", rht, index=index)
+            assert_same_bits(tr.quantize(op), em.quantize(op), f"{fmt} transposed, offset {index}")
 
 
 @pytest.mark.parametrize("fmt,opts", [("int4", {}), ("nvfp4", {}), ("nvfp4", {"block_2d": True}), ("mxfp4", {})],
@@ -168,6 +186,57 @@ def test_grouped_quantize_equals_emulated(backends, fmt, opts, axis):
             index = GroupedIndex(rows, 96, torch.arange(64, device=DEVICE) + 16, False)
         op = GroupedOperand(x, OperandQuant(f, rounding), seg, rht, keys, index, None)
         assert_same_bits(tr.quantize_grouped(op), em.quantize_grouped(op), f"grouped {fmt} axis {axis} {rounding}")
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_bf16_grouped_gemm_within_its_rounding_bound(backends, axis):
+    """triton_bf16's expert GEMM (torch's bf16 grouped kernel: bf16 out) against the exact per-group
+    GEMM in float64: operands rounded to bf16 (2 u_b + u_b^2 per product), fp32 accumulation of K
+    terms (gamma_K), then the output rounded to bf16 (u_b of a value <= (1 + 2 u_b + u_b^2 +
+    gamma_K) |A| |B|^T); u_b = 2^-9."""
+    em, _, fast = backends
+    sizes = (32, 0, 48, 16)
+    f = make_format("int4")
+    if axis == 0:  # Fprop-like: token rows grouped, one (N, K) weight per group
+        a = GroupedOperand(sample((sum(sizes), 64), seed=15), OperandQuant(f, "rtne"), Segments(0, sizes), RHT(16, 1))
+        qa, qb = em.quantize_grouped(a), em.quantize(operand(sample((3 * 24, 64), seed=16), "int4", {}, "rtne",
+                                                               RHT(16, 1)))
+        qb = qb.reshape(3, 24, 64)
+        qb = torch.cat([qb[:1], qb[:1], qb[1:]])  # 4 groups (one empty)
+        ga, gb = fast.quantize_grouped(a), qb.to(torch.bfloat16)
+        exact = torch.cat([qa[s:s + n].double() @ qb[g].double().T
+                           for g, (s, n) in enumerate(zip((0, 32, 32, 80), sizes))])
+        mag = torch.cat([qa[s:s + n].double().abs() @ qb[g].double().abs().T
+                         for g, (s, n) in enumerate(zip((0, 32, 32, 80), sizes))])
+        k = 64
+    else:  # Wgrad-like: both operands grouped along K (tokens), one (M, N) result per group
+        seg = Segments(1, sizes)
+        a = GroupedOperand(sample((24, sum(sizes)), seed=17), OperandQuant(f, "sr"), seg, RHT(16, 1), (1, None, 2, 3))
+        b = GroupedOperand(sample((40, sum(sizes)), seed=18), OperandQuant(f, "rtne"), seg, RHT(16, 1))
+        qa, qb = em.quantize_grouped(a).double(), em.quantize_grouped(b).double()
+        ga, gb = fast.quantize_grouped(a), fast.quantize_grouped(b)
+        cuts = list(zip((0, 32, 32, 80), sizes))
+        exact = torch.stack([qa[:, s:s + n] @ qb[:, s:s + n].T for s, n in cuts])
+        mag = torch.stack([qa[:, s:s + n].abs() @ qb[:, s:s + n].abs().T for s, n in cuts])
+        k = max(sizes)
+    got = fast.grouped_matmul(ga, gb, sizes).double()
+    assert got.dtype == torch.float64 and got.shape == exact.shape
+    ub = 2.0 ** -9
+    gamma = k * 2.0 ** -24 / (1 - k * 2.0 ** -24)
+    rel = 2 * ub + ub * ub + gamma
+    bound = (rel * (1 + ub) + ub) * mag.to(got.device)
+    assert bool(((got - exact.to(got.device)).abs() <= bound).all())
+    assert not torch.equal(got, exact.to(got.device))  # the bf16 roundings are really there
+
+
+def test_grouped_kernel_is_used_only_where_torch_has_one():
+    from megatron_ufp4.linear.backends import grouped_kernel_takes
+
+    # CUDA: bf16 only (torch 2.13's fp32 "grouped" GEMM is a host-synchronizing per-group fallback)
+    assert grouped_kernel_takes("cuda", torch.bfloat16, torch.bfloat16)
+    assert not grouped_kernel_takes("cuda", torch.float32, torch.float32)
+    assert grouped_kernel_takes("cpu", torch.float32, torch.float32)
+    assert not grouped_kernel_takes("cpu", torch.float64, torch.float64)
 
 
 # -- QuantizedLinear --------------------------------------------------------------------------------
@@ -359,6 +428,8 @@ def test_packed_codes_and_scales_equal_the_reference_storage(fmt, opts, rounding
         if tscale is not None:
             assert torch.equal(bits(tscale.reshape(())), bits(want.tensor_scale.reshape(())))
         assert_same_bits(out, want.dequantize(rotated=True), "values")
+        none, packed_only, scales_only, _ = quantize_packed(op, values=False)  # codes and scales alone
+        assert none is None and torch.equal(packed_only, packed) and torch.equal(as_ints(scales_only), as_ints(scales))
 
 
 def test_packed_scale_of_a_non_finite_block_is_nan():

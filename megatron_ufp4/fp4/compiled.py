@@ -1,4 +1,4 @@
-"""How the ``fused`` backend's torch.compile'd quantizer is compiled: limits and cache key.
+"""How the ``fused`` backend's torch.compile'd quantizer is compiled: limits, numerics, cache key.
 
 Inductor keeps compiled graphs on disk (``TORCHINDUCTOR_CACHE_DIR``, default under /tmp) and
 keys them by the graph, torch's source and the GPU, but not by the CPU vector instruction
@@ -33,17 +33,30 @@ def cache_key_tag() -> str:
             f"machine={platform.machine()} isa={target_isa()}")
 
 
+# Inductor settings under which its generated code rounds as eager torch does (see compile_scope)
+EAGER_NUMERICS = {"eager_numerics.division_rounding": True, "eager_numerics.disable_ftz": True,
+                  "emulate_precision_casts": True}
+
+
 @contextlib.contextmanager
 def compile_scope():
     """Enter around every call of a compiled quantizer function.
 
     - one graph per (format, rounding, RHT, 2D, dequantize) a model uses: allow them all, or
       dynamo silently falls back to eager after its default of 8;
-    - the on-disk cache key carries ``cache_key_tag()`` (see the module docstring).
+    - the on-disk cache key carries ``cache_key_tag()`` (see the module docstring);
+    - Inductor's Triton code (CUDA) computes as eager does: ``x / y`` as an IEEE division
+      (``div_rn``; by default Triton divides approximately, and the quantizer divides by block
+      scales), no FMA contraction of a multiply and an add (``emulate_precision_casts`` is
+      Inductor's switch for it) and no flushing of subnormals in library calls.  Otherwise the
+      same graph would give other bits on a GPU than on the CPU.
     """
+    from torch._inductor import config as inductor
+
     dynamo = torch._dynamo.config
     limits = {k: max(getattr(dynamo, k), 64) for k in ("recompile_limit", "cache_size_limit") if hasattr(dynamo, k)}
     user_tag = torch.compiler.config.cache_key_tag
     tag = f"{user_tag} {cache_key_tag()}" if user_tag else cache_key_tag()
-    with dynamo.patch(**limits), torch.compiler.config.patch(cache_key_tag=tag):
+    with dynamo.patch(**limits), torch.compiler.config.patch(cache_key_tag=tag), \
+            inductor.patch(EAGER_NUMERICS):
         yield

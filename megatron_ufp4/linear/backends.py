@@ -69,25 +69,36 @@ class GroupedOperand:
     tensor_amax: torch.Tensor | None = None  # fp32 (G,); required for formats with a tensor scale
 
 
+def grouped_kernel_takes(device_type: str, a_dtype: torch.dtype, b_dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` runs a grouped kernel for these operands.  On CUDA (torch
+    2.13) only bf16 x bf16 with a bf16 output does; anything else goes to its fallback, which
+    copies the offsets to the host (a sync) and loops over groups, so we loop ourselves on the
+    sizes we already hold.  On CPU it takes fp32 / bf16 / fp16 (bitwise the per-group ``mm``)."""
+    if device_type == "cuda":
+        return a_dtype == b_dtype == torch.bfloat16
+    return a_dtype == b_dtype and a_dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
     """Per-group ``a_g @ b_g^T`` as one grouped GEMM.
 
     ``b`` 3-D (G, N, K): ``a`` (T, K) is G row groups of ``sizes``; returns (T, N).
     ``b`` 2-D (N, sum K): ``a`` (M, sum K) and ``b`` are G groups of ``sizes`` along K;
-    returns (G, M, N) (zeros for an empty group).
-    ``torch._grouped_mm`` where it takes the operands (on CPU: fp32 / bf16 / fp16 with 16-byte
-    aligned strides; bitwise the per-group ``mm``, tests/test_grouped_experts.py), else one
-    ``mm`` per group.  Needs ``sizes`` on the host (the caller's one sync per MoE layer call).
+    returns (G, M, N) (zeros for an empty group).  The result has the operands' dtype.
+    ``torch._grouped_mm`` where it runs a grouped kernel (``grouped_kernel_takes``; on CPU
+    also 16-byte aligned strides), else one ``mm`` per group.  Needs ``sizes`` on the host
+    (the caller's one sync per MoE layer call).
     """
-    offs = torch.tensor(list(itertools.accumulate(sizes)), dtype=torch.int32, device=a.device)
     starts = [e - n for e, n in zip(itertools.accumulate(sizes), sizes)]
-    if a.shape[0] and (b.dim() == 2 or a.shape[1]) and sum(sizes):
+    if (a.shape[0] and (b.dim() == 2 or a.shape[1]) and sum(sizes)
+            and grouped_kernel_takes(a.device.type, a.dtype, b.dtype)):
+        offs = torch.tensor(list(itertools.accumulate(sizes)), dtype=torch.int32, device=a.device)
         try:
             return torch._grouped_mm(a, b.transpose(-2, -1), offs=offs)
         except torch.OutOfMemoryError:  # a real failure, not operands the kernel refuses
             raise
         except (RuntimeError, TypeError, NotImplementedError):
-            pass  # e.g. float64, unaligned strides, a device without a grouped kernel
+            pass  # e.g. unaligned strides
     if b.dim() == 3:
         return torch.cat([a[s:s + n] @ b[g].T for g, (s, n) in enumerate(zip(starts, sizes))]
                          or [a.new_zeros((0, b.shape[1]))])

@@ -58,6 +58,19 @@ def swizzle_scales(scales: torch.Tensor) -> torch.Tensor:
     return tiles.permute(0, 3, 2, 1, 4).reshape(-1).view(scales.dtype)  # (tile row, tile col, r % 32, r // 32, c)
 
 
+def pad_reduction(codes: torch.Tensor, scales: torch.Tensor, block: int, multiple: int = 32):
+    """Packed codes (rows, K/2) and their block scales (rows, K/block), zero-padded along K to a
+    multiple of ``multiple`` elements: the FP4 ``_scaled_mm`` needs K % 32 == 0, but an NVFP4
+    operand is only padded to its 16-element block (a Wgrad over 16 mod 32 tokens).  A zero code
+    is +0 and a zero scale decodes its block to 0, so the product is unchanged."""
+    pad = (-codes.shape[1] * 2) % multiple
+    if not pad:
+        return codes, scales
+    codes = torch.nn.functional.pad(codes, (0, pad // 2))
+    raw = torch.nn.functional.pad(scales.view(torch.uint8), (0, pad // block))  # float8: pad as bytes
+    return codes, raw.view(scales.dtype)
+
+
 class NativeBackend:
     name = "native"
 
@@ -87,9 +100,10 @@ class NativeBackend:
         if stats is not None:
             raise ValueError("gemm.backend=native does not collect quantization statistics; use triton")
         fmt = op.quant.fmt
-        _, codes, scales, tensor_scale = quantize_packed(op)
+        _, codes, scales, tensor_scale = quantize_packed(op, values=False)  # codes and scales only
         if fmt.block_2d:  # a 16x16 block's scale serves each of its 16 rows
             scales = scales.repeat_interleave(fmt.block, dim=0)
+        codes, scales = pad_reduction(codes, scales, fmt.block)
         return NativeOperand(codes, scales, tensor_scale, fmt.block)
 
     def matmul(self, qa: NativeOperand, qb: NativeOperand) -> torch.Tensor:
@@ -114,4 +128,4 @@ class NativeBackend:
         raise ValueError("gemm.backend=native has no grouped (MoE expert) FP4 GEMM yet; use gemm.backend=triton")
 
 
-__all__ = ["NativeBackend", "NativeOperand", "native_format_problem", "swizzle_scales"]
+__all__ = ["NativeBackend", "NativeOperand", "native_format_problem", "pad_reduction", "swizzle_scales"]

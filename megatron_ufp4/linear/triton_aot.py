@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import os
-import subprocess
-import tempfile
+import io
+import re
 from dataclasses import dataclass
 from unittest import mock
 
@@ -46,12 +45,19 @@ class KernelConfig:
 
 @dataclass(frozen=True)
 class CompileResult:
+    """What ptxas reports for one configuration on one target (per thread, in bytes)."""
     config: KernelConfig
     target: str
     error: str | None = None
     registers: int = 0
-    spill_bytes: int = 0  # per thread: the stack frame and local memory, which only spills fill in these kernels
+    spill_stores: int = 0
+    spill_loads: int = 0
+    stack_bytes: int = 0
     shared_bytes: int = 0
+
+    @property
+    def spill_bytes(self) -> int:
+        return self.spill_stores + self.spill_loads
 
     @property
     def ctas_per_sm(self) -> int:
@@ -133,27 +139,15 @@ def recording():
         yield launches
 
 
-def _resource_usage(cubin: bytes) -> dict[str, int]:
-    import triton
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
-    usage = {}
-    for line in out.splitlines():
-        if "REG:" in line:
-            for field in line.split():
-                key, _, value = field.partition(":")
-                if value.isdigit():
-                    usage[key] = int(value)
-    return usage
+_PTXAS_USAGE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads.*?"
+                          r"Used (\d+) registers", re.S)
 
 
 def compile_config(config: KernelConfig, target: str) -> CompileResult:
-    """Compile one configuration for ``target`` ("sm_90" / "sm_100"); a failure is reported, not raised."""
+    """Compile one configuration for ``target`` ("sm_90" / "sm_100"); a failure is reported, not raised.
+
+    Registers, spills and stack come from the ``ptxas -v`` log of Triton's own ptxas run (the
+    compile is forced, never read from Triton's cache, so that the log exists)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -162,21 +156,27 @@ def compile_config(config: KernelConfig, target: str) -> CompileResult:
     if not hasattr(fn, "params"):
         raise RuntimeError("compile_config needs the kernels imported without TRITON_INTERPRET "
                            "(run tools/compile_kernels.py)")
+    log = io.StringIO()
     try:
-        src = ASTSource(fn, dict(config.signature), dict(config.constexprs))
-        compiled = triton.compile(src, target=GPUTarget("cuda", TARGETS[target], 32),
-                                  options={"num_warps": config.num_warps,
-                                           "enable_fp_fusion": config.enable_fp_fusion})
+        with triton.knobs.nvidia.scope(), triton.knobs.compilation.scope(), contextlib.redirect_stdout(log):
+            triton.knobs.nvidia.dump_ptxas_log = True  # ptxas -v, printed
+            triton.knobs.compilation.always_compile = True
+            src = ASTSource(fn, dict(config.signature), dict(config.constexprs))
+            compiled = triton.compile(src, target=GPUTarget("cuda", TARGETS[target], 32),
+                                      options={"num_warps": config.num_warps,
+                                               "enable_fp_fusion": config.enable_fp_fusion})
     except Exception as e:  # a compile error is this tool's finding: keep its last line
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
         return CompileResult(config, target, error=f"{type(e).__name__}: {lines[-1] if lines else ''}"[:300])
-    usage = _resource_usage(compiled.asm["cubin"])
-    shared = max(int(getattr(compiled.metadata, "shared", 0) or 0), usage.get("SHARED", 0))
-    return CompileResult(config, target, registers=usage.get("REG", 0),
-                         spill_bytes=usage.get("STACK", 0) + usage.get("LOCAL", 0), shared_bytes=shared)
+    usage = _PTXAS_USAGE.search(log.getvalue())
+    if usage is None:
+        return CompileResult(config, target, error="no ptxas -v report in the compile log")
+    stack, stores, loads, regs = (int(v) for v in usage.groups())
+    return CompileResult(config, target, registers=regs, spill_stores=stores, spill_loads=loads, stack_bytes=stack,
+                         shared_bytes=int(getattr(compiled.metadata, "shared", 0) or 0))
 
 
-SUBSETS = ("full", "quick", "suite")
+SUBSETS = ("full", "quick")
 # formats the kernels serve, with the options that change a kernel's constexprs
 FORMAT_CASES = {
     "int4": dict(fmt="int4"),
@@ -191,11 +191,10 @@ FORMAT_CASES = {
 
 def launcher_matrix(subset: str = "full", rows: int = 256, cols: int = 512) -> list[tuple[str, KernelConfig]]:
     """(label, configuration) of every distinct launch the launchers make for one operand shape,
-    over format x rounding x RHT size x output dtype, plus packed, pair (row + column from one
-    read), grouped (groups along rows and along K) and NVFP4's tensor-amax pre-pass.
-    ``subset``: "full"; "quick" (RHT sizes none and 16, fp32 output); "suite" (from the quick
-    matrix: the row kernel for every format x rounding with the RHT, one unrotated case, pair,
-    packed and grouped launches for int4 and nvfp4)."""
+    over format x rounding x RHT size x output dtype, plus packed (and codes without values, for
+    the native GEMM's formats), pair (row + column from one read), grouped (groups along rows
+    and along K), SR indices past 2^31 and NVFP4's tensor-amax pre-pass.
+    ``subset``: "full"; "quick" (RHT sizes none and 16, fp32 output)."""
     if subset not in SUBSETS:
         raise ValueError(f"subset must be one of {SUBSETS} (got {subset!r})")
     full = subset == "full"
@@ -203,6 +202,7 @@ def launcher_matrix(subset: str = "full", rows: int = 256, cols: int = 512) -> l
     from ..fp4.grouped import Segments
     from ..fp4.hadamard import RHT
     from ..fp4.recipes import OperandQuant
+    from ..fp4.sr_random import SRIndex
     from .backends import GroupedOperand, Operand
 
     x = torch.randn(rows, cols)
@@ -232,8 +232,15 @@ def launcher_matrix(subset: str = "full", rows: int = 256, cols: int = 512) -> l
             rht = RHT(max(16, fmt.block), 0)
             op = Operand(x, quant, rht, sr_key=key)
             record(f"packed {name} {rounding}", lambda: triton_backend.quantize_packed(op))
+            if fmt.grid == "e2m1" and fmt.scale in ("e4m3", "e8m0"):  # the native GEMM's codes-only pass
+                record(f"codes {name} {rounding}", lambda: triton_backend.quantize_packed(op, values=False))
             col = Operand(x.t(), quant, rht, sr_key=key)
             record(f"pair {name} {rounding}", lambda: triton_backend.quantize_pair(op, col))
+            if rounding == "sr" and name in ("int4", "nvfp4"):  # an operand whose SR indices pass 2^31
+                far = SRIndex(row_offset=2 ** 31 // cols)
+                wide, wide_col = Operand(x, quant, rht, key, far), Operand(x.t(), quant, rht, key, far)
+                record(f"rows {name} sr wide", lambda: triton_backend.quantize_operand(wide))
+                record(f"pair {name} sr wide", lambda: triton_backend.quantize_pair(wide, wide_col))
             if fmt.block_2d:
                 continue  # 2-D blocks are for weights, which are not grouped by rows of tokens
             for axis, seg in ((0, Segments(0, (rows // 4, rows - rows // 4))),
@@ -242,10 +249,4 @@ def launcher_matrix(subset: str = "full", rows: int = 256, cols: int = 512) -> l
                 g = GroupedOperand(x, quant, seg, rht, sr_keys=keys)
                 record(f"grouped axis={axis} {name} {rounding}",
                        lambda: triton_backend.quantize_grouped_operand(g))
-    matrix = [(label, cfg) for cfg, label in out.items()]
-    if subset == "suite":  # the row kernel for every format x rounding; the pair, packed and grouped
-        # launches (each ptxas run of the pair kernel takes seconds) for UFP4's and NVFP4's formats
-        matrix = [(label, cfg) for label, cfg in matrix
-                  if (label.startswith("rows ") and ("rht=None" not in label or label.startswith("rows int4 ")))
-                  or label.split()[-2] in ("int4", "nvfp4")]
-    return matrix
+    return [(label, cfg) for cfg, label in out.items()]

@@ -7,7 +7,8 @@ once (linear/triton_kernels.py), bit for bit what the emulated backend computes 
 * ``triton`` (exact, the default): fp32 operands, fp32 GEMM with TF32 off.  Exact operands
   and the emulated backend's own GEMM, so losses match ``emulated`` on the same device.
 * ``triton_bf16`` (fast): the dequantized values rounded once to bf16, a bf16 GEMM with FP32
-  accumulation and output.  Exact where the dequantized value fits bf16's 8 significant
+  accumulation and output (the grouped expert GEMM: torch's bf16 grouped kernel, whose output
+  is rounded to bf16 once more).  Exact where the dequantized value fits bf16's 8 significant
   bits: MXFP4 (an E2M1 value times a power of two).  A value times an FP32 block scale
   (e2m1 / int4 recipes, UFP4) or NVFP4's E4M3 x FP32 product generally does not fit, so each
   operand element carries one extra bf16 rounding (relative error <= 2^-9).
@@ -29,7 +30,7 @@ from ..fp4.formats import FP4Format, nvfp4_tensor_factors
 from ..fp4.grouped import GroupedIndex, check_segments, default_index, grouped_tensor_amax
 from ..fp4.hadamard import RHT, rht_scale
 from ..fp4.quantize import check_quantize_args, fake_quantize
-from ..fp4.sr_random import SRIndex
+from ..fp4.sr_random import SRIndex, needs_wide_index
 from .backends import GroupedOperand, Operand, grouped_mm
 
 _SCALE_KIND = {("fp32", "floor"): 0, ("fp32", "rceil"): 0, ("e4m3", "floor"): 1, ("e4m3", "rceil"): 1,
@@ -53,12 +54,15 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _tile(rows: int, cols: int, unit_k: int, unit_r: int) -> tuple[int, int]:
-    """Tile (BR, BK): powers of two, BK a multiple of the block and RHT tile along K, BR of the
-    block height.  On a GPU ~8K elements (64 x 128); in the interpreter, where every program
-    costs milliseconds, up to 32K elements so that a test shape is a handful of programs."""
-    budget = 1 << 15 if interpreting() else 1 << 13
-    bk = max(unit_k, min(_pow2_at_least(cols), 128 if not interpreting() else 512))
+def _tile(rows: int, cols: int, unit_k: int, unit_r: int, max_k: int = 128) -> tuple[int, int]:
+    """Tile (BR, BK): powers of two, BK a multiple of the block and RHT tile along K (up to
+    ``max_k`` where they allow), BR of the block height.  On a GPU 2K elements (16 x 128, 8 per
+    thread of 8 warps: see ``_launch_options``), larger only where blocks and RHT tiles need
+    it; a larger tile held twice the registers and spilled.  In the interpreter, where every
+    program costs milliseconds, up to 32K elements so that a test shape is a handful of
+    programs."""
+    budget = 1 << 15 if interpreting() else 1 << 11
+    bk = max(unit_k, min(_pow2_at_least(cols), max_k if not interpreting() else 512))
     br = max(unit_r, min(_pow2_at_least(rows), max(1, budget // bk)))
     return br, bk
 
@@ -72,19 +76,27 @@ def _check_device(t: torch.Tensor) -> None:
                      "TRITON_INTERPRET=1 before starting to run them in the Triton interpreter (slow: for tests)")
 
 
+def _on_device(x: torch.Tensor):
+    """Triton launches on the current CUDA device: make it ``x``'s (a process on cuda:1 that never
+    called set_device would otherwise launch on GPU 0 with pointers into GPU 1)."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _int64(values, device) -> torch.Tensor:  # grouped operands only (their sizes come from the host)
     return torch.as_tensor(values, dtype=torch.int64, device=device).reshape(-1)
 
 
-def _consts(fmt: FP4Format, rounding: str, rht: RHT | None, suffix: str = "") -> dict:
-    """The kernel's compile-time description of one operand's quantization."""
+def _consts(fmt: FP4Format, rounding: str, rht: RHT | None, wide: bool = False, suffix: str = "") -> dict:
+    """The kernel's compile-time description of one operand's quantization (``wide``: an SR
+    index may reach 2^31, so the hash runs in int64)."""
     grid = fmt.grid_obj
     if not (grid.uniform or grid.name.startswith("e2m1")):
         raise ValueError(f"gemm.backend=triton: no kernel for the grid {grid.name!r}")
     n = rht.size if rht is not None else 1
     c = dict(QB=fmt.block, RB=fmt.block if fmt.block_2d else 1, SCALE=_SCALE_KIND[fmt.scale, fmt.scale_mode],
              GRID=0 if grid.uniform else 1, GMAX=float(grid.max), EMAX=math.frexp(grid.max)[1] - 1,
-             SR=rounding == "sr", N=n, LOG2N=int(math.log2(n)), RSCALE=rht_scale(n) if n > 1 else 1.0)
+             SR=rounding == "sr", WIDE=rounding == "sr" and wide, N=n, LOG2N=int(math.log2(n)),
+             RSCALE=rht_scale(n) if n > 1 else 1.0)
     return {k + suffix: v for k, v in c.items()}
 
 
@@ -105,11 +117,13 @@ def _pointers(x: torch.Tensor, fmt: FP4Format, rounding: str, rht: RHT | None, k
 
 
 def _launch_options(tile_elements: int) -> dict:
-    """GPU launch options: no FMA contraction (it would change roundings) and enough warps
-    that a tile's fp32 values fit in registers (the interpreter takes neither)."""
+    """GPU launch options: no FMA contraction (it would change roundings) and a warp per 256
+    elements of a tile (8 per thread), 4 to 16 warps: every configuration then fits in at most
+    128 registers without spilling (tools/compile_kernels.py checks it for sm_90 and sm_100).
+    The interpreter takes neither."""
     if interpreting():
         return {}
-    return {"enable_fp_fusion": False, "num_warps": 8 if tile_elements > (1 << 13) else 4}
+    return {"enable_fp_fusion": False, "num_warps": min(16, max(4, tile_elements // 256))}
 
 
 def launch_quantize(x: torch.Tensor, fmt: FP4Format, rounding: str, rht: RHT | None, *,
@@ -117,31 +131,36 @@ def launch_quantize(x: torch.Tensor, fmt: FP4Format, rounding: str, rht: RHT | N
                     ridx: torch.Tensor | None = None, cidx: torch.Tensor | None = None,
                     cstride: torch.Tensor | None = None, stride_mode: int = PER_TENSOR,
                     tensor_amax_: torch.Tensor | None = None, par_mode: int = PER_TENSOR,
-                    out_dtype: torch.dtype = torch.float32, packed: bool = False):
+                    wide: bool = False, out_dtype: torch.dtype = torch.float32, packed: bool = False,
+                    values: bool = True):
     """Dequantized FP4 values of a 2-D ``x`` blocked along its last dim, from one kernel.
 
     SR: element (r, c) draws at index ``ridx[r] * cstride + cidx[c]`` with ``key`` (each one
-    value, per row or per column as the modes say).  NVFP4: ``tensor_amax_`` (0-d, or per
-    row / column) gives the two tensor factors.  ``packed``: also return the packed codes
-    (R, K/2) uint8 and the blocks' stored scales (fp32), from the same pass.
+    value, per row or per column as the modes say; ``wide``: some index may reach 2^31).
+    NVFP4: ``tensor_amax_`` (0-d, or per row / column) gives the two tensor factors.
+    ``packed``: return (values, packed codes (R, K/2) uint8, the blocks' stored scales (fp32))
+    from the same pass; ``values=False``: the values are not written (None in their place).
     """
     k = _kernels()
     _check_device(x)
     rows, cols = x.shape
-    consts = _consts(fmt, rounding, rht)
+    consts = _consts(fmt, rounding, rht, wide)
     br, bk = _tile(rows, cols, max(fmt.block, consts["N"]), consts["RB"])
-    out = torch.empty((rows, cols), dtype=out_dtype, device=x.device)
+    if not (values or packed):
+        raise ValueError("launch_quantize: nothing to write (values=False without packed)")
+    out = torch.empty((rows, cols), dtype=out_dtype, device=x.device) if values else None
     extra = {}
     if packed:
         extra = dict(codes_ptr=torch.empty((rows, cols // 2), dtype=torch.uint8, device=x.device),
                      scales_ptr=torch.empty((rows // consts["RB"], cols // fmt.block), device=x.device),
-                     PACKED=True)
-    if out.numel():
+                     PACKED=True, VALUES=values)
+    if x.numel():
         signs, *ptrs = _pointers(x, fmt, rounding, rht, key, ridx, cidx, cstride, tensor_amax_)
-        k.quantize_rows_kernel[(-(-rows // br), -(-cols // bk))](
-            x, out, rows, cols, x.stride(0), x.stride(1), signs, *ptrs, BR=br, BK=bk, **consts,
-            KEY_MODE=key_mode, STRIDE_MODE=stride_mode, PAR_MODE=par_mode, OUT_BF16=out_dtype == torch.bfloat16,
-            **extra, **_launch_options(br * bk))
+        with _on_device(x):
+            k.quantize_rows_kernel[(-(-rows // br), -(-cols // bk))](
+                x, out, rows, cols, x.stride(0), x.stride(1), signs, *ptrs, BR=br, BK=bk, **consts,
+                KEY_MODE=key_mode, STRIDE_MODE=stride_mode, PAR_MODE=par_mode, OUT_BF16=out_dtype == torch.bfloat16,
+                **extra, **_launch_options(br * bk))
     return (out, extra["codes_ptr"], extra["scales_ptr"]) if packed else out
 
 
@@ -157,9 +176,10 @@ def launch_tensor_amax(x: torch.Tensor, fmt: FP4Format, rht: RHT | None) -> torc
     parts = torch.zeros(launch[0] * launch[1], dtype=torch.float32, device=x.device)
     if x.numel():
         signs = rht.signs_on(x.device) if rht is not None else parts
-        k.tensor_amax_kernel[launch](x, parts, rows, cols, x.stride(0), x.stride(1), signs, BR=br, BK=bk,
-                                     QB=fmt.block, RB=unit_r, N=n, LOG2N=int(math.log2(n)),
-                                     RSCALE=rht_scale(n) if n > 1 else 1.0, **_launch_options(br * bk))
+        with _on_device(x):
+            k.tensor_amax_kernel[launch](x, parts, rows, cols, x.stride(0), x.stride(1), signs, BR=br, BK=bk,
+                                         QB=fmt.block, RB=unit_r, N=n, LOG2N=int(math.log2(n)),
+                                         RSCALE=rht_scale(n) if n > 1 else 1.0, **_launch_options(br * bk))
     return parts.amax() if parts.numel() else parts.new_zeros(())
 
 
@@ -180,7 +200,8 @@ def _operand_kwargs(op: Operand) -> dict:
         kw = dict(key=torch.full((1,), int(op.sr_key), dtype=torch.int64, device=dev),
                   ridx=torch.arange(index.row_offset, index.row_offset + rows, device=dev, dtype=torch.int64),
                   cidx=torch.arange(index.col_offset, index.col_offset + cols, device=dev, dtype=torch.int64),
-                  cstride=torch.full((1,), int(index.row_stride or cols), dtype=torch.int64, device=dev))
+                  cstride=torch.full((1,), int(index.row_stride or cols), dtype=torch.int64, device=dev),
+                  wide=needs_wide_index(x.shape, index))
     if q.fmt.scale == "e4m3":
         amax = op.tensor_amax if op.tensor_amax is not None else launch_tensor_amax(x, q.fmt, op.rht)
         kw["tensor_amax_"] = amax.float().reshape(())
@@ -193,15 +214,17 @@ def quantize_operand(op: Operand, out_dtype: torch.dtype = torch.float32) -> tor
                            **_operand_kwargs(op))
 
 
-def quantize_packed(op: Operand, out_dtype: torch.dtype = torch.float32):
+def quantize_packed(op: Operand, out_dtype: torch.dtype = torch.float32, values: bool = True):
     """(GEMM-ready values, packed codes, scales, tensor scale) of ``op`` from one pass: the codes
     and scales of ``fp4.quantize(...)`` of the same operand, for FP4 all-gathers and exports
     (``.packed()``, ``.scales`` in its storage dtype, ``.tensor_scale``).  A block holding NaN/Inf
-    stores a NaN scale (unspecified codes), so it decodes to NaN as its values do."""
+    stores a NaN scale (unspecified codes), so it decodes to NaN as its values do.
+    ``values=False``: the values are neither written nor returned (None): a consumer of the
+    codes alone (the native FP4 GEMM) writes 4.5 bits per element (NVFP4) instead of 36.5."""
     fmt = op.quant.fmt
     kw = _operand_kwargs(op)
     out, codes, stored = launch_quantize(op.tensor, fmt, op.quant.rounding, op.rht, out_dtype=out_dtype,
-                                         packed=True, **kw)
+                                         packed=True, values=values, **kw)
     if fmt.scale == "e4m3":
         scales = stored.to(torch.float8_e4m3fn)  # exact: the kernel rounded them to E4M3 values
         tensor_scale = nvfp4_tensor_factors(kw["tensor_amax_"], fmt.grid_obj.max)[1]
@@ -227,10 +250,11 @@ def quantize_pair(row: Operand, col: Operand, out_dtype: torch.dtype = torch.flo
     rows, cols = x.shape
     kw1, kw2 = _operand_kwargs(row), _operand_kwargs(col)
     f1, f2 = row.quant.fmt, col.quant.fmt
-    c1 = _consts(f1, row.quant.rounding, row.rht, "1")
-    c2 = _consts(f2, col.quant.rounding, col.rht, "2")
+    c1 = _consts(f1, row.quant.rounding, row.rht, kw1.get("wide", False), "1")
+    c2 = _consts(f2, col.quant.rounding, col.rht, kw2.get("wide", False), "2")
     # a tile holds whole blocks / RHT tiles of both operands: along K for operand 1, along R for 2
-    br, bk = _tile(rows, cols, max(f1.block, c1["N1"], c2["RB2"]), max(f2.block, c2["N2"], c1["RB1"]))
+    # 64 columns: the transposed tile's stores are then 256-byte rows too
+    br, bk = _tile(rows, cols, max(f1.block, c1["N1"], c2["RB2"]), max(f2.block, c2["N2"], c1["RB1"]), max_k=64)
     out_row = torch.empty((rows, cols), dtype=out_dtype, device=x.device)
     out_col = torch.empty((cols, rows), dtype=out_dtype, device=x.device)
     if x.numel() == 0:
@@ -239,9 +263,10 @@ def quantize_pair(row: Operand, col: Operand, out_dtype: torch.dtype = torch.flo
                    kw1.get("cstride"), kw1.get("tensor_amax_"))
     p2 = _pointers(x, f2, col.quant.rounding, col.rht, kw2.get("key"), kw2.get("ridx"), kw2.get("cidx"),
                    kw2.get("cstride"), kw2.get("tensor_amax_"))
-    k.quantize_rowcol_kernel[(-(-rows // br), -(-cols // bk))](
-        x, out_row, out_col, rows, cols, x.stride(0), x.stride(1), *p1, *p2, BR=br, BK=bk, **c1, **c2,
-        OUT_BF16=out_dtype == torch.bfloat16, **_launch_options(br * bk))
+    with _on_device(x):
+        k.quantize_rowcol_kernel[(-(-rows // br), -(-cols // bk))](
+            x, out_row, out_col, rows, cols, x.stride(0), x.stride(1), *p1, *p2, BR=br, BK=bk, **c1, **c2,
+            OUT_BF16=out_dtype == torch.bfloat16, **_launch_options(br * bk))
     return out_row, out_col
 
 
@@ -263,7 +288,7 @@ def quantize_grouped_operand(op: GroupedOperand, out_dtype: torch.dtype = torch.
         kw = dict(key=kt[seg.ids(dev)].contiguous(), key_mode=mode, ridx=_int64(index.rows, dev),
                   cidx=_int64(index.cols, dev),
                   cstride=_int64(index.stride if per_col_stride else [index.stride], dev),
-                  stride_mode=PER_COL if per_col_stride else PER_TENSOR)
+                  stride_mode=PER_COL if per_col_stride else PER_TENSOR, wide=index.wide)
     if q.fmt.scale == "e4m3":
         amax = op.tensor_amax if op.tensor_amax is not None else grouped_tensor_amax(x, q.fmt, op.rht, seg)
         kw.update(tensor_amax_=amax.float()[seg.ids(dev)].contiguous(), par_mode=mode)
@@ -330,9 +355,12 @@ class TritonBackend:
         return quantize_grouped_operand(op, self.operand_dtype)
 
     def grouped_matmul(self, qa: torch.Tensor, qb: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
-        # bf16 operands go up to fp32 (exactly): a bf16 grouped GEMM would round its output to bf16
-        with _ieee_fp32_matmul(qa.device):
-            return grouped_mm(qa.float(), qb.float(), sizes)
+        if qa.dtype == torch.bfloat16:
+            # torch's grouped kernel (CUDA): bf16 in and out with FP32 accumulation, so the output
+            # is rounded once to bf16 (relative <= 2^-9) before it widens to fp32
+            return grouped_mm(qa, qb, sizes).float()
+        with _ieee_fp32_matmul(qa.device):  # fp32: one cuBLAS GEMM per expert (the exact path)
+            return grouped_mm(qa, qb, sizes)
 
 
 __all__ = ["TritonBackend", "interpreting", "launch_quantize", "quantize_grouped_operand", "quantize_operand",

@@ -79,12 +79,26 @@ def _mix31(x):
 
 
 @triton.jit
-def sr_uniform(idx, key):
-    """fp4/sr_random.py ``uniform_from_index`` (wide form) on int64 indices and keys."""
+def sr_uniform(idx, key, WIDE: tl.constexpr):
+    """fp4/sr_random.py ``uniform_from_index``.  WIDE: int64 indices and keys, the high-bit round
+    for an index >= 2^31.  Otherwise int32 (every index below 2^31): a product wraps modulo 2^32
+    on the GPU and the mask keeps its low 31 bits, the int64 product's; half the registers."""
     x = _mix31((idx & 0x7FFFFFFF) ^ key)
-    hi = idx >> 31
-    x = tl.where(hi == 0, x, _mix31(x ^ ((hi * 0x3C6EF35F + key) & 0x7FFFFFFF)))
+    if WIDE:
+        hi = idx >> 31
+        x = tl.where(hi == 0, x, _mix31(x ^ ((hi * 0x3C6EF35F + key) & 0x7FFFFFFF)))
     return (x >> 7).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
+
+
+@triton.jit
+def sr_index(ridx_ptr, cidx_ptr, rows, cols, R, K, cstride, key, WIDE: tl.constexpr):
+    """(index, key) of each element of a (rows, cols) tile: ridx[r] * cstride + cidx[c], in
+    int64 if WIDE, else in int32 (exact: every term is at most the index, below 2^31)."""
+    ri = tl.load(ridx_ptr + rows, mask=rows < R, other=0)[:, None]
+    ci = tl.load(cidx_ptr + cols, mask=cols < K, other=0)[None, :]
+    if not WIDE:
+        ri, ci, cstride, key = ri.to(tl.int32), ci.to(tl.int32), cstride.to(tl.int32), key.to(tl.int32)
+    return ri * cstride + ci, key
 
 
 @triton.jit
@@ -113,13 +127,13 @@ def block_amax(t, BR: tl.constexpr, BK: tl.constexpr, QB: tl.constexpr, RB: tl.c
 @triton.jit
 def quantize_tile(t, idx, key, bscale, gdec, BR: tl.constexpr, BK: tl.constexpr, QB: tl.constexpr,
                   RB: tl.constexpr, SCALE: tl.constexpr, GRID: tl.constexpr, GMAX: tl.constexpr,
-                  EMAX: tl.constexpr, SR: tl.constexpr):
+                  EMAX: tl.constexpr, SR: tl.constexpr, WIDE: tl.constexpr):
     """A rotated (BR, BK) fp32 tile blocked RB x QB (RB = 1: 1-D blocks) quantized: returns its
     dequantized fp32 values (BR, BK), its 4-bit codes (BR, BK) int32 and each block's stored
     scale as fp32 (BR/RB, BK/QB): the fp32 scale, the E4M3 value, or the E8M0 biased exponent.
     Unused outputs cost nothing (the compiler drops them).
 
-    idx / key: int64 global SR indices and keys broadcastable to (BR, BK) (SR only).  bscale,
+    idx / key: global SR indices and keys broadcastable to (BR, BK) (SR only; int64 if WIDE).  bscale,
     gdec: NVFP4's ``S_enc / gmax`` and ``1 / S_enc`` (fp32, broadcastable per row / column).
     """
     NRB: tl.constexpr = BR // RB
@@ -167,7 +181,7 @@ def quantize_tile(t, idx, key, bscale, gdec, BR: tl.constexpr, BK: tl.constexpr,
         step = tl.where(mag < 2.0, 0.5, tl.where(mag < 4.0, 1.0, 2.0))
     m = mag * inv_step  # exact: a power of two
     if SR:
-        u = tl.reshape(sr_uniform(idx, key), (NRB, RB, NQB, QB))
+        u = tl.reshape(sr_uniform(idx, key, WIDE), (NRB, RB, NQB, QB))
         lo = tl.floor(m)
         r = lo + (u < m - lo).to(tl.float32)
     else:
@@ -207,10 +221,12 @@ def quantize_rows_kernel(x_ptr, out_ptr, R, K, stride_r, stride_k, signs_ptr,
                          key_ptr, ridx_ptr, cidx_ptr, cstride_ptr, bscale_ptr, gdec_ptr,
                          BR: tl.constexpr, BK: tl.constexpr, QB: tl.constexpr, RB: tl.constexpr,
                          SCALE: tl.constexpr, GRID: tl.constexpr, GMAX: tl.constexpr, EMAX: tl.constexpr,
-                         SR: tl.constexpr, N: tl.constexpr, LOG2N: tl.constexpr, RSCALE: tl.constexpr,
-                         KEY_MODE: tl.constexpr, STRIDE_MODE: tl.constexpr, PAR_MODE: tl.constexpr,
-                         OUT_BF16: tl.constexpr, codes_ptr=None, scales_ptr=None, PACKED: tl.constexpr = False):
-    """out[R, K] = the dequantized FP4 values of x[R, K] blocked along K (row-major output).
+                         SR: tl.constexpr, WIDE: tl.constexpr, N: tl.constexpr, LOG2N: tl.constexpr,
+                         RSCALE: tl.constexpr, KEY_MODE: tl.constexpr, STRIDE_MODE: tl.constexpr,
+                         PAR_MODE: tl.constexpr, OUT_BF16: tl.constexpr, codes_ptr=None, scales_ptr=None,
+                         PACKED: tl.constexpr = False, VALUES: tl.constexpr = True):
+    """out[R, K] = the dequantized FP4 values of x[R, K] blocked along K (row-major output);
+    PACKED: also the packed codes and the blocks' scales; VALUES=False: only those.
 
     SR index of element (r, c): ridx[r] * cstride + cidx[c] (cstride one value or per column);
     key and the NVFP4 factors: one value, per row or per column (a grouped operand's groups).
@@ -224,20 +240,18 @@ def quantize_rows_kernel(x_ptr, out_ptr, R, K, stride_r, stride_k, signs_ptr,
     idx = 0
     key = 0
     if SR:
-        ri = tl.load(ridx_ptr + rows, mask=rows < R, other=0)[:, None]
-        ci = tl.load(cidx_ptr + cols, mask=cols < K, other=0)[None, :]
-        idx = ri * _per(cstride_ptr, rows, cols, R, K, STRIDE_MODE) + ci
-        key = _per(key_ptr, rows, cols, R, K, KEY_MODE)
+        idx, key = sr_index(ridx_ptr, cidx_ptr, rows, cols, R, K, _per(cstride_ptr, rows, cols, R, K, STRIDE_MODE),
+                            _per(key_ptr, rows, cols, R, K, KEY_MODE), WIDE)
     bscale = 0.0
     gdec = 0.0
     if SCALE == 1:
         bscale = _per(bscale_ptr, rows, cols, R, K, PAR_MODE)
         gdec = _per(gdec_ptr, rows, cols, R, K, PAR_MODE)
-    q, code, stored = quantize_tile(t, idx, key, bscale, gdec, BR, BK, QB, RB, SCALE, GRID, GMAX, EMAX, SR)
+    q, code, stored = quantize_tile(t, idx, key, bscale, gdec, BR, BK, QB, RB, SCALE, GRID, GMAX, EMAX, SR, WIDE)
     if OUT_BF16:
         q = _round_to_bf16(q).to(tl.bfloat16)
-    mask = (rows[:, None] < R) & (cols[None, :] < K)
-    tl.store(out_ptr + rows[:, None] * K + cols[None, :], q, mask=mask)
+    if VALUES:
+        tl.store(out_ptr + rows[:, None] * K + cols[None, :], q, mask=(rows[:, None] < R) & (cols[None, :] < K))
     if PACKED:  # two codes per byte (element 2i low nibble) and the blocks' scales
         lo, hi = tl.split(tl.reshape(code, (BR, BK // 2, 2)))
         pcols = tl.program_id(1).to(tl.int64) * (BK // 2) + tl.arange(0, BK // 2)
@@ -269,18 +283,18 @@ def tensor_amax_kernel(x_ptr, part_ptr, R, K, stride_r, stride_k, signs_ptr,
 @triton.jit
 def _pair_operand(t, rows, cols, R, K, signs_ptr, key_ptr, ridx_ptr, cidx_ptr, cstride_ptr, bscale_ptr, gdec_ptr,
                   BR: tl.constexpr, BK: tl.constexpr, QB: tl.constexpr, RB: tl.constexpr, SCALE: tl.constexpr,
-                  GRID: tl.constexpr, GMAX: tl.constexpr, EMAX: tl.constexpr, SR: tl.constexpr, N: tl.constexpr,
-                  LOG2N: tl.constexpr, RSCALE: tl.constexpr, OUT_BF16: tl.constexpr):
+                  GRID: tl.constexpr, GMAX: tl.constexpr, EMAX: tl.constexpr, SR: tl.constexpr, WIDE: tl.constexpr,
+                  N: tl.constexpr, LOG2N: tl.constexpr, RSCALE: tl.constexpr, OUT_BF16: tl.constexpr):
     """One operand of the pair kernel: the (BR, BK) tile ``t`` holds rows ``rows`` (< R) and columns
     ``cols`` (< K) of that operand, blocked along its columns; returns the values to store."""
     if N > 1:
         t = rotate_rows(t, tl.load(signs_ptr + tl.arange(0, N)), BR, BK, N, LOG2N, RSCALE)
     idx = 0
+    key = 0
     if SR:
-        idx = (tl.load(ridx_ptr + rows, mask=rows < R, other=0)[:, None] * tl.load(cstride_ptr)
-               + tl.load(cidx_ptr + cols, mask=cols < K, other=0)[None, :])
-    q, _, _ = quantize_tile(t, idx, tl.load(key_ptr), tl.load(bscale_ptr), tl.load(gdec_ptr),
-                            BR, BK, QB, RB, SCALE, GRID, GMAX, EMAX, SR)
+        idx, key = sr_index(ridx_ptr, cidx_ptr, rows, cols, R, K, tl.load(cstride_ptr), tl.load(key_ptr), WIDE)
+    q, _, _ = quantize_tile(t, idx, key, tl.load(bscale_ptr), tl.load(gdec_ptr),
+                            BR, BK, QB, RB, SCALE, GRID, GMAX, EMAX, SR, WIDE)
     if OUT_BF16:
         q = _round_to_bf16(q).to(tl.bfloat16)
     return q
@@ -292,10 +306,12 @@ def quantize_rowcol_kernel(x_ptr, row_ptr, col_ptr, R, K, stride_r, stride_k,
                            signs2_ptr, key2_ptr, ridx2_ptr, cidx2_ptr, cstride2_ptr, bscale2_ptr, gdec2_ptr,
                            BR: tl.constexpr, BK: tl.constexpr,
                            QB1: tl.constexpr, RB1: tl.constexpr, SCALE1: tl.constexpr, GRID1: tl.constexpr,
-                           GMAX1: tl.constexpr, EMAX1: tl.constexpr, SR1: tl.constexpr, N1: tl.constexpr,
+                           GMAX1: tl.constexpr, EMAX1: tl.constexpr, SR1: tl.constexpr, WIDE1: tl.constexpr,
+                           N1: tl.constexpr,
                            LOG2N1: tl.constexpr, RSCALE1: tl.constexpr,
                            QB2: tl.constexpr, RB2: tl.constexpr, SCALE2: tl.constexpr, GRID2: tl.constexpr,
-                           GMAX2: tl.constexpr, EMAX2: tl.constexpr, SR2: tl.constexpr, N2: tl.constexpr,
+                           GMAX2: tl.constexpr, EMAX2: tl.constexpr, SR2: tl.constexpr, WIDE2: tl.constexpr,
+                           N2: tl.constexpr,
                            LOG2N2: tl.constexpr, RSCALE2: tl.constexpr, OUT_BF16: tl.constexpr):
     """Both GEMM-ready forms of one tensor from a single read, as Transformer Engine's
     quantize-transpose does: row[R, K] = x blocked along K (operand 1) and col[K, R] = x^T
@@ -307,10 +323,11 @@ def quantize_rowcol_kernel(x_ptr, row_ptr, col_ptr, R, K, stride_r, stride_k,
     t = _load_tile(x_ptr, rows, cols, R, K, stride_r, stride_k)
     mask = (rows[:, None] < R) & (cols[None, :] < K)
     q1 = _pair_operand(t, rows, cols, R, K, signs1_ptr, key1_ptr, ridx1_ptr, cidx1_ptr, cstride1_ptr, bscale1_ptr,
-                       gdec1_ptr, BR, BK, QB1, RB1, SCALE1, GRID1, GMAX1, EMAX1, SR1, N1, LOG2N1, RSCALE1, OUT_BF16)
+                       gdec1_ptr, BR, BK, QB1, RB1, SCALE1, GRID1, GMAX1, EMAX1, SR1, WIDE1, N1, LOG2N1, RSCALE1,
+                       OUT_BF16)
     tl.store(row_ptr + rows[:, None] * K + cols[None, :], q1, mask=mask)
     # operand 2: the transposed tile, blocked along the rows of x
     q2 = _pair_operand(tl.trans(t), cols, rows, K, R, signs2_ptr, key2_ptr, ridx2_ptr, cidx2_ptr, cstride2_ptr,
-                       bscale2_ptr, gdec2_ptr, BK, BR, QB2, RB2, SCALE2, GRID2, GMAX2, EMAX2, SR2, N2, LOG2N2, RSCALE2,
-                       OUT_BF16)
+                       bscale2_ptr, gdec2_ptr, BK, BR, QB2, RB2, SCALE2, GRID2, GMAX2, EMAX2, SR2, WIDE2, N2, LOG2N2,
+                       RSCALE2, OUT_BF16)
     tl.store(col_ptr + cols[:, None] * R + rows[None, :], q2, mask=tl.trans(mask))

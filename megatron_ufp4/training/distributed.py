@@ -43,7 +43,7 @@ from .errors import is_comm_failure
 from .run_dir import RunDirLock, check_fresh_start, clean_leftovers, make_run_dir
 from .evaluation import eval_window_count
 from .run_info import write_run_info
-from .run_setup import (check_backend_device, local_rank, make_batch, resolve_device,
+from .run_setup import (check_backend_device, local_rank, make_batch, select_device,
                         seed_everything, sr_base_seed, train_dataset, validation_dataset)
 
 
@@ -81,7 +81,7 @@ class DistributedTrainer(TrainingLoop):
             raise CheckpointError("training.init_from: weights-only starts are supported by the single-process "
                                   "trainer only (a parallel run resumes from a sharded checkpoint)")
         # one GPU per rank (cuda:LOCAL_RANK) with NCCL, or CPU with gloo: chosen before any collective
-        self.device = resolve_device(t.device, local_rank())
+        self.device = select_device(t.device, local_rank())
         check_backend_device(cfg.gemm.backend, self.device)  # before anything is created
         init_distributed(par.timeout_s, self.device)
         self.state = st = build_parallel_state(tp=par.tensor, pp=par.pipeline, dp=par.data or None, ep=par.expert,

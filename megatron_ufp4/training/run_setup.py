@@ -54,6 +54,16 @@ def resolve_device(name: str, local_rank: int | None = None, field: str = "train
     return torch.device("cuda", index)
 
 
+def select_device(name: str, local_rank: int | None = None, field: str = "training.device") -> torch.device:
+    """``resolve_device``, and a CUDA result made this process's current device: Triton launches,
+    pinned host staging buffers and NCCL use the current device, which is GPU 0 until set, so a
+    single process on ``cuda:N`` would otherwise also open a context (and launch) on GPU 0."""
+    device = resolve_device(name, local_rank, field)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
 def check_backend_device(backend: str, device: torch.device) -> None:
     """Refuse at setup, in one line, a GEMM backend that cannot run on ``device`` (e.g.
     ``triton`` on a CPU without the Triton interpreter): never a fallback to another backend."""

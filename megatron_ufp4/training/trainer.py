@@ -24,7 +24,7 @@ from .optim import build_optimizer, clip_grad_norm
 from .evaluation import eval_window_count, summarize, window_losses
 from .run_info import write_run_info
 from .run_setup import (check_backend_device, local_rank, make_batch,  # noqa: F401
-                        resolve_device, seed_everything, sr_base_seed, train_dataset, validation_dataset)
+                        select_device, seed_everything, sr_base_seed, train_dataset, validation_dataset)
 from .schedule import lr_at
 
 
@@ -46,7 +46,7 @@ class Trainer(TrainingLoop):
         if any(v > 1 for v in (cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.expert, cfg.parallel.data,
                                cfg.parallel.virtual_pipeline)):
             raise ValueError("parallel: sizes > 1 need a torchrun launch (scripts/pretrain.sh)")
-        self.device = resolve_device(t.device, local_rank())
+        self.device = select_device(t.device, local_rank())
         check_backend_device(cfg.gemm.backend, self.device)  # before anything is created
         self.run_dir = make_run_dir(t.run_dir)
         self.lock = RunDirLock(self.run_dir).acquire()  # held until close() or process exit
