@@ -30,8 +30,8 @@ def test_launcher_matrix_covers_every_kernel_variant():
     matrix = launcher_matrix("full")  # (label of the launcher call, configuration): a call may launch two kernels
     labels = " | ".join(label for label, _ in matrix)
     for part in ("rows ", "packed ", "codes nvfp4", "codes mxfp4", "pair ", "grouped axis=0", "grouped axis=1",
-                 "nvfp4_2d", "nvint4", "mxfp4_floor", "mxfp4_rceil", " sr", " rtne", "rht=None", "rht=16", "rht=32", "rht=128", " bf16",
-                 " sr wide"):
+                 "nvfp4_2d", "nvint4", "mxfp4_floor", "mxfp4_rceil", " sr", " rtne", "rht=None", "rht=16", "rht=32",
+                 "rht=128", " bf16", " sr wide"):
         assert part in labels, part
     assert {cfg.kernel for _, cfg in matrix} == {"quantize_rows_kernel", "quantize_rowcol_kernel",
                                                        "tensor_amax_kernel"}
