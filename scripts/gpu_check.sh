@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The GPU check, one command on a machine with one CUDA GPU (about 6-8 minutes on an H100/H200):
+# The GPU check, one command on a machine with one CUDA GPU (estimated 10-15 minutes on an H100/H200):
 #
 #   bash scripts/gpu_check.sh                  # from any directory
 #   CUDA_VISIBLE_DEVICES=3 bash scripts/gpu_check.sh
 #   RESULTS_DIR=/tmp/check STEPS=40 RECIPES="bf16 ufp4" bash scripts/gpu_check.sh
 #
 # (a) the CUDA tests, tests/test_cuda_*.py (quantizer bits, QuantizedLinear, SR checkpoints, exact resume, training
-#     on the GPU; see its docstring), (b) prepares a small corpus from tests/data/shakespeare_sample.txt
-#     and trains tiny_dense and tiny_moe for $STEPS steps per recipe on the GPU through the train CLI
-#     (final loss and median step time per recipe; eval and sample CLIs on one run), (c) runs
+#     on the GPU; see its docstring), the compiled Triton kernels against emulated
+#     (tests/test_triton_backend.py) and the native FP4 GEMM (tests/test_native_backend.py; its GEMM
+#     test needs compute capability 10.x), (b) prepares a small corpus from tests/data/shakespeare_sample.txt
+#     and trains tiny_dense and tiny_moe for $STEPS steps per recipe on the GPU through the train CLI with
+#     the emulated backend, and with the triton and triton_bf16 backends for $TRITON_RECIPES
+#     (final loss and median step time per run; eval and sample CLIs on one run), (c) runs
 #     bench/bench_gpu.py.  Everything goes to one markdown file, $RESULTS_DIR/gpu_check.md (printed at
 #     the start and the end; default runs/gpu_check/<UTC time>/, which git ignores).  A part that fails
 #     does not stop the others; the exit status is 0 only if every part passed.  No visible CUDA GPU:
@@ -16,7 +19,9 @@
 #
 # Environment: PYTHON (default python3), DEVICE (training.device value, default cuda: GPU 0 of the
 # visible ones), STEPS (20), RECIPES (all presets), DTYPE (training.dtype, default bf16),
-# PART_TIMEOUT_S (limit of each command, default 300), SKIP_TESTS=1 / SKIP_BENCH=1 to leave a part out.
+# TRITON_RECIPES (ufp4 nvfp4), PART_TIMEOUT_S (limit of each command, default 300), TEST_TIMEOUT_S (limit of each
+# test command, default 600: the Triton tests compile each kernel configuration on first use),
+# SKIP_TESTS=1 / SKIP_BENCH=1 to leave a part out.
 # DEVICE=cpu GPU_CHECK_ALLOW_CPU=1: a logic dry run of this script on a CPU-only machine (tests with
 # MEGATRON_UFP4_TEST_DEVICE=cpu, the bench with --small); its numbers say nothing about a GPU.
 set -uo pipefail
@@ -26,6 +31,8 @@ PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 STEPS=${STEPS:-20}
 RECIPES=${RECIPES:-"bf16 ufp4 e2m1_ref nvfp4 mxfp4"}
+TRITON_RECIPES=${TRITON_RECIPES:-"ufp4 nvfp4"}
+TEST_TIMEOUT_S=${TEST_TIMEOUT_S:-600}
 DTYPE=${DTYPE:-bf16}
 PART_TIMEOUT_S=${PART_TIMEOUT_S:-300}
 
@@ -52,6 +59,7 @@ then
   exit 1
 fi
 
+[[ "$DEVICE" == cpu ]] && export TRITON_INTERPRET=1  # the dry run: the triton backends in Triton's interpreter
 RESULTS_DIR=${RESULTS_DIR:-runs/gpu_check/$(date -u +%Y%m%d-%H%M%S)}
 mkdir -p "$RESULTS_DIR" || exit 1
 RESULTS_DIR=$(cd "$RESULTS_DIR" && pwd)
@@ -74,10 +82,10 @@ part_result() {  # name rc seconds
   note "" "**$1: $verdict** in $3 s"
 }
 fenced() {  # run a command, its output both on the console and in a fenced block of the report
-  local rc  # (FOLD=label: the block folded under <details>, for long outputs)
+  local rc  # (FOLD=label: the block folded under <details>, for long outputs; LIMIT_S: its own time limit)
   [[ -n "${FOLD:-}" ]] && printf '<details><summary>%s</summary>\n\n' "$FOLD" >> "$REPORT"
   echo '```' >> "$REPORT"
-  timeout "$PART_TIMEOUT_S" "$@" 2>&1 | tee -a "$REPORT"
+  timeout "${LIMIT_S:-$PART_TIMEOUT_S}" "$@" 2>&1 | tee -a "$REPORT"
   rc=${PIPESTATUS[0]}
   echo '```' >> "$REPORT"
   [[ -n "${FOLD:-}" ]] && printf '\n</details>\n' >> "$REPORT"
@@ -105,14 +113,14 @@ fenced() {  # run a command, its output both on the console and in a fenced bloc
 if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
   note "" "## (a) tests/test_cuda_*.py on $DEVICE" ""
   t0=$SECONDS
-  MEGATRON_UFP4_TEST_DEVICE="$DEVICE" fenced "$PY" -m pytest -q -m cuda -rfEs -p no:cacheprovider \
+  MEGATRON_UFP4_TEST_DEVICE="$DEVICE" LIMIT_S=$TEST_TIMEOUT_S fenced "$PY" -m pytest -q -m cuda -rfEs -p no:cacheprovider \
     --basetemp="$WORK/pytest" tests/test_cuda_quantizer.py tests/test_cuda_linear.py tests/test_cuda_training.py
   part_result "tests/test_cuda_*.py" $? $((SECONDS - t0))
-  note "" "## (a') tests/test_triton_backend.py on $DEVICE (compiled Triton kernels vs emulated)" ""
+  note "" "## (a') tests/test_triton_backend.py and test_native_backend.py on $DEVICE (compiled Triton kernels vs emulated, native FP4 GEMM)" ""
   t0=$SECONDS
-  MEGATRON_UFP4_TEST_DEVICE="$DEVICE" fenced "$PY" -m pytest -q -rfEs -p no:cacheprovider \
-    --basetemp="$WORK/pytest_triton" tests/test_triton_backend.py
-  part_result "tests/test_triton_backend.py" $? $((SECONDS - t0))
+  MEGATRON_UFP4_TEST_DEVICE="$DEVICE" LIMIT_S=$TEST_TIMEOUT_S fenced "$PY" -m pytest -q -rfEs -p no:cacheprovider \
+    --basetemp="$WORK/pytest_triton" tests/test_triton_backend.py tests/test_native_backend.py
+  part_result "tests/test_triton_backend.py + test_native_backend.py" $? $((SECONDS - t0))
 fi
 
 # -- (b) 20 steps per recipe, dense and MoE -------------------------------------------------------
@@ -123,40 +131,44 @@ fenced "$PY" -m megatron_ufp4.data.prepare --input tests/data/shakespeare_sample
   --vocab-size 512 --split-paragraphs --val-fraction 0.1 --seed 0
 rc=$?
 if [[ $rc == 0 ]]; then
+  runs=()  # config:recipe:backend
   for config in tiny_dense tiny_moe; do
-    for recipe in $RECIPES; do
-      run_dir="$WORK/runs/$config-$recipe"
-      note "" "### $config / $recipe" ""
-      FOLD="train CLI output: resolved config, recipe table, $STEPS steps" fenced "$PY" -m megatron_ufp4.train "configs/$config.yaml" "recipe.name=$recipe" "training.device=$DEVICE" \
-        "training.dtype=$DTYPE" "data.prefix=$PREFIX" model.vocab_size=512 "training.train_steps=$STEPS" \
-        "training.run_dir=$run_dir" training.eval_interval=0 training.eval_iters=4 checkpoint.interval=0 \
-        "checkpoint.save_final=$([[ $config-$recipe == tiny_dense-ufp4 ]] && echo true || echo false)" \
-        schedule.warmup_steps=4 logging.interval=1 training.overwrite=true \
-        || { rc=1; note "" "**$config / $recipe failed**"; }
-    done
+    for recipe in $RECIPES; do runs+=("$config:$recipe:emulated"); done
+    for recipe in $TRITON_RECIPES; do runs+=("$config:$recipe:triton" "$config:$recipe:triton_bf16"); done
   done
-  dense_ufp4="$WORK/runs/tiny_dense-ufp4"
+  for spec in "${runs[@]}"; do
+    IFS=: read -r config recipe backend <<< "$spec"
+    run_dir="$WORK/runs/$config-$recipe-$backend"
+    note "" "### $config / $recipe / $backend" ""
+    FOLD="train CLI output: resolved config, recipe table, $STEPS steps" fenced "$PY" -m megatron_ufp4.train "configs/$config.yaml" "recipe.name=$recipe" "training.device=$DEVICE" \
+      "gemm.backend=$backend" "training.dtype=$DTYPE" "data.prefix=$PREFIX" model.vocab_size=512 "training.train_steps=$STEPS" \
+      "training.run_dir=$run_dir" training.eval_interval=0 training.eval_iters=4 checkpoint.interval=0 \
+      "checkpoint.save_final=$([[ $spec == tiny_dense:ufp4:emulated ]] && echo true || echo false)" \
+      schedule.warmup_steps=4 logging.interval=1 training.overwrite=true \
+      || { rc=1; note "" "**$config / $recipe / $backend failed**"; }
+  done
+  dense_ufp4="$WORK/runs/tiny_dense-ufp4-emulated"
   if [[ -d "$dense_ufp4/checkpoints" ]]; then
     note "" "### eval and sample CLIs on $DEVICE (tiny_dense / ufp4)" ""
     fenced "$PY" -m megatron_ufp4.eval "$dense_ufp4" --device "$DEVICE" || rc=1
     fenced "$PY" -m megatron_ufp4.sample "$dense_ufp4" --device "$DEVICE" --prompt "ROMEO:" --max-new-tokens 40 || rc=1
   fi
-  note "" "### per recipe: loss and step time" ""
+  note "" "### per run: loss and step time" ""
   "$PY" - "$WORK/runs" "$STEPS" <<'EOF' | tee -a "$REPORT"
 import json, statistics, sys
 from pathlib import Path
 import yaml
 root, steps = Path(sys.argv[1]), int(sys.argv[2])
-print("| config | recipe | first loss | final loss | median step (steps 6+) | skipped |")
-print("|---|---|---|---|---|---|")
+print("| config | recipe | backend | first loss | final loss | median step (steps 6+) | skipped |")
+print("|---|---|---|---|---|---|---|")
 bad = not root.is_dir()
 for run in sorted(root.iterdir()) if root.is_dir() else []:
-    config, recipe = run.name.split("-", 1)
+    config, recipe, backend = run.name.split("-", 2)
     path = run / "metrics.jsonl"
     recs = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
     recs = [r for r in recs if "loss" in r and "step" in r]
     if len(recs) < steps:
-        print(f"| {config} | {recipe} | - | - | - | only {len(recs)} of {steps} steps |")
+        print(f"| {config} | {recipe} | {backend} | - | - | - | only {len(recs)} of {steps} steps |")
         bad = True
         continue
     tps = [r["tokens_per_s"] for r in recs[5:] if r.get("tokens_per_s")]
@@ -169,12 +181,12 @@ for run in sorted(root.iterdir()) if root.is_dir() else []:
     ok = first is not None and last is not None and last < first
     bad |= not ok
     fl = lambda v: "NaN" if v is None else f"{v:.4f}"
-    print(f"| {config} | {recipe} | {fl(first)} | {fl(last)}{'' if ok else ' (did not go down)'} | {ms:.1f} ms | {skipped} |")
+    print(f"| {config} | {recipe} | {backend} | {fl(first)} | {fl(last)}{'' if ok else ' (did not go down)'} | {ms:.1f} ms | {skipped} |")
 sys.exit(1 if bad else 0)
 EOF
   [[ ${PIPESTATUS[0]} == 0 ]] || rc=1
 fi
-part_result "tiny_dense + tiny_moe x {$RECIPES}, $STEPS steps" $rc $((SECONDS - t0))
+part_result "tiny_dense + tiny_moe x {$RECIPES} (emulated), {$TRITON_RECIPES} (triton, triton_bf16), $STEPS steps" $rc $((SECONDS - t0))
 
 # -- (c) the benchmark ----------------------------------------------------------------------------
 if [[ "${SKIP_BENCH:-0}" != 1 ]]; then

@@ -51,7 +51,7 @@ def test_every_kernel_configuration_compiles_for_hopper_and_blackwell_without_sp
                           env=env, capture_output=True, text=True, timeout=900)
     rows = [ln.split("|")[1:-1] for ln in proc.stdout.splitlines() if ln.startswith("| quantize_")
             or ln.startswith("| tensor_")]
-    rows = [[c.strip() for c in r] for r in rows if len(r) == 9]  # the per-configuration table
+    rows = [[c.strip() for c in r] for r in rows if len(r) == 11]  # the per-configuration table
     errors = [" | ".join(r) for r in rows if "compile error" in r[4]]
     # exit status 3: compiled, but something spilled (listed below)
     assert not errors and proc.returncode in (0, 3), "\n".join(errors) or proc.stdout[-3000:] + proc.stderr[-2000:]

@@ -9,7 +9,9 @@ Each configuration (kernel x format x rounding x RHT size x output dtype, packed
 grouped variants) is recorded from the real launchers (megatron_ufp4/linear/triton_aot.py)
 and compiled with Triton's own compiler and bundled ptxas.  Prints one row per
 configuration and target: warps, registers per thread, spill stores / loads and stack frame
-per thread (bytes, from ptxas -v), shared memory, CTAs per SM; then a summary per kernel.
+per thread (bytes, from ptxas -v), shared memory, CTAs per SM, and the bytes each launch reads
+and writes per element against a copy of its input (derived from the configuration, not
+measured: what a memory-bound kernel's time should be at best); then a summary per kernel.
 Exit status 1 on any compile error, 2 on bad arguments, 3 on any spill (``--allow-spills``
 to report them without failing).
 """
@@ -23,7 +25,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for a GPU target, never interpret
 
-from megatron_ufp4.linear.triton_aot import SUBSETS, TARGETS, compile_config, launcher_matrix  # noqa: E402
+from megatron_ufp4.linear.triton_aot import (SUBSETS, TARGETS, compile_config, launcher_matrix,  # noqa: E402
+                                             traffic_bytes)
 
 
 def _compile(job):
@@ -54,15 +57,17 @@ def main(argv=None) -> int:
     with ProcessPoolExecutor(args.jobs) as pool:
         results = list(pool.map(_compile, jobs, chunksize=4))
     lines = ["| kernel | configuration | target | warps | registers | spill stores / loads | stack | shared | "
-             "CTAs/SM |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "CTAs/SM | bytes read + written per element (derived) | x a copy's |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, r in results:
+        read, written = traffic_bytes(r.config)
         head = f"| {r.config.kernel} | {label} | {r.target} | {r.config.num_warps} |"
+        tail = f" {read:g} + {written:g} | {(read + written) / (2 * read):.2f} |"
         if r.error:
-            lines.append(f"{head} **compile error**: {r.error} | | | | |")
+            lines.append(f"{head} **compile error**: {r.error} | | | | |{tail}")
         else:
             lines.append(f"{head} {r.registers} | {r.spill_stores} / {r.spill_loads} | {r.stack_bytes} | "
-                         f"{r.shared_bytes} | {r.ctas_per_sm} |")
+                         f"{r.shared_bytes} | {r.ctas_per_sm} |{tail}")
     lines += ["", "| kernel | target | configurations | compile errors | max registers | with spills | "
               "max spill bytes | min CTAs/SM |", "|---|---|---|---|---|---|---|---|"]
     for kernel in sorted({r.config.kernel for _, r in results}):

@@ -127,6 +127,29 @@ def _config(name: str, fn, args, kwargs) -> KernelConfig:
     return KernelConfig(name, tuple(signature), tuple(constexprs), num_warps, fusion)
 
 
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "u8": 1, "i32": 4, "i64": 8}
+
+
+def traffic_bytes(config: KernelConfig) -> tuple[float, float]:
+    """(bytes read, bytes written) per element of the operand by one launch of ``config``: the
+    input, the dequantized values (one or, for the pair kernel, two outputs), packed codes
+    (half a byte) and fp32 block scales.  Derived from the signature and constexprs, not
+    measured; the SR index vectors (8 bytes per row and per column) and per-tensor scalars are
+    left out (under 1 % for operands of 1K x 1K and more)."""
+    sig, c = dict(config.signature), dict(config.constexprs)
+    x = _BYTES[sig["x_ptr"].lstrip("*")]
+    if config.kernel == "tensor_amax_kernel":
+        return x, 0.0
+    if config.kernel == "quantize_rowcol_kernel":
+        return x, 2.0 * _BYTES[sig["row_ptr"].lstrip("*")]
+    written = 0.0
+    if c.get("VALUES", True) and sig["out_ptr"] != "constexpr":
+        written += _BYTES[sig["out_ptr"].lstrip("*")]
+    if c.get("PACKED", False):
+        written += 0.5 + 4.0 / (c["QB"] * c["RB"])
+    return x, written
+
+
 @contextlib.contextmanager
 def recording():
     """Within: the backend's launchers record each kernel launch (appended to the yielded
