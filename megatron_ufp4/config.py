@@ -328,22 +328,66 @@ def _build(cls, d, prefix):
         raise ConfigError(f"{prefix or 'config'}: {e}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (no code runs) that refuses a mapping with a repeated key: plain
+    YAML keeps the last one and silently loses the first."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node, deep: bool = False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            repeated = key in seen
+            seen.add(key)
+        except TypeError:  # an unhashable key: construct_mapping reports it
+            continue
+        if repeated:
+            raise yaml.constructor.ConstructorError(None, None, f"repeated key {key!r}", key_node.start_mark)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def yaml_load(text: str):
+    """YAML as ``yaml.safe_load`` reads it, but a repeated mapping key is an error (every config
+    and study file, every override value)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass: no code runs)
+
+
+def merge_into(dst: dict, src: dict, where: str = "") -> dict:
+    """``src`` merged into ``dst`` key by key, recursively: a nested mapping never replaces a
+    whole section; a mapping onto a value that is not one (or the reverse) is refused."""
+    for k, v in src.items():
+        here = f"{where}.{k}" if where else str(k)
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            dst[k] = merge_into(dict(dst[k]), v, here)
+        elif isinstance(v, dict) and k in dst and dst[k] is not None:
+            raise ConfigError(f"{here}: a mapping cannot replace the value {dst[k]!r}")
+        else:
+            dst[k] = v
+    return dst
+
+
 def apply_override(d: dict, override: str) -> None:
-    """``a.b.c=value`` (value parsed as YAML: 3e-4, true, [1, 2], null)."""
+    """``a.b.c=value`` (value parsed as YAML: 3e-4, true, [1, 2], null); a mapping value merges
+    into the section key by key (``training={seed: 7}`` is ``training.seed=7``)."""
     key, sep, raw = override.partition("=")
     if not sep or any(not part.strip() for part in key.split(".")):  # no '=', or an empty name: '=5', 'a..b=1'
         raise ConfigError(f"override {override!r}: expected section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        raise ConfigError(f"override {key}: cannot parse value {raw!r}") from None
+        value = yaml_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        reason = f" ({e.problem})" if getattr(e, "problem", None) else ""
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}{reason}") from None
     node = d
     parts = key.split(".")
     for p in parts[:-1]:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {key}: {p} is not a section")
-    node[parts[-1]] = value
+    merge_into(node, {parts[-1]: value}, ".".join(parts[:-1]))
 
 
 SECTIONS = [f.name for f in dataclasses.fields(RunConfig)]
@@ -396,7 +440,12 @@ def read_yaml_mapping(p: Path, what: str = "config", top: str = "a mapping of se
     if not p.is_file():
         raise ConfigError(f"{what} file not found: {p}")
     try:
-        loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        loaded = yaml_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
+    except yaml.constructor.ConstructorError as e:
+        mark = e.problem_mark
+        raise ConfigError(f"{p}: {e.problem}" + (f" (line {mark.line + 1})" if mark else "")) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(loaded, dict):
@@ -412,7 +461,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
         for name in sorted(loaded, key=str):
             if name not in SECTIONS:
                 raise _unknown("section", name, SECTIONS, f" in {p}")
-        d.update(loaded)
+        merge_into(d, loaded)
     for o in overrides:
         apply_override(d, o)
         section = o.partition("=")[0].split(".")[0]

@@ -1,6 +1,6 @@
 """Validation loss of a checkpoint on fixed windows, with its standard error.
 
-    python -m megatron_ufp4.eval runs/tiny_dense [--windows 256] [--backend fused] [--json out.json]
+    python -m megatron_ufp4.eval runs/tiny_dense [--windows 256] [--backend fused] [--json out.json [--overwrite]]
 
 The windows are the first ``--windows`` ``seq_len``-token windows of the validation split,
 in stream order, so every checkpoint of the same data and ``seq_len`` is scored on the same
@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-from pathlib import Path
 
 
 def main(argv=None) -> int:
@@ -28,7 +26,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default=None, help="FP4 GEMM backend to evaluate with (default: the run's)")
     ap.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: the usable cores)")
-    ap.add_argument("--json", default=None, help="write the result and the per-window losses to this file")
+    ap.add_argument("--json", default=None, help="write the result and the per-window losses to this new file")
+    ap.add_argument("--overwrite", action="store_true", help="let --json replace an existing file")
     args = ap.parse_args(argv)
     for name in ("windows", "iters", "batch_size"):  # checked before any checkpoint is read
         v = getattr(args, name)
@@ -42,6 +41,7 @@ def main(argv=None) -> int:
     import torch
 
     from .config import ConfigError
+    from .outputs import OutputError, check_output, write_text
     from .training.checkpoint import CheckpointError
     from .training.evaluation import eval_window_count, summarize, window_losses
     from .training.inference import load_trained_model, resolve_checkpoint
@@ -54,15 +54,20 @@ def main(argv=None) -> int:
         if args.backend is not None:
             check_backend_device(args.backend, device)
         ckpt = resolve_checkpoint(args.checkpoint)
+        if args.json:  # before any work: never the checkpoint read, never an existing file unless asked
+            check_output(args.json, overwrite=args.overwrite, inputs=[ckpt, args.checkpoint], what="--json")
         model, cfg, step = load_trained_model(ckpt, device, backend=args.backend)
+        check_backend_device(args.backend or cfg.gemm.backend, device)  # the run's own backend, e.g. fused
         if args.data_prefix:
             cfg.data.prefix = args.data_prefix
         batch = args.batch_size or cfg.training.micro_batch_size
         ds = validation_dataset(cfg)
-        if args.windows is not None:
-            windows = min(args.windows, len(ds))
-        elif args.iters is not None:
-            windows = min(args.iters * batch, len(ds))
+        if args.windows is not None or args.iters is not None:
+            windows = args.windows if args.windows is not None else args.iters * batch
+            if windows > len(ds):
+                flag = f"--windows {args.windows}" if args.windows is not None else f"--iters {args.iters}"
+                raise ValueError(f"{flag} asks for {windows} windows; the validation split of {cfg.data.prefix} "
+                                 f"has {len(ds)} of {cfg.data.seq_len} tokens")
         else:
             windows = eval_window_count(cfg, len(ds))
         if windows < 1:
@@ -70,7 +75,7 @@ def main(argv=None) -> int:
                              "pass --windows N (N >= 1)")
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.training.dtype == "bf16")
         losses = window_losses(model, ds, windows, batch, autocast)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:  # OutputError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     res = summarize(losses)
@@ -83,13 +88,11 @@ def main(argv=None) -> int:
         out = {"checkpoint": str(ckpt), "step": step, **res, "seq_len": cfg.data.seq_len, "data_prefix":
                cfg.data.prefix, "backend": backend, "label": precision_label(recipe, cfg.training.dtype),
                "window_losses": losses.tolist()}
-        path = Path(args.json)
         try:
-            tmp = path.with_name(path.name + ".tmp")  # atomic: a reader never sees half a file
-            tmp.write_text(json.dumps(out) + "\n")
-            os.replace(tmp, path)
-        except OSError as e:
-            print(f"error: --json {path}: {e.strerror or e}", file=sys.stderr)
+            check_output(args.json, overwrite=args.overwrite, what="--json")  # still free after the evaluation
+            write_text(args.json, json.dumps(out) + "\n")
+        except (OSError, OutputError) as e:
+            print(f"error: --json {args.json}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
             return 2
     return 0
 

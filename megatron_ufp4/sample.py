@@ -40,10 +40,14 @@ def main(argv=None) -> int:
     try:
         model, cfg, _ = load_trained_model(args.checkpoint, select_device(args.device, field="--device"))
         tok = Tokenizer(args.tokenizer or cfg.data.prefix + ".model")
+        if tok.vocab_size > cfg.model.vocab_size:
+            raise ValueError(f"tokenizer {args.tokenizer or cfg.data.prefix + '.model'} has {tok.vocab_size} pieces, "
+                             f"more than the model's vocabulary (model.vocab_size={cfg.model.vocab_size}): "
+                             "it is not the tokenizer this model was trained with")
         prompt = tok.encode(args.prompt) if args.prompt else [tok.eos_id]
         g = torch.Generator().manual_seed(args.seed)
         out = generate(model, prompt, args.max_new_tokens, cfg.model.max_seq_len, args.temperature,
-                       args.top_k, g, tok.eos_id)
+                       args.top_k, g, tok.eos_id, vocab_limit=tok.vocab_size)  # a padded vocabulary's extra ids: never
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

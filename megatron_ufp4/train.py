@@ -47,7 +47,7 @@ def _main(argv=None) -> int:
     from .training.checkpoint import CheckpointError
     from .linear import precision_table
     from .training.errors import print_error
-    from .training.fsutil import os_error_line
+    from .outputs import os_error_line
     from .training.loop import Preempted
     from .training.trainer import Trainer, TrainingAborted
 

@@ -157,7 +157,7 @@ def test_prune_removes_by_rename_first_and_never_the_new_checkpoint(tmp_path, mo
         save_checkpoint(tmp_path, step, {"x": torch.zeros(1)}, "", keep_last=5)
     removed = []
     real_rmtree = ckpt_mod.shutil.rmtree
-    monkeypatch.setattr("megatron_ufp4.training.fsutil.shutil.rmtree",
+    monkeypatch.setattr("megatron_ufp4.training.checkpoint.shutil.rmtree",
                         lambda p, **kw: (removed.append(Path(p).name), real_rmtree(p, **kw)))
     # an older step number saved last (the trainer refuses to get here; pruning must still not eat it)
     save_checkpoint(tmp_path, 3, {"x": torch.ones(1)}, "", keep_last=1)

@@ -3,6 +3,9 @@
     python tools/convert_checkpoint.py to-single runs/x/checkpoints/step_00000100 model.pt
     python tools/convert_checkpoint.py to-dcp model.pt runs/y/checkpoints/step_00000100
 
+An existing dst is replaced only with ``--overwrite`` (never the src); the output appears
+complete or not at all.
+
 ``to-single`` writes ``{"model": <single-process GPTModel state dict>, "optimizer": {fqn:
 {exp_avg, exp_avg_sq, step}}, "step", "config"}``: tensor-parallel shards are joined, the
 ``.part<j>`` pieces of fused parameters are concatenated back, and the result loads into
@@ -42,9 +45,12 @@ def _split_parts(flat: dict, partitions: dict) -> dict:
 
 
 def to_single(src: Path, dst: Path) -> None:
+    from megatron_ufp4.outputs import SyncedWriter, atomic_file
     from megatron_ufp4.training.dist_checkpoint import load_consolidated
 
-    torch.save(load_consolidated(src), dst)
+    state = load_consolidated(src)
+    with atomic_file(dst) as tmp, SyncedWriter(tmp) as f:  # a full disk: the real errno, not torch's "pos"
+        torch.save(state, f)
 
 
 def _layout_of(config: dict):
@@ -129,12 +135,14 @@ def to_dcp(src: Path, dst: Path) -> None:
         flat.update({f"optim.{fqn}.{f}": t for f, t in st.items()})
     flat = _split_parts(flat, {f"model.{k}": i for k, i in partitions.get("model", {}).items()}
                         | {f"optim.{k}": i for k, i in partitions.get("optim", {}).items()})
-    dst.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():  # "no process group: saving from one process" is the point here
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.save(flat, checkpoint_id=str(dst), no_dist=True)
-    (dst / "partitions.json").write_text(json.dumps({**partitions, "config": data["config"]}))
-    (dst / "config.yaml").write_text(dump_config(config_from_saved(data["config"])), encoding="utf-8")
+    from megatron_ufp4.outputs import atomic_dir
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(dst) as tmp, warnings.catch_warnings():  # "no process group: saving from one process"
+        warnings.simplefilter("ignore", UserWarning)  # is the point here
+        dcp.save(flat, checkpoint_id=str(tmp), no_dist=True)
+        (tmp / "partitions.json").write_text(json.dumps({**partitions, "config": data["config"]}))
+        (tmp / "config.yaml").write_text(dump_config(config_from_saved(data["config"])), encoding="utf-8")
 
 
 def main(argv=None) -> int:
@@ -146,8 +154,14 @@ def main(argv=None) -> int:
     b = sub.add_parser("to-dcp", help="consolidated .pt file -> DCP checkpoint directory")
     b.add_argument("src", type=Path)
     b.add_argument("dst", type=Path)
+    for p in (a, b):
+        p.add_argument("--overwrite", action="store_true", help="replace an existing dst")
     args = ap.parse_args(argv)
+    from megatron_ufp4.outputs import check_output
+
     try:
+        check_output(args.dst, overwrite=args.overwrite, inputs=[args.src], what="dst",
+                     make_parents=args.cmd == "to-dcp")
         if args.cmd == "to-single":
             if not (args.src / ".metadata").is_file():
                 raise ValueError(f"{args.src} is not a DCP checkpoint directory (no .metadata)")

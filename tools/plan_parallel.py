@@ -281,6 +281,10 @@ def main(argv=None) -> int:
                     help="build this rank's model as the trainer would and report its memory and build time")
     args = ap.parse_args(argv)
     try:
+        if args.world < 1:
+            raise ConfigError(f"--world must be >= 1 ranks (got {args.world})")
+        if args.materialize is not None and not 0 <= args.materialize < args.world:
+            raise ConfigError(f"--materialize {args.materialize}: a rank of 0..{args.world - 1}")
         cfg = load_config(args.config, args.overrides)
         p = cfg.parallel
         if args.world % (p.tensor * p.pipeline) or (p.data and p.data * p.tensor * p.pipeline != args.world):

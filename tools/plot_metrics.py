@@ -54,7 +54,7 @@ def plot_losses(runs: list[Path], out: Path, smooth: int, plt) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    save_figure(fig, out)
     plt.close(fig)
 
 
@@ -100,8 +100,16 @@ def plot_heatmap(run: Path, out: Path, step: int | None, plt) -> None:
         fig.colorbar(im, ax=ax, shrink=0.8)
     fig.suptitle(f"{run_label(run)}: quantized operands at step {at}")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    save_figure(fig, out)
     plt.close(fig)
+
+
+def save_figure(fig, out: Path) -> None:
+    """The figure at ``out`` (format from its suffix), all or nothing."""
+    from megatron_ufp4.outputs import atomic_file
+
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, dpi=120, format=out.suffix.lstrip(".") or "png")
 
 
 def main(argv=None) -> int:
@@ -111,12 +119,24 @@ def main(argv=None) -> int:
     ap.add_argument("--heatmap", type=Path, default=None, help="per-layer SQNR/alpha figure of the first run")
     ap.add_argument("--step", type=int, default=None, help="the heatmap's step (default: the last with statistics)")
     ap.add_argument("--smooth", type=int, default=10, help="training-loss moving average (steps)")
+    ap.add_argument("--overwrite", action="store_true", help="replace existing figure files")
     args = ap.parse_args(argv)
     if args.out is None and args.heatmap is None:
         print("error: nothing to draw: give --out and/or --heatmap", file=sys.stderr)
         return 2
     if args.smooth < 1:
         print(f"error: --smooth must be >= 1 (got {args.smooth})", file=sys.stderr)
+        return 2
+    from megatron_ufp4.outputs import OutputError, check_output
+
+    try:
+        for flag, path in (("--out", args.out), ("--heatmap", args.heatmap)):
+            if path is not None:
+                check_output(path, overwrite=args.overwrite, inputs=args.runs, what=flag)
+        if args.out is not None and args.out == args.heatmap:
+            raise OutputError(f"--out and --heatmap are the same file ({args.out})")
+    except OutputError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         import matplotlib

@@ -3,13 +3,14 @@
     python -m megatron_ufp4.data.prepare --input corpus/ more.txt --output data/demo \\
         --vocab-size 4096 [--tokenizer-model existing.model] [--val-fraction 0.05] \\
         [--seed 0] [--glob '*.txt'] [--split-paragraphs] [--errors strict|replace] \\
-        [--character-coverage 0.9995]
+        [--character-coverage 0.9995] [--overwrite]
 
 Writes ``<prefix>.model`` (+ ``.vocab``), ``<prefix>_train.bin/.idx``,
 ``<prefix>_val.bin/.idx`` (format: indexed_dataset.py) and ``<prefix>.json`` (stats).
-Every file is written to a temp name and moved into place with ``os.replace``; the
-``.json`` is written last and deleted before anything else is replaced, so a dataset is
-complete exactly when its ``.json`` exists.
+An existing dataset at the prefix is refused unless ``--overwrite``.  Every file is written
+into a temporary directory beside the prefix and all are moved into place together once the
+last is complete: a failure (bad input, a full disk, a signal) leaves nothing new behind and
+the old dataset, if any, untouched.
 
 Documents: one file = one document, or with ``--split-paragraphs`` each block of text
 between blank lines.  Each document is tokenized and followed by EOS.  The train/val split
@@ -36,7 +37,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .indexed_dataset import IndexedDatasetWriter, best_dtype, temp_path
+from ..outputs import OutputError, Outputs, check_output
+from .indexed_dataset import IndexedDatasetWriter, best_dtype
 from .tokenizer import MIN_BYTE_FALLBACK_VOCAB, Tokenizer, train_sentencepiece
 
 STATS_VERSION = 1
@@ -137,8 +139,9 @@ def encode_batches(documents: list[str], max_docs: int = 1024, max_chars: int = 
             start, chars = end, 0
 
 
-def write_split(prefix: str, documents: list[str], tokenizer: Tokenizer, dtype, name: str) -> dict:
-    """Tokenize ``documents`` (+EOS each) into ``<prefix>.bin/.idx``; return its stats."""
+def write_split(prefix: str, documents: list[str], tokenizer: Tokenizer, dtype, name: str, final: str) -> dict:
+    """Tokenize ``documents`` (+EOS each) into ``<prefix>.bin/.idx``; return its stats (which
+    name the ``final`` prefix the files will have)."""
     eos = tokenizer.eos_id
     with IndexedDatasetWriter(prefix, dtype) as writer, \
             tqdm(total=len(documents), desc=f"tokenize {name}", unit="doc", disable=None) as bar:
@@ -146,29 +149,20 @@ def write_split(prefix: str, documents: list[str], tokenizer: Tokenizer, dtype, 
             for ids in tokenizer.encode_batch(batch):
                 writer.add_document(np.asarray(ids + [eos], dtype=np.int64))
             bar.update(len(batch))
-    return {"prefix": prefix, "docs": writer.num_docs, "tokens": writer.num_tokens}
+    return {"prefix": final, "docs": writer.num_docs, "tokens": writer.num_tokens}
 
 
-def write_json_atomic(path: str, obj: dict) -> None:
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def copy_atomic(src: str, dst: str) -> None:
-    tmp = temp_path(dst)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def output_files(prefix: str, given_tokenizer: str | None) -> list[str]:
+    """Every file a prepare with ``--output prefix`` writes (the tokenizer model only when it is
+    not the given one itself)."""
+    files = [f"{prefix}_{split}{ext}" for split in ("train", "val") for ext in (".bin", ".idx")]
+    files.append(f"{prefix}.json")
+    model = f"{prefix}.model"
+    if given_tokenizer is None:
+        files += [model, f"{prefix}.vocab"]
+    elif not (os.path.exists(model) and os.path.samefile(given_tokenizer, model)):
+        files.append(model)
+    return files
 
 
 def load_tokenizer(path: str) -> Tokenizer:
@@ -181,10 +175,25 @@ def load_tokenizer(path: str) -> Tokenizer:
     return tokenizer
 
 
+def check_outputs(args: argparse.Namespace) -> list[str]:
+    """The output files, refused in one line if one exists (without --overwrite) or is an input."""
+    files = output_files(args.output, args.tokenizer_model)
+    for f in files:
+        try:
+            check_output(f, overwrite=args.overwrite, inputs=args.input, what="--output", make_parents=True)
+        except OutputError as e:
+            if os.path.exists(f) and not args.overwrite:
+                raise DataError(f"--output {args.output}: {os.path.basename(f)} already exists (a prepared dataset); "
+                                "pass --overwrite to replace it") from None
+            raise DataError(str(e)) from None
+    return files
+
+
 def prepare(args: argparse.Namespace) -> dict:
     start_time = time.time()
     prefix = args.output
     model_path = f"{prefix}.model"
+    check_outputs(args)  # before anything is read: nothing of an existing dataset is replaced unless asked
     if args.tokenizer_model:
         given_tokenizer = load_tokenizer(args.tokenizer_model)  # fail before reading the corpus
 
@@ -208,28 +217,42 @@ def prepare(args: argparse.Namespace) -> dict:
     print(f"read {num_files_used} files -> {len(documents)} documents "
           f"({len(train_docs)} train, {len(val_docs)} val)")
 
-    # 2. Outputs.  Drop the completion marker first (see module docstring).
-    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    # 2. Outputs: written into a temporary directory beside them, moved into place together at the end.
+    out_dir = os.path.dirname(os.path.abspath(prefix))
+    os.makedirs(out_dir, exist_ok=True)
     stats_path = f"{prefix}.json"
-    if os.path.exists(stats_path):
-        os.remove(stats_path)
-    if args.tokenizer_model:
-        tokenizer = given_tokenizer
-        if not (os.path.exists(model_path) and os.path.samefile(args.tokenizer_model, model_path)):
-            copy_atomic(args.tokenizer_model, model_path)  # keep the dataset self-contained
-    else:
-        print(f"training sentencepiece BPE tokenizer (vocab {args.vocab_size}) -> {model_path}")
-        try:
-            tokenizer = train_sentencepiece(training_lines(train_docs), model_path,
-                                            args.vocab_size, seed=args.seed,
-                                            character_coverage=args.character_coverage)
-        except ValueError as e:  # sentencepiece names its own flag; point at ours
-            raise DataError(str(e).replace("--character_coverage", "--character-coverage")) from None
-    dtype = best_dtype(tokenizer.vocab_size)
+    with Outputs(out_dir) as out:
+        tmp_prefix = str(out.path(prefix))
+        if args.tokenizer_model:
+            tokenizer = given_tokenizer
+            if model_path in output_files(prefix, args.tokenizer_model):  # keep the dataset self-contained
+                shutil.copyfile(args.tokenizer_model, out.path(model_path))
+        else:
+            print(f"training sentencepiece BPE tokenizer (vocab {args.vocab_size}) -> {model_path}")
+            try:
+                tokenizer = train_sentencepiece(training_lines(train_docs), str(out.path(model_path)),
+                                                args.vocab_size, seed=args.seed,
+                                                character_coverage=args.character_coverage)
+            except ValueError as e:  # sentencepiece names its own flag; point at ours
+                raise DataError(str(e).replace("--character_coverage", "--character-coverage")) from None
+            if tokenizer.vocab_size < args.vocab_size:
+                print(f"note: the tokenizer has {tokenizer.vocab_size} pieces, not the --vocab-size "
+                      f"{args.vocab_size} asked: the corpus supports no more BPE merges", file=sys.stderr)
+        dtype = best_dtype(tokenizer.vocab_size)
 
-    train_stats = write_split(f"{prefix}_train", train_docs, tokenizer, dtype, "train")
-    val_stats = write_split(f"{prefix}_val", val_docs, tokenizer, dtype, "val")
-    stats = {
+        train_stats = write_split(f"{tmp_prefix}_train", train_docs, tokenizer, dtype, "train", f"{prefix}_train")
+        val_stats = write_split(f"{tmp_prefix}_val", val_docs, tokenizer, dtype, "val", f"{prefix}_val")
+        stats = _stats(args, start_time, num_files_used, skipped, model_path, tokenizer, dtype, train_stats,
+                       val_stats)
+        with open(out.path(stats_path), "w", encoding="utf-8") as f:
+            json.dump(stats, f, indent=2)
+            f.write("\n")
+        out.commit()
+    return stats
+
+
+def _stats(args, start_time, num_files_used, skipped, model_path, tokenizer, dtype, train_stats, val_stats) -> dict:
+    return {
         "stats_version": STATS_VERSION,
         "inputs": list(args.input),
         "files_used": num_files_used,
@@ -250,8 +273,6 @@ def prepare(args: argparse.Namespace) -> dict:
         "val": val_stats,
         "elapsed_s": round(time.time() - start_time, 3),
     }
-    write_json_atomic(stats_path, stats)
-    return stats
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -274,6 +295,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="one document per blank-line separated paragraph, not per file")
     parser.add_argument("--errors", choices=("strict", "replace"), default="strict",
                         help="invalid UTF-8: fail (strict) or substitute U+FFFD (replace)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing dataset at --output (only once the new one is complete)")
     args = parser.parse_args(argv)
     if args.tokenizer_model is None:
         if args.vocab_size is None:

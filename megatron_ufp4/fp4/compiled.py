@@ -60,3 +60,23 @@ def compile_scope():
     with dynamo.patch(**limits), torch.compiler.config.patch(cache_key_tag=tag), \
             inductor.patch(EAGER_NUMERICS):
         yield
+
+
+def check_compiler(device: torch.device) -> None:
+    """Refuse in one line a device our compiled quantizer cannot be compiled for: on a CPU
+    Inductor needs a C++ compiler (``CXX`` or g++ on the PATH), on a GPU the triton package;
+    otherwise the first forward would fail deep inside Inductor with pages of output."""
+    if device.type == "cuda":
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError("the fused backend compiles Triton kernels on a GPU: pip install triton")
+        return
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as e:  # InvalidCxxCompiler (no compiler found), or one that does not run
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"the fused backend compiles C++ with Inductor and found no working C++ compiler "
+                         f"({reason[:120]}); install g++ or set CXX, or use gemm.backend=emulated") from None

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..model.config import ModelConfig, upgrade_saved_model
+from ..outputs import SyncedWriter, os_error_line
 from .files import (DEFAULT_MAX_SHARD, atomic_dir, export_tokenizer, parse_size, read_safetensors, write_json,
                     write_safetensors)
 from .mapping import GLM4_MOE, HFMappingError, choose_architecture, from_hf_tensors, hf_config, model_from_hf, \
@@ -107,6 +108,8 @@ def import_hf(hf_dir, out, console=print) -> Path:
         c = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise HFMappingError(f"cannot read {hf_dir / 'config.json'}: {str(e).splitlines()[0]}") from None
+    if not isinstance(c, dict):
+        raise HFMappingError(f"{hf_dir / 'config.json'}: expected a JSON object (got a {type(c).__name__})")
     try:
         m, arch = model_from_hf(c)
     except KeyError as e:
@@ -140,7 +143,8 @@ def import_hf(hf_dir, out, console=print) -> Path:
         raise HFMappingError(str(e)) from None
     tok = hf_dir / "tokenizer.model"
     with atomic_dir(out) as tmp:
-        torch.save({"model": sd, "config": run.to_dict(), "step": 0}, tmp / "state.pt")
+        with SyncedWriter(tmp / "state.pt") as f:  # a full disk: the real errno, not torch's "unexpected pos"
+            torch.save({"model": sd, "config": run.to_dict(), "step": 0}, f)
         (tmp / "config.yaml").write_text(dump_config(run), encoding="utf-8")
         if tok.is_file():
             from ..data.tokenizer import Tokenizer
@@ -160,7 +164,17 @@ def run_tool(name: str, fn) -> int:
 
     try:
         fn()
-    except (ValueError, OSError, RuntimeError) as e:  # HFMappingError / CheckpointError are ValueErrors
-        print(f"{name}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+    except OSError as e:  # a full disk, a read-only directory: what and where
+        print(f"{name}: error: {os_error_line(e, name)} (nothing was written)", file=sys.stderr)
+        return 2
+    except (ValueError, RuntimeError) as e:  # HFMappingError / CheckpointError are ValueErrors
+        print(f"{name}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__} (nothing was written)",
+              file=sys.stderr)
+        return 2
+    except Exception as e:  # safetensors' own error type (not an OSError), e.g. on a full disk
+        if type(e).__name__ != "SafetensorError":
+            raise
+        print(f"{name}: error: safetensors: {str(e).splitlines()[0] if str(e) else 'write failed'} "
+              "(nothing was written)", file=sys.stderr)
         return 2
     return 0

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
 
+from .. import outputs
 from .mapping import HFMappingError
 
 SINGLE = "model.safetensors"
@@ -93,20 +93,12 @@ def write_json(path: Path, obj) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(final: Path):
-    """Yield a temporary sibling of ``final``; on success it is renamed to ``final`` (which
-    must not exist or be empty), on any error removed: nothing partial is left."""
+    """Yield a temporary sibling of ``final``; on success it becomes ``final`` (which must not
+    exist, or be an empty directory), on any error it is removed: nothing partial is left."""
     if final.exists() and (not final.is_dir() or any(final.iterdir())):
         raise HFMappingError(f"{final} exists and is not an empty directory")
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with outputs.atomic_dir(final) as tmp:
         yield tmp
-        if final.exists():
-            final.rmdir()
-        tmp.rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # -- tokenizer: our sentencepiece BPE model as tokenizer.json (no conversion on load) -------------------

@@ -204,7 +204,10 @@ class EmulatedBackend:
         return grouped_mm(qa, qb, sizes)
 
     def check_device(self, device: torch.device) -> None:
-        """Pure torch: any device torch runs on."""
+        """Pure torch: any device torch runs on; ``fused`` also needs a compiler for it."""
+        if self.fused:
+            from ..fp4.compiled import check_compiler
+            check_compiler(device)
 
     def tensor_amax(self, x: torch.Tensor, fmt: FP4Format, rht: RHT | None) -> torch.Tensor:
         return tensor_amax(x, fmt, rht)

@@ -17,7 +17,7 @@ from pathlib import Path
 from ..model import num_params
 from ..training.evaluation import paired_standard_error
 from ..training.run_info import read_run_info
-from .runner import read_eval
+from .runner import read_eval, stale_keys
 from .spec import Study, study_dict
 from .stats import effective_ratio, fit_power_law, paired_difference, summary
 
@@ -55,11 +55,13 @@ def collect(study: Study) -> list[dict]:
     runs = []
     for run in study.runs():
         cfg = study.run_config(run)
-        records = read_metrics(run.run_dir)
+        stale = stale_keys(study, run)  # trained with another config: its numbers are not this study's
+        records = [] if stale else read_metrics(run.run_dir)
         t = cfg.training
         runs.append({
             "key": run.key, "point": run.point, "arm": run.arm, "seed": run.seed, "run_dir": str(run.run_dir),
-            "info": read_run_info(run.run_dir), "eval": read_eval(run), "x": sweep_x(study, cfg),
+            "info": None if stale else read_run_info(run.run_dir), "eval": None if stale else read_eval(run),
+            "stale": list(stale), "x": sweep_x(study, cfg),
             "tokens_per_step": t.global_batch_size * cfg.data.seq_len, "train_steps": t.train_steps,
             "train": [(r["step"], r["loss"]) for r in records if r.get("loss") is not None],
             "val": [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None],
@@ -173,9 +175,11 @@ def probe_results(study: Study) -> dict | None:
         for seed in study.seeds:
             p = study.out_dir / "probes" / (point or "") / f"seed_{seed}.json"
             try:
-                files[seed] = json.loads(p.read_text())
-            except (OSError, json.JSONDecodeError):
+                f = json.loads(p.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
                 continue
+            if isinstance(f, dict) and isinstance(f.get("recipes"), dict):
+                files[seed] = f
         res = {"seeds": sorted(files), "recipes": {}}
         for name in study.probes["recipes"]:
             per = [f["recipes"][name] for f in files.values() if name in f.get("recipes", {})]

@@ -16,7 +16,8 @@
     final_window: 50                   # steps of the training-loss average (the paper's gap definition)
     out_dir: runs/studies/recipes      # relative to the working directory
     jobs: 1                            # runs at a time (threads are split between them)
-    launcher: null                     # e.g. [torchrun, --nproc-per-node, 2] for every run
+    launcher: null                     # [torchrun, --nproc-per-node, 2] for every run (torchrun and its
+                                       # rendezvous options only: a study file runs no other program)
     probes:                            # optional fidelity probes on each seed's final checkpoint of one arm
       arm: bf16
       recipes: [ufp4, e2m1_ref]        # preset names, or name -> recipe mapping
@@ -118,6 +119,58 @@ def _mapping(v, where: str, path: Path) -> dict:
     return dict(v)
 
 
+def _overrides(v, where: str, path: Path) -> dict:
+    """An overrides mapping as dotted keys: ``{training: {seed: 7}}`` is ``{training.seed: 7}``
+    (a nested mapping sets keys of a section, never replaces it, and the study's own keys
+    are found however they are written)."""
+    flat: dict = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, x in d.items():
+            key = f"{prefix}.{k}" if prefix else k
+            if isinstance(x, dict) and x:
+                walk(x, key)
+            elif key in flat:
+                raise StudyError(f"{path}: {where}: {key} is given twice")
+            else:
+                flat[key] = x
+
+    walk(_mapping(v, where, path), "")
+    return flat
+
+
+# torchrun options a study's launcher may carry (the launcher is never a shell or another program:
+# a shared study file must not run arbitrary commands)
+LAUNCHER_OPTIONS = ("--nproc-per-node", "--nproc_per_node", "--nnodes", "--node-rank", "--node_rank",
+                    "--master-addr", "--master_addr", "--master-port", "--master_port", "--rdzv-backend",
+                    "--rdzv_backend", "--rdzv-endpoint", "--rdzv_endpoint", "--rdzv-id", "--rdzv_id", "--standalone",
+                    "--max-restarts", "--max_restarts", "--monitor-interval", "--monitor_interval")
+
+
+def _launcher(v, path: Path) -> list[str]:
+    """``[torchrun, option, value, ...]`` with options from ``LAUNCHER_OPTIONS`` only."""
+    launcher = v or []
+    if isinstance(launcher, str):
+        launcher = launcher.split()
+    if not isinstance(launcher, list) or not all(isinstance(x, (str, int)) and not isinstance(x, bool)
+                                                 for x in launcher):
+        raise StudyError(f"{path}: launcher: expected a command as a list (got {launcher!r})")
+    launcher = [str(x) for x in launcher]
+    if not launcher:
+        return []
+    if launcher[0] != "torchrun":
+        raise StudyError(f"{path}: launcher: must start with torchrun (got {launcher[0]!r}); a study runs no "
+                         "other program")
+    for arg in launcher[1:]:
+        if arg.startswith("-") and arg.split("=", 1)[0] not in LAUNCHER_OPTIONS:
+            raise StudyError(f"{path}: launcher: torchrun option {arg!r} is not allowed "
+                             f"(allowed: {', '.join(o for o in LAUNCHER_OPTIONS if '_' not in o)})")
+    import shutil
+    if shutil.which("torchrun") is None:
+        raise StudyError(f"{path}: launcher: torchrun is not on the PATH (install torch in this environment)")
+    return launcher
+
+
 def _names(d: dict, where: str, path: Path) -> dict:
     for name in d:
         if not isinstance(name, str) or not _NAME.fullmatch(name):
@@ -151,7 +204,7 @@ def load_study(path: str | Path, out_dir: str | None = None, seeds=None) -> Stud
     arms = _names(_mapping(d["arms"], "arms", path), "arms", path)
     if not arms:
         raise StudyError(f"{path}: arms: at least one arm is needed")
-    arms = {a: _mapping(o, f"arms.{a}", path) for a, o in arms.items()}
+    arms = {a: _overrides(o, f"arms.{a}", path) for a, o in arms.items()}
     seeds = d["seeds"] if seeds is None else seeds
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = list(range(1, seeds + 1)) if seeds >= 1 else seeds  # "seeds: 3" means 1, 2, 3
@@ -160,13 +213,7 @@ def load_study(path: str | Path, out_dir: str | None = None, seeds=None) -> Stud
         raise StudyError(f"{path}: seeds: expected a count or a list of integers in [0, 2^32) (got {seeds!r})")
     if len(set(seeds)) != len(seeds):
         raise StudyError(f"{path}: seeds: repeated seed in {seeds}")
-    owned = ("training.seed", "training.run_dir")  # the study sets these per run
-    for where, over in [("overrides", _mapping(d.get("overrides"), "overrides", path)),
-                        *((f"arms.{a}", o) for a, o in arms.items())]:
-        for key in owned:
-            if key in over:
-                raise StudyError(f"{path}: {where}: {key} is set by the study for every run "
-                                 f"({'use seeds' if key == 'training.seed' else 'use out_dir'})")
+    overrides = _overrides(d.get("overrides"), "overrides", path)
     if "reference" in d:  # written as null: no reference arm (no gaps)
         reference = d["reference"]
     else:
@@ -192,28 +239,39 @@ def load_study(path: str | Path, out_dir: str | None = None, seeds=None) -> Stud
         points = _names(_mapping(sweep.get("points"), "sweep.points", path), "sweep.points", path)
         if len(points) < 2:
             raise StudyError(f"{path}: sweep.points: a sweep needs at least two points")
-        points = {p: _mapping(o, f"sweep.points.{p}", path) for p, o in points.items()}
+        points = {p: _overrides(o, f"sweep.points.{p}", path) for p, o in points.items()}
+    owned = ("training.seed", "training.run_dir", "training.resume", "training.overwrite")  # the study's, per run
+    for where, over in [("overrides", overrides), *((f"arms.{a}", o) for a, o in arms.items()),
+                        *((f"sweep.points.{p}", o) for p, o in points.items())]:
+        for key in owned:
+            if key in over:
+                hint = {"training.seed": "use seeds", "training.run_dir": "use out_dir"}.get(key, "the study decides")
+                raise StudyError(f"{path}: {where}: {key} is set by the study for every run ({hint})")
     ev = _mapping(d.get("eval"), "eval", path)
     bad = sorted(set(ev) - {"windows", "batch_size", "backend"})
     if bad:
         raise StudyError(f"{path}: eval: unknown key {bad[0]!r} (known: windows, batch_size, backend)")
-    launcher = d.get("launcher") or []
-    if isinstance(launcher, str):
-        launcher = launcher.split()
-    if not isinstance(launcher, list) or not all(isinstance(x, (str, int)) for x in launcher):
-        raise StudyError(f"{path}: launcher: expected a command as a list (got {launcher!r})")
+    launcher = _launcher(d.get("launcher"), path)
+    backend = ev.get("backend")
+    if backend is not None:  # found now, not after every run has trained
+        from ..linear.backends import available_backends
+        if backend not in available_backends():
+            raise StudyError(f"{path}: eval.backend: unknown backend {backend!r} "
+                             f"(known: {', '.join(available_backends())})")
+    out = Path(out_dir or d.get("out_dir") or f"runs/studies/{path.stem}")
+    if out.exists() and not out.is_dir():
+        raise StudyError(f"{path}: out_dir {out} exists and is not a directory")
     probes = _probes(d.get("probes"), arms, path)
     study = Study(
         path=path, name=str(d.get("name", path.stem)), base=base, arms=arms, seeds=seeds,
-        out_dir=Path(out_dir or d.get("out_dir") or f"runs/studies/{path.stem}"),
-        overrides=_mapping(d.get("overrides"), "overrides", path), reference=reference,
+        out_dir=out, overrides=overrides, reference=reference,
         pairs=[tuple(p) for p in pairs], sweep_kind=kind, points=points,
         eval_windows=_positive_int(ev.get("windows", 256), "eval.windows", path),
         eval_batch_size=(_positive_int(ev["batch_size"], "eval.batch_size", path)
                          if ev.get("batch_size") is not None else None),
-        eval_backend=ev.get("backend"),
+        eval_backend=backend,
         final_window=_positive_int(d.get("final_window", 50), "final_window", path),
-        jobs=_positive_int(d.get("jobs", 1), "jobs", path), launcher=[str(x) for x in launcher], probes=probes)
+        jobs=_positive_int(d.get("jobs", 1), "jobs", path), launcher=launcher, probes=probes)
     for run in study.runs():  # every run's config resolves: a typo stops the study before anything runs
         cfg = study.run_config(run)
         if study.final_window > cfg.training.train_steps:

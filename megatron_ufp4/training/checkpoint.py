@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..config import upgrade_saved_config
-from .fsutil import SyncedWriter, fsync_dir, os_error_line, remove_checkpoint, write_synced
+from ..outputs import SyncedWriter, fsync_dir, os_error_line, write_synced
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -55,6 +55,14 @@ def restore_rng(state: dict) -> None:
 # -- directories ---------------------------------------------------------------------------
 def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Prune atomically: rename first, so a kill mid-delete never leaves a half checkpoint under
+    a final name (the ``.del`` leftover is cleaned at the next start)."""
+    doomed = path.with_name(f"{path.name}.del-{os.getpid()}")
+    path.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor, Shard
 from .checkpoint import (CheckpointError, checkpoint_root, commit_checkpoint, config_differences, describe_differences,
                          latest_checkpoint, prune_checkpoints)
 from .errors import is_comm_failure
-from .fsutil import fsync_dir, os_error_line, write_synced
+from ..outputs import fsync_dir, os_error_line, write_synced
 
 PART = ".part"
 

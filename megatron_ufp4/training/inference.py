@@ -45,12 +45,14 @@ def load_trained_model(path: str | Path, device: str | torch.device = "cpu",
 @torch.no_grad()
 def generate(model: GPTModel, prompt_ids: list[int], max_new_tokens: int, max_seq_len: int,
              temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None,
-             eos_id: int | None = None) -> list[int]:
-    """Autoregressive sampling (full recompute per token: simple, fine for small models)."""
+             eos_id: int | None = None, vocab_limit: int | None = None) -> list[int]:
+    """Autoregressive sampling (full recompute per token: simple, fine for small models).
+    ``vocab_limit``: only ids below it are drawn (the tokenizer's vocabulary when the model's
+    is padded beyond it, as Megatron pads for tensor parallelism)."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     for _ in range(max_new_tokens):
-        logits = model(ids[:, -max_seq_len:])[:, -1, :].float()
+        logits = model(ids[:, -max_seq_len:])[:, -1, :vocab_limit].float()
         if temperature <= 0:
             nxt = logits.argmax(-1, keepdim=True)
         else:

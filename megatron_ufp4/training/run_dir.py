@@ -10,9 +10,12 @@
   the old run aside to ``<run_dir>.old-<time>``: nothing is ever deleted.
 * ``clean_leftovers`` removes what a killed save or prune left behind (temporary and
   half-deleted checkpoint directories); it runs under the lock, so no live writer owns them.
+* ``discarded_if_refused`` creates the directory for a start and removes it again if the
+  start is refused (a directory that existed before is never removed).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -22,7 +25,7 @@ import time
 from pathlib import Path
 
 from .checkpoint import STEP_DIR, CheckpointError, checkpoint_root, list_checkpoints
-from .fsutil import fsync_dir, os_error_line
+from ..outputs import fsync_dir, os_error_line
 
 LOCK_NAME = ".lock"
 # what a killed writer can leave next to the step directories
@@ -45,16 +48,40 @@ def make_run_dir(run_dir: str | Path) -> Path:
     return p
 
 
+@contextlib.contextmanager
+def discarded_if_refused(run_dir: str | Path):
+    """``make_run_dir``; if the block raises and the directory did not exist before, it is
+    removed again (with whatever the refused start put there), so a refused training start
+    leaves nothing behind.  An existing directory is never removed."""
+    p = Path(run_dir)
+    fresh = not p.exists()
+    made = make_run_dir(p)
+    try:
+        yield made
+    except BaseException:
+        if fresh:
+            release_locks(made)
+            shutil.rmtree(made, ignore_errors=True)
+        raise
+
+
+def check_init_from(path: str | None) -> None:
+    """``training.init_from`` must exist before a run starts from it (never silently ignored)."""
+    if path and not Path(path).exists():
+        raise RunDirError(f"training.init_from {path}: no such checkpoint (file or directory)")
+
+
 # path -> [fd, holders]: flock belongs to an open file, so a second acquire in this process
 # must reuse the descriptor (a second open would conflict with our own lock)
 _HELD: dict[str, list] = {}
 
 
 class RunDirLock:
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, field: str = "training.run_dir", what: str = "training"):
         self.path = Path(run_dir) / LOCK_NAME
         self.key = os.path.realpath(self.path)
         self.held = False
+        self.field, self.what = field, what  # how the refusal names the directory and its holder
 
     def acquire(self) -> "RunDirLock":
         if self.key in _HELD:  # this process holds it already (several trainers in one process)
@@ -68,9 +95,9 @@ class RunDirLock:
             os.close(fd)
             if e.errno not in (errno.EACCES, errno.EAGAIN, errno.EWOULDBLOCK):
                 raise
-            raise RunDirError(f"training.run_dir {self.path.parent} is in use by another training "
+            raise RunDirError(f"{self.field} {self.path.parent} is in use by another {self.what} "
                               f"(PID {self.holder() or '?'} holds {self.path}); wait for it or use another "
-                              "run_dir") from None
+                              f"{self.field.rsplit('.', 1)[-1]}") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         _HELD[self.key] = [fd, 1]
@@ -174,3 +201,10 @@ def clean_leftovers(run_dir: Path, console=print) -> list[str]:
         console(f"removed {len(removed)} incomplete checkpoint director{'y' if len(removed) == 1 else 'ies'} "
                 f"left by an interrupted run: {', '.join(removed[:4])}{' ...' if len(removed) > 4 else ''}")
     return removed
+
+
+def release_locks(run_dir: str | Path) -> None:
+    """Drop this process's lock on ``run_dir`` however many holders took it (a refused start)."""
+    entry = _HELD.pop(os.path.realpath(Path(run_dir) / LOCK_NAME), None)
+    if entry is not None:
+        os.close(entry[0])

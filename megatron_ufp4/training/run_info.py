@@ -20,7 +20,7 @@ import torch
 
 from ..data.gpt_dataset import GPTDataset
 from ..fp4.schedule import PrecisionSchedule
-from .fsutil import write_synced
+from ..outputs import write_synced
 
 RUN_INFO = "run_info.json"
 

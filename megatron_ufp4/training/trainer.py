@@ -19,7 +19,7 @@ from .checkpoint import (CheckpointError, capture_rng, checkpoint_to_resume, con
                          init_weights_from, load_checkpoint, restore_rng, save_checkpoint)
 from .loop import TrainingAborted, TrainingLoop, flops_per_token  # noqa: F401 (re-exported)
 from .metrics import MetricsLogger, measured_peak_flops
-from .run_dir import RunDirLock, check_fresh_start, clean_leftovers, make_run_dir
+from .run_dir import RunDirLock, check_fresh_start, check_init_from, clean_leftovers, discarded_if_refused
 from .optim import build_optimizer, clip_grad_norm
 from .evaluation import eval_window_count, summarize, window_losses
 from .run_info import write_run_info
@@ -48,7 +48,12 @@ class Trainer(TrainingLoop):
             raise ValueError("parallel: sizes > 1 need a torchrun launch (scripts/pretrain.sh)")
         self.device = select_device(t.device, local_rank())
         check_backend_device(cfg.gemm.backend, self.device)  # before anything is created
-        self.run_dir = make_run_dir(t.run_dir)
+        check_init_from(t.init_from)
+        with discarded_if_refused(t.run_dir) as self.run_dir:  # a start refused below leaves no new directory
+            self._set_up(cfg, console)
+
+    def _set_up(self, cfg: RunConfig, console) -> None:
+        t = cfg.training
         self.lock = RunDirLock(self.run_dir).acquire()  # held until close() or process exit
         clean_leftovers(self.run_dir, console)  # first: it may restore an interrupted re-save
         resume_from = checkpoint_to_resume(self.run_dir, t.resume)
