@@ -105,7 +105,7 @@ def _cases(tmp: Path, ctx) -> dict[str, Callable[[], Case]]:
         "eval --json onto an existing file": lambda: Case(
             ev, [str(ckpt), "--json", str(existing("result.json"))], r"already exists; pass --overwrite", [tmp, run]),
         "prepare onto an existing dataset": lambda: Case(
-            prep, ["--input", str(SHAKESPEARE_SAMPLE), "--output", prefix, "--vocab-size", "400"],
+            prep, ["--input", str(SHAKESPEARE_SAMPLE), "--output", prefix, "--vocab-size", "400", "--split-paragraphs"],
             r"already exists \(a prepared dataset\); pass --overwrite", [data_dir]),
         "a failing re-prepare keeps the old dataset": lambda: Case(
             prep, ["--input", str(SHAKESPEARE_SAMPLE), "--output", prefix, "--vocab-size", "261", "--overwrite",
@@ -143,7 +143,24 @@ def _cases(tmp: Path, ctx) -> dict[str, Callable[[], Case]]:
             _tool("plan_parallel"), [str(CONFIGS / "tiny_dense.yaml"), "--world", "0"], r"--world must be >= 1", [tmp]),
         "import_hf of a config.json that is a list": lambda: Case(
             _tool("import_hf"), [str(_hf_dir(tmp)), str(tmp / "imported")], r"expected a JSON object", [tmp]),
+        "export_hf onto a non-empty directory": lambda: Case(
+            _tool("export_hf"), [str(ckpt), str(existing("notes.txt").parent), "--no-tokenizer"],
+            r"exists and is not an empty directory", [tmp, run]),
+        "eval of a checkpoint that is not there": lambda: Case(ev, [str(tmp / "nothing")], r"nothing", [tmp]),
+        "sample with a tokenizer that is not there": lambda: Case(
+            _cli("megatron_ufp4.sample"), [str(ckpt), "--tokenizer", str(tmp / "missing.model")], r"missing.model",
+            [tmp, run]),
+        "plot --out and --heatmap the same file": lambda: Case(
+            _tool("plot_metrics"), [str(run), "--out", str(tmp / "a.png"), "--heatmap", str(tmp / "a.png")],
+            r"same file", [tmp, run]),
+        "convert a src that is not a checkpoint": lambda: Case(
+            _tool("convert_checkpoint"), ["to-single", str(_hf_dir(tmp)), str(tmp / "out.pt")],
+            r"not a DCP checkpoint", [tmp]),
+        "train with a misspelled section": lambda: Case(
+            train, [str(CONFIGS / "tiny_dense.yaml"), "trianing.seed=1"], r"trianing", [tmp]),
         # -- studies
+        "study: a repeated seed": lambda: Case(study, [str(_study(tmp, ctx=ctx)), "--seeds", "1,1"],
+                                               r"repeated seed", [tmp]),
         "study: an arm sets training.seed in nested YAML": lambda: Case(
             study, [str(_study(tmp, arms="  a: {training: {seed: 7}}\n", ctx=ctx))],
             r"arms.a: training.seed is set by the study", [tmp]),
@@ -154,8 +171,8 @@ def _cases(tmp: Path, ctx) -> dict[str, Callable[[], Case]]:
             study, [str(_study(tmp, arms="  a: {recipe.name: ufp4}\n  a: {recipe.name: bf16}\n", ctx=ctx))],
             r"repeated key 'a'", [tmp]),
         "study: a launcher that is not torchrun": lambda: Case(
-            study, [str(_study(tmp, "launcher: [bash, -c, 'rm -rf ~']\n", ctx=ctx))], r"must start with torchrun",
-            [tmp]),
+            study, [str(_study(tmp, "launcher: [bash, -c, 'echo ran > launched.txt']\n", ctx=ctx))],
+            r"must start with torchrun", [tmp]),
         "study: a torchrun option that runs another program": lambda: Case(
             study, [str(_study(tmp, "launcher: [torchrun, --no-python]\n", ctx=ctx))], r"'--no-python' is not allowed",
             [tmp]),
