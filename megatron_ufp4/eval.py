@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     from .training.checkpoint import CheckpointError
     from .training.evaluation import eval_window_count, summarize, window_losses
     from .training.inference import load_trained_model, resolve_checkpoint
-    from .training.run_info import precision_label
+    from .training.run_info import check_same_tokenizer, precision_label
     from .training.run_setup import check_backend_device, configure_threads, select_device, validation_dataset
 
     try:
@@ -60,6 +60,9 @@ def main(argv=None) -> int:
         check_backend_device(args.backend or cfg.gemm.backend, device)  # the run's own backend, e.g. fused
         if args.data_prefix:
             cfg.data.prefix = args.data_prefix
+        if ckpt.is_dir() and ckpt.parent.name == "checkpoints":  # a run's checkpoint: the run's tokenizer
+            check_same_tokenizer(ckpt.parent.parent, cfg.data.prefix, "--data-prefix" if args.data_prefix
+                                 else "data.prefix")
         batch = args.batch_size or cfg.training.micro_batch_size
         ds = validation_dataset(cfg)
         if args.windows is not None or args.iters is not None:

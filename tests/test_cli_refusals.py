@@ -13,6 +13,7 @@ import hashlib
 import importlib
 import importlib.util
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -146,6 +147,9 @@ def _cases(tmp: Path, ctx) -> dict[str, Callable[[], Case]]:
         "export_hf onto a non-empty directory": lambda: Case(
             _tool("export_hf"), [str(ckpt), str(existing("notes.txt").parent), "--no-tokenizer"],
             r"exists and is not an empty directory", [tmp, run]),
+        "eval on data of another tokenizer": lambda: Case(
+            ev, [str(ckpt), "--data-prefix", _other_tokenizer(tmp)],
+            r"--data-prefix .* has another tokenizer \(sha256 \w+\) than run .* trained with", [tmp, run]),
         "eval of a checkpoint that is not there": lambda: Case(ev, [str(tmp / "nothing")], r"nothing", [tmp]),
         "sample with a tokenizer that is not there": lambda: Case(
             _cli("megatron_ufp4.sample"), [str(ckpt), "--tokenizer", str(tmp / "missing.model")], r"missing.model",
@@ -188,6 +192,34 @@ def _cases(tmp: Path, ctx) -> dict[str, Callable[[], Case]]:
             Case(study, [str(_study(tmp, ctx=ctx))], r"trained with another config .*recipe.name: checkpoint has "
                  r"'e2m1_ref', config has 'ufp4'.*--rerun-stale", [tmp]))[1],
     }
+
+
+def _other_tokenizer(tmp: Path) -> str:
+    """The sample prepared again with a smaller vocabulary: same text, other token ids."""
+    from megatron_ufp4.data import prepare
+
+    prefix = str(tmp / "other" / "shk")
+    prepare.prepare(prepare.parse_args(["--input", str(SHAKESPEARE_SAMPLE), "--output", prefix, "--vocab-size", "400",
+                                        "--split-paragraphs", "--val-fraction", "0.1"]))
+    return prefix
+
+
+def test_resume_on_data_of_another_tokenizer_is_refused(trained_run, tmp_path, capsys):
+    """The run resumes from its step-2 checkpoint in a copy of its directory, on a dataset
+    prepared again with another vocabulary: one line, nothing changed."""
+    from megatron_ufp4 import train
+
+    run_dir, overrides = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    other = _other_tokenizer(tmp_path)
+    before = tree(copy)
+    with one_thread():
+        rc = train.main([str(CONFIGS / "tiny_dense.yaml"), *overrides, f"training.run_dir={copy}",
+                         f"data.prefix={other}"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and "has another tokenizer" in err[0], err
+    assert tree(copy) == before
 
 
 def _hf_dir(tmp: Path) -> Path:

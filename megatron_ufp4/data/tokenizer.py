@@ -17,11 +17,14 @@ Special ids are sentencepiece's defaults: unk=0, bos=1, eos=2, no pad (-1).
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from typing import Iterable
 
 import sentencepiece as spm
+
+from ..outputs import atomic_file
 
 # Bytes (256) + unk/bos/eos: the smallest vocabulary byte_fallback allows, before any
 # character of the corpus is added.
@@ -80,14 +83,18 @@ class Tokenizer:
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def tokenizer_fingerprint(model_path: str) -> str | None:
+    """SHA-256 of a tokenizer model file (None when there is none): ids mean the same pieces
+    exactly when the fingerprints agree."""
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        with open(model_path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except FileNotFoundError:
+        return None
 
 
 def train_sentencepiece(sentences: Iterable[str], model_path: str, vocab_size: int,

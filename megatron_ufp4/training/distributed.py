@@ -42,7 +42,7 @@ from .schedule import lr_at
 from .errors import is_comm_failure
 from .run_dir import RunDirLock, check_fresh_start, clean_leftovers, make_run_dir
 from .evaluation import eval_window_count
-from .run_info import write_run_info
+from .run_info import check_same_tokenizer, write_run_info
 from .run_setup import (check_backend_device, local_rank, make_batch, select_device,
                         seed_everything, sr_base_seed, train_dataset, validation_dataset)
 
@@ -291,6 +291,7 @@ class DistributedTrainer(TrainingLoop):
     def _resume(self, path: Path | None) -> None:
         if path is None:
             return
+        check_same_tokenizer(self.run_dir, self.cfg.data.prefix)
         for k, v in dcpk.load_trainer(path, self.stages, self.optimizer, self.state, self.cfg.to_dict()).items():
             setattr(self, k, v)
         self.enter_precision_phase([stage.step_context for stage in self.stages], max(self.step - 1, 0))

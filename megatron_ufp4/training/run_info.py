@@ -7,6 +7,8 @@
 - ``fingerprint.init``: a SHA-256 of the initial parameters (names, shapes, fp32 bytes) and
   ``fingerprint.data_order``: of the run's training-sample order, so that a study can check,
   not assume, that the arms of one seed start from the same weights and see the same data;
+  ``fingerprint.tokenizer``: of the dataset's tokenizer model, checked when the run resumes
+  and when a checkpoint of it is evaluated (``check_same_tokenizer``);
 - the recipe, backend, dtype, seeds and threads the run used.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 from ..data.gpt_dataset import GPTDataset
+from ..data.tokenizer import tokenizer_fingerprint
 from ..fp4.schedule import PrecisionSchedule
 from ..outputs import write_synced
 
@@ -68,7 +71,8 @@ def write_run_info(run_dir: Path, cfg, schedule, named_parameters, train_ds: GPT
         "threads": threads,
         "torch": torch.__version__,
         "fingerprint": {"init": params_fingerprint(named_parameters) if named_parameters is not None else None,
-                        "data_order": data_order_fingerprint(train_ds)},
+                        "data_order": data_order_fingerprint(train_ds),
+                        "tokenizer": tokenizer_fingerprint(cfg.data.prefix + ".model")},
     }
     if schedule.scheduled:
         info["schedule"] = schedule.to_list()
@@ -82,3 +86,19 @@ def read_run_info(run_dir: Path) -> dict | None:
         return json.loads(p.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def check_same_tokenizer(run_dir: Path, prefix: str, field: str = "data.prefix") -> None:
+    """Refuse (one line) a dataset whose tokenizer is not the one the run at ``run_dir`` started
+    with: its token ids would mean other pieces (a re-prepared dataset, another corpus).  Runs
+    from before the fingerprint was recorded are not checked."""
+    from .checkpoint import CheckpointError
+
+    info = read_run_info(run_dir) or {}
+    fp = info.get("fingerprint") if isinstance(info, dict) else None
+    then = fp.get("tokenizer") if isinstance(fp, dict) else None
+    now = tokenizer_fingerprint(prefix + ".model")
+    if then is not None and now != then:
+        has = f"no tokenizer model ({prefix}.model)" if now is None else f"another tokenizer (sha256 {now[:12]})"
+        raise CheckpointError(f"{field} {prefix} has {has} than run {run_dir} trained with (sha256 {then[:12]}): "
+                              "its token ids would mean other pieces (was the dataset prepared again?)")

@@ -22,7 +22,7 @@ from .metrics import MetricsLogger, measured_peak_flops
 from .run_dir import RunDirLock, check_fresh_start, check_init_from, clean_leftovers, discarded_if_refused
 from .optim import build_optimizer, clip_grad_norm
 from .evaluation import eval_window_count, summarize, window_losses
-from .run_info import write_run_info
+from .run_info import check_same_tokenizer, write_run_info
 from .run_setup import (check_backend_device, local_rank, make_batch,  # noqa: F401
                         select_device, seed_everything, sr_base_seed, train_dataset, validation_dataset)
 from .schedule import lr_at
@@ -75,6 +75,8 @@ class Trainer(TrainingLoop):
         self.consecutive_nonfinite = 0
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.dtype == "bf16")
         self._resume(resume_from)
+        if resume_from is not None:
+            check_same_tokenizer(self.run_dir, cfg.data.prefix)
         if resume_from is None and t.init_from:  # a fresh start from given weights (a resume continues the run)
             init_weights_from(self.model, t.init_from)
             console(f"initialised the model weights from {t.init_from}")
