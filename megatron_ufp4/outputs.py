@@ -115,19 +115,23 @@ def _inside(path: Path, other: Path) -> bool:
 
 
 def check_output(path: str | Path, *, overwrite: bool = False, flag: str = "--overwrite",
-                 inputs: Iterable[str | Path] = (), what: str = "output", make_parents: bool = False) -> Path:
+                 inputs: Iterable[str | Path] = (), units: Iterable[str | Path] = (), what: str = "output",
+                 make_parents: bool = False) -> Path:
     """``path`` as an output this command may write, or an ``OutputError``.
 
-    Refused: an existing path unless ``overwrite`` (the message names ``flag``); a path that
-    is one of ``inputs``, lies inside one of them (an input directory such as a checkpoint)
-    or contains one, always; a missing parent directory unless the command creates it
-    (``make_parents``)."""
+    Refused: an existing path unless ``overwrite`` (the message names ``flag``); always, a path
+    that is one of ``inputs`` or contains one, or lies inside one of ``units`` (inputs read as
+    a whole, such as a checkpoint directory: a new file there would change it); a missing
+    parent directory unless the command creates it (``make_parents``)."""
     p = Path(path)
     resolved = p.resolve()
     for src in inputs:
         s = Path(src).resolve()
-        if _inside(resolved, s) or _inside(s, resolved):
-            raise OutputError(f"{what} {p} is (or is inside) an input of this command ({src}); choose another path")
+        if _inside(s, resolved):
+            raise OutputError(f"{what} {p} is (or contains) an input of this command ({src}); choose another path")
+    for unit in units:
+        if _inside(resolved, Path(unit).resolve()):
+            raise OutputError(f"{what} {p} is (or is inside) an input of this command ({unit}); choose another path")
     if p.exists() or p.is_symlink():
         if not overwrite:
             raise OutputError(f"{what} {p} already exists; pass {flag} to replace it")

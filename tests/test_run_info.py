@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,8 +84,11 @@ def test_run_info_written(runs):
     seed = r["trainer"].cfg.training.seed
     assert seed != 1 and info["seed"] == seed and info["sr_seed"] == 1 and info["dtype"] == "fp32"
     fp = info["fingerprint"]
-    assert set(fp) == {"init", "data_order"}
+    assert set(fp) == {"init", "data_order", "tokenizer"}
     assert all(re.fullmatch(r"[0-9a-f]{64}", fp[k]) for k in fp)
+    # tokenizer: the SHA-256 of the dataset's tokenizer model file, byte for byte
+    model = Path(r["trainer"].cfg.data.prefix + ".model").read_bytes()
+    assert fp["tokenizer"] == hashlib.sha256(model).hexdigest()
     # init is the hash of the initial weights (not of the trained ones)
     assert fp["init"] == sha256_of_params(r["init"])
     assert fp["init"] != sha256_of_params({k: v for k, v in r["trainer"].model.named_parameters()})
@@ -251,10 +255,14 @@ def test_eval_cli_caps_windows_at_the_split(runs, tmp_path, capsys):
     with one_thread():
         rc = eval_cli.main([str(runs["ufp4_sr1"]["run_dir"]), "--windows", "100000", "--batch-size", "32",
                             "--json", str(out), "--backend", "emulated", "--device", "cpu", "--threads", "1"])
-    assert rc == 0, capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
     res = json.loads(out.read_text())
     n = len(runs["ufp4_sr1"]["trainer"].val_ds)
     assert res["windows"] == n == len(res["window_losses"])
+    # said, not silent: one warning line naming the flag and the count scored
+    warn = [ln for ln in printed.err.splitlines() if ln.strip()]
+    assert len(warn) == 1 and warn[0].startswith("warning: --windows 100000") and f"scoring its {n}" in warn[0], warn
 
 
 @pytest.mark.parametrize("bad", [["--windows", "0"], ["--windows", "-3"], ["--iters", "0"], ["--batch-size", "0"],

@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     from megatron_ufp4.outputs import check_output
 
     try:
-        check_output(args.dst, overwrite=args.overwrite, inputs=[args.src], what="dst",
+        check_output(args.dst, overwrite=args.overwrite, inputs=[args.src], units=[args.src], what="dst",
                      make_parents=args.cmd == "to-dcp")
         if args.cmd == "to-single":
             if not (args.src / ".metadata").is_file():

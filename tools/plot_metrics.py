@@ -132,7 +132,8 @@ def main(argv=None) -> int:
     try:
         for flag, path in (("--out", args.out), ("--heatmap", args.heatmap)):
             if path is not None:
-                check_output(path, overwrite=args.overwrite, inputs=args.runs, what=flag)
+                inputs = [*args.runs, *(r / "metrics.jsonl" for r in args.runs)]  # a new file beside them is fine
+                check_output(path, overwrite=args.overwrite, inputs=inputs, what=flag)
         if args.out is not None and args.out == args.heatmap:
             raise OutputError(f"--out and --heatmap are the same file ({args.out})")
     except OutputError as e:
