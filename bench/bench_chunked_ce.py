@@ -28,7 +28,7 @@ def case(tokens: int, hidden: int, vocab: int, chunk: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from megatron_ufp4.model.gpt import chunked_lm_loss, lm_loss
+    from megatron_ufp4.model.losses import chunked_lm_loss, lm_loss
 
     torch.manual_seed(0)
 

@@ -1,4 +1,4 @@
-"""Chunked cross entropy (model/gpt.py ``chunked_cross_entropy``, parallel/vocab_parallel.py
+"""Chunked cross entropy (model/losses.py ``chunked_cross_entropy``, parallel/vocab_parallel.py
 ``vocab_parallel_chunked_cross_entropy``): loss and gradients against a float64 reference
 and the unchunked FP32 path, within a derived FP32 error bound.
 
@@ -33,7 +33,7 @@ from torch import nn
 
 from megatron_ufp4.model import GPTModel, lm_loss
 from megatron_ufp4.model.config import ModelConfig
-from megatron_ufp4.model.gpt import chunked_cross_entropy, chunked_lm_loss
+from megatron_ufp4.model.losses import chunked_cross_entropy, chunked_lm_loss
 from megatron_ufp4.parallel.parallel_factory import ParallelLinearFactory, build_tensor_parallel_gpt
 from megatron_ufp4.parallel.state import build_parallel_state
 from megatron_ufp4.parallel.vocab_parallel import (VocabParallelLMHead, vocab_parallel_chunked_cross_entropy,

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from megatron_ufp4.model import GPTModel, ModelConfig
 from megatron_ufp4.model.config import PRESETS, upgrade_saved_model
-from megatron_ufp4.model.gpt import count_params, mtp_targets, num_params
+from megatron_ufp4.model.gpt import mtp_targets
+from megatron_ufp4.model.params import count_params, num_params
 from megatron_ufp4.model.layers import Attention, RotaryEmbedding
 from megatron_ufp4.model.linear_factory import LinearFactory
 from megatron_ufp4.model.moe import Router

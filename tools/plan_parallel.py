@@ -55,7 +55,7 @@ backward back to back: 1.
 **Logits** on the last stage: the FP32 logits of one in-flight micro-batch are
 4 N V / t bytes (the unchunked cross entropy also keeps the bf16 head output and its saved
 softmax / log-softmax, and its backward allocates two more FP32 copies: its transient peak
-is ~3-4x this).  With the trainers' chunked cross entropy (``--ce-chunk C``, C = 1024 by default, model/gpt.py
+is ~3-4x this).  With the trainers' chunked cross entropy (``--ce-chunk C``, C = 1024 by default, model/losses.py
 ``chunked_lm_loss``, parallel/vocab_parallel.py ``vocab_parallel_chunked_cross_entropy``)
 only one chunk's logits exist at a time: 4 C V / t (plus 8 N bytes: the row max and sum of
 exponentials it keeps per token for backward).
@@ -95,7 +95,7 @@ import time
 
 from megatron_ufp4.config import ConfigError, load_config
 from megatron_ufp4.model import num_params
-from megatron_ufp4.model.gpt import DEFAULT_CE_CHUNK_TOKENS
+from megatron_ufp4.model.losses import DEFAULT_CE_CHUNK_TOKENS
 from megatron_ufp4.parallel.pipeline import stage_layer_ranges, virtual_stage_of
 
 

@@ -89,6 +89,8 @@ def record(out: Path, at: str | None, only: list[str], steps: int, keep: Path | 
                            capture_output=True)
         commit = subprocess.run(["git", "-C", str(code), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip()
+        if subprocess.run(["git", "-C", str(code), "diff", "--quiet", "HEAD"]).returncode:
+            commit += " + uncommitted changes"
         env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         prefix = _prepare(code, work, env)
         result = {"commit": commit, "steps": steps, "runs": {}}

@@ -46,7 +46,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..model.gpt import GPTModel, lm_loss
+from ..model.gpt import GPTModel
+from ..model.losses import lm_loss
 from .pipeline import virtual_stage_of
 from .state import ParallelState, rank_of
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..linear.linear_fn import LinearCall, linear, linear_dtypes
-from ..model.gpt import DEFAULT_CE_CHUNK_TOKENS, VocabShard, chunked_cross_entropy
+from ..model.losses import DEFAULT_CE_CHUNK_TOKENS, VocabShard, chunked_cross_entropy
 from ..model.init import ShardSpec
 from .mappings import all_reduce, group_rank, reduce_from_tp, reduce_scatter_to_sp
 from .state import ParallelState
