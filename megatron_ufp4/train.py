@@ -19,19 +19,29 @@ def distributed_launch() -> bool:
 
 
 def main(argv=None) -> int:
+    rc = 1
     try:
-        return _main(argv)
+        rc = _main(argv)
+        return rc
     finally:
-        _shutdown_distributed()
+        _shutdown_distributed(all_done=rc == 0)
 
 
-def _shutdown_distributed() -> None:
+def _shutdown_distributed(all_done: bool = False) -> None:
     """Tear the process group down in order: left to interpreter exit, its threads can be
-    destroyed while running ("terminate called without an active exception", SIGABRT)."""
+    destroyed while running ("terminate called without an active exception", SIGABRT).
+    ``all_done`` (this rank finished cleanly, so every rank did): wait for the others first, so
+    that no rank dismantles its end of the group while a slower one still writes its last
+    checkpoint or metrics through it (a rank once aborted that way at exit)."""
     if "torch.distributed" not in sys.modules:
         return
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
+        if all_done:
+            try:
+                dist.barrier()
+            except Exception:  # a peer already gone: tear down anyway
+                pass
         dist.destroy_process_group()
 
 
