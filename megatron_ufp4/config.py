@@ -141,6 +141,11 @@ class RunConfig:
         """The recipe (the base one under a ``recipe.schedule``) and the GEMM backend name it runs on."""
         return Recipe.from_dict(base_recipe_config(dict(self.recipe))), self.gemm.backend
 
+    def sr_base_seed(self) -> int:
+        """The base of every module's stochastic-rounding seed: ``training.sr_seed``, else ``training.seed``."""
+        t = self.training
+        return t.sr_seed if t.sr_seed is not None else t.seed
+
     def build_schedule(self) -> PrecisionSchedule:
         """The precision phases of ``recipe.schedule`` (one phase, the recipe, without it)."""
         return PrecisionSchedule.from_config(dict(self.recipe), self.training.train_steps)

@@ -12,12 +12,6 @@ import os
 import sys
 
 
-def distributed_launch() -> bool:
-    """torchrun sets WORLD_SIZE; parallel sizes > 1 without it are a configuration error."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return world > 1 or "RANK" in os.environ
-
-
 def main(argv=None) -> int:
     rc = 1
     try:
@@ -67,16 +61,11 @@ def _main(argv=None) -> int:
         configure_threads(cfg.training.cpu_threads)  # before any tensor work
         if int(os.environ.get("RANK", "0")) == 0:
             print("resolved config:\n" + dump_config(cfg))
-        if distributed_launch():
-            from .training.distributed import DistributedTrainer
-            trainer = DistributedTrainer(cfg)
-        else:
-            trainer = Trainer(cfg)
+        trainer = Trainer(cfg)
         trainer.console(trainer.recipe.table())
         if trainer.precision_schedule.scheduled:
             trainer.console(trainer.precision_schedule.table(cfg.training.train_steps))
-        trainer.console(precision_table(trainer.model) if hasattr(trainer, "model") else
-                        "\n".join(precision_table(s) for s in trainer.stages))
+        trainer.console("\n".join(precision_table(s) for s in trainer.stages))
         result = trainer.train(exit_after=args.exit_after)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError, TrainingAborted) as e:
         print_error(f"error: {e}")  # under torchrun: one line per job, not one per rank
@@ -91,7 +80,7 @@ def _main(argv=None) -> int:
         print_error("interrupted", rank0=True)
         return 130
     except RuntimeError as e:
-        from .training.distributed import CollectiveFailure
+        from .training.trainer import CollectiveFailure
         if not isinstance(e, CollectiveFailure):
             raise
         print_error(f"error: {e}")

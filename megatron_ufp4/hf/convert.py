@@ -24,16 +24,11 @@ def load_source(src: str | Path) -> tuple[dict, dict, Path]:
     """(model state dict, run config dict, checkpoint path) of a run directory (its latest
     checkpoint), a single-process checkpoint (directory or ``state.pt`` / to-single file)
     or a sharded (DCP) checkpoint directory, through the project's safe loaders."""
-    from ..training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-    from ..training.dist_checkpoint import is_distributed_checkpoint, load_consolidated
+    from ..training.checkpoint_formats import read_checkpoint
+    from ..training.inference import resolve_checkpoint
 
-    p = Path(src)
-    if p.is_dir() and not (p / "state.pt").is_file() and not is_distributed_checkpoint(p):
-        latest = latest_checkpoint(p)
-        if latest is None:
-            raise CheckpointError(f"no checkpoint at {p} (expected a run directory, a step_* directory or a file)")
-        p = latest
-    state = load_consolidated(p) if p.is_dir() and is_distributed_checkpoint(p) else load_checkpoint(p)
+    p = resolve_checkpoint(src)
+    state = read_checkpoint(p)
     return state["model"], state["config"], p
 
 

@@ -57,8 +57,18 @@ from torch import nn
 
 from .data_parallel import expert_param_names, named_parameters, param_kind, replica_group
 
-__all__ = ["DistributedOptimizer", "global_grad_norm", "greedy_partition", "merge_state_dicts", "named_parameters",
+__all__ = ["DistributedOptimizer", "global_grad_norm", "greedy_partition", "param_groups", "merge_state_dicts", "named_parameters",
            "replica_counts", "torch_adamw_state_to_fqn"]
+
+
+def param_groups(params: Iterable[torch.Tensor], weight_decay: float) -> list[dict]:
+    """AdamW groups: matrices decayed; norms, biases and other 1-D parameters not (each group
+    in the given order, which is how torch numbers them in its state dict)."""
+    decay, no_decay = [], []
+    for p in params:
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def greedy_partition(sizes: Sequence[int], n: int) -> list[int]:
@@ -151,13 +161,10 @@ class DistributedOptimizer:
                 self.owned_by[kind][r].append((n, p))
                 self.owner[n] = ranks[r]
         self.owned = [(n, p) for n, p in self.named if self.owner[n] == pstate.rank]
-        decay = [p for _, p in self.owned if p.dim() >= 2]
-        no_decay = [p for _, p in self.owned if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]
+        groups = [g for g in param_groups((p for _, p in self.owned), weight_decay) if g["params"]]
         if fused is None:
             dev = self.named[0][1].device if self.named else torch.device("cpu")
-            fused = dev.type in ("cuda", "cpu")  # as training/optim.build_optimizer
+            fused = dev.type in ("cuda", "cpu")  # fused kernels exist for CUDA and CPU float32 params
         self.fused = fused
         self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused) if groups else None
         # a rank that owns nothing still takes lr updates from the schedule

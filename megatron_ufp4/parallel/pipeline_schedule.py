@@ -81,9 +81,9 @@ class _ScheduledChunk(nn.Module):
                 return self.chunk(x, labels=labels)
             return self.chunk.layer_states(x) if self.stop_before_head else self.chunk(x)
 
-    def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         with self.autocast(hidden.device.type):
-            return self.chunk.loss_from_layer_states(hidden, labels)
+            return self.chunk.loss_from_layer_states(hidden, labels, reduction)
 
 
 class PipelineRunner:
@@ -139,6 +139,7 @@ class PipelineRunner:
         self.stages, self.state, self.schedule_name = stage_modules, state, schedule
         self.num_microbatches, self.micro_batch_size, self.seq_len = num_microbatches, micro_batch_size, seq_len
         self.loss_fn = loss_fn
+        self._per_row_losses = False
         self._scheduled = [_ScheduledChunk(m, autocast_dtype, stop_before_head=loss_fn is None and m.head is not None)
                            for m in stage_modules]
         cfg = stage_modules[0].config
@@ -175,6 +176,8 @@ class PipelineRunner:
         n = num_microbatches
 
         def scaled_loss(output, labels):
+            if self._per_row_losses:  # window_losses: forward only, each row's mean token loss
+                return self._scheduled[-1].head_loss(output, labels, reduction="none").double().mean(dim=1)
             if self.loss_fn is None:  # the last chunk's output is its head's input
                 return self._scheduled[-1].head_loss(output, labels) / n
             return self.loss_fn(output, labels) / n
@@ -280,6 +283,35 @@ class PipelineRunner:
         """Forward only (call ``eval()`` first for eval mode); mean micro-batch loss on every pipeline rank."""
         self._check_batch(tokens, labels)
         return self._broadcast_loss(self._run(tokens, labels, backward=False))
+
+    @torch.no_grad()
+    def window_losses(self, tokens: torch.Tensor | None, labels: torch.Tensor | None) -> torch.Tensor:
+        """Forward only (call ``eval()`` first): each row's mean next-token loss, float64
+        [rows], on every pipeline rank.  With pipeline size 1 any number of rows (micro-batches
+        of ``micro_batch_size``, the last one short); else exactly one global batch."""
+        if self.schedule is None:
+            model, out = self._scheduled[0], []
+            for tok, lab in zip(tokens.split(self.micro_batch_size), labels.split(self.micro_batch_size)):
+                out.append(model(tok, labels=lab, reduction="none").double().mean(dim=1))
+            return torch.cat(out)  # no ignored labels in a packed window: the token mean
+        self._check_batch(tokens, labels)
+        rows = self.num_microbatches * self.micro_batch_size
+        device = _module_device(self.stages[0])
+        if self.is_last:
+            losses = []
+
+            self._per_row_losses = True  # the schedule's loss function returns each row's loss
+            try:
+                self.schedule.eval(*((tokens,) if self.is_first else ()), target=labels, losses=losses,
+                                   return_outputs=False)
+            finally:
+                self._per_row_losses = False
+            out = torch.cat([x.reshape(-1) for x in losses]).to(device)
+        else:
+            self.schedule.eval(*((tokens,) if self.is_first else ()), return_outputs=False)
+            out = torch.zeros(rows, dtype=torch.float64, device=device)
+        dist.broadcast(out, src=self.state.ranks["pp"][-1], group=self.state.group("pp"))
+        return out
 
     def _reduce_tied_embedding(self) -> None:
         """First and last stage hold copies of the embedding (tied head weight, or MTP's

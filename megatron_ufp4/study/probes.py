@@ -22,20 +22,18 @@ import torch
 
 from ..config import config_from_saved
 from ..linear import quant_stats, set_quant_stats
-from ..model import GPTModel, LinearFactory
-from ..training.checkpoint import load_checkpoint
+from ..model import GPTModel
+from ..parallel.build import build_model
+from ..training.checkpoint_formats import read_checkpoint
 from ..training.inference import resolve_checkpoint
 from ..training.run_info import precision_label
-from ..training.run_setup import make_batch, sr_base_seed, validation_dataset
+from ..training.run_setup import make_batch, validation_dataset
 
 
 def _model(cfg, recipe_spec, weights: dict, device) -> GPTModel:
     cfg.recipe = dict(recipe_spec)
     cfg.validate()
-    recipe, backend = cfg.build_recipe()
-    factory = LinearFactory(recipe, num_layers=cfg.model.num_layers, backend=backend, seed=sr_base_seed(cfg))
-    with torch.device(device):
-        model = GPTModel(cfg.model, factory, init_seed=cfg.training.seed)
+    [model] = build_model(cfg, device=device)
     # weights only: RHT signs and SR states belong to the recipe being probed, not the checkpoint's
     missing, unexpected = model.load_state_dict(weights, strict=False)
     bad = [k for k in missing if not k.endswith("_extra_state")] + list(unexpected)
@@ -113,7 +111,7 @@ def run_probes(checkpoint, recipes: dict[str, dict], batches: int = 4, batch_siz
     """Probe ``checkpoint`` (a checkpoint or run directory) with each recipe of ``recipes``
     (name -> recipe mapping as in a config's ``recipe:`` section)."""
     path = resolve_checkpoint(checkpoint)
-    state = load_checkpoint(path)
+    state = read_checkpoint(path)
     base = config_from_saved(state["config"])
     if backend is not None:
         base.gemm.backend = backend

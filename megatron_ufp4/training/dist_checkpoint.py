@@ -1,12 +1,14 @@
 """Sharded, reshardable checkpoints with torch.distributed.checkpoint (DCP).
 
-Every rank writes only what it holds.  Keys are layout-independent: parameters keep their
-global names (``layers.<global index>...``, ``mlp.experts.<global expert>...``) under any
-pipeline or expert split, and tensor-parallel shards are saved as DTensors over the TP
-group (``Shard(partition_dim)``), so DCP can load them into any other TP size.  A fused
-parameter whose TP shard is not contiguous in the full tensor (``partition_stride`` s > 1,
-e.g. ``[gate; up]``) is saved as s separate keys ``<name>.part<j>``, each contiguous.
-Replicated tensors (data-parallel copies, SR generator states) are deduplicated by DCP.
+The one checkpoint format of training, for every layout (one process included).  Every
+rank writes only what it holds.  Keys are layout-independent: parameters keep their global
+names (``layers.<global index>...``, ``mlp.experts.<global expert>...``) under any pipeline
+or expert split, and tensor-parallel shards are saved as DTensors over the TP group
+(``Shard(partition_dim)``; a whole tensor in one process), so DCP can load them into any
+other TP size.  A fused parameter whose TP shard is not contiguous in the full tensor
+(``partition_stride`` s > 1, e.g. ``[gate; up]``) is saved as s separate keys
+``<name>.part<j>``, each contiguous, whatever the TP size.  Replicated tensors
+(data-parallel copies, SR generator states) are deduplicated by DCP.
 
 Atomicity: ranks write into ``step_XXXXXXXX.tmp`` (each shard file fsynced); after a barrier
 rank 0 writes and fsyncs the small files, renames the directory into place and fsyncs its
@@ -26,10 +28,12 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from .checkpoint import (CheckpointError, checkpoint_root, commit_checkpoint, config_differences, describe_differences,
+from .checkpoint import (CheckpointError, undo_save, checkpoint_root, commit_checkpoint, config_differences,
+                         describe_differences,
                          latest_checkpoint, prune_checkpoints)
 from .errors import is_comm_failure
 from ..outputs import fsync_dir, os_error_line, write_synced
+from ..parallel.parallel_factory import shard_tensor
 
 PART = ".part"
 
@@ -46,35 +50,58 @@ def _mesh(state, device_type: str):
     return state.meshes[key]
 
 
-def _is_tp_sharded(t: torch.Tensor, state) -> bool:
-    # also at TP=1 (a one-rank mesh), so the key layout (".part<j>") never depends on TP size
-    return bool(getattr(t, "tensor_parallel", False)) and state.group("tp") is not None
+def _is_tp_sharded(t: torch.Tensor) -> bool:
+    # at every TP size (one process too), so the key layout (".part<j>") never depends on it
+    return bool(getattr(t, "tensor_parallel", False))
 
 
 def to_checkpoint_entries(name: str, local: torch.Tensor, like: torch.Tensor, state) -> dict:
-    """Local tensor → checkpoint entries (DTensor shards for TP-partitioned tensors).
+    """Local tensor → checkpoint entries (DTensor shards for TP-partitioned tensors when
+    there is a TP group; in one process the local tensor is the whole one).
 
     ``like`` carries the partition attributes (the parameter itself; optimizer moments
     of a parameter are partitioned like it).
     """
-    if not _is_tp_sharded(like, state):
+    if not _is_tp_sharded(like):
         return {name: local}
     dim, stride = like.partition_dim, getattr(like, "partition_stride", 1)
     mesh = _mesh(state, local.device.type)
-    parts = local.chunk(stride, dim=dim)
+
+    def shard(t):
+        return t if mesh is None else DTensor.from_local(t, mesh, [Shard(dim)], run_check=False)
+
     if stride == 1:
-        return {name: DTensor.from_local(local, mesh, [Shard(dim)], run_check=False)}
-    return {f"{name}{PART}{j}": DTensor.from_local(p.contiguous(), mesh, [Shard(dim)], run_check=False)
-            for j, p in enumerate(parts)}
+        return {name: shard(local)}
+    return {f"{name}{PART}{j}": shard(p.contiguous()) for j, p in enumerate(local.chunk(stride, dim=dim))}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def from_checkpoint_entries(name: str, entries: dict, like: torch.Tensor, state) -> torch.Tensor:
-    if not _is_tp_sharded(like, state):
+    if not _is_tp_sharded(like):
         return entries[name]
     stride = getattr(like, "partition_stride", 1)
     if stride == 1:
-        return entries[name].to_local()
-    return torch.cat([entries[f"{name}{PART}{j}"].to_local() for j in range(stride)], dim=like.partition_dim)
+        return _local(entries[name])
+    if name in entries:  # saved whole (one-rank torchrun runs of older versions): this rank's slice of it
+        return shard_tensor(entries[name], like.partition_dim, stride, state.tp, state.tp_rank)
+    return torch.cat([_local(entries[f"{name}{PART}{j}"]) for j in range(stride)], dim=like.partition_dim)
+
+
+def whole_fused_entries(entries: dict, saved_sizes: dict) -> dict:
+    """Load templates for a checkpoint that saved a fused parameter under its own name instead
+    of ``.part<j>`` pieces (one-rank torchrun runs of older versions): the whole tensor, which
+    ``from_checkpoint_entries`` slices.  ``saved_sizes``: key -> size, from the metadata."""
+    out = {}
+    for k, v in entries.items():
+        base, sep, j = k.rpartition(PART)
+        if sep and j.isdigit() and k not in saved_sizes and base in saved_sizes:
+            out[base] = torch.empty(tuple(saved_sizes[base]), dtype=v.dtype, device=_local(v).device)
+        else:
+            out[k] = v
+    return out
 
 
 def model_entries(modules: list[nn.Module], state) -> tuple[dict, dict]:
@@ -115,13 +142,16 @@ def _save_error_line(e: BaseException, step: int, tmp: Path, previous) -> str:
 def _agree(state, error: str | None) -> None:
     """Every rank raises rank 0's error line (or none): the job's one line keeps the reason."""
     box = [error]
-    dist.broadcast_object_list(box, src=0)
+    if state.world_size > 1:
+        dist.broadcast_object_list(box, src=0)
     if box[0] is not None:
         raise CheckpointError(box[0])
 
 
 def save_distributed(run_dir: str | Path, step: int, entries: dict, state, config_yaml: str, keep_last: int,
-                     extra_files: dict[str, str] | None = None) -> Path:
+                     extra_files: dict[str, str] | None = None, _before_rename=None) -> Path:
+    """Write ``entries`` as checkpoint ``step`` (collective) and prune to ``keep_last``.
+    ``_before_rename(tmp)``: a test hook, a crash just before the commit point."""
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:08d}"
     tmp, old = root / f"{final.name}.tmp", root / f"{final.name}.old"
@@ -142,20 +172,24 @@ def save_distributed(run_dir: str | Path, step: int, entries: dict, state, confi
         if state.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(_save_error_line(e, step, tmp, previous)) from None
-    dist.barrier()
+    if state.world_size > 1:
+        dist.barrier()
     if state.rank == 0:
         try:
             write_synced(tmp / "config.yaml", config_yaml)
             for name, text in (extra_files or {}).items():
                 write_synced(tmp / name, text)
             fsync_dir(tmp)
+            if _before_rename is not None:
+                _before_rename(tmp)
             commit_checkpoint(tmp, final, old)
             prune_checkpoints(run_dir, keep_last, keep=final)
         except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if old.exists() and not final.exists():
-                old.rename(final)
+            undo_save(tmp, old, final)
             error = _save_error_line(e, step, tmp, previous)
+        except BaseException:
+            undo_save(tmp, old, final)
+            raise
     _agree(state, error)
     return final
 
@@ -205,6 +239,8 @@ def partitions_of(named_params) -> dict:
 
 def _gathered_partitions(optimizer, state) -> dict:
     """``partitions_of`` merged over every rank (collective)."""
+    if state.world_size == 1:
+        return partitions_of(optimizer.named)
     gathered = [None] * state.world_size
     dist.all_gather_object(gathered, partitions_of(optimizer.named))
     merged = {"model": {}, "optim": {}}
@@ -235,26 +271,28 @@ def trainer_entries(stages, optimizer, state, counters: dict, templates: bool = 
 
 
 def save_trainer(run_dir, stages, optimizer, state, counters: dict, config: dict, config_yaml: str,
-                 keep_last: int) -> Path:
+                 keep_last: int, _before_rename=None) -> Path:
     """A sharded checkpoint of the trainer at ``counters["step"]`` (collective)."""
     entries, _ = trainer_entries(stages, optimizer, state, counters)
     partitions = _gathered_partitions(optimizer, state)
     return save_distributed(run_dir, counters["step"], entries, state, config_yaml, keep_last,
-                            extra_files={"partitions.json": json.dumps({**partitions, "config": config})})
+                            extra_files={"partitions.json": json.dumps({**partitions, "config": config})},
+                            _before_rename=_before_rename)
 
 
-def load_trainer(path: Path, stages, optimizer, state, config: dict) -> dict:
+def load_trainer(path: Path, stages, optimizer, state, config: dict, shown_as: Path | None = None) -> dict:
     """Load a sharded checkpoint (any layout) into this rank's modules and optimizer shard;
-    returns the counters.  An incompatible config is one ``CheckpointError`` line."""
-    from .safe_load import read_partitions
+    returns the counters.  An incompatible config is one ``CheckpointError`` line naming
+    ``shown_as`` (the checkpoint the user gave, when ``path`` is a converted copy of it)."""
+    from .safe_load import read_partitions, verify_dcp_metadata
 
-    if not is_distributed_checkpoint(path):
-        raise CheckpointError(f"{path} is a single-process checkpoint; convert it with tools/convert_checkpoint.py "
-                              "or start a new run_dir")
     diffs = config_differences(read_partitions(path).get("config", {}), config)
     if diffs:
-        raise CheckpointError(f"checkpoint {path} is from an incompatible config: {describe_differences(diffs)}")
+        raise CheckpointError(f"checkpoint {shown_as or path} is from an incompatible config: "
+                              f"{describe_differences(diffs)}")
     entries, owners = trainer_entries(stages, optimizer, state, dict.fromkeys(COUNTERS, 0), templates=True)
+    saved = {k: v.size for k, v in verify_dcp_metadata(path).state_dict_metadata.items() if hasattr(v, "size")}
+    entries = whole_fused_entries(entries, saved)
     load_sharded(entries, path)  # verified, no unpickling of code; fills this layout's entries, resharding
     restore_model(stages, {k[len("model."):]: v for k, v in entries.items() if k.startswith("model.")}, owners, state)
     named = dict(optimizer.named)

@@ -6,15 +6,18 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig, config_from_saved
-from ..model import GPTModel, LinearFactory
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-from .run_setup import sr_base_seed
+from ..model import GPTModel
+from ..parallel.build import build_model
+from .checkpoint import CheckpointError, latest_checkpoint
+from .checkpoint_formats import read_checkpoint, state_file_of
+from .dist_checkpoint import is_distributed_checkpoint
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory (→ its latest checkpoint)."""
+    """A checkpoint (``step_*`` directory of either format, or a single file), or a run
+    directory (→ its latest checkpoint)."""
     p = Path(path)
-    if (p / "state.pt").is_file():
+    if is_distributed_checkpoint(p) or state_file_of(p) is not None:
         return p
     latest = latest_checkpoint(p)
     if latest is None:
@@ -27,16 +30,12 @@ def load_trained_model(path: str | Path, device: str | torch.device = "cpu",
     """The checkpoint's model in eval mode, its config and step.  ``backend`` runs its FP4
     GEMMs on another registered backend than the one it trained with (``cfg.gemm.backend``
     is set to it)."""
-    ckpt = resolve_checkpoint(path)
-    state = load_checkpoint(ckpt)
+    state = read_checkpoint(resolve_checkpoint(path))
     cfg = config_from_saved(state["config"])
     if backend is not None:
         cfg.gemm.backend = backend
         cfg.validate()
-    recipe, backend = cfg.build_recipe()
-    factory = LinearFactory(recipe, num_layers=cfg.model.num_layers, backend=backend, seed=sr_base_seed(cfg))
-    with torch.device(device):
-        model = GPTModel(cfg.model, factory, init_seed=cfg.training.seed)  # overwritten by the checkpoint
+    [model] = build_model(cfg, device=device)  # initial values overwritten by the checkpoint
     model.load_state_dict(state["model"])
     model.eval()
     return model, cfg, int(state["step"])

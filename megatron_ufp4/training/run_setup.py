@@ -18,6 +18,11 @@ from ..linear.backends import get_backend
 _CUDA_INDEX = re.compile(r"cuda:[0-9]+")
 
 
+def launched_by_torchrun() -> bool:
+    """torchrun (or another launcher of torch.distributed) sets RANK and WORLD_SIZE."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "RANK" in os.environ
+
+
 def local_rank() -> int | None:
     """This process's index on its node under torchrun (``LOCAL_RANK``), else None."""
     value = os.environ.get("LOCAL_RANK")
@@ -91,12 +96,6 @@ def configure_threads(requested: int = 0) -> int:
         requested = max(1, usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     torch.set_num_threads(requested)
     return requested
-
-
-def sr_base_seed(cfg: RunConfig) -> int:
-    """The base of every module's stochastic-rounding seed: ``training.sr_seed``, else ``training.seed``."""
-    t = cfg.training
-    return t.sr_seed if t.sr_seed is not None else t.seed
 
 
 def seed_everything(seed: int) -> None:

@@ -1,0 +1,206 @@
+"""Every checkpoint form this project reads, turned into the two things its users need.
+
+Forms: a sharded (DCP) directory -- what training writes, on every layout; a single file
+-- ``state.pt`` of the single-process trainer of older versions (torch AdamW state keyed by
+parameter index), a ``tools/convert_checkpoint.py to-single`` file (AdamW state keyed by
+parameter name), an HF import (weights only) -- or a ``step_*`` directory holding one.
+
+* ``read_checkpoint(path)``: the whole checkpoint in one process, ``{"model": <state dict of
+  the one-process model>, "optimizer": {fqn: {exp_avg, exp_avg_sq, step}} (or None), "step",
+  "trainer": counters, "config"}`` -- for evaluation, sampling, probes, HF export, the tools.
+* ``as_sharded_checkpoint(path, run_dir)``: a single file written once as a temporary sharded
+  directory (``write_sharded``), so the trainer resumes or initialises from it on any layout
+  through the one sharded loader.  A sharded directory is used as it is.
+
+Nothing in a file is executed (``safe_load``); a bad one is one ``CheckpointError`` line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import config_from_saved, dump_config
+from .checkpoint import CheckpointError, checkpoint_root
+from .dist_checkpoint import (COUNTERS, PART, is_distributed_checkpoint, load_consolidated, load_sharded,
+                              model_entries, partitions_of, restore_model)
+
+STATE_FILE = "state.pt"
+
+
+def state_file_of(path: str | Path) -> Path | None:
+    """The single file of ``path`` (a file, or a directory holding ``state.pt``), else None."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    return p / STATE_FILE if (p / STATE_FILE).is_file() else None
+
+
+def _meta_model(cfg):
+    from ..parallel.build import build_model
+
+    return build_model(cfg, device="meta")[0]
+
+
+def _optimizer_by_name(data: dict, cfg, model, src: Path) -> dict | None:
+    """The optimizer state of a single file as ``{fqn: {exp_avg, exp_avg_sq, step}}``.  The
+    single-process trainer of older versions saved torch AdamW's own state dict, whose
+    parameters are numbered in its groups' order (matrices decayed first, then 1-D
+    parameters, each in ``named_parameters()`` order)."""
+    opt = data.get("optimizer") if "optimizer" in data else None
+    if opt is None or "param_groups" not in opt:
+        return opt  # None (weights only), or already by name (a to-single file)
+    from ..parallel.optimizer import param_groups
+
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups(model.parameters(), cfg.optimizer.weight_decay)
+    saved = opt["param_groups"]
+    if not isinstance(saved, list) or [len(g.get("params", [])) for g in saved] != [len(g["params"]) for g in groups]:
+        raise CheckpointError(f"{src}: its optimizer's parameter groups do not match the model of its config")
+    params = dict(model.named_parameters())
+    out = {}
+    for g_saved, g in zip(saved, groups):
+        for pid, p in zip(g_saved["params"], g["params"]):
+            fqn, shape = name_of[id(p)], tuple(p.shape)
+            st = opt.get("state", {}).get(pid)
+            if st is None:  # never stepped (e.g. an expert that got no tokens): AdamW's fresh state, exactly
+                st = {"exp_avg": torch.zeros(shape), "exp_avg_sq": torch.zeros(shape), "step": torch.zeros(())}
+            if tuple(st["exp_avg"].shape) != shape or tuple(st["exp_avg_sq"].shape) != shape:
+                raise CheckpointError(f"{src}: optimizer state of {fqn} has shape {tuple(st['exp_avg'].shape)}, "
+                                      f"the parameter {tuple(params[fqn].shape)}")
+            out[fqn] = {"exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"],
+                        "step": torch.as_tensor(st["step"]).detach().float().reshape(())}
+    return out
+
+
+def read_single_file(f: Path, require=("model", "config", "step")) -> dict:
+    """A single-file checkpoint in the ``read_checkpoint`` form."""
+    from .safe_load import load_state_file
+
+    data = load_state_file(f, require=require)
+    cfg = config_from_saved(data["config"])
+    model = _meta_model(cfg)
+    want = set(model.state_dict())
+    if set(data["model"]) != want:
+        extra, missing = sorted(set(data["model"]) - want), sorted(want - set(data["model"]))
+        raise CheckpointError(f"{f}: its model does not match its config ("
+                              + (f"lacks {missing[0]!r}" if missing else f"has an unexpected {extra[0]!r}") + ")")
+    trainer = data.get("trainer") or {"step": int(data["step"]),
+                                      "skipped_total": int(data.get("skipped_total", 0)),
+                                      "consecutive_nonfinite": int(data.get("consecutive_nonfinite", 0))}
+    return {"model": data["model"], "optimizer": _optimizer_by_name(data, cfg, model, f), "step": int(data["step"]),
+            "trainer": trainer, "config": data["config"]}
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Any checkpoint (a ``step_*`` directory of either format, or a single file), whole."""
+    p = Path(path)
+    if p.is_dir() and is_distributed_checkpoint(p):
+        return load_consolidated(p)
+    f = state_file_of(p)
+    if f is None:
+        raise CheckpointError(f"no checkpoint at {p}")
+    return read_single_file(f)
+
+
+def write_sharded(state: dict, dst: Path, model=None) -> None:
+    """``state`` (the ``read_checkpoint`` form) as a sharded checkpoint directory ``dst``
+    (written in one process, loadable by any layout).  ``model``: the one-process model of
+    its config (its fused-parameter partitions), built on the meta device when not given."""
+    import torch.distributed.checkpoint as dcp
+
+    cfg = config_from_saved(state["config"])
+    partitions = partitions_of((model or _meta_model(cfg)).named_parameters())
+    flat: dict = {f"trainer.{k}": torch.tensor(int(state["trainer"].get(k, 0))) for k in COUNTERS}
+    for k, v in state["model"].items():
+        if isinstance(v, dict):
+            flat.update({f"model.{k}.{f}": t for f, t in v.items()})
+        else:
+            flat[f"model.{k}"] = v
+    for fqn, st in (state.get("optimizer") or {}).items():
+        flat.update({f"optim.{fqn}.{f}": t for f, t in st.items()})
+    split = {f"model.{k}": i for k, i in partitions["model"].items()} | \
+        {f"optim.{k}": i for k, i in partitions["optim"].items()}
+    out = {}
+    for k, v in flat.items():
+        info = split.get(k)
+        if info and info["stride"] > 1:
+            for j, piece in enumerate(v.chunk(info["stride"], dim=info["dim"])):
+                out[f"{k}{PART}{j}"] = piece.clone()
+        else:
+            out[k] = v
+    with warnings.catch_warnings():  # "no process group: saving from one process" is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(out, checkpoint_id=str(dst), no_dist=True)
+    (dst / "partitions.json").write_text(json.dumps({**partitions, "config": state["config"]}))
+    (dst / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+
+
+@dataclass
+class Staged:
+    """A sharded checkpoint to load from; ``remove()`` deletes it when it is a temporary copy."""
+    path: Path
+    temporary: bool = False
+
+    def remove(self) -> None:
+        if self.temporary:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def as_sharded_checkpoint(path: str | Path, run_dir: str | Path, field: str) -> Staged:
+    """``path`` as a sharded checkpoint: itself, or a single file converted into a temporary
+    directory under ``run_dir/checkpoints`` (``.staged-<pid>``, removed by the caller; a
+    leftover of a killed run is cleaned at the next start).  ``field`` names the setting the
+    path came from in errors."""
+    p = Path(path)
+    if p.is_dir() and is_distributed_checkpoint(p):
+        return Staged(p)
+    f = state_file_of(p)
+    if f is None:
+        raise CheckpointError(f"{field} {p}: no checkpoint there (a step_* directory or a state.pt file)")
+    state = read_single_file(f)
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    dst = root / f".staged-{os.getpid()}"
+    shutil.rmtree(dst, ignore_errors=True)
+    try:
+        write_sharded(state, dst)
+    except BaseException:
+        shutil.rmtree(dst, ignore_errors=True)
+        raise
+    return Staged(dst, temporary=True)
+
+
+def _base(key: str) -> str:
+    base, sep, j = key.rpartition(PART)
+    return base if sep and j.isdigit() else key
+
+
+def load_weights_into(modules, path: Path, state, cfg, field: str) -> None:
+    """``training.init_from``: the model weights of the sharded checkpoint ``path`` into this
+    rank's ``modules`` (any layout), keeping their own SR generators and RHT signs.  The
+    checkpoint must hold exactly the weights of ``cfg``'s model, shape for shape; else one
+    ``CheckpointError`` line naming the key."""
+    from .dist_checkpoint import whole_fused_entries
+    from .safe_load import verify_dcp_metadata
+
+    saved = {k[len("model."):]: tuple(v.size) for k, v in verify_dcp_metadata(path).state_dict_metadata.items()
+             if k.startswith("model.") and "._extra_state" not in k}
+    names = {k for k in _meta_model(cfg).state_dict() if not k.endswith("_extra_state")}
+    bases = {_base(k) for k in saved}
+    for k in sorted(names - bases):
+        raise CheckpointError(f"{field} {path} lacks {k!r}, which the model has")
+    for k in sorted(bases - names):
+        raise CheckpointError(f"{field} {path} has {k!r}, which the model lacks")
+    entries, owners = model_entries(modules, state)
+    weights = whole_fused_entries({k: v for k, v in entries.items() if "._extra_state." not in k}, saved)
+    for k, v in weights.items():
+        if tuple(saved[k]) != tuple(v.shape):  # a DTensor's shape is the whole tensor's
+            raise CheckpointError(f"{field} {path}: {k} has shape {tuple(saved[k])}, the model {tuple(v.shape)}")
+    load_sharded({f"model.{k}": v for k, v in weights.items()}, path)
+    restore_model(modules, {**entries, **weights}, owners, state)
