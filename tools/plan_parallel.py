@@ -238,23 +238,18 @@ def _rss_bytes() -> int:
 
 
 def materialize(cfg, world: int, rank: int) -> dict:
-    """Build rank ``rank``'s chunks as the distributed trainer does; measure what it costs."""
+    """Build rank ``rank``'s chunks as the trainer does (``build_model``); measure what it costs."""
     import torch
 
-    from megatron_ufp4.parallel.build import build_rank_chunks
-    from megatron_ufp4.parallel.parallel_factory import ParallelLinearFactory
+    from megatron_ufp4.parallel.build import build_model
     from megatron_ufp4.parallel.state import state_for_rank
 
     p = cfg.parallel
     dp = p.data or world // (p.tensor * p.pipeline)
     st = state_for_rank(rank, world, p.tensor, p.pipeline, dp, p.expert, p.virtual_pipeline, p.sequence_parallel,
                         cfg.model)
-    recipe, backend = cfg.build_recipe()
     before, t0 = _rss_bytes(), time.perf_counter()
-    factory = ParallelLinearFactory(recipe, cfg.model.num_layers, st, backend=backend, seed=cfg.training.seed)
-    chunks = build_rank_chunks(cfg.model, factory, st, init_seed=cfg.training.seed, device=torch.device("cpu"),
-                               dispatcher=p.expert_dispatcher, first_stage_layers=p.first_stage_layers,
-                               last_stage_layers=p.last_stage_layers)
+    chunks = build_model(cfg, st, device=torch.device("cpu"))
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     seen, nbytes, numel = set(), 0, 0

@@ -4,6 +4,8 @@
     python tools/record_runs.py record before.json --at 00cd5f5     # another commit (a temporary worktree)
     python tools/record_runs.py record after.json --only tiny_dense_ufp4 tp2_pp2_ufp4
     python tools/record_runs.py compare before.json after.json      # exit 1 on any difference
+    python tools/record_runs.py record old.json --at 00cd5f5 --keep old_runs
+    python tools/record_runs.py record resumed.json --resume-from old_runs  # resume their mid-run checkpoints
 
 A refactoring that must not change what any run computes is proven on the same machine, at
 the same CPU dispatch level: record at the starting commit, change the code, record again,
@@ -15,7 +17,11 @@ The runs: tiny models on the Shakespeare sample (prepared once into a temporary 
 tiny_moe ufp4 and e2m1_ref under bf16 autocast, and under torchrun (gloo, CPU): TP2 x PP2
 ufp4, EP2 MoE ufp4, TP2 + sequence parallel nvfp4 and DP2 (ZeRO-1 AdamW).  ``--keep DIR``
 keeps the run directories (their checkpoints at step ``--steps // 2`` and the final one, for
-a resume check).
+a resume check).  ``--resume-from DIR`` continues each kept run from its checkpoint at step
+``--steps // 2`` with this checkout (``training.resume=auto``): the recording then holds the
+first half as the kept run logged it and the second half as the resumed run computed it, so
+comparing it with a straight recording proves that checkpoints of another version resume
+bit-identically.
 """
 from __future__ import annotations
 
@@ -56,25 +62,35 @@ def _prepare(code: Path, work: Path, env: dict) -> str:
     return str(prefix)
 
 
-def _run(code: Path, work: Path, env: dict, name: str, prefix: str, steps: int) -> dict:
+def _run(code: Path, work: Path, env: dict, name: str, prefix: str, steps: int,
+         resume_from: Path | None = None) -> dict:
     config, procs, extra = RUNS[name]
     run_dir = work / "runs" / name
     args = [str(code / "configs" / f"{config}.yaml"), *MODEL, *RUN, *extra, f"data.prefix={prefix}",
             f"training.run_dir={run_dir}", f"training.train_steps={steps}",
             f"checkpoint.interval={max(1, steps // 2)}", "checkpoint.keep_last=4"]
+    if resume_from is not None:  # the kept run, cut back to its mid-run checkpoint
+        shutil.copytree(resume_from / name, run_dir)
+        for ckpt in (run_dir / "checkpoints").iterdir():
+            if int(ckpt.name.split("_")[1]) > steps // 2:
+                shutil.rmtree(ckpt)
+        args.append("training.resume=auto")
     head = [sys.executable, "-m"] if procs == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                       f"--nproc-per-node={procs}", "-m"]
     proc = subprocess.run([*head, "megatron_ufp4.train", *args], cwd=code, env=env, capture_output=True, text=True,
                           timeout=900)
     if proc.returncode != 0:
         raise RuntimeError(f"{name}: exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+    if resume_from is not None and f"at step {steps // 2}" not in proc.stdout:  # a restart would match too
+        raise RuntimeError(f"{name}: did not resume from its step {steps // 2} checkpoint")
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps_rec = [r for r in recs if "loss" in r and "step" in r]
     return {"steps": [{"step": r["step"], "loss": float(r["loss"]).hex(), "grad_norm": float(r["grad_norm"]).hex()}
                       for r in steps_rec]}
 
 
-def record(out: Path, at: str | None, only: list[str], steps: int, keep: Path | None) -> int:
+def record(out: Path, at: str | None, only: list[str], steps: int, keep: Path | None,
+           resume_from: Path | None = None) -> int:
     names = only or list(RUNS)
     bad = [n for n in names if n not in RUNS]
     if bad:
@@ -95,7 +111,7 @@ def record(out: Path, at: str | None, only: list[str], steps: int, keep: Path | 
         prefix = _prepare(code, work, env)
         result = {"commit": commit, "steps": steps, "runs": {}}
         for name in names:
-            result["runs"][name] = _run(code, work, env, name, prefix, steps)
+            result["runs"][name] = _run(code, work, env, name, prefix, steps, resume_from)
             print(f"{name}: {len(result['runs'][name]['steps'])} steps", flush=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {out} (commit {commit})")
@@ -131,6 +147,8 @@ def main(argv=None) -> int:
     r.add_argument("--only", nargs="+", default=[], help=f"some of: {', '.join(RUNS)}")
     r.add_argument("--steps", type=int, default=4)
     r.add_argument("--keep", type=Path, default=None, help="copy the run directories here")
+    r.add_argument("--resume-from", type=Path, default=None,
+                   help="continue the runs kept (--keep) by another recording from their mid-run checkpoint")
     c = sub.add_parser("compare", help="two recordings, bit for bit")
     c.add_argument("a", type=Path)
     c.add_argument("b", type=Path)
@@ -144,7 +162,7 @@ def main(argv=None) -> int:
         print(f"error: {args.out if args.out.exists() else args.keep} already exists", file=sys.stderr)
         return 2
     try:
-        return record(args.out, args.at, args.only, args.steps, args.keep)
+        return record(args.out, args.at, args.only, args.steps, args.keep, args.resume_from)
     except (RuntimeError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

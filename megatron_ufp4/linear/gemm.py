@@ -1,6 +1,9 @@
 """One linear's three GEMMs as the recipe says: operands prepared once, run on a backend.
 
-``GemmRunner`` turns ``(gemm, A, B, position)`` into two backend ``Operand``s: it pads the
+``GemmState`` is what one linear (in one precision phase) needs for its GEMMs: recipe, RHT,
+SR generator and seed, backend, where a shard's operands sit in the unsplit layer's
+(``sr_index``) and which GEMMs run in parts (``splits``), telemetry.  It turns
+``(gemm, A, B, position)`` into two backend ``Operand``s: it pads the
 reduction axis to the quantization granularity, picks the RHT, derives the SR keys and
 computes the tensor amax of two-level-scaled formats (all-reduced over the tensor-parallel
 group when the operand is a shard).  Single-process and parallel linears go through the
@@ -61,8 +64,8 @@ class GemmSplit:
 
 
 @dataclass
-class GemmRunner:
-    """Per-module GEMM state: recipe, RHT, SR generator and seed, backend, telemetry."""
+class GemmState:
+    """One linear's GEMM state in one precision phase (see module doc)."""
     recipe: Recipe
     rht: RHT
     generator: torch.Generator
@@ -71,6 +74,7 @@ class GemmRunner:
     sr_seed: int = 0
     amax_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # all-reduce(max) over TP for shards
     sr_index: dict = field(default_factory=dict)  # gemm -> (SRIndex of A, of B) for sharded operands
+    splits: dict = field(default_factory=dict)  # gemm -> GemmSplit: run in sub-GEMMs (a strided TP shard)
     log: dict = field(default_factory=dict)  # gemm -> what actually ran (+ stats)
 
     def sr_keys(self, gemm: str, position: tuple[int, int] | None) -> tuple[int | None, int | None]:
@@ -116,8 +120,7 @@ class GemmRunner:
         return entry
 
     def run_pair(self, first: tuple[str, torch.Tensor, torch.Tensor], second: tuple[str, torch.Tensor, torch.Tensor],
-                 position: tuple[int, int] | None,
-                 splits: tuple[GemmSplit | None, GemmSplit | None] = (None, None)) -> tuple[torch.Tensor, torch.Tensor]:
+                 position: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Two GEMMs whose A operands are one tensor and its transpose (Dgrad's dY and Wgrad's
         dY^T): both A operands come from one ``backend.quantize_pair`` call, which a kernel
         backend serves from a single read.  The same operands, keys and bits as two ``run``
@@ -125,10 +128,10 @@ class GemmRunner:
         high precision or in parts, telemetry on, or Wgrad's K needing padding)."""
         (g1, a1, b1), (g2, a2, b2) = first, second
         s1, s2 = self.recipe.gemm(g1), self.recipe.gemm(g2)
-        shared = (s1.quantized and s2.quantized and splits == (None, None) and not self.collect_stats
-                  and a2.shape[-1] % reduction_multiple(s2, self.rht.size) == 0)
+        shared = (s1.quantized and s2.quantized and self.splits.get(g1) is None and self.splits.get(g2) is None
+                  and not self.collect_stats and a2.shape[-1] % reduction_multiple(s2, self.rht.size) == 0)
         if not shared:
-            return self.run(g1, a1, b1, position, splits[0]), self.run(g2, a2, b2, position, splits[1])
+            return self.run(g1, a1, b1, position), self.run(g2, a2, b2, position)
         self.record(g1)
         self.record(g2)
         qa1, qb1 = self.operands(g1, a1, b1, position)
@@ -137,9 +140,9 @@ class GemmRunner:
         ra1, ra2 = backend.quantize_pair(qa1, qa2)
         return backend.matmul(ra1, backend.quantize(qb1)), backend.matmul(ra2, backend.quantize(qb2))
 
-    def run(self, gemm: str, a: torch.Tensor, b: torch.Tensor, position: tuple[int, int] | None,
-            split: GemmSplit | None = None) -> torch.Tensor:
-        """A @ B^T in FP32 as the recipe quantizes ``gemm`` (``split``: as several sub-GEMMs)."""
+    def run(self, gemm: str, a: torch.Tensor, b: torch.Tensor, position: tuple[int, int] | None) -> torch.Tensor:
+        """A @ B^T in FP32 as the recipe quantizes ``gemm`` (as sub-GEMMs where ``splits`` says)."""
+        split = self.splits.get(gemm)
         spec = self.recipe.gemm(gemm)
         entry = self.record(gemm)
         if not spec.quantized:

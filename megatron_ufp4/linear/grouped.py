@@ -13,10 +13,10 @@ multiplies them with one grouped GEMM:
 | wgrad | dY^T (out, sum T_e'), K by expert    | x^T (in, sum T_e'), K       | (E, out, in)|
 
 ``T_e'`` is ``T_e`` padded on its own to the block / RHT multiple, as each expert's
-``GemmRunner`` pads it, so no block crosses two experts.  Every expert keeps its own SR
+``GemmState`` pads it, so no block crosses two experts.  Every expert keeps its own SR
 keys (its module seed, or draws from its own generator, only when it has rows, as the loop
-only calls those), the SR indices its module would use (``GemmRunner.sr_index`` and the
-parts of a fused column shard, ``_split``), its own NVFP4 tensor amax (all-reduced over TP
+only calls those), the SR indices its module would use (``GemmState.sr_index`` and the
+parts of a fused column shard, ``GemmState.splits``), its own NVFP4 tensor amax (all-reduced over TP
 as one vector), and its RHT.  A GEMM the loop runs in parts (a strided TP shard whose SR
 operand spans parts) runs in the same parts here, joined the same way.
 
@@ -174,7 +174,7 @@ class GroupedCall:
         """The quantized GEMM ``gemm`` of every expert: (T, N) for row groups, (E, M, N) for K groups."""
         spec = self.recipe.gemm(gemm)
         rht = self.lead.gemms.rht if spec.rht else None
-        split = self.lead._split(gemm) if hasattr(self.lead, "_split") else None
+        split = self.lead.gemms.splits.get(gemm)
         keys = self._keys(gemm)
         qa = self._operand(gemm, "a", a, a_seg, spec.a, rht, keys, split)
         qb = self._operand(gemm, "b", b, b_seg, spec.b, rht, keys, split)
@@ -199,7 +199,7 @@ class GroupedCall:
 
     def token_columns(self, t: torch.Tensor, padded: Sequence[int]) -> torch.Tensor:
         """(T, c) rows grouped by expert -> (c, sum padded): each expert's rows as columns,
-        zero-padded on their own (the per-expert GemmRunner's padding)."""
+        zero-padded on their own (the per-expert GemmState's padding)."""
         starts, src = 0, []
         for n, p in zip(self.sizes, padded):
             src.append(torch.arange(starts, starts + n, device=t.device))

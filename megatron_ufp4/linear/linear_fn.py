@@ -10,15 +10,18 @@ output and gathers a sequence-parallel output gradient (``CollectiveHooks`` subc
 parallel/tensor_parallel.py).  GEMMs return FP32 (or wider) partial results, so every
 reduction over ranks happens before the one rounding to the activation dtype.
 
-The (step, micro-batch) position is read once, in forward, and kept on the autograd
-context: backward may run after later micro-batches' forwards.
+What a call runs is resolved once, in forward, into an immutable ``LinearPlan`` (the
+phase's ``GemmState``, hooks, dtypes, the (step, micro-batch) position) kept on the
+autograd context: backward may run after later micro-batches' forwards, and never calls
+back into the module.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
+
+from .gemm import GemmState
 
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -77,27 +80,26 @@ class CollectiveHooks:
 NO_COLLECTIVES = CollectiveHooks()
 
 
-@dataclass
-class LinearCall:
-    """Everything one call needs besides tensors: how to run a GEMM, hooks, dtypes, position."""
-    gemm: Callable  # (gemm, a, b, position) -> FP32 A @ B^T, the FP4 path
+@dataclass(frozen=True)
+class LinearPlan:
+    """Everything one call needs besides tensors, fixed in forward: the GEMM state of the
+    phase that runs (None: high precision), hooks, dtypes, SR position."""
+    gemms: GemmState | None
     hooks: CollectiveHooks
     out_dtype: torch.dtype
     hp_dtype: torch.dtype | None  # set: high-precision GEMMs with inputs in this dtype
     position: tuple[int, int] | None
-    # ((gemm, a, b), (gemm, a^T, b'), position) -> both outputs, A quantized from one read; None: two gemm calls
-    gemm_pair: Callable | None = None
 
     def run(self, gemm: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.hp_dtype is not None:
             return high_precision_gemm(a, b, self.hp_dtype)
-        return self.gemm(gemm, a, b, self.position)
+        return self.gemms.run(gemm, a, b, self.position)
 
     def run_pair(self, first: tuple, second: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """Two GEMMs sharing a transposed A (Dgrad and Wgrad on dY), with ``run``'s results."""
-        if self.hp_dtype is not None or self.gemm_pair is None:
+        if self.hp_dtype is not None:
             return self.run(*first), self.run(*second)
-        return self.gemm_pair(first, second, self.position)
+        return self.gemms.run_pair(first, second, self.position)
 
     def finish(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """High precision: round to the GEMM's dtype first (as a single F.linear does)."""
@@ -106,43 +108,43 @@ class LinearCall:
 
 class _LinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, call: LinearCall):
-        ctx.call, ctx.has_bias = call, bias is not None
+    def forward(ctx, x, weight, bias, plan: LinearPlan):
+        ctx.plan, ctx.has_bias = plan, bias is not None
         ctx.save_for_backward(x, weight)  # sequence parallel: the local slice, re-gathered in backward
-        hooks = call.hooks
+        hooks = plan.hooks
         x_total = hooks.gather_input(x)
         with torch.autocast(x.device.type, enabled=False):
-            y = call.run("fprop", x_total.reshape(-1, x.shape[-1]), weight)
+            y = plan.run("fprop", x_total.reshape(-1, x.shape[-1]), weight)
             y = hooks.reduce_output(y.reshape(*x_total.shape[:-1], weight.shape[0]))
             if bias is not None:
-                y = y + (bias.to(call.hp_dtype) if call.hp_dtype is not None else bias).to(y.dtype)
-        return y.to(call.out_dtype)
+                y = y + (bias.to(plan.hp_dtype) if plan.hp_dtype is not None else bias).to(y.dtype)
+        return y.to(plan.out_dtype)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        call = ctx.call
-        hooks = call.hooks
+        plan = ctx.plan
+        hooks = plan.hooks
         dy_total = hooks.gather_output_grad(dy)
         dy2 = dy_total.reshape(-1, dy_total.shape[-1])
         dx = dw = db = None
         with torch.autocast(dy.device.type, enabled=False):
             if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:  # dY feeds both: quantized from one read
                 x_total = hooks.gather_input(x)
-                dx, dw = call.run_pair(("dgrad", dy2, weight.t()),
+                dx, dw = plan.run_pair(("dgrad", dy2, weight.t()),
                                        ("wgrad", dy2.t(), x_total.reshape(-1, x.shape[-1]).t()))
-                dx = call.finish(hooks.reduce_input_grad(dx.reshape(*dy_total.shape[:-1], weight.shape[1])), x.dtype)
-                dw = call.finish(dw, weight.dtype)
+                dx = plan.finish(hooks.reduce_input_grad(dx.reshape(*dy_total.shape[:-1], weight.shape[1])), x.dtype)
+                dw = plan.finish(dw, weight.dtype)
             elif ctx.needs_input_grad[0]:
-                dx = call.run("dgrad", dy2, weight.t()).reshape(*dy_total.shape[:-1], weight.shape[1])
-                dx = call.finish(hooks.reduce_input_grad(dx), x.dtype)
+                dx = plan.run("dgrad", dy2, weight.t()).reshape(*dy_total.shape[:-1], weight.shape[1])
+                dx = plan.finish(hooks.reduce_input_grad(dx), x.dtype)
             elif ctx.needs_input_grad[1]:
                 x_total = hooks.gather_input(x)
-                dw = call.finish(call.run("wgrad", dy2.t(), x_total.reshape(-1, x.shape[-1]).t()), weight.dtype)
+                dw = plan.finish(plan.run("wgrad", dy2.t(), x_total.reshape(-1, x.shape[-1]).t()), weight.dtype)
             if ctx.has_bias and ctx.needs_input_grad[2]:  # local tokens: sequence-parallel biases are summed later
-                db = call.finish(dy.reshape(-1, dy.shape[-1]).float().sum(0), weight.dtype)
+                db = plan.finish(dy.reshape(-1, dy.shape[-1]).float().sum(0), weight.dtype)
         return dx, dw, db, None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, call: LinearCall) -> torch.Tensor:
-    return _LinearFunction.apply(x, weight, bias, call)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: LinearPlan) -> torch.Tensor:
+    return _LinearFunction.apply(x, weight, bias, plan)

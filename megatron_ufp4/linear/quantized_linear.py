@@ -5,7 +5,7 @@ operand, format, block, RHT and rounding; layers the recipe keeps in high precis
 the ``bf16`` recipe) run ``F.linear`` itself, so they match it exactly.
 
 Under a precision schedule a module holds one ``LinearPhase`` per phase (recipe, whether
-it quantizes, its ``GemmRunner``), all sharing its SR generator, SR seed and RHT signs, and
+it quantizes, its ``GemmState``), all sharing its SR generator, SR seed and RHT signs, and
 ``recipe`` / ``quantized`` / ``gemms`` are those of the phase its ``StepContext`` names.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ from torch import nn
 from ..fp4.hadamard import RHT
 from ..fp4.recipes import GEMM_ROLES, Recipe
 from .backends import get_backend
-from .gemm import GemmRunner, GemmSplit, reduction_multiple
-from .linear_fn import NO_COLLECTIVES, LinearCall, linear, linear_dtypes
+from .gemm import GemmState, reduction_multiple
+from .linear_fn import NO_COLLECTIVES, LinearPlan, linear, linear_dtypes
 from .step_context import StepContext
 
 
@@ -30,7 +30,7 @@ class LinearPhase:
     """One precision phase of a module: its recipe, whether it quantizes, its GEMM runner."""
     recipe: Recipe
     quantized: bool
-    gemms: GemmRunner
+    gemms: GemmState
 
 
 class QuantizedLinear(nn.Module):
@@ -63,9 +63,9 @@ class QuantizedLinear(nn.Module):
         # the SR generator stays on the CPU whatever the weights' device: it only draws one
         # 31-bit key per quantized operand (no device sync), and its saved state is the same
         # ByteTensor on every device, so checkpoints load anywhere
-        gemms = GemmRunner(recipe, RHT(recipe.rht_size, recipe.rht_seed),
-                           torch.Generator(device="cpu").manual_seed(int(sr_seed)), backend, collect_stats,
-                           sr_seed=int(sr_seed))
+        gemms = GemmState(recipe, RHT(recipe.rht_size, recipe.rht_seed),
+                          torch.Generator(device="cpu").manual_seed(int(sr_seed)), backend, collect_stats,
+                          sr_seed=int(sr_seed))
         self.phases: tuple[LinearPhase, ...] = (LinearPhase(recipe, quantized, gemms),)
         self.reset_parameters()
 
@@ -89,7 +89,7 @@ class QuantizedLinear(nn.Module):
         return self.phase.quantized
 
     @property
-    def gemms(self) -> GemmRunner:
+    def gemms(self) -> GemmState:
         return self.phase.gemms
 
     def add_phase(self, recipe: Recipe, num_layers: int | None) -> int:
@@ -106,7 +106,7 @@ class QuantizedLinear(nn.Module):
                 raise ValueError(f"recipe {recipe.label()}: rotates with rht_size {recipe.rht_size} / rht_seed "
                                  f"{recipe.rht_seed}, but this linear's RHT signs are size {base.gemms.rht.size} / "
                                  f"seed {base.recipe.rht_seed}")
-        gemms = dataclasses.replace(base.gemms, recipe=recipe, log={})
+        gemms = dataclasses.replace(base.gemms, recipe=recipe, log={}, splits=self.gemm_splits(recipe))
         self.phases = (*self.phases, LinearPhase(recipe, quantized, gemms))
         return len(self.phases) - 1
 
@@ -134,22 +134,19 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantized:
             return F.linear(x, self.weight, self.bias)
-        return linear(x, self.weight, self.bias, self._call(x))
+        return linear(x, self.weight, self.bias, self.plan(x))
 
-    def _call(self, x: torch.Tensor) -> LinearCall:
-        """This forward's GEMM plan: the FP4 path when quantized, else high-precision GEMMs."""
+    def plan(self, x: torch.Tensor) -> LinearPlan:
+        """What this forward (and its backward) runs: the current phase's GEMM state (FP4 when
+        quantized, else high-precision GEMMs), the hooks, dtypes and the SR position."""
         out_dtype, hp_dtype = linear_dtypes(x, self.weight, self.quantized)
-        return LinearCall(self._gemm, self.hooks, out_dtype, hp_dtype, self.step_context.position, self._gemm_pair)
+        return LinearPlan(self.gemms if self.quantized else None, self.hooks, out_dtype, hp_dtype,
+                          self.step_context.position)
 
-    def _split(self, gemm: str) -> GemmSplit | None:
-        """How ``gemm`` runs in sub-GEMMs (None: whole); a strided tensor-parallel shard overrides it."""
-        return None
-
-    def _gemm(self, gemm: str, a: torch.Tensor, b: torch.Tensor, position) -> torch.Tensor:
-        return self.gemms.run(gemm, a, b, position, self._split(gemm))
-
-    def _gemm_pair(self, first: tuple, second: tuple, position) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.gemms.run_pair(first, second, position, (self._split(first[0]), self._split(second[0])))
+    def gemm_splits(self, recipe: Recipe) -> dict:
+        """GEMMs that run in sub-GEMMs under ``recipe`` (none here; a strided tensor-parallel
+        shard whose stochastically rounded operand spans its parts has some)."""
+        return {}
 
     # -- telemetry ----------------------------------------------------------------------
     def telemetry(self) -> dict:

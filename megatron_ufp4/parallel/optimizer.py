@@ -57,8 +57,8 @@ from torch import nn
 
 from .data_parallel import expert_param_names, named_parameters, param_kind, replica_group
 
-__all__ = ["DistributedOptimizer", "global_grad_norm", "greedy_partition", "param_groups", "merge_state_dicts", "named_parameters",
-           "replica_counts", "torch_adamw_state_to_fqn"]
+__all__ = ["DistributedOptimizer", "global_grad_norm", "greedy_partition", "merge_state_dicts", "named_parameters",
+           "param_groups", "replica_counts", "torch_adamw_state_to_fqn"]
 
 
 def param_groups(params: Iterable[torch.Tensor], weight_decay: float) -> list[dict]:

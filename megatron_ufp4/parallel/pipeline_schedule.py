@@ -71,14 +71,14 @@ class _ScheduledChunk(nn.Module):
         return torch.autocast(device_type, dtype=self.autocast_dtype) if self.autocast_dtype is not None \
             else nullcontext()
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
         if self.counter is not None:
             step, base, n = self.counter
             self.chunk.step_context.at(step, base + n)
             self.counter[2] += 1
         with self.autocast(x.device.type):
-            if labels is not None:
-                return self.chunk(x, labels=labels)
+            if labels is not None:  # reduction "none": per-token losses (window_losses with pipeline size 1)
+                return self.chunk(x, labels=labels, reduction=reduction)
             return self.chunk.layer_states(x) if self.stop_before_head else self.chunk(x)
 
     def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

@@ -15,7 +15,7 @@ reduction axis of each GEMM exactly as the unsplit layer would:
   operand has its ``SRIndex`` (offset in the full tensor), and every TP rank seeds its
   layer like the single-process module, so the draws equal the unsplit layer's;
 - NVFP4's per-tensor amax is all-reduced (MAX) over the TP group by the layer's
-  ``GemmRunner``, so the second-level scale is the full tensor's;
+  ``GemmState``, so the second-level scale is the full tensor's;
 - partial GEMM outputs (row-parallel Fprop, column-parallel Dgrad) are reduced in FP32
   before being cast to the activation dtype.
 
@@ -74,7 +74,7 @@ class GroupHandle:
 
 
 class _AmaxAllReduce(GroupHandle):
-    """GemmRunner.amax_reduce: all-reduce(MAX) of an NVFP4 tensor amax over the TP group."""
+    """GemmState.amax_reduce: all-reduce(MAX) of an NVFP4 tensor amax over the TP group."""
 
     def __call__(self, amax: torch.Tensor) -> torch.Tensor:
         return all_reduce(amax, self.group, op=dist.ReduceOp.MAX)
@@ -158,7 +158,7 @@ class _TensorParallelLinear(TPGroupMixin, QuantizedLinear):
             self.gemms.amax_reduce = _AmaxAllReduce(self.tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self._call(x))
+        return linear(x, self.weight, self.bias, self.plan(x))
 
 
 class ColumnParallelLinear(_TensorParallelLinear):
@@ -209,30 +209,35 @@ class ColumnParallelLinear(_TensorParallelLinear):
             "dgrad": (SRIndex(col_offset=off, row_stride=full), SRIndex(col_offset=off, row_stride=full)),  # dY, W^T
             "wgrad": (SRIndex(row_offset=off), None),  # dY^T rows; x^T replicated
         }
+        self.gemms.splits = self.gemm_splits(self.recipe)
 
     def _part_slices(self):
         s, n = self.partition_stride, self.out_features // self.partition_stride
         per_part_full = self.full_out_features // s
         return [(slice(p * n, (p + 1) * n), p * per_part_full + self.tp_rank * n) for p in range(s)]
 
-    def _split(self, gemm: str) -> GemmSplit | None:
-        """Sub-GEMMs for a strided shard whose stochastically rounded operand spans its parts."""
-        spec = self.recipe.gemm(gemm)
-        if self.partition_stride == 1 or self.tp == 1 or not spec.quantized:  # the shard is one contiguous block
-            return None
-        sr_a, sr_b = spec.a.rounding == "sr", spec.b.rounding == "sr"
-        full = self.full_out_features
-        if gemm == "fprop" and sr_b:  # B = W rows (out/tp, in): split N, concatenate outputs
-            return GemmSplit([GemmPart(b_rows=sl, b_index=SRIndex(row_offset=g)) for sl, g in self._part_slices()],
-                             "cat_cols")
-        if gemm == "dgrad" and (sr_a or sr_b):  # A = dY (T, out/tp), B = W^T (in, out/tp): split K, sum
-            return GemmSplit([GemmPart(a_cols=sl, a_index=SRIndex(col_offset=g, row_stride=full), b_cols=sl,
-                                       b_index=SRIndex(col_offset=g, row_stride=full))
-                              for sl, g in self._part_slices()], "sum")
-        if gemm == "wgrad" and sr_a:  # A = dY^T (out/tp, T): split M, concatenate rows
-            return GemmSplit([GemmPart(a_rows=sl, a_index=SRIndex(row_offset=g)) for sl, g in self._part_slices()],
-                             "cat_rows")
-        return None  # no stochastic rounding on the split operand: indices do not matter
+    def gemm_splits(self, recipe: Recipe) -> dict:
+        """Sub-GEMMs for a strided shard whose stochastically rounded operand spans its parts
+        (GEMMs without one run whole: indices do not matter then)."""
+        if getattr(self, "partition_stride", 1) == 1 or self.tp == 1:  # the shard is one contiguous block
+            return {}
+        full, out = self.full_out_features, {}
+        for gemm in ("fprop", "dgrad", "wgrad"):
+            spec = recipe.gemm(gemm)
+            if not spec.quantized:
+                continue
+            sr_a, sr_b = spec.a.rounding == "sr", spec.b.rounding == "sr"
+            if gemm == "fprop" and sr_b:  # B = W rows (out/tp, in): split N, concatenate outputs
+                out[gemm] = GemmSplit([GemmPart(b_rows=sl, b_index=SRIndex(row_offset=g))
+                                       for sl, g in self._part_slices()], "cat_cols")
+            elif gemm == "dgrad" and (sr_a or sr_b):  # A = dY (T, out/tp), B = W^T (in, out/tp): split K, sum
+                out[gemm] = GemmSplit([GemmPart(a_cols=sl, a_index=SRIndex(col_offset=g, row_stride=full), b_cols=sl,
+                                                b_index=SRIndex(col_offset=g, row_stride=full))
+                                       for sl, g in self._part_slices()], "sum")
+            elif gemm == "wgrad" and sr_a:  # A = dY^T (out/tp, T): split M, concatenate rows
+                out[gemm] = GemmSplit([GemmPart(a_rows=sl, a_index=SRIndex(row_offset=g))
+                                       for sl, g in self._part_slices()], "cat_rows")
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..linear.linear_fn import LinearCall, linear, linear_dtypes
+from ..linear.linear_fn import LinearPlan, linear, linear_dtypes
 from ..model.losses import DEFAULT_CE_CHUNK_TOKENS, VocabShard, chunked_cross_entropy
 from ..model.init import ShardSpec
 from .mappings import all_reduce, group_rank, reduce_from_tp, reduce_scatter_to_sp
@@ -75,7 +75,7 @@ class VocabParallelLMHead(TPGroupMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_dtype, hp_dtype = linear_dtypes(x, self.weight, quantized=False)
-        return linear(x, self.weight, None, LinearCall(None, self.hooks, out_dtype, hp_dtype, None))
+        return linear(x, self.weight, None, LinearPlan(None, self.hooks, out_dtype, hp_dtype, None))
 
     def chunked_loss(self, x: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = DEFAULT_CE_CHUNK_TOKENS,
                      **kwargs) -> torch.Tensor:

@@ -22,13 +22,11 @@ from pathlib import Path
 import yaml
 
 from ..training.checkpoint import STEP_DIR, latest_checkpoint
-from ..training.dist_checkpoint import is_distributed_checkpoint
 from ..training.run_setup import usable_cores
 from ..outputs import write_text
 from .spec import RunSpec, Study, StudyError
 
 EVAL_FILE = "study_eval.json"
-REPO_TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
 
 @dataclass
@@ -163,20 +161,6 @@ class StudyRunner:
             cmd += ["--backend", s.eval_backend]
         return cmd
 
-    def _single_file(self, run: RunSpec, checkpoint: Path, log: Path) -> Path | None:
-        """A sharded (DCP) checkpoint as the one-file form the evaluator loads."""
-        dst = self.study.out_dir / "consolidated" / run.key / checkpoint.name
-        if (dst / "state.pt").is_file():
-            return dst
-        dst.mkdir(parents=True, exist_ok=True)
-        tool = REPO_TOOLS / "convert_checkpoint.py"
-        if not tool.is_file():
-            with log.open("a") as f:
-                f.write(f"error: {tool} not found (sharded checkpoints need the repository's tools/)\n")
-            return None
-        rc = self._call([self.python, str(tool), "to-single", str(checkpoint), str(dst / "state.pt")], log)
-        return dst if rc == 0 else None
-
     def run_one(self, st: RunStatus) -> str | None:
         """Train (or resume) and evaluate one run; None, or the reason it failed."""
         run = st.run
@@ -192,10 +176,6 @@ class StudyRunner:
         ckpt = latest_checkpoint(run.run_dir)
         if checkpoint_step(ckpt) < st.train_steps:
             return f"no final checkpoint in {run.run_dir} (log: {log})"
-        if is_distributed_checkpoint(ckpt):
-            ckpt = self._single_file(run, ckpt, log)
-            if ckpt is None:
-                return f"could not consolidate the sharded checkpoint (log: {log})"
         rc = self._call(self.eval_command(run, ckpt), log)
         if rc != 0:
             return f"evaluation exited with {rc} (log: {log})"
@@ -232,12 +212,6 @@ class StudyRunner:
                 failures[f"probes {run.key}"] = "its training did not finish"
                 continue
             ckpt = latest_checkpoint(run.run_dir)
-            log = self.log_dir / (run.key.replace("/", "__") + ".log")
-            if is_distributed_checkpoint(ckpt):
-                ckpt = self._single_file(run, ckpt, log)
-                if ckpt is None:
-                    failures[f"probes {run.key}"] = f"could not consolidate the sharded checkpoint (log: {log})"
-                    continue
             self.console(f"  probes on {run.key} ({len(p['recipes'])} recipes, {p['batches']} x {p['batch_size']} "
                          "windows)")
             res = run_probes(ckpt, p["recipes"], p["batches"], p["batch_size"], console=self.console)

@@ -29,7 +29,8 @@ from ..outputs import fsync_dir, os_error_line
 
 LOCK_NAME = ".lock"
 # what a killed writer can leave next to the step directories
-LEFTOVER = re.compile(r"^step_\d{8}\.(tmp|old|del)(-\d+)?$")
+# a killed save, re-save or prune; or the sharded copy of a single-file checkpoint being loaded
+LEFTOVER = re.compile(r"^(step_\d{8}\.(tmp|old|del)(-\d+)?|\.staged-\d+)$")
 
 
 class RunDirError(CheckpointError):
@@ -187,7 +188,7 @@ def clean_leftovers(run_dir: Path, console=print) -> list[str]:
     for entry in sorted(root.iterdir()):
         m = LEFTOVER.match(entry.name)
         final = root / entry.name.split(".")[0]
-        if m and m.group(1) == "old" and not final.exists() and _complete(entry):
+        if m and m.group(2) == "old" and not final.exists() and _complete(entry):
             entry.rename(final)
             console(f"restored checkpoint {final} from {entry.name} (a save was interrupted)")
     complete = {p.name for p in list_checkpoints(run_dir)}
