@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..fp4.grouped import Segments, grouped_tensor_amax
 from ..fp4.hadamard import RHT
 from ..fp4.recipes import GEMM_ROLES, GemmQuant, Recipe
 from ..fp4.sr_random import SRIndex, derive_key, draw_key
@@ -94,16 +95,29 @@ class GemmState:
             a, b = F.pad(a, (0, pad)), F.pad(b, (0, pad))
         keys = self.sr_keys(gemm, position)
         index = self.sr_index.get(gemm, (None, None))
-        backend = get_backend(self.backend_name)
         ops = []
         for t, quant, key, idx in zip((a, b), (spec.a, spec.b), keys, index):
-            amax = None
-            if quant.fmt.scale == "e4m3":  # two-level scales: the whole (logical) tensor's amax
-                amax = backend.tensor_amax(t, quant.fmt, rht)
-                if self.amax_reduce is not None:
-                    amax = self.amax_reduce(amax)
-            ops.append(Operand(t, quant, rht, key if quant.rounding == "sr" else None, idx, amax))
+            ops.append(Operand(t, quant, rht, key if quant.rounding == "sr" else None, idx,
+                               self.tensor_amax(t, quant, rht)))
         return ops[0], ops[1]
+
+    def tensor_amax(self, t: torch.Tensor, quant, rht: RHT | None,
+                    groups: Segments | None = None) -> torch.Tensor | None:
+        """The amax a two-level-scaled format (NVFP4) scales by: the whole logical tensor's
+        (each group's, for a grouped operand), all-reduced over TP when the operand is a
+        shard; None for other formats.  Dense and grouped operands both take it from here."""
+        if quant.fmt.scale != "e4m3":
+            return None
+        if groups is None:
+            amax = get_backend(self.backend_name).tensor_amax(t, quant.fmt, rht)
+        else:
+            amax = grouped_tensor_amax(t, quant.fmt, rht, groups)
+        return self.amax_reduce(amax) if self.amax_reduce is not None else amax
+
+    def operand_position(self, gemm: str, which: str):
+        """Where operand ``which`` ("a" / "b") of ``gemm`` sits in the unsplit layer's operand:
+        (its SRIndex, or None) and the GemmSplit it runs in (or None)."""
+        return self.sr_index.get(gemm, (None, None))["ab".index(which)], self.splits.get(gemm)
 
     def record(self, gemm: str) -> dict:
         """Count one call of ``gemm`` in the telemetry log (what ran); returns its entry."""

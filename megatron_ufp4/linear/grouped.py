@@ -34,7 +34,7 @@ from typing import Sequence
 
 import torch
 
-from ..fp4.grouped import GroupedIndex, Segments, grouped_tensor_amax
+from ..fp4.grouped import GroupedIndex, Segments
 from ..fp4.recipes import GEMM_ROLES
 from ..fp4.sr_random import SRIndex
 from .backends import GroupedOperand, get_backend
@@ -130,55 +130,54 @@ def grouped_index(shape, seg: Segments, base: SRIndex | None, parts_axis, parts,
 
 
 # -- the grouped GEMMs ---------------------------------------------------------------------------
-class GroupedCall:
-    """One grouped linear call: the experts' linears, row counts, dtype and SR position."""
+class GroupedPlan:
+    """What one grouped call runs, fixed in forward: the experts' GEMM states (the lead's
+    recipe, RHT, SR indices and splits stand for all: same-shaped shards of one layer), row
+    counts, hooks, output dtype, SR position, weights.  Holds no module."""
 
     def __init__(self, linears, sizes: Sequence[int], x: torch.Tensor):
-        self.linears, self.sizes = list(linears), tuple(int(n) for n in sizes)
-        lead = self.linears[0]
-        self.lead, self.recipe, self.hooks = lead, lead.recipe, lead.hooks
-        self.backend = get_backend(lead.gemms.backend_name)
+        linears = list(linears)
+        self.states, self.sizes = [lin.gemms for lin in linears], tuple(int(n) for n in sizes)
+        lead = linears[0]
+        self.lead, self.recipe, self.hooks = lead.gemms, lead.recipe, lead.hooks
+        self.backend = get_backend(self.lead.backend_name)
         self.position = lead.step_context.position  # read in forward, kept for backward (as the loop does)
         self.out_dtype = linear_output_dtype(x)
-        self.weight = weights_of(self.linears)
-        self.bias = [lin.bias for lin in self.linears] if lead.bias is not None else None
+        self.weight = weights_of(linears)
+        self.bias = [lin.bias for lin in linears] if lead.bias is not None else None
 
     def _keys(self, gemm: str):
         """Per expert (key A, key B); an expert without rows draws nothing (the loop skips it)."""
         out = []
-        for lin, n in zip(self.linears, self.sizes):
+        for state, n in zip(self.states, self.sizes):
             if n:
-                lin.gemms.record(gemm)
-                out.append(lin.gemms.sr_keys(gemm, self.position))
+                state.record(gemm)
+                out.append(state.sr_keys(gemm, self.position))
             else:
                 out.append((0, 0))
         return out
 
-    def _operand(self, gemm, which, t, seg, quant, rht, keys, split):
+    def _operand(self, gemm, which, t, seg, quant, rht, keys):
         idx = None
         if quant.rounding == "sr":
-            if split is None:
-                axis, parts, base = None, None, self.lead.gemms.sr_index.get(gemm, (None, None))["ab".index(which)]
-            else:
+            base, split = self.lead.operand_position(gemm, which)
+            axis, parts = None, None
+            if split is not None:
                 axis, parts, base = _operand_parts(split, which)
             idx = grouped_index(t.shape, seg, base, axis, parts, t.device)
-        amax = None
-        if quant.fmt.scale == "e4m3":  # each expert's own tensor amax, all-reduced over TP as one vector
-            amax = grouped_tensor_amax(t, quant.fmt, rht, seg)
-            if self.lead.gemms.amax_reduce is not None:
-                amax = self.lead.gemms.amax_reduce(amax)
+        amax = self.lead.tensor_amax(t, quant, rht, seg)  # each expert's own, all-reduced over TP as one vector
         key_list = tuple(k["ab".index(which)] or 0 for k in keys) if quant.rounding == "sr" else None
         return self.backend.quantize_grouped(GroupedOperand(t, quant, seg, rht, key_list, idx, amax))
 
     def gemm(self, gemm: str, a: torch.Tensor, b: torch.Tensor, a_seg: Segments, b_seg: Segments) -> torch.Tensor:
         """The quantized GEMM ``gemm`` of every expert: (T, N) for row groups, (E, M, N) for K groups."""
         spec = self.recipe.gemm(gemm)
-        rht = self.lead.gemms.rht if spec.rht else None
-        split = self.lead.gemms.splits.get(gemm)
+        rht = self.lead.rht if spec.rht else None
+        split = self.lead.splits.get(gemm)
         keys = self._keys(gemm)
-        qa = self._operand(gemm, "a", a, a_seg, spec.a, rht, keys, split)
-        qb = self._operand(gemm, "b", b, b_seg, spec.b, rht, keys, split)
-        e = len(self.linears)
+        qa = self._operand(gemm, "a", a, a_seg, spec.a, rht, keys)
+        qb = self._operand(gemm, "b", b, b_seg, spec.b, rht, keys)
+        e = len(self.states)
         mm = functools.partial(self.backend.grouped_matmul, sizes=a_seg.sizes if gemm != "wgrad" else b_seg.sizes)
         if gemm == "wgrad":  # K groups: (E, M, N); a split cuts A's rows ("cat_rows")
             if split is None:
@@ -211,10 +210,10 @@ class GroupedCall:
 
 class _GroupedLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, call: GroupedCall, *params):
+    def forward(ctx, x, call: GroupedPlan, *params):
         ctx.call = call
         ctx.save_for_backward(x)
-        e, w = len(call.linears), call.weight
+        e, w = len(call.states), call.weight
         with torch.autocast(x.device.type, enabled=False):
             y = call.gemm("fprop", x, w.reshape(-1, w.shape[-1]), Segments(0, call.sizes),
                           Segments(0, (w.shape[1],) * e))
@@ -229,7 +228,7 @@ class _GroupedLinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
         call = ctx.call
-        e, w = len(call.linears), call.weight
+        e, w = len(call.states), call.weight
         dy2 = call.hooks.gather_output_grad(dy)
         dx, dws, dbs = None, [None] * e, [None] * e
         with torch.autocast(dy.device.type, enabled=False):
@@ -254,8 +253,8 @@ class _GroupedLinearFunction(torch.autograd.Function):
 
 def grouped_linear(linears, x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
     """``cat([linears[e](x_e)])`` as grouped GEMMs (see module doc); ``sizes``: host row counts."""
-    call = GroupedCall(linears, sizes, x)
-    params = [lin.weight for lin in call.linears] + (list(call.bias) if call.bias is not None else [])
+    call = GroupedPlan(linears, sizes, x)
+    params = [lin.weight for lin in linears] + (list(call.bias) if call.bias is not None else [])
     return _GroupedLinearFunction.apply(x, call, *params)
 
 
