@@ -187,3 +187,51 @@ def reference_run(tiny_cfg, tmp_path_factory):
     return get
 
 
+
+
+def wrap_loss(trainer, fn):
+    """Make ``trainer``'s model return ``fn(loss)`` for every forward (failure injection: a crash,
+    a NaN loss).  The pipeline runner calls the model module, which calls its ``forward``."""
+    model = trainer.model
+    forward = model.forward
+
+    def wrapped(*args, **kwargs):
+        return fn(forward(*args, **kwargs))
+
+    model.forward = wrapped
+
+
+def write_legacy_state_file(trainer, path) -> None:
+    """``trainer``'s state as the single-process trainer of earlier versions wrote it in
+    ``step_*/state.pt``: the model state dict, torch AdamW's own state dict (parameters
+    numbered in its groups' order: matrices first, then 1-D parameters, each in
+    ``named_parameters()`` order), counters, RNG states and the config.  Built here from the
+    format's definition, independently of the package's reader."""
+    import random
+
+    import numpy as np
+    import torch
+
+    params = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
+    order = [n for n, p in params if p.dim() >= 2] + [n for n, p in params if p.dim() < 2]
+    ids = {n: i for i, n in enumerate(order)}
+    owned = trainer.optimizer.state_dict()
+    wd = trainer.cfg.optimizer.weight_decay
+    group = {"lr": 0.0, "betas": (trainer.cfg.optimizer.beta1, trainer.cfg.optimizer.beta2),
+             "eps": trainer.cfg.optimizer.eps, "amsgrad": False, "maximize": False, "foreach": None,
+             "capturable": False, "differentiable": False, "fused": True}
+    n_matrices = sum(1 for n, p in params if p.dim() >= 2)
+    optimizer = {"state": {ids[n]: {k: v.clone() for k, v in st.items()} for n, st in owned.items()},
+                 "param_groups": [{**group, "weight_decay": wd, "params": list(range(n_matrices))},
+                                  {**group, "weight_decay": 0.0, "params": list(range(n_matrices, len(order)))}]}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    rng = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+           "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
+           "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos),
+           "numpy_has_gauss": int(has_gauss), "numpy_gauss": float(gauss)}
+    state = {"model": trainer.model.state_dict(), "optimizer": optimizer, "step": trainer.step,
+             "consumed_samples": trainer.step * trainer.cfg.training.global_batch_size,
+             "skipped_total": trainer.skipped_total, "consecutive_nonfinite": trainer.consecutive_nonfinite,
+             "rng": rng, "config": trainer.cfg.to_dict()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)

@@ -1,7 +1,10 @@
-"""Checkpoints: exact resume (dense and MoE, UFP4 with SR on dY), crash-safe writes, pruning,
-corrupt files, contents, incompatible configs, metrics after a crash, and the eval/sample CLIs."""
+"""Checkpoints: exact resume (dense and MoE, UFP4 with SR on dY; from the sharded checkpoints
+training writes and from the single-file ``state.pt`` of earlier versions), crash-safe writes,
+pruning, corrupt files, contents, incompatible configs, metrics after a crash, and the eval/sample
+CLIs."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -14,16 +17,20 @@ import torch
 import yaml
 
 try:  # tests/ as a package (with __init__.py) or as a plain directory on sys.path
-    from .conftest import (CONFIGS, REPO_ROOT, RESUME_RUN, assert_state_equal, quiet, read_metrics, snapshot)
+    from .conftest import (CONFIGS, REPO_ROOT, RESUME_RUN, assert_state_equal, quiet, read_metrics, snapshot,
+                           wrap_loss, write_legacy_state_file)
 except ImportError:
-    from conftest import (CONFIGS, REPO_ROOT, RESUME_RUN, assert_state_equal, quiet, read_metrics, snapshot)
-from megatron_ufp4.config import load_config
+    from conftest import (CONFIGS, REPO_ROOT, RESUME_RUN, assert_state_equal, quiet, read_metrics, snapshot,
+                          wrap_loss, write_legacy_state_file)
+from megatron_ufp4.config import dump_config, load_config
 from megatron_ufp4.linear import QuantizedLinear
-from megatron_ufp4.model import GPTModel, LinearFactory
-from megatron_ufp4.training.checkpoint import (CheckpointError, capture_rng, latest_checkpoint, list_checkpoints,
-                                               load_checkpoint, restore_rng, save_checkpoint)
+from megatron_ufp4.parallel.build import build_model
+from megatron_ufp4.training.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
+from megatron_ufp4.training.checkpoint_formats import read_checkpoint
+from megatron_ufp4.training.evaluation import eval_window_count, summarize, window_losses
 from megatron_ufp4.training.inference import generate, load_trained_model
-from megatron_ufp4.training.trainer import Trainer, evaluate_loss, validation_dataset
+from megatron_ufp4.training.run_setup import validation_dataset
+from megatron_ufp4.training.trainer import Trainer
 
 # What must match bit for bit between an uninterrupted run and a stopped-and-resumed one
 # (tokens_per_s and mfu are wall-clock measurements).
@@ -38,11 +45,48 @@ def step_names(run_dir) -> list[str]:
     return [p.name for p in list_checkpoints(run_dir)]
 
 
+# what a checkpoint directory written by training holds (one process: one data file)
+SHARDED_FILES = [".metadata", "__0_0.distcp", "config.yaml", "partitions.json"]
+
+
+def staged_leftovers(run_dir) -> list[str]:
+    """Temporary sharded copies of a single file (``checkpoints/.staged-<pid>``) still on disk."""
+    return [p.name for p in (Path(run_dir) / "checkpoints").iterdir() if p.name.startswith(".staged")]
+
+
+def as_legacy_checkpoint(trainer, ckpt: Path) -> Path:
+    """Replace the sharded checkpoint ``ckpt`` by ``trainer``'s state in the single-file format of
+    earlier versions (``state.pt`` + ``config.yaml``); returns the ``state.pt``."""
+    shutil.rmtree(ckpt)
+    write_legacy_state_file(trainer, ckpt / "state.pt")
+    (ckpt / "config.yaml").write_text(dump_config(trainer.cfg), encoding="utf-8")
+    return ckpt / "state.pt"
+
+
+@pytest.fixture(scope="module")
+def legacy_run(trained_run, tmp_path_factory):
+    """A copy of ``trained_run`` whose step-2 checkpoint is the same state as a single-file
+    ``state.pt`` of earlier versions.  Returns (run_dir, overrides)."""
+    src, overrides = trained_run
+    run = tmp_path_factory.mktemp("legacy") / "run"
+    shutil.copytree(src, run)
+    over = [*[o for o in overrides if not o.startswith("training.run_dir=")], f"training.run_dir={run}"]
+    trainer = Trainer(load_config(CONFIGS / "tiny_dense.yaml", over), console=quiet)
+    assert trainer.step == 2
+    as_legacy_checkpoint(trainer, run / "checkpoints" / "step_00000002")
+    trainer.close()
+    return run, over
+
+
 pytestmark = [pytest.mark.numerical, pytest.mark.usefixtures("single_thread")]
 
 # -- exact resume ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["sharded", "legacy"])
 @pytest.mark.parametrize("config", ["tiny_dense", "tiny_moe"])
-def test_exact_resume_matches_uninterrupted_run(config, reference_run, tiny_cfg, tmp_path):
+def test_exact_resume_matches_uninterrupted_run(config, fmt, reference_run, tiny_cfg, tmp_path):
+    """Stopped after step 3 and resumed: the same records, final state and optimizer state as the
+    uninterrupted run, from the sharded checkpoint training writes and (``legacy``) from the same
+    state in the single-file ``state.pt`` of earlier versions, which still resumes directly."""
     ref = reference_run(config)
     assert [r["step"] for r in ref["records"]] == [1, 2, 3, 4, 5, 6]
     assert len({r["loss"] for r in ref["records"]}) == 6  # the model really changes from step to step
@@ -51,11 +95,18 @@ def test_exact_resume_matches_uninterrupted_run(config, reference_run, tiny_cfg,
     stopped = first.train(exit_after=3)
     assert stopped["step"] == 3 and first.step == 3
     assert step_names(tmp_path) == ["step_00000003"]
+    ckpt = tmp_path / "checkpoints" / "step_00000003"
+    assert sorted(os.listdir(ckpt)) == SHARDED_FILES
+    if fmt == "legacy":
+        as_legacy_checkpoint(first, ckpt)
+        assert step_names(tmp_path) == ["step_00000003"] and sorted(os.listdir(ckpt)) == ["config.yaml", "state.pt"]
     del first
 
     logs = []
     second = Trainer(tiny_cfg(config, tmp_path, *RESUME_RUN), console=logs.append)  # training.resume=auto
     assert second.step == 3 and any("resumed" in line for line in logs)
+    assert f"resumed from {ckpt} at step 3" in logs
+    assert staged_leftovers(tmp_path) == []  # the temporary sharded copy of a state.pt is gone
     final = second.train()
     assert final["step"] == 6
 
@@ -92,14 +143,13 @@ def test_crashed_run_resumes_and_drops_records_after_checkpoint(reference_run, t
     ref = reference_run("tiny_dense")
     overrides = [*RESUME_RUN, "checkpoint.interval=3"]
     trainer = Trainer(tiny_cfg("tiny_dense", tmp_path, *overrides), console=quiet)
-    loss_fn = trainer.loss_fn
 
-    def crash_in_step_5(model, tokens, labels):
+    def crash_in_step_5(loss):
         if trainer.step == 4:  # noqa: F821 (the enclosing trainer, deleted after the crash)
             raise RuntimeError("simulated crash in step 5")
-        return loss_fn(model, tokens, labels)
+        return loss
 
-    trainer.loss_fn = crash_in_step_5
+    wrap_loss(trainer, crash_in_step_5)
     with pytest.raises(RuntimeError, match="simulated crash"):
         trainer.train()
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]  # step 4 logged, never checkpointed
@@ -134,8 +184,7 @@ def test_exact_resume_after_a_skipped_step_moe(tiny_cfg, tmp_path):
     overrides = ["recipe.name=bf16", "training.train_steps=6", "training.eval_interval=0", "checkpoint.interval=0"]
     first = Trainer(tiny_cfg("tiny_moe", tmp_path, *overrides), console=quiet)
     assert first.cfg.model.expert_bias_rate > 0
-    first.loss_fn = lambda model, tokens, labels: Trainer.loss_fn(model, tokens, labels) * (
-        float("nan") if first.step + 1 == 3 else 1.0)
+    wrap_loss(first, lambda loss: loss * float("nan") if first.step + 1 == 3 else loss)
     first.train(exit_after=3)
     assert first.skipped_total == 1
     resumed = Trainer(tiny_cfg("tiny_moe", tmp_path, *overrides), console=quiet)
@@ -203,13 +252,21 @@ def test_resume_with_compatible_changes(trained_run, tiny_cfg, tmp_path):
     assert trainer.step == 2
 
 
-def test_explicit_resume_path_and_resume_none(trained_run, tiny_cfg, tmp_path):
+def test_explicit_resume_path_and_resume_none(trained_run, legacy_run, tiny_cfg, tmp_path):
     run_dir, _ = trained_run
     ckpt = run_dir / "checkpoints" / "step_00000002"
     trainer = Trainer(tiny_cfg("tiny_dense", tmp_path / "a", "recipe.name=ufp4", f"training.resume={ckpt}"),
                       console=quiet)
     assert trainer.step == 2
-    assert_state_equal(snapshot(trainer.model.state_dict()), load_checkpoint(ckpt)["model"])
+    assert_state_equal(snapshot(trainer.model.state_dict()), read_checkpoint(ckpt)["model"])
+    # the same state as a single state.pt of earlier versions, given as a file
+    legacy = legacy_run[0] / "checkpoints" / "step_00000002" / "state.pt"
+    from_file = Trainer(tiny_cfg("tiny_dense", tmp_path / "d", "recipe.name=ufp4", f"training.resume={legacy}"),
+                        console=quiet)
+    assert from_file.step == 2 and staged_leftovers(tmp_path / "d") == []
+    assert_state_equal(snapshot(from_file.model.state_dict()), snapshot(trainer.model.state_dict()))
+    assert_state_equal(snapshot(from_file.optimizer.state_dict()), snapshot(trainer.optimizer.state_dict()),
+                       "optimizer")
     fresh = Trainer(tiny_cfg("tiny_dense", tmp_path / "b", "recipe.name=ufp4", "training.resume=none"), console=quiet)
     assert fresh.step == 0
     with pytest.raises(CheckpointError, match="no checkpoint"):
@@ -218,20 +275,28 @@ def test_explicit_resume_path_and_resume_none(trained_run, tiny_cfg, tmp_path):
 
 # -- what a checkpoint holds ---------------------------------------------------------------------------
 def test_checkpoint_contents(trained_run):
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from megatron_ufp4.training.safe_load import verify_dcp_metadata
+
     run_dir, overrides = trained_run
     ckpt = run_dir / "checkpoints" / "step_00000002"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["config.yaml", "state.pt"]
-    state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)  # no pickled objects
+    assert sorted(p.name for p in ckpt.iterdir()) == SHARDED_FILES
+    md = verify_dcp_metadata(ckpt)  # no pickled objects: every entry is a tensor
+    assert md.state_dict_metadata and all(type(v) is TensorStorageMetadata for v in md.state_dict_metadata.values())
+    assert {k.split(".", 1)[0] for k in md.state_dict_metadata} == {"model", "optim", "trainer"}
+    state = read_checkpoint(ckpt)
     cfg = load_config(CONFIGS / "tiny_dense.yaml", overrides)
     assert state["config"] == cfg.to_dict()  # the resolved config
+    assert json.loads((ckpt / "partitions.json").read_text())["config"] == cfg.to_dict()
     assert yaml.safe_load((ckpt / "config.yaml").read_text()) == cfg.to_dict()
-    assert state["step"] == 2 and state["consumed_samples"] == 2 * cfg.training.global_batch_size
-    assert state["skipped_total"] == 0 and state["consecutive_nonfinite"] == 0
+    assert state["step"] == 2
+    assert state["trainer"] == {"step": 2, "skipped_total": 0, "consecutive_nonfinite": 0}
 
     # SR generator states and RHT signs of every quantized linear, as model '_extra_state' entries
-    recipe, backend = cfg.build_recipe()
-    fresh = GPTModel(cfg.model, LinearFactory(recipe, num_layers=cfg.model.num_layers, backend=backend,
-                                              seed=cfg.training.seed))
+    recipe, _ = cfg.build_recipe()
+    [fresh] = build_model(cfg)
+    assert set(state["model"]) == set(fresh.state_dict())
     linears = {n: m for n, m in fresh.named_modules() if isinstance(m, QuantizedLinear)}
     assert len(linears) == 2 * 4  # attn.qkv, attn.proj, mlp.gate_up, mlp.down per layer
     extra = {k[: -len("._extra_state")]: v for k, v in state["model"].items() if k.endswith("._extra_state")}
@@ -244,28 +309,14 @@ def test_checkpoint_contents(trained_run):
         assert gen.dtype == torch.uint8
         torch.Generator().set_state(gen)  # a loadable generator state (used outside training positions)
 
-    # optimizer: AdamW moments for every parameter, 2 steps taken
-    params = [p for p in fresh.parameters() if p.requires_grad]
+    # optimizer: AdamW moments for every parameter (by name, shaped like it), 2 steps taken
+    params = {n: p for n, p in fresh.named_parameters() if p.requires_grad}
     opt = state["optimizer"]
-    assert len(opt["state"]) == len(params)
-    for s in opt["state"].values():
+    assert set(opt) == set(params)
+    for fqn, s in opt.items():
         assert {"exp_avg", "exp_avg_sq", "step"} <= set(s) and float(s["step"]) == 2.0
+        assert s["exp_avg"].shape == s["exp_avg_sq"].shape == params[fqn].shape, fqn
         assert s["exp_avg"].abs().sum() > 0
-
-    # RNG states: restoring them reproduces the same draws (torch, python, numpy)
-    import random
-
-    import numpy as np
-    assert {"torch", "python", "numpy", "numpy_pos"} <= set(state["rng"])
-    saved = capture_rng()
-    try:
-        restore_rng(state["rng"])
-        a = (torch.rand(3), random.random(), np.random.rand())
-        restore_rng(state["rng"])
-        b = (torch.rand(3), random.random(), np.random.rand())
-        assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
-    finally:
-        restore_rng(saved)
 
 
 # -- crash-safe writes, pruning, corrupt files -----------------------------------------------------------
@@ -278,7 +329,7 @@ def test_crash_before_rename_leaves_previous_checkpoint(tiny_cfg, tmp_path, exc)
     overrides = ["recipe.name=ufp4", "training.train_steps=4", "training.eval_interval=0", "checkpoint.interval=2"]
     trainer = Trainer(tiny_cfg("tiny_dense", tmp_path, *overrides), console=quiet)
     trainer.train(exit_after=2)
-    good = snapshot(load_checkpoint(tmp_path / "checkpoints" / "step_00000002"))
+    good = snapshot(read_checkpoint(tmp_path / "checkpoints" / "step_00000002"))
     trainer.train_step()  # step 3, then a crash while writing its checkpoint
     seen = []
 
@@ -288,10 +339,10 @@ def test_crash_before_rename_leaves_previous_checkpoint(tiny_cfg, tmp_path, exc)
 
     with pytest.raises(exc):
         trainer.save(_before_rename=crash)
-    assert seen == [["config.yaml", "state.pt"]]  # the crash came after the data was written
+    assert seen == [SHARDED_FILES]  # the crash came after the data was written
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000002"]  # no step 3, no tmp dir
     assert latest_checkpoint(tmp_path).name == "step_00000002"
-    assert_state_equal(load_checkpoint(latest_checkpoint(tmp_path)), good)
+    assert_state_equal(read_checkpoint(latest_checkpoint(tmp_path)), good)
 
     # crash while re-saving the same step (the replace path): the old one stays intact
     resumed = Trainer(tiny_cfg("tiny_dense", tmp_path, *overrides), console=quiet)
@@ -300,28 +351,45 @@ def test_crash_before_rename_leaves_previous_checkpoint(tiny_cfg, tmp_path, exc)
     with pytest.raises(exc):
         resumed.save(_before_rename=crash)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000002"]
-    assert_state_equal(load_checkpoint(tmp_path / "checkpoints" / "step_00000002"), good)
+    assert_state_equal(read_checkpoint(tmp_path / "checkpoints" / "step_00000002"), good)
 
 
-def test_leftover_tmp_dir_from_a_killed_writer_is_ignored(trained_run, tmp_path):
+def test_leftover_tmp_dir_from_a_killed_writer_is_ignored(trained_run, tiny_cfg, tmp_path):
     run_dir, _ = trained_run
     shutil.copytree(run_dir, tmp_path, dirs_exist_ok=True)
-    tmp = tmp_path / "checkpoints" / "step_00000009.tmp-4242"
+    tmp = tmp_path / "checkpoints" / "step_00000009.tmp"  # killed mid-write: a shard and its metadata, torn
     tmp.mkdir()
-    (tmp / "state.pt").write_bytes(b"half a checkpoi")
+    src = tmp_path / "checkpoints" / "step_00000002"
+    for name in (".metadata", "__0_0.distcp"):
+        data = (src / name).read_bytes()
+        (tmp / name).write_bytes(data[: len(data) // 2])
     assert latest_checkpoint(tmp_path).name == "step_00000002"
+    # the next start resumes from the last complete checkpoint and removes the leftover
+    trainer = Trainer(tiny_cfg("tiny_dense", tmp_path, "recipe.name=ufp4", "training.train_steps=4"), console=quiet)
+    assert trainer.step == 2 and not tmp.exists()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_00000002"]
 
 
-def test_keep_last_prunes_to_exactly_n(tmp_path):
+def test_keep_last_prunes_to_exactly_n(tiny_cfg, tmp_path):
+    trainer = Trainer(tiny_cfg("tiny_dense", tmp_path, "recipe.name=bf16", "training.eval_interval=0",
+                               "checkpoint.interval=0", "checkpoint.keep_last=3"), console=quiet)
+    name, w = next(iter(trainer.model.named_parameters()))
     for step in range(1, 6):
-        save_checkpoint(tmp_path, step, {"w": torch.full((2,), float(step))}, "x: 1\n", keep_last=3)
+        trainer.step = step
+        with torch.no_grad():
+            w.fill_(float(step))
+        trainer.save()
         assert len(list_checkpoints(tmp_path)) == min(step, 3)
     assert step_names(tmp_path) == ["step_00000003", "step_00000004", "step_00000005"]
     assert sorted(os.listdir(tmp_path / "checkpoints")) == step_names(tmp_path)
-    assert float(load_checkpoint(latest_checkpoint(tmp_path))["w"][0]) == 5.0
-    save_checkpoint(tmp_path, 5, {"w": torch.zeros(2)}, "x: 1\n", keep_last=3)  # re-save the same step
+    latest = read_checkpoint(latest_checkpoint(tmp_path))
+    assert latest["step"] == 5 and torch.all(latest["model"][name] == 5.0)
+    with torch.no_grad():
+        w.zero_()
+    trainer.save()  # re-save the same step
     assert step_names(tmp_path) == ["step_00000003", "step_00000004", "step_00000005"]
-    assert float(load_checkpoint(latest_checkpoint(tmp_path))["w"][0]) == 0.0
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == step_names(tmp_path)
+    assert torch.all(read_checkpoint(latest_checkpoint(tmp_path))["model"][name] == 0.0)
 
 
 def test_keep_last_in_training(tiny_cfg, tmp_path):
@@ -332,30 +400,52 @@ def test_keep_last_in_training(tiny_cfg, tmp_path):
     assert step_names(tmp_path) == ["step_00000004", "step_00000005"]
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", "truncated", "pickled_object"])
-def test_corrupt_checkpoint_is_one_line_checkpoint_error(trained_run, tiny_cfg, tmp_path, content):
-    run_dir, _ = trained_run
-    shutil.copytree(run_dir, tmp_path, dirs_exist_ok=True)
-    f = tmp_path / "checkpoints" / "step_00000002" / "state.pt"
+CORRUPTIONS = [b"", b"not a checkpoint at all", "truncated", "pickled_object"]
+
+
+def _corrupt(f: Path, content) -> None:
     if content == "truncated":
         data = f.read_bytes()
         f.write_bytes(data[: len(data) // 2])
-    elif content == "pickled_object":  # loadable only with weights_only=False
+    elif content == "pickled_object":  # loadable only by an unrestricted unpickler
         import datetime
-        torch.save({"model": {}, "when": datetime.datetime(2024, 1, 1)}, f)
+        import io
+        import pickle
+
+        obj = {"model": {}, "when": datetime.datetime(2024, 1, 1)}
+        if f.name == ".metadata":  # a plain pickle, as DCP writes it
+            f.write_bytes(pickle.dumps(obj))
+        else:
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            f.write_bytes(buf.getvalue())
     else:
         f.write_bytes(content)
+
+
+@pytest.mark.parametrize("content", CORRUPTIONS)
+@pytest.mark.parametrize("target", ["__0_0.distcp", ".metadata", "legacy state.pt"])
+def test_corrupt_checkpoint_is_one_line_checkpoint_error(trained_run, legacy_run, tiny_cfg, tmp_path, target,
+                                                         content):
+    """A damaged file of the sharded checkpoint training writes, or of a single-file ``state.pt``
+    of earlier versions: one line naming the file, from the reader and from a resume."""
+    run_dir, _ = legacy_run if target.startswith("legacy") else trained_run
+    shutil.copytree(run_dir, tmp_path, dirs_exist_ok=True)
+    f = tmp_path / "checkpoints" / "step_00000002" / target.split()[-1]
+    _corrupt(f, content)
     with pytest.raises(CheckpointError) as info:
-        load_checkpoint(f.parent)
+        read_checkpoint(f.parent)
     msg = str(info.value)
-    assert "\n" not in msg and "state.pt" in msg, msg
-    with pytest.raises(CheckpointError):  # resume=auto does not silently start from scratch
+    assert "\n" not in msg and str(f) in msg, msg
+    with pytest.raises(CheckpointError) as info:  # resume=auto does not silently start from scratch
         Trainer(tiny_cfg("tiny_dense", tmp_path, "recipe.name=ufp4"), console=quiet)
+    msg = str(info.value)
+    assert "\n" not in msg and str(f) in msg, msg
 
 
 def test_missing_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
-        load_checkpoint(tmp_path / "nothing")
+        read_checkpoint(tmp_path / "nothing")
     assert latest_checkpoint(tmp_path) is None and list_checkpoints(tmp_path) == []
 
 
@@ -409,8 +499,9 @@ def test_eval_cli_matches_trainer_evaluate(cli_runs, trained_run, tiny_cfg, tmp_
     # the CLI's own computation path, to full precision
     model, ckpt_cfg, step = load_trained_model(run_dir)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=False)
-    got = evaluate_loss(model, validation_dataset(ckpt_cfg), ckpt_cfg.training.micro_batch_size,
-                        ckpt_cfg.training.eval_iters, autocast)
+    ds = validation_dataset(ckpt_cfg)
+    got = summarize(window_losses(model, ds, eval_window_count(ckpt_cfg, len(ds)),
+                                  ckpt_cfg.training.micro_batch_size, autocast))["loss"]
     assert step == 2 and abs(got - want) < 1e-5
     # and the validation loss the training run itself logged at step 2
     logged = [r for r in read_metrics(run_dir) if r["step"] == 2][0]["val_loss"]
@@ -447,7 +538,8 @@ def test_eval_sample_cli_missing_checkpoint(cli_runs, case):
 
 @pytest.mark.parametrize("cli", ["eval", "sample"])
 @pytest.mark.parametrize("what, needle", [("missing", "no checkpoint"), ("empty_dir", "no checkpoint"),
-                                          ("corrupt", "cannot read checkpoint")])
+                                          ("corrupt", "cannot read checkpoint"),
+                                          ("corrupt_sharded", "cannot read")])
 def test_eval_sample_cli_errors(cli, what, needle, tmp_path, capsys):
     """Exit 2 and one ``error:`` line (in process: an escaping exception would fail the test)."""
     import importlib
@@ -458,8 +550,13 @@ def test_eval_sample_cli_errors(cli, what, needle, tmp_path, capsys):
         target.mkdir()
     if what == "corrupt":
         (target / "state.pt").write_bytes(b"garbage")
+    if what == "corrupt_sharded":  # a sharded checkpoint whose metadata is garbage
+        (target / ".metadata").write_bytes(b"garbage")
+        (target / "partitions.json").write_text("{}")
     assert main([str(target)]) == 2
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], captured.err
+    if what == "corrupt_sharded":
+        assert str(target / ".metadata") in lines[0], lines[0]
     assert captured.out == ""

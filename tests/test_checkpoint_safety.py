@@ -9,8 +9,10 @@ planners unpickle with ``weights_only=False``).  Each test first shows its paylo
 2 (torchrun: non-zero), exactly one stderr line naming the file, and no marker.
 
 Damage: truncated / garbage / missing ``.distcp``, truncated ``.metadata``, missing
-``partitions.json``, ``state.pt`` without a key (datasets: tests/test_data_errors.py).
-Conversion: the single-process trainer's ``state.pt`` -> ``to-dcp`` -> resume under torchrun.
+``partitions.json`` (of the sharded checkpoint training writes), a ``state.pt`` of earlier
+versions without a key (datasets: tests/test_data_errors.py).
+Conversion: the single-process trainer's ``state.pt`` of earlier versions -> ``to-dcp`` ->
+resume under torchrun; ``to-dcp`` -> ``to-single`` keeps every value.
 """
 from __future__ import annotations
 
@@ -33,14 +35,18 @@ import pytest
 import torch
 
 try:
-    from .conftest import CONFIGS, REPO_ROOT, read_metrics
+    from .conftest import CONFIGS, REPO_ROOT, assert_state_equal, quiet, read_metrics, snapshot, write_legacy_state_file
 except ImportError:
-    from conftest import CONFIGS, REPO_ROOT, read_metrics
-from megatron_ufp4.training.checkpoint import CheckpointError, load_checkpoint
+    from conftest import CONFIGS, REPO_ROOT, assert_state_equal, quiet, read_metrics, snapshot, write_legacy_state_file
+from megatron_ufp4.config import dump_config, load_config
+from megatron_ufp4.training.checkpoint import CheckpointError
+from megatron_ufp4.training.checkpoint_formats import read_checkpoint
 from megatron_ufp4.training.safe_load import (ALLOWED_GLOBALS, load_dcp, load_dcp_full, safe_reader,
                                               verify_dcp_metadata)
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# the repository on the path: the subprocesses run from other directories (tmp_path)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1",
+       "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
 # -- payloads ------------------------------------------------------------------------------------------
@@ -96,15 +102,35 @@ def tool():
 
 
 @pytest.fixture(scope="module")
-def sharded(trained_run, tmp_path_factory, tool):
-    """The trained single-process run converted to a sharded checkpoint (step 2) in a run dir of its own."""
+def sharded(trained_run):
+    """The sharded checkpoint (step 2) the trained single-process run wrote (tests damage copies of it)."""
     run_dir, overrides = trained_run
-    dst = tmp_path_factory.mktemp("sharded") / "run"
-    ckpt = dst / "checkpoints" / "step_00000002"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert tool.main(["to-dcp", str(run_dir / "checkpoints" / "step_00000002" / "state.pt"), str(ckpt)]) == 0
+    ckpt = run_dir / "checkpoints" / "step_00000002"
+    assert (ckpt / ".metadata").is_file() and not (ckpt / "state.pt").exists()
     return ckpt, overrides
+
+
+@pytest.fixture(scope="module")
+def legacy_run(trained_run, tmp_path_factory):
+    """A copy of the trained run whose step-2 checkpoint is the same state as the ``state.pt``
+    (+ ``config.yaml``) the single-process trainer of earlier versions wrote.  Returns
+    (run_dir, overrides, truth): truth = model / optimizer (by name) state dicts of that state,
+    from a trainer resumed from the sharded original."""
+    from megatron_ufp4.training.trainer import Trainer
+
+    src, overrides = trained_run
+    run = tmp_path_factory.mktemp("legacy") / "run"
+    shutil.copytree(src, run)
+    over = [*[o for o in overrides if not o.startswith("training.run_dir=")], f"training.run_dir={run}"]
+    trainer = Trainer(load_config(CONFIGS / "tiny_dense.yaml", over), console=quiet)
+    assert trainer.step == 2
+    truth = {"model": snapshot(trainer.model.state_dict()), "optimizer": snapshot(trainer.optimizer.state_dict())}
+    ckpt = run / "checkpoints" / "step_00000002"
+    shutil.rmtree(ckpt)
+    write_legacy_state_file(trainer, ckpt / "state.pt")
+    (ckpt / "config.yaml").write_text(dump_config(trainer.cfg), encoding="utf-8")
+    trainer.close()
+    return run, over, truth
 
 
 def _copy_run(ckpt: Path, tmp_path: Path) -> Path:
@@ -132,17 +158,20 @@ def _globals_of(meta: Path) -> set:
     return seen
 
 
-def test_allowlist_covers_what_dcp_writes(sharded, tmp_path):
+def test_allowlist_covers_what_dcp_writes(sharded, legacy_run, tool, tmp_path):
     import torch.distributed.checkpoint as dcp
 
     ckpt, _ = sharded
+    converted = tmp_path / "converted"  # to-dcp of a state.pt of earlier versions
+    assert tool.main(["to-dcp", str(legacy_run[0] / "checkpoints" / "step_00000002" / "state.pt"),
+                      str(converted)]) == 0
     sd = {f"t.{d}": torch.ones(3, 2, dtype=getattr(torch, d))
           for d in ("float32", "bfloat16", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")}
     sd.update({"scalar": torch.tensor(3), "empty": torch.zeros(0, 4), "view": torch.arange(12.0).view(3, 4).t()})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.save(sd, checkpoint_id=str(tmp_path / "survey"), no_dist=True)
-    for meta in (ckpt / ".metadata", tmp_path / "survey" / ".metadata"):
+    for meta in (ckpt / ".metadata", converted / ".metadata", tmp_path / "survey" / ".metadata"):
         seen = _globals_of(meta)
         dtypes = {(m, n) for m, n in seen if m == "torch" and isinstance(getattr(torch, n), torch.dtype)}
         assert seen - dtypes <= ALLOWED_GLOBALS, seen - dtypes - ALLOWED_GLOBALS
@@ -186,9 +215,9 @@ def test_malicious_state_pt_is_refused_everywhere(evil_run, entry, tiny_override
     assert str(f) in line and f"references {REFUSED_NAME[kind]}" in line, line
 
 
-def _run_without(trained_run, tmp_path, key: str) -> tuple[Path, Path]:
-    """A copy of the trained run whose checkpoint's state.pt lacks ``key``."""
-    src, _ = trained_run
+def _run_without(legacy_run, tmp_path, key: str) -> tuple[Path, Path]:
+    """A copy of the run with a ``state.pt`` checkpoint of earlier versions that lacks ``key``."""
+    src = legacy_run[0]
     run = tmp_path / "run"
     shutil.copytree(src / "checkpoints", run / "checkpoints")
     f = run / "checkpoints" / "step_00000002" / "state.pt"
@@ -198,22 +227,36 @@ def _run_without(trained_run, tmp_path, key: str) -> tuple[Path, Path]:
     return run, f
 
 
-@pytest.mark.parametrize("key", ["optimizer", "model", "step", "rng", "skipped_total", "config"])
-def test_state_pt_missing_key_is_one_line_on_resume(trained_run, tiny_overrides, tmp_path, capsys, key):
+@pytest.mark.parametrize("key", ["optimizer", "model", "step", "skipped_total", "config"])
+def test_state_pt_missing_key_is_one_line_on_resume(legacy_run, tiny_overrides, tmp_path, capsys, key):
     from megatron_ufp4 import train
 
-    run, f = _run_without(trained_run, tmp_path, key)
+    run, f = _run_without(legacy_run, tmp_path, key)
     overrides = tiny_overrides("tiny_dense", run, "recipe.name=ufp4", "training.train_steps=4",
                                "schedule.warmup_steps=1", "training.eval_interval=0")
     assert train.main([str(CONFIGS / "tiny_dense.yaml"), *overrides]) == 2
     assert _one_line(capsys.readouterr().err) == f"error: checkpoint {f} lacks {key!r}"
 
 
+def test_state_pt_without_rng_states_resumes(legacy_run, tiny_overrides, tmp_path, capsys):
+    """The RNG states a ``state.pt`` of earlier versions holds are not needed any more (stochastic
+    rounding draws from keys of (seed, step, micro-batch), the data order from the step): a file
+    without them resumes."""
+    from megatron_ufp4 import train
+
+    run, f = _run_without(legacy_run, tmp_path, "rng")
+    overrides = tiny_overrides("tiny_dense", run, "recipe.name=ufp4", "training.train_steps=4",
+                               "schedule.warmup_steps=1", "training.eval_interval=0")
+    assert train.main([str(CONFIGS / "tiny_dense.yaml"), *overrides]) == 0
+    assert f"resumed from {f.parent} at step 2" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == [3, 4]
+
+
 @pytest.mark.parametrize("key,ok", [("optimizer", True), ("rng", True), ("model", False), ("step", False)])
-def test_eval_needs_only_model_config_step(trained_run, tmp_path, capsys, key, ok):
+def test_eval_needs_only_model_config_step(legacy_run, tmp_path, capsys, key, ok):
     from megatron_ufp4 import eval as eval_cli
 
-    run, f = _run_without(trained_run, tmp_path, key)
+    run, f = _run_without(legacy_run, tmp_path, key)
     rc = eval_cli.main([str(run), "--iters", "1"])
     captured = capsys.readouterr()
     if ok:
@@ -222,10 +265,10 @@ def test_eval_needs_only_model_config_step(trained_run, tmp_path, capsys, key, o
         assert rc == 2 and _one_line(captured.err) == f"error: checkpoint {f} lacks {key!r}"
 
 
-def test_load_checkpoint_refuses_a_non_dict(tmp_path):
+def test_read_checkpoint_refuses_a_non_dict(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "state.pt")
     with pytest.raises(CheckpointError, match=r"does not hold a training state \(it holds a Tensor\)"):
-        load_checkpoint(tmp_path)
+        read_checkpoint(tmp_path)
 
 
 # -- sharded checkpoints: .metadata --------------------------------------------------------------------
@@ -401,8 +444,12 @@ def test_malicious_state_pt_is_refused_by_the_real_clis(tmp_path):
 
 
 @pytest.mark.slow
-def test_single_process_checkpoint_converts_and_resumes_under_torchrun(trained_run, tmp_path, tool):
-    """Single-process run stopped after step 2 -> to-dcp -> TP=2 torchrun resume for step 3.
+@pytest.mark.parametrize("how", ["to-dcp", "direct"])
+def test_single_process_checkpoint_converts_and_resumes_under_torchrun(trained_run, legacy_run, tmp_path, tool,
+                                                                       how):
+    """Single-process run stopped after step 2, its checkpoint in the ``state.pt`` form of earlier
+    versions -> to-dcp -> TP=2 torchrun resume for step 3 (``direct``: the job resumes from the
+    ``state.pt`` itself, through a temporary sharded copy that it removes).
 
     Reference: the single-process run continued to step 3 (exact: see test_checkpoint).  The
     TP=2 step differs from it only in the order of FP32 sums and, through that, in a rare
@@ -411,7 +458,7 @@ def test_single_process_checkpoint_converts_and_resumes_under_torchrun(trained_r
     from megatron_ufp4.training.inference import load_trained_model
 
     src, overrides = trained_run
-    ckpt_file = src / "checkpoints" / "step_00000002" / "state.pt"
+    ckpt_file = legacy_run[0] / "checkpoints" / "step_00000002" / "state.pt"
     reference = tmp_path / "reference"
     shutil.copytree(src / "checkpoints", reference / "checkpoints")
     ref_over = [*[o for o in overrides if not o.startswith("training.run_dir=")], f"training.run_dir={reference}",
@@ -420,12 +467,16 @@ def test_single_process_checkpoint_converts_and_resumes_under_torchrun(trained_r
     ref_loss = {r["step"]: r["loss"] for r in read_metrics(reference) if "loss" in r}[3]
 
     run = tmp_path / "dist"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert tool.main(["to-dcp", str(ckpt_file), str(run / "checkpoints" / "step_00000002")]) == 0
+    if how == "to-dcp":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert tool.main(["to-dcp", str(ckpt_file), str(run / "checkpoints" / "step_00000002")]) == 0
+    else:
+        shutil.copytree(ckpt_file.parent, run / "checkpoints" / "step_00000002")
     proc = _torchrun(_tp2(overrides, run), "--exit-after", "3")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert f"resumed from {run / 'checkpoints' / 'step_00000002'} at step 2" in proc.stdout
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".staged")]
     records = [r for r in read_metrics(run) if "loss" in r]
     assert [r["step"] for r in records] == [3], records
     loss = records[0]["loss"]
@@ -437,7 +488,7 @@ def test_single_process_checkpoint_converts_and_resumes_under_torchrun(trained_r
     verify_dcp_metadata(step3)
     single = tmp_path / "step3.pt"
     assert tool.main(["to-single", str(step3), str(single)]) == 0
-    ref_state = load_checkpoint(reference / "checkpoints" / "step_00000003")
+    ref_state = read_checkpoint(reference / "checkpoints" / "step_00000003")
     mine = torch.load(single, weights_only=True)
     assert mine["step"] == 3 and set(mine["model"]) == set(ref_state["model"])
     d = tmp_path / "as_single" / "step_00000003"
@@ -447,14 +498,14 @@ def test_single_process_checkpoint_converts_and_resumes_under_torchrun(trained_r
     assert step == 3
 
 
-def test_to_dcp_of_a_single_process_checkpoint_keeps_every_value(trained_run, tmp_path, tool, tiny_cfg):
-    """to-dcp then to-single gives back the single-process model and, keyed by name, exactly the
-    AdamW state a live trainer resumed from the same checkpoint holds (parameter ids mapped in
-    build_optimizer's order)."""
-    from megatron_ufp4.parallel.optimizer import torch_adamw_state_to_fqn
+def test_to_dcp_of_a_single_process_checkpoint_keeps_every_value(legacy_run, tmp_path, tool, tiny_cfg):
+    """to-dcp then to-single of a ``state.pt`` of earlier versions gives back its model and,
+    keyed by name, exactly the AdamW state of the trainer it was written from (torch's
+    parameter ids mapped in the old optimizer's group order), which a live trainer resumed from
+    the same file holds too."""
     from megatron_ufp4.training.trainer import Trainer
 
-    src, overrides = trained_run
+    src, overrides, truth = legacy_run
     ckpt = src / "checkpoints" / "step_00000002"
     out = tmp_path / "dcp" / "step_00000002"
     with warnings.catch_warnings():
@@ -470,15 +521,18 @@ def test_to_dcp_of_a_single_process_checkpoint_keeps_every_value(trained_run, tm
             assert all(torch.equal(back["model"][k][f], t) for f, t in v.items()), k
         else:
             assert torch.equal(back["model"][k], v), k
+    assert_state_equal(back["model"], truth["model"], "model")
+    assert set(back["optimizer"]) == set(truth["optimizer"])
+    for fqn, st in truth["optimizer"].items():
+        for field in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(back["optimizer"][fqn][field], st[field]), (fqn, field)
+        assert float(back["optimizer"][fqn]["step"]) == float(st["step"]) == 2.0
+    assert verify_dcp_metadata(out) is not None
+
     run = tmp_path / "live"
     shutil.copytree(src / "checkpoints", run / "checkpoints")
     trainer = Trainer(tiny_cfg("tiny_dense", run, *[o for o in overrides if "run_dir" not in o]),
                       console=lambda *a: None)
     assert trainer.step == 2
-    expected = torch_adamw_state_to_fqn(trainer.model, trainer.optimizer)
-    assert set(back["optimizer"]) == set(expected)
-    for fqn, st in expected.items():
-        for field in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(back["optimizer"][fqn][field], st[field]), (fqn, field)
-        assert float(back["optimizer"][fqn]["step"]) == float(st["step"]) == 2.0
-    assert verify_dcp_metadata(out) is not None
+    assert_state_equal(snapshot(trainer.model.state_dict()), truth["model"], "model")
+    assert_state_equal(snapshot(trainer.optimizer.state_dict()), truth["optimizer"], "optimizer")

@@ -125,6 +125,21 @@ def state_for_rank(rank: int, world: int, tp: int = 1, pp: int = 1, dp: int = 1,
                          dp_rank % ep, dp_rank // ep)
 
 
+def group_layouts(tp: int, pp: int, dp: int, ep: int) -> dict[str, list[list[int]]]:
+    """Every process group of a layout, by name: lists of global ranks (pure arithmetic)."""
+    return {
+        "tp": [[rank_of(t, d, p, tp, dp) for t in range(tp)] for p in range(pp) for d in range(dp)],
+        "dp": [[rank_of(t, d, p, tp, dp) for d in range(dp)] for p in range(pp) for t in range(tp)],
+        "pp": [[rank_of(t, d, p, tp, dp) for p in range(pp)] for d in range(dp) for t in range(tp)],
+        "ep": [[rank_of(t, g * ep + e, p, tp, dp) for e in range(ep)]
+               for p in range(pp) for t in range(tp) for g in range(dp // ep)],
+        "edp": [[rank_of(t, g * ep + e, p, tp, dp) for g in range(dp // ep)]
+                for p in range(pp) for t in range(tp) for e in range(ep)],
+        # tensor x data: the ranks one pipeline stage spans (for stage-wide reductions)
+        "tp_dp": [[rank_of(t, d, p, tp, dp) for d in range(dp) for t in range(tp)] for p in range(pp)],
+    }
+
+
 def build_parallel_state(tp: int = 1, pp: int = 1, dp: int | None = None, ep: int = 1, vpp: int = 1,
                          sequence_parallel: bool = False, model_cfg=None,
                          timeout_s: float | None = None) -> ParallelState:
@@ -143,18 +158,7 @@ def build_parallel_state(tp: int = 1, pp: int = 1, dp: int | None = None, ep: in
         dp = world // (tp * pp)
     st = state_for_rank(rank, world, tp, pp, dp, ep, vpp, sequence_parallel, model_cfg)
     timeout = datetime.timedelta(seconds=timeout_s) if timeout_s is not None else None
-    layouts = {
-        "tp": [[rank_of(t, d, p, tp, dp) for t in range(tp)] for p in range(pp) for d in range(dp)],
-        "dp": [[rank_of(t, d, p, tp, dp) for d in range(dp)] for p in range(pp) for t in range(tp)],
-        "pp": [[rank_of(t, d, p, tp, dp) for p in range(pp)] for d in range(dp) for t in range(tp)],
-        "ep": [[rank_of(t, g * ep + e, p, tp, dp) for e in range(ep)]
-               for p in range(pp) for t in range(tp) for g in range(dp // ep)],
-        "edp": [[rank_of(t, g * ep + e, p, tp, dp) for g in range(dp // ep)]
-                for p in range(pp) for t in range(tp) for e in range(ep)],
-        # tensor x data: the ranks one pipeline stage spans (for stage-wide reductions)
-        "tp_dp": [[rank_of(t, d, p, tp, dp) for d in range(dp) for t in range(tp)] for p in range(pp)],
-    }
-    for name, groups in layouts.items():
+    for name, groups in group_layouts(tp, pp, dp, ep).items():
         for ranks in groups:
             # new_group is collective over the whole world: every rank creates every group
             g = dist.new_group(ranks, timeout=timeout) if initialized and world > 1 else None

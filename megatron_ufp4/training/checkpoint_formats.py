@@ -78,11 +78,16 @@ def _optimizer_by_name(data: dict, cfg, model, src: Path) -> dict | None:
     return out
 
 
-def read_single_file(f: Path, require=("model", "config", "step")) -> dict:
-    """A single-file checkpoint in the ``read_checkpoint`` form."""
+def read_single_file(f: Path, require=("model", "config", "step"), resume: bool = False) -> dict:
+    """A single-file checkpoint in the ``read_checkpoint`` form.  ``resume``: it must be a
+    whole training state (optimizer and counters), never completed with defaults; a missing
+    key is one line naming it and the file."""
     from .safe_load import load_state_file
 
     data = load_state_file(f, require=require)
+    if resume:
+        for key in ("optimizer", *(("trainer",) if "trainer" in data else ("skipped_total", "consecutive_nonfinite"))):
+            data[key]  # noqa: B018 -- raises "checkpoint F lacks 'key'"
     cfg = config_from_saved(data["config"])
     model = _meta_model(cfg)
     want = set(model.state_dict())
@@ -163,7 +168,7 @@ def as_sharded_checkpoint(path: str | Path, run_dir: str | Path, field: str) -> 
     f = state_file_of(p)
     if f is None:
         raise CheckpointError(f"{field} {p}: no checkpoint there (a step_* directory or a state.pt file)")
-    state = read_single_file(f)
+    state = read_single_file(f, resume=field == "training.resume")
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     dst = root / f".staged-{os.getpid()}"
