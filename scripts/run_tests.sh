@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 "${PYTHON:-python3}" -m ruff check .
-exec "${PYTHON:-python3}" -m pytest -q --timeout 900 "$@"
+exec "${PYTHON:-python3}" -m pytest -q --timeout 900 --durations=25 "$@"
