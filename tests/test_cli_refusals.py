@@ -79,7 +79,7 @@ def _fake_finished_run(tmp: Path, ctx, recipe: str) -> None:
     cfg = load_config(CONFIGS / "tiny_dense.yaml", [*ctx["overrides"], f"recipe.name={recipe}", "training.seed=1"])
     step = tmp / "out" / "runs" / "ufp4" / "seed_1" / "checkpoints" / f"step_{cfg.training.train_steps:08d}"
     step.mkdir(parents=True)
-    (step / "state.pt").write_bytes(b"")
+    (step / ".metadata").write_bytes(b"")  # what marks a (sharded) checkpoint directory as complete
     (step / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
 
 
@@ -94,6 +94,14 @@ def _cases(tmp: Path, ctx) -> dict[str, Callable[[], Case]]:
         p.write_text(text)
         return p
 
+    def single_file_step(src: Path) -> Path:
+        """``tmp/single/step_*/state.pt``: ``src`` exported as one file (made once)."""
+        step = tmp / "single" / src.name
+        if not (step / "state.pt").is_file():
+            step.mkdir(parents=True)
+            assert _tool("convert_checkpoint")(["to-single", str(src), str(step / "state.pt")]) == 0
+        return step
+
     def bad_yaml(text: str | bytes) -> Path:
         p = tmp / "bad.yaml"
         p.write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -102,7 +110,8 @@ def _cases(tmp: Path, ctx) -> dict[str, Callable[[], Case]]:
     return {
         # -- outputs never clobber inputs or other outputs
         "eval --json onto the checkpoint it reads": lambda: Case(
-            ev, [str(run), "--json", str(ckpt / "state.pt"), "--overwrite"], r"is \(or is inside\) an input", [run]),
+            ev, [str(run), "--json", str(ckpt / "__0_0.distcp"), "--overwrite"], r"is \(or is inside\) an input",
+            [run]),
         "eval --json onto an existing file": lambda: Case(
             ev, [str(ckpt), "--json", str(existing("result.json"))], r"already exists; pass --overwrite", [tmp, run]),
         "prepare onto an existing dataset": lambda: Case(
@@ -115,9 +124,10 @@ def _cases(tmp: Path, ctx) -> dict[str, Callable[[], Case]]:
         "convert to-single onto an existing file": lambda: Case(
             _tool("convert_checkpoint"), ["to-single", str(ckpt), str(existing("model.pt"))],
             r"already exists; pass --overwrite", [tmp, run]),
-        "convert to-dcp onto an existing checkpoint": lambda: Case(
-            _tool("convert_checkpoint"), ["to-dcp", str(ckpt / "state.pt"), str(ckpt)],
-            r"is \(or contains\) an input", [run]),
+        "convert to-dcp onto an existing checkpoint": lambda: Case(  # a step_* dir holding one file, into itself
+            _tool("convert_checkpoint"), ["to-dcp", str(single_file_step(ckpt) / "state.pt"),
+                                          str(single_file_step(ckpt))],
+            r"is \(or contains\) an input", [tmp, run]),
         "plot onto an existing figure": lambda: Case(
             _tool("plot_metrics"), [str(run), "--out", str(existing("loss.png"))], r"already exists", [tmp, run]),
         # -- a refused training start creates nothing

@@ -2,7 +2,8 @@
 
 CUDA itself is exercised by tests/test_cuda_*.py (skipped without a GPU); here a fake CUDA
 (``torch.cuda.is_available`` / ``device_count`` patched) checks the choices, and CPU-side
-state (SR generator, sampling generator, RNG restore) is checked to be device-independent.
+state (SR generator, sampling generator, a checkpoint from a node with more GPUs) is checked to be
+device-independent.
 """
 from __future__ import annotations
 
@@ -153,17 +154,37 @@ def test_sampling_draws_on_the_cpu_generator():
     assert out1 == out2 == expect
 
 
-def test_restore_rng_with_fewer_gpus(monkeypatch):
-    """A checkpoint from a node with more GPUs restores the CUDA RNG states this node has."""
-    from megatron_ufp4.training import checkpoint as ck
-    state = ck.capture_rng()
-    state["cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(4)]
+def test_a_checkpoint_from_a_node_with_more_gpus_resumes_on_fewer(monkeypatch, tiny_cfg, tmp_path):
+    """A checkpoint from a node with more GPUs resumes on one with fewer (this one: none): a
+    single-file checkpoint of older versions carries the CUDA RNG states of its 4 GPUs; the run
+    resumes with its model, optimizer and step, and no device's RNG state is set from the file
+    (the training state is the model -- SR generators included --, the optimizer and the
+    counters: no global RNG).  (CUDA cannot be faked here: DCP itself asks torch.cuda.)"""
+    from conftest import assert_state_equal, quiet, snapshot, write_legacy_state_file
+    from megatron_ufp4.training.trainer import Trainer
+
+    run = ("recipe.name=ufp4", "training.device=cpu", "training.eval_interval=0", "checkpoint.interval=0",
+           "checkpoint.save_final=false")
+    src = Trainer(tiny_cfg("tiny_dense", tmp_path / "src", *run, "training.train_steps=1"), console=quiet)
+    src.train()
+    src.close()
+    legacy = tmp_path / "elsewhere" / "step_00000001" / "state.pt"
+    write_legacy_state_file(src, legacy)
+    state = torch.load(legacy, weights_only=True)
+    state["rng"]["cuda"] = [torch.full((16,), i, dtype=torch.uint8) for i in range(4)]
+    torch.save(state, legacy)
+
     seen = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: seen.append((int(s[0]), i)))
-    ck.restore_rng(state)
-    assert seen == [(0, 0), (1, 1)]
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i=0: seen.append(i))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: seen.append(len(states)))
+    dst = Trainer(tiny_cfg("tiny_dense", tmp_path / "dst", *run, "training.train_steps=2", f"training.resume={legacy}"),
+                  console=quiet)
+    try:
+        assert dst.step == 1 and seen == []
+        assert_state_equal(snapshot(src.model.state_dict()), snapshot(dst.model.state_dict()), "model")
+        assert_state_equal(snapshot(src.optimizer.state_dict()), snapshot(dst.optimizer.state_dict()), "optimizer")
+    finally:
+        dst.close()
 
 
 @pytest.mark.parametrize("cli", ["eval", "sample"])

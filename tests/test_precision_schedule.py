@@ -18,7 +18,7 @@ from megatron_ufp4.config import ConfigError, load_config
 from megatron_ufp4.fp4.recipes import Recipe
 from megatron_ufp4.fp4.schedule import PrecisionSchedule
 from megatron_ufp4.linear import QuantizedLinear, precision_table
-from megatron_ufp4.training import trainer as trainer_module
+from megatron_ufp4.training import dist_checkpoint
 from megatron_ufp4.training.run_info import read_run_info
 from megatron_ufp4.training.trainer import Trainer
 
@@ -140,8 +140,8 @@ def test_switching_equals_resuming_with_the_next_recipe(scheduled, tiny_cfg, tmp
     """The reference never uses a schedule: train step 0 with ufp4 and checkpoint, resume step 1
     with Fprop in high precision and checkpoint, resume steps 2-3 with bf16.  A resume refuses a
     changed recipe (config_differences); here recipe differences are let through."""
-    real = trainer_module.config_differences
-    monkeypatch.setattr(trainer_module, "config_differences",
+    real = dist_checkpoint.config_differences  # the check every resume goes through (load_trainer)
+    monkeypatch.setattr(dist_checkpoint, "config_differences",
                         lambda saved, current: [d for d in real(saved, current) if not d.startswith("recipe")])
     for recipe, stop in zip(PHASE_RECIPES, (1, 2, None)):
         last = _train(tiny_cfg("tiny_moe", tmp_path, *RUN, recipe), exit_after=stop)
@@ -208,8 +208,7 @@ DIST = ["training.micro_batch_size=2", "training.eval_interval=4"]
 
 
 def _dist_ranks(rank, world, overrides):
-    from megatron_ufp4.training.distributed import DistributedTrainer
-    trainer = DistributedTrainer(load_config(CONFIGS / "tiny_dense.yaml", overrides), console=lambda *a: None)
+    trainer = Trainer(load_config(CONFIGS / "tiny_dense.yaml", overrides), console=lambda *a: None)
     records = [trainer.train_step() for _ in range(trainer.cfg.training.train_steps)]
     return records, trainer.evaluate()["loss"]
 

@@ -14,9 +14,12 @@ try:
     from .conftest import CONFIGS, REPO_ROOT, quiet, read_metrics
 except ImportError:
     from conftest import CONFIGS, REPO_ROOT, quiet, read_metrics
+from megatron_ufp4.parallel.state import ParallelState
 from megatron_ufp4.training import checkpoint as ckpt_mod
-from megatron_ufp4.training.checkpoint import CheckpointError, list_checkpoints, save_checkpoint
+from megatron_ufp4.training.checkpoint import CheckpointError, list_checkpoints
+from megatron_ufp4.training.dist_checkpoint import save_distributed
 from megatron_ufp4.training.run_dir import RunDirError, RunDirLock
+from megatron_ufp4.training.safe_load import load_dcp_full
 from megatron_ufp4.training.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -27,6 +30,12 @@ SHORT = ["recipe.name=bf16", "training.train_steps=2", "training.eval_interval=0
 
 def names(run_dir) -> list[str]:
     return [p.name for p in list_checkpoints(run_dir)]
+
+
+def save_checkpoint(run_dir, step: int, entries: dict, config_yaml: str, keep_last: int, **kwargs) -> Path:
+    """``entries`` saved as checkpoint ``step`` by the writer every trainer save goes through
+    (sharded, one process: the trivial parallel layout)."""
+    return save_distributed(run_dir, step, entries, ParallelState(), config_yaml, keep_last, **kwargs)
 
 
 def _lock_holder(run_dir: Path) -> subprocess.Popen:
@@ -141,14 +150,16 @@ def test_leftovers_of_killed_saves_and_prunes_are_cleaned_at_start(finished_run,
     (root / "step_00000004.tmp-4242" / "state.pt").write_bytes(b"half")
     (root / "step_00000002.del-77").mkdir()
     (root / "step_00000005.tmp").mkdir()  # a sharded save's temporary directory
-    partial = root / "step_00000000"  # a prune killed after deleting state.pt
+    partial = root / "step_00000000"  # a prune killed after deleting .metadata
     partial.mkdir()
     (partial / "config.yaml").write_text("x")
+    (root / ".staged-31337").mkdir()  # the sharded copy of a single-file checkpoint, its loader killed
+    (root / ".staged-31337" / ".metadata").write_bytes(b"complete or not, never a checkpoint of the run")
     logs = []
     t = Trainer(tiny_cfg("tiny_dense", finished_run, *SHORT, "training.train_steps=3"), console=logs.append)
     assert t.step == 3
     assert sorted(p.name for p in root.iterdir()) == ["step_00000001", "step_00000002", "step_00000003"]
-    assert any("removed 4 incomplete checkpoint directories" in line for line in logs), logs
+    assert any("removed 5 incomplete checkpoint directories" in line for line in logs), logs
     t.close()
 
 
@@ -173,11 +184,19 @@ def test_save_fsyncs_files_before_the_rename_and_the_directory_after(tmp_path, m
                                                  real_fsync(fd)))
     monkeypatch.setattr(Path, "rename", lambda self, dst: (events.append(("rename", str(dst))),
                                                            real_rename(self, dst))[1])
-    final = save_checkpoint(tmp_path, 1, {"x": torch.zeros(1)}, "a: 1\n", keep_last=2)
+    final = save_checkpoint(tmp_path, 1, {"x": torch.zeros(1)}, "a: 1\n", keep_last=2,
+                            extra_files={"partitions.json": "{}"})
     order = [(kind, Path(p).name) for kind, p in events]
-    tmp_name = f"step_00000001.tmp-{os.getpid()}"
-    assert order == [("fsync", "state.pt"), ("fsync", "config.yaml"), ("fsync", tmp_name),
+    tmp_name = "step_00000001.tmp"
+    # DCP writes its shard file, then .metadata under a temporary name renamed inside the temporary directory
+    assert order == [("fsync", "__0_0.distcp"), ("fsync", ".metadata.tmp"), ("rename", ".metadata"),
+                     ("fsync", "config.yaml"), ("fsync", "partitions.json"), ("fsync", tmp_name),
                      ("rename", final.name), ("fsync", "checkpoints")], order
+    # every file of the checkpoint was synced before the commit rename
+    synced = {name for kind, name in order[:order.index(("rename", final.name))] if kind == "fsync"}
+    files = {p.name for p in final.iterdir()}
+    assert files == {"__0_0.distcp", ".metadata", "config.yaml", "partitions.json"}, files
+    assert files - {".metadata"} <= synced and ".metadata.tmp" in synced
 
 
 # -- writes that fail ----------------------------------------------------------------------------------
@@ -201,16 +220,18 @@ def small_disk(tmp_path):
 
 
 def test_disk_full_on_save_gives_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    """The write error reaches us with its errno (torch.save writes through our file object)."""
+    """The write error reaches us with its errno (DCP's writer opens its shard files with Path.open)."""
+    import io
+
     save_checkpoint(tmp_path, 1, {"x": torch.zeros(4)}, "", keep_last=2)
-    real_open = os.open
+    real_open = io.open
 
-    def full_disk_open(path, flags, *a, **kw):
-        if str(path).endswith("state.pt") and flags & os.O_WRONLY:
-            return real_open("/dev/full", os.O_WRONLY)  # every write fails with ENOSPC
-        return real_open(path, flags, *a, **kw)
+    def full_disk_open(file, mode="r", *a, **kw):
+        if str(file).endswith(".distcp") and "w" in mode:
+            return real_open("/dev/full", mode, *a, **kw)  # every write fails with ENOSPC
+        return real_open(file, mode, *a, **kw)
 
-    monkeypatch.setattr(os, "open", full_disk_open)
+    monkeypatch.setattr(io, "open", full_disk_open)
     with pytest.raises(CheckpointError) as info:
         save_checkpoint(tmp_path, 2, {"x": torch.zeros(1 << 16)}, "", keep_last=2)
     msg = str(info.value)
@@ -263,12 +284,14 @@ def test_resume_auto_restarts_a_run_killed_before_its_first_checkpoint(tiny_cfg,
     t.close()
 
 
-def test_a_save_killed_between_its_two_renames_is_restored(finished_run, tiny_cfg):
-    """Re-saving step 3 moves the old step_3 to step_3.old-<pid> and then renames the new one into
+# what the sharded writer leaves ("step_N.old"), and the pid-suffixed names of older versions
+@pytest.mark.parametrize("suffix", ["", "-999"])
+def test_a_save_killed_between_its_two_renames_is_restored(finished_run, tiny_cfg, suffix):
+    """Re-saving step 3 moves the old step_3 to step_3.old and then renames the new one into
     place; a kill in between leaves .old as the only complete copy: it must come back."""
     root = finished_run / "checkpoints"
-    (root / "step_00000003").rename(root / "step_00000003.old-999")
-    (root / "step_00000003.tmp-999").mkdir()  # the new copy, maybe incomplete
+    (root / "step_00000003").rename(root / f"step_00000003.old{suffix}")
+    (root / f"step_00000003.tmp{suffix}").mkdir()  # the new copy, maybe incomplete
     logs = []
     t = Trainer(tiny_cfg("tiny_dense", finished_run, *SHORT, "training.train_steps=3"), console=logs.append)
     assert t.step == 3 and names(finished_run) == ["step_00000001", "step_00000002", "step_00000003"]
@@ -289,7 +312,7 @@ def test_failed_resave_puts_the_old_copy_back(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError):
         save_checkpoint(tmp_path, 1, {"x": torch.ones(4)}, "", keep_last=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000001"]
-    assert torch.equal(torch.load(tmp_path / "checkpoints" / "step_00000001" / "state.pt")["x"], torch.zeros(4))
+    assert torch.equal(load_dcp_full(tmp_path / "checkpoints" / "step_00000001")["x"], torch.zeros(4))
 
 
 def test_overwrite_refuses_to_move_away_the_checkpoint_it_resumes(finished_run, tiny_cfg):

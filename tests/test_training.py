@@ -8,11 +8,12 @@ import pytest
 import torch
 
 try:  # tests/ as a package (with __init__.py) or as a plain directory on sys.path
-    from .conftest import CONFIGS, quiet, read_metrics
+    from .conftest import CONFIGS, quiet, read_metrics, wrap_loss
 except ImportError:
-    from conftest import CONFIGS, quiet, read_metrics
+    from conftest import CONFIGS, quiet, read_metrics, wrap_loss
+from megatron_ufp4.training import trainer as trainer_module
 from megatron_ufp4.training.schedule import lr_at
-from megatron_ufp4.training.trainer import Trainer, TrainingAborted, micro_batch_loss
+from megatron_ufp4.training.trainer import Trainer, TrainingAborted
 
 
 pytestmark = [pytest.mark.numerical, pytest.mark.usefixtures("single_thread")]
@@ -65,18 +66,18 @@ def test_unknown_schedule_kind():
 
 
 def test_trainer_applies_the_schedule(tiny_cfg, tmp_path):
-    """The optimizer's lr during each step is lr_at(step) (checked inside the loss function)."""
+    """The optimizer's lr during each step is lr_at(step) (checked inside the model's forward)."""
     cfg = tiny_cfg("tiny_dense", tmp_path, "recipe.name=bf16", "training.train_steps=4", "training.eval_interval=0",
                    "checkpoint.save_final=false", "optimizer.lr=1e-3", "schedule.kind=wsd",
                    "schedule.warmup_steps=2", "schedule.decay_fraction=0.25", "schedule.min_lr_ratio=0.5")
     trainer = Trainer(cfg, console=quiet)
     seen = []
 
-    def loss_fn(model, tokens, labels):
+    def record_lr(loss):
         seen.append([g["lr"] for g in trainer.optimizer.param_groups])
-        return micro_batch_loss(model, tokens, labels)
+        return loss
 
-    trainer.loss_fn = loss_fn
+    wrap_loss(trainer, record_lr)
     trainer.train()
     want = [5e-4, 1e-3, 1e-3, 5e-4]  # warmup 2, stable 1, one decay step to 0.5 * lr
     assert [s[0] for s in seen] == pytest.approx(want, rel=1e-12)
@@ -97,13 +98,12 @@ def test_nan_step_is_skipped_and_training_continues(tiny_cfg, tmp_path):
     trainer = Trainer(tiny_cfg("tiny_dense", tmp_path, *NAN_RUN, "training.train_steps=5"), console=quiet)
     entering = {}  # step (1-based) -> parameters when that step starts
 
-    def loss_fn(model, tokens, labels):
+    def nan_at_step_3(loss):
         step = trainer.step + 1
         entering[step] = params_of(trainer.model)
-        loss = micro_batch_loss(model, tokens, labels)
         return loss * float("nan") if step == 3 else loss
 
-    trainer.loss_fn = loss_fn
+    wrap_loss(trainer, nan_at_step_3)
     result = trainer.train()
     final = params_of(trainer.model)
 
@@ -120,7 +120,9 @@ def test_nan_step_is_skipped_and_training_continues(tiny_cfg, tmp_path):
     assert any(not torch.equal(final[n], entering[5][n]) for n in final)
     assert all(torch.isfinite(p).all() for p in final.values())
     # AdamW stepped 4 times, not 5 (its moments never saw the NaN gradient)
-    for state in trainer.optimizer.state.values():
+    states = trainer.optimizer.state_dict()  # {fqn: {exp_avg, exp_avg_sq, step}}
+    assert set(states) == set(final)  # every parameter has AdamW state
+    for state in states.values():
         assert float(state["step"]) == 4.0
         assert torch.isfinite(state["exp_avg"]).all() and torch.isfinite(state["exp_avg_sq"]).all()
     assert trainer.skipped_total == 1 and trainer.consecutive_nonfinite == 0
@@ -129,8 +131,7 @@ def test_nan_step_is_skipped_and_training_continues(tiny_cfg, tmp_path):
 def test_isolated_nan_steps_do_not_abort(tiny_cfg, tmp_path):
     cfg = tiny_cfg("tiny_dense", tmp_path, *NAN_RUN, "training.train_steps=5", "training.max_consecutive_nonfinite=2")
     trainer = Trainer(cfg, console=quiet)
-    trainer.loss_fn = lambda model, tokens, labels: micro_batch_loss(model, tokens, labels) * (
-        float("inf") if trainer.step + 1 in (2, 4) else 1.0)
+    wrap_loss(trainer, lambda loss: loss * (float("inf") if trainer.step + 1 in (2, 4) else 1.0))
     assert trainer.train()["step"] == 5
     assert [r["skipped_total"] for r in read_metrics(tmp_path)] == [0, 1, 1, 2, 2]
 
@@ -139,7 +140,7 @@ def test_nan_every_step_aborts(tiny_cfg, tmp_path):
     cfg = tiny_cfg("tiny_dense", tmp_path, *NAN_RUN, "training.train_steps=10", "training.max_consecutive_nonfinite=3")
     trainer = Trainer(cfg, console=quiet)
     before = params_of(trainer.model)
-    trainer.loss_fn = lambda model, tokens, labels: micro_batch_loss(model, tokens, labels) * float("nan")
+    wrap_loss(trainer, lambda loss: loss * float("nan"))
     with pytest.raises(TrainingAborted) as info:
         trainer.train()
     msg = str(info.value)
@@ -157,7 +158,7 @@ def test_a_run_whose_every_step_was_skipped_fails(tiny_cfg, tmp_path):
     run must not report success."""
     cfg = tiny_cfg("tiny_dense", tmp_path, *NAN_RUN, "training.train_steps=3", "training.max_consecutive_nonfinite=5")
     trainer = Trainer(cfg, console=quiet)
-    trainer.loss_fn = lambda model, tokens, labels: micro_batch_loss(model, tokens, labels) * float("nan")
+    wrap_loss(trainer, lambda loss: loss * float("nan"))
     with pytest.raises(TrainingAborted) as info:
         trainer.train()
     msg = str(info.value)
@@ -168,8 +169,12 @@ def test_a_run_whose_every_step_was_skipped_fails(tiny_cfg, tmp_path):
 def test_train_cli_reports_abort_in_one_line(tiny_overrides, tmp_path, monkeypatch, capsys):
     from megatron_ufp4 import train
 
-    nan_loss = staticmethod(lambda model, tokens, labels: micro_batch_loss(model, tokens, labels) * float("nan"))
-    monkeypatch.setattr(Trainer, "loss_fn", nan_loss)
+    class NanTrainer(Trainer):  # what the CLI builds: every loss NaN
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            wrap_loss(self, lambda loss: loss * float("nan"))
+
+    monkeypatch.setattr(trainer_module, "Trainer", NanTrainer)
     args = tiny_overrides("tiny_dense", tmp_path, *NAN_RUN, "training.train_steps=10",
                           "training.max_consecutive_nonfinite=2")
     assert train.main([str(CONFIGS / "tiny_dense.yaml"), *args]) == 1
@@ -187,7 +192,7 @@ def test_gradient_accumulation_equals_one_large_micro_batch(tiny_cfg, tmp_path):
               "optimizer.weight_decay=0", "optimizer.grad_clip=0", "training.eval_interval=0"]
     accum = Trainer(tiny_cfg("tiny_dense", tmp_path / "accum", *common, "training.micro_batch_size=4"), console=quiet)
     large = Trainer(tiny_cfg("tiny_dense", tmp_path / "large", *common, "training.micro_batch_size=8"), console=quiet)
-    assert (accum.accum, large.accum) == (2, 1)
+    assert (accum.num_micro, large.num_micro) == (2, 1)
     before = params_of(large.model)
     assert all(torch.equal(before[n], p) for n, p in params_of(accum.model).items())  # same seed, same init
 

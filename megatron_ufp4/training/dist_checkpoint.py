@@ -17,14 +17,18 @@ parent, so a crash mid-write never leaves a checkpoint under a final name.  A fa
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemWriter
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
@@ -148,6 +152,40 @@ def _agree(state, error: str | None) -> None:
         raise CheckpointError(box[0])
 
 
+class _KeepWriteErrors:
+    """A DCP output stream that remembers a failed write's ``OSError``."""
+
+    def __init__(self, stream, errors: list):
+        self._stream, self._errors = stream, errors
+
+    def write(self, data):
+        try:
+            return self._stream.write(data)
+        except OSError as e:
+            self._errors.append(e)
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+class _ErrnoKeepingFileSystem(FileSystem):
+    """DCP's file system whose shard files report a failed write as its ``OSError`` (errno and
+    file): torch.save's zip writer swallows the exception of a Python ``write`` and raises
+    "unexpected pos" instead (cf. ``outputs.SyncedWriter``)."""
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode):
+        errors: list = []
+        with super().create_stream(path, mode) as stream:
+            try:
+                yield _KeepWriteErrors(stream, errors)
+            except Exception:
+                if errors:
+                    raise OSError(errors[0].errno, errors[0].strerror, str(path)) from None
+                raise
+
+
 def save_distributed(run_dir: str | Path, step: int, entries: dict, state, config_yaml: str, keep_last: int,
                      extra_files: dict[str, str] | None = None, _before_rename=None) -> Path:
     """Write ``entries`` as checkpoint ``step`` (collective) and prune to ``keep_last``.
@@ -165,8 +203,12 @@ def save_distributed(run_dir: str | Path, step: int, entries: dict, state, confi
             error = _save_error_line(e, step, tmp, previous)
     _agree(state, error)
     try:
-        dcp.save(entries, checkpoint_id=str(tmp))  # FileSystemWriter fsyncs each shard file
-    except Exception as e:  # raised on every rank alike, with each rank's failure collected
+        writer = FileSystemWriter(tmp)  # fsyncs each shard file
+        writer.fs = _ErrnoKeepingFileSystem()
+        with warnings.catch_warnings():  # one process without a process group is DCP's no_dist case: no warning
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.save(entries, storage_writer=writer, no_dist=not (dist.is_available() and dist.is_initialized()))
+    except (Exception, CheckpointException) as e:  # raised on every rank alike, with each rank's failure collected
         if is_comm_failure(_first_failure(e)):
             raise  # a hung or dead peer, not a storage problem: the trainer reports it as such
         if state.rank == 0:
