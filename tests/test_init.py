@@ -19,10 +19,10 @@ from megatron_ufp4.model import GPTModel, LinearFactory, ModelConfig
 from megatron_ufp4.model import init as init_mod
 from megatron_ufp4.model.init import KeyedInit, ShardSpec, global_index, keyed_normal, name_key
 from megatron_ufp4.parallel.expert import shard_experts
-from megatron_ufp4.parallel.parallel_factory import (ParallelLinearFactory, build_tensor_parallel_gpt,
-                                                     shard_state_dict, shard_tensor)
+from megatron_ufp4.parallel.parallel_factory import ParallelLinearFactory, build_tensor_parallel_gpt, shard_tensor
 from megatron_ufp4.parallel.pipeline import build_stage_modules
 from megatron_ufp4.parallel.state import ParallelState
+from tp_reference import shard_state_dict
 
 pytestmark = [pytest.mark.numerical, pytest.mark.usefixtures("single_thread")]
 

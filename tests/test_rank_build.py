@@ -5,8 +5,9 @@ import torch
 
 from megatron_ufp4.model import GPTModel, LinearFactory, ModelConfig
 from megatron_ufp4.parallel.build import build_rank_chunks
-from megatron_ufp4.parallel.parallel_factory import ParallelLinearFactory, shard_state_dict
+from megatron_ufp4.parallel.parallel_factory import ParallelLinearFactory
 from megatron_ufp4.parallel.state import state_for_rank
+from tp_reference import shard_state_dict
 
 BASE = dict(vocab_size=128, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, ffn_hidden_size=128,
             max_seq_len=16)

@@ -46,14 +46,14 @@ from megatron_ufp4.linear import QuantizedLinear
 from megatron_ufp4.model import GPTModel, LinearFactory, ModelConfig
 from megatron_ufp4.parallel.mappings import (all_reduce, gather_from_sp, gather_from_tp, reduce_scatter_to_sp,
                                              scatter_to_sp, scatter_to_tp)
-from megatron_ufp4.parallel.parallel_factory import (ParallelLinearFactory, build_tensor_parallel_gpt,
-                                                     gather_state_dict, shard_state_dict, shard_tensor,
-                                                     sync_sequence_parallel_grads, tp_grad_sq_norm, unshard_tensor)
+from megatron_ufp4.parallel.parallel_factory import (ParallelLinearFactory, build_tensor_parallel_gpt, shard_tensor,
+                                                     sync_sequence_parallel_grads)
 from megatron_ufp4.parallel.state import build_parallel_state
 from megatron_ufp4.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron_ufp4.parallel.vocab_parallel import VocabParallelEmbedding, vocab_parallel_cross_entropy
 
 from dist_utils import run_ranks
+from tp_reference import gather_state_dict, shard_state_dict, tp_grad_sq_norm, unshard_tensor
 from error_bounds import U32, gamma
 
 pytestmark = pytest.mark.numerical

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 
 from megatron_ufp4.linear import QuantizedLinear
 from megatron_ufp4.model import GPTModel, LinearFactory, ModelConfig
-from megatron_ufp4.parallel.parallel_factory import (ParallelLinearFactory, build_tensor_parallel_gpt, shard_tensor,
-                                                     unshard_tensor)
+from megatron_ufp4.parallel.parallel_factory import ParallelLinearFactory, build_tensor_parallel_gpt, shard_tensor
 from megatron_ufp4.parallel.state import ParallelState, build_parallel_state
 from megatron_ufp4.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron_ufp4.parallel.vocab_parallel import VocabParallelEmbedding, vocab_parallel_cross_entropy
+from tp_reference import unshard_tensor
 from test_tensor_parallel import CFG, _diff
 
 pytestmark = pytest.mark.numerical

@@ -1,4 +1,4 @@
-"""Tensor-parallel model construction, gradient sync and (re)sharding of state dicts.
+"""Tensor-parallel model construction and the sequence-parallel gradient sync.
 
     state = build_parallel_state(tp=2, sequence_parallel=True, model_cfg=cfg)
     factory = ParallelLinearFactory("ufp4", cfg.num_layers, state, seed=seed)
@@ -7,8 +7,6 @@
     loss = vocab_parallel_cross_entropy(logits, labels, state.group("tp"))
     loss.backward()
     sync_sequence_parallel_grads(model, state)          # after the DP grad sync, before clipping / step
-    sq = tp_grad_sq_norm(model.parameters(), state)     # TP-only squared grad norm (optimizer.global_grad_norm
-                                                        # covers TP + DP + PP + EP)
 
 Sequence parallelism is for dense layers: the factory refuses MoE expert / shared linears
 when it is on (MoE flattens the tokens); TP without SP shards experts like dense MLPs.
@@ -22,7 +20,6 @@ embedding and output head (``GPTModel(..., **factory.model_kwargs())``).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ..model.gpt import GPTModel
@@ -72,11 +69,6 @@ class ParallelLinearFactory(LinearFactory):
     def model_kwargs(self) -> dict:
         """Keyword arguments of ``GPTModel`` that make its embedding and head vocabulary-parallel."""
         return {"embedding_factory": self.embedding, "head_factory": self.head}
-
-    def single_process_factory(self) -> LinearFactory:
-        """The ``LinearFactory`` of the equivalent single-process model (same recipe, seeds)."""
-        return LinearFactory(self.recipe, self.num_layers, backend=self.backend, seed=self.seed,
-                             collect_stats=self.collect_stats, schedule=self.schedule)  # its own StepContext
 
     def __repr__(self) -> str:
         st = self.state
@@ -140,70 +132,12 @@ def sync_sequence_parallel_grads(model: nn.Module, state: ParallelState) -> int:
     return len(grads)
 
 
-def tp_grad_sq_norm(parameters, state: ParallelState) -> torch.Tensor:
-    """Squared L2 norm of the gradients of a TP model, summed over the TP group: sharded
-    parameters contribute their shard on every rank, replicated ones count once (rank 0).
-    Add pipeline stages' values before the sqrt."""
-    parameters = list(parameters)
-    params = [p for p in parameters if p.grad is not None]
-    # on the parameters' device even without gradients: every TP rank joins the all-reduce
-    dev = parameters[0].device if parameters else torch.device("cpu")
-    total = torch.zeros((), device=dev, dtype=torch.float32)
-    for p in params:
-        if getattr(p, "tensor_parallel", False) or state.tp_rank == 0:
-            total = total + p.grad.detach().float().pow(2).sum()
-    return all_reduce(total, state.group("tp")) if state.tp > 1 else total
-
-
-# -- state dicts ---------------------------------------------------------------------------------
+# -- shards ------------------------------------------------------------------------------------
 def shard_tensor(full: torch.Tensor, dim: int, stride: int, tp: int, rank: int) -> torch.Tensor:
     """Rank ``rank``'s TP shard of ``full``: its slice of each of the ``stride`` parts along ``dim``."""
     parts = full.chunk(stride, dim=dim)
     return torch.cat([p.chunk(tp, dim=dim)[rank] for p in parts], dim=dim).contiguous()
 
 
-def unshard_tensor(shards: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
-    """Inverse of ``shard_tensor``: the full tensor from every rank's shard (in rank order)."""
-    per_rank = [s.chunk(stride, dim=dim) for s in shards]
-    return torch.cat([per_rank[r][p] for p in range(stride) for r in range(len(shards))], dim=dim)
-
-
-def shard_state_dict(full_sd: dict, model: nn.Module, state: ParallelState) -> dict:
-    """This rank's state dict for ``model`` cut from a full (single-process) state dict:
-    TP-sharded parameters are sliced along ``partition_dim`` honouring ``partition_stride``,
-    everything else is copied.  Keys ``model`` lacks are ignored (pipeline stages)."""
-    out = {}
-    for k, v in model.state_dict(keep_vars=True).items():
-        if k not in full_sd:
-            raise KeyError(f"shard_state_dict: the full state dict has no {k!r}")
-        src = full_sd[k]
-        if isinstance(v, torch.Tensor) and getattr(v, "tensor_parallel", False):
-            src = shard_tensor(src, v.partition_dim, v.partition_stride, state.tp, state.tp_rank)
-            if src.shape != v.shape:
-                raise ValueError(f"shard_state_dict: {k} shard has shape {tuple(src.shape)}, the model's is "
-                                 f"{tuple(v.shape)}")
-        out[k] = src
-    return out
-
-
-def gather_state_dict(model: nn.Module, state: ParallelState) -> dict:
-    """The full (single-process layout) state dict of a TP model, on every TP rank
-    (collective over TP: all ranks must call it)."""
-    group = state.group("tp")
-    out = {}
-    for k, v in model.state_dict(keep_vars=True).items():
-        if isinstance(v, torch.Tensor):
-            t = v.detach()
-            if getattr(v, "tensor_parallel", False) and state.tp > 1 and group is not None:
-                shards = [torch.empty_like(t) for _ in range(state.tp)]
-                dist.all_gather(shards, t.contiguous(), group=group)
-                t = unshard_tensor(shards, v.partition_dim, v.partition_stride)
-            out[k] = t
-        else:
-            out[k] = v
-    return out
-
-
-__all__ = ["ParallelLinearFactory", "build_tensor_parallel_gpt",
-           "mark_sequence_parallel_params", "sync_sequence_parallel_grads", "tp_grad_sq_norm", "shard_state_dict",
-           "gather_state_dict", "shard_tensor", "unshard_tensor"]
+__all__ = ["ParallelLinearFactory", "build_tensor_parallel_gpt", "mark_sequence_parallel_params",
+           "shard_tensor", "sync_sequence_parallel_grads"]
