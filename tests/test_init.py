@@ -17,7 +17,8 @@ from torch import nn
 
 from megatron_ufp4.model import GPTModel, LinearFactory, ModelConfig
 from megatron_ufp4.model import init as init_mod
-from megatron_ufp4.model.init import KeyedInit, ShardSpec, global_index, keyed_normal, name_key
+from megatron_ufp4.model.init import KeyedInit, global_index, keyed_normal, name_key
+from megatron_ufp4.model.placement import Placement, named_placements
 from megatron_ufp4.parallel.expert import shard_experts
 from megatron_ufp4.parallel.parallel_factory import ParallelLinearFactory, build_tensor_parallel_gpt, shard_tensor
 from megatron_ufp4.parallel.pipeline import build_stage_modules
@@ -63,23 +64,23 @@ def assert_state_equal(got: dict, ref: dict) -> None:
 
 # -- 1. global_index ---------------------------------------------------------------------------------
 SPECS = [
-    ShardSpec((16,), 0, 1, 1, 0),              # unsharded 1-D
-    ShardSpec((16,), 0, 1, 2, 1),              # 1-D, 2 shards
-    ShardSpec((16,), 0, 2, 4, 3),              # 1-D fused bias: 2 parts, 4 shards
-    ShardSpec((8, 6), 0, 1, 2, 0),             # column-parallel weight
-    ShardSpec((8, 6), 0, 1, 2, 1),
-    ShardSpec((8, 6), 0, 2, 2, 1),             # fused [gate; up], rank 1
-    ShardSpec((16, 6), 0, 2, 4, 2),            # fused, 4 shards
-    ShardSpec((6, 8), 1, 1, 2, 1),             # row-parallel weight
-    ShardSpec((6, 8), 1, 1, 4, 3),
-    ShardSpec((6, 8), 1, 2, 2, 0),             # fused along dim 1
-    ShardSpec((6, 16), 1, 2, 4, 1),
-    ShardSpec((8, 6), 0, 2, 1, 0),             # parts but no split: the identity
-    ShardSpec((4, 8, 6), 1, 2, 2, 1),          # 3-D, split a middle dim
+    Placement((16,), 0, 1, 1, 0),              # unsharded 1-D
+    Placement((16,), 0, 1, 2, 1),              # 1-D, 2 shards
+    Placement((16,), 0, 2, 4, 3),              # 1-D fused bias: 2 parts, 4 shards
+    Placement((8, 6), 0, 1, 2, 0),             # column-parallel weight
+    Placement((8, 6), 0, 1, 2, 1),
+    Placement((8, 6), 0, 2, 2, 1),             # fused [gate; up], rank 1
+    Placement((16, 6), 0, 2, 4, 2),            # fused, 4 shards
+    Placement((6, 8), 1, 1, 2, 1),             # row-parallel weight
+    Placement((6, 8), 1, 1, 4, 3),
+    Placement((6, 8), 1, 2, 2, 0),             # fused along dim 1
+    Placement((6, 16), 1, 2, 4, 1),
+    Placement((8, 6), 0, 2, 1, 0),             # parts but no split: the identity
+    Placement((4, 8, 6), 1, 2, 2, 1),          # 3-D, split a middle dim
 ]
 
 
-def _local_shape(spec: ShardSpec) -> tuple[int, ...]:
+def _local_shape(spec: Placement) -> tuple[int, ...]:
     shape = list(spec.global_shape)
     shape[spec.dim] //= spec.num_shards
     return tuple(shape)
@@ -101,7 +102,7 @@ def test_global_index_shards_tile_the_tensor():
     """Over all shards every global index appears exactly once (no overlap, no gap)."""
     for spec in SPECS:
         shape = _local_shape(spec)
-        allidx = torch.cat([global_index(shape, ShardSpec(spec.global_shape, spec.dim, spec.parts, spec.num_shards,
+        allidx = torch.cat([global_index(shape, Placement(spec.global_shape, spec.dim, spec.parts, spec.num_shards,
                                                           r), "cpu").expand(shape).reshape(-1)
                             for r in range(spec.num_shards)])
         assert torch.equal(allidx.sort().values, torch.arange(math.prod(spec.global_shape))), spec
@@ -109,7 +110,7 @@ def test_global_index_shards_tile_the_tensor():
 
 def test_global_index_rejects_rank_mismatch():
     with pytest.raises(ValueError, match="does not match global shape"):
-        global_index((4,), ShardSpec((4, 4)), "cpu")
+        global_index((4,), Placement((4, 4)), "cpu")
 
 
 # -- 2. keyed_normal -----------------------------------------------------------------------------------
@@ -247,7 +248,7 @@ def test_tensor_parallel_shards_equal_the_single_process_model(recipe, kw):
         sd = tp.state_dict()
         assert sorted(sd) == sorted(ref_sd)
         expect = shard_state_dict(ref_sd, tp, st)
-        sharded = [k for k, p in tp.named_parameters() if getattr(p, "tensor_parallel", False)]
+        sharded = [k for k, where in named_placements(tp).items() if where.split]
         # sharded: qkv, proj, gate_up (parts=2), down, the vocab-parallel embedding and head (+ biases)
         assert {"embed.weight", "head.weight", "layers.0.attn.qkv.weight", "layers.0.attn.qkv.bias",
                 "layers.0.attn.proj.weight", "layers.0.mlp.gate_up.weight", "layers.0.mlp.gate_up.bias",

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from megatron_ufp4.model import GPTModel, LinearFactory, ModelConfig
+from megatron_ufp4.model.placement import named_placements
 from megatron_ufp4.parallel.build import build_rank_chunks
 from megatron_ufp4.parallel.parallel_factory import ParallelLinearFactory
 from megatron_ufp4.parallel.state import state_for_rank
@@ -40,8 +41,8 @@ def test_every_rank_holds_the_single_process_values(model_kw, layout):
                 if isinstance(v, torch.Tensor):
                     assert torch.equal(v, expected[k]), (rank, k)
                     covered.add(k)
-        # the TP attributes optimizer, norm and checkpoint code read survive materialisation
-        assert any(getattr(p, "tensor_parallel", False) for c in chunks for p in c.parameters())
+        # the placements optimizer, norm and checkpoint code read survive materialisation
+        assert any(p.split for c in chunks for p in named_placements(c).values())
     assert covered == {k for k, v in full.items() if isinstance(v, torch.Tensor)}  # every tensor held somewhere
 
 

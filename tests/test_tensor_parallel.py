@@ -48,6 +48,7 @@ from megatron_ufp4.parallel.mappings import (all_reduce, gather_from_sp, gather_
                                              scatter_to_sp, scatter_to_tp)
 from megatron_ufp4.parallel.parallel_factory import (ParallelLinearFactory, build_tensor_parallel_gpt, shard_tensor,
                                                      sync_sequence_parallel_grads)
+from megatron_ufp4.model.placement import named_placements
 from megatron_ufp4.parallel.state import build_parallel_state
 from megatron_ufp4.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron_ufp4.parallel.vocab_parallel import VocabParallelEmbedding, vocab_parallel_cross_entropy
@@ -219,12 +220,14 @@ def _mapping_checks(st):
 # -- whole-model checks ------------------------------------------------------------------------
 def _gather_grads(model, state) -> dict:
     out = {}
+    placements = named_placements(model)
     for name, p in model.named_parameters():
         g = p.grad.detach()
-        if getattr(p, "tensor_parallel", False):
+        where = placements[name]
+        if where.split:
             shards = [torch.empty_like(g) for _ in range(state.tp)]
             dist.all_gather(shards, g.contiguous(), group=state.group("tp"))
-            g = unshard_tensor(shards, p.partition_dim, p.partition_stride)
+            g = unshard_tensor(shards, where.dim, where.parts)
         out[name] = g
     return out
 
@@ -314,7 +317,7 @@ def _model_case(st, recipe, sp, optimizer, steps=3, autocast=False, with_labels=
         if step == 0:  # the norm from shards against the same gradients gathered: two fp32 orders of
             # one sum of N squares, each within gamma_N (the squares' rounding included) of the exact sum
             sq = torch.stack([g.float().pow(2).sum() for g in grads.values()]).sum()
-            norm_rel = abs(float(tp_grad_sq_norm(model.parameters(), st)) / float(sq) - 1)
+            norm_rel = abs(float(tp_grad_sq_norm(model, st)) / float(sq) - 1)
             norm_bound = 2 * gamma(sum(g.numel() for g in grads.values()) + 1)
         opt_full.step()
         opt_tp.step()

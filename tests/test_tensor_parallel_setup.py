@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 from megatron_ufp4.linear import QuantizedLinear
 from megatron_ufp4.model import GPTModel, LinearFactory, ModelConfig
-from megatron_ufp4.parallel.parallel_factory import ParallelLinearFactory, build_tensor_parallel_gpt, shard_tensor
+from megatron_ufp4.model.placement import Placement, placement_of
+from megatron_ufp4.parallel.parallel_factory import (ParallelLinearFactory, attach_placements,
+                                                     build_tensor_parallel_gpt, shard_tensor)
 from megatron_ufp4.parallel.state import ParallelState, build_parallel_state
 from megatron_ufp4.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron_ufp4.parallel.vocab_parallel import VocabParallelEmbedding, vocab_parallel_cross_entropy
@@ -43,13 +45,17 @@ def test_sharding_validation_errors(build, match):
     assert "\n" not in str(e.value)
 
 
-def test_high_precision_layers_accept_unaligned_shards_and_attributes_are_set():
+def test_high_precision_layers_accept_unaligned_shards_and_placements_are_declared():
     st = _fake_state()
     col = ColumnParallelLinear(64, 100, recipe="bf16", state=st, partition_stride=2)
-    assert col.weight.shape == (50, 64) and col.weight.partition_stride == 2 and col.weight.partition_dim == 0
-    row = RowParallelLinear(64, 64, recipe="ufp4", state=_fake_state(sp=True))
-    assert row.weight.shape == (64, 32) and row.weight.partition_dim == 1 and row.bias.sequence_parallel
-    assert not hasattr(row.bias, "tensor_parallel")
+    assert col.weight.shape == (50, 64)
+    assert placement_of(col, "weight") == Placement((100, 64), dim=0, parts=2, num_shards=2, shard=st.tp_rank)
+    sp = _fake_state(sp=True)
+    row = RowParallelLinear(64, 64, recipe="ufp4", state=sp)
+    assert row.weight.shape == (64, 32) and placement_of(row, "weight").dim == 1
+    assert not placement_of(row, "bias").split  # whole on every rank
+    attach_placements(row, sp)  # what the model build does: under SP the bias's gradient is a partial sum
+    assert placement_of(row, "bias").partial_grad and not placement_of(row, "weight").partial_grad
 
 
 def test_factory_builds_parallel_layers_with_single_process_seeds():
@@ -61,7 +67,7 @@ def test_factory_builds_parallel_layers_with_single_process_seeds():
     down = f(128, 64, kind="row", layer_index=1, name="mlp.down")
     assert isinstance(gate_up, ColumnParallelLinear) and gate_up.partition_stride == 2 and qkv.partition_stride == 1
     assert isinstance(down, RowParallelLinear) and down.weight.shape == (64, 64)
-    assert qkv.bias.tensor_parallel and qkv.bias.partition_dim == 0
+    assert placement_of(qkv, "bias").split and placement_of(qkv, "bias").dim == 0
     assert gate_up.gemms.generator.initial_seed() == ref.sr_seed(1, "mlp.gate_up")
     assert isinstance(gate_up, QuantizedLinear) and gate_up.telemetry() == {}
 

@@ -40,7 +40,9 @@ class QuantizedLinear(nn.Module):
     the first/last layers in high precision.  sr_seed: seed of this module's stochastic-
     rounding generator (saved and restored with the module's state dict) and of its SR
     keys in training.  step_context: the model's ``StepContext`` (shared by all its
-    layers; a private one by default), read in forward for the SR position.
+    layers; a private one by default), read in forward for the SR position.  fused_parts:
+    the output is that many fused parts ([gate; up]), each a GEMM reduction of its own in
+    Dgrad (a tensor-parallel shard holds its slice of each).
     """
     hooks = NO_COLLECTIVES  # tensor-parallel subclasses talk to their group here
 
@@ -48,8 +50,9 @@ class QuantizedLinear(nn.Module):
                  recipe: Recipe | dict | str | None = None, *, layer_index: int | None = None,
                  num_layers: int | None = None, sr_seed: int = 0,
                  backend: str = "emulated", collect_stats: bool = False, step_context: StepContext | None = None,
-                 device=None, dtype=None):
+                 fused_parts: int = 1, device=None, dtype=None):
         super().__init__()
+        self.fused_parts = int(fused_parts)
         self.step_context = step_context if step_context is not None else StepContext()
         self.in_features, self.out_features = in_features, out_features
         self.layer_index = layer_index  # metadata: the transformer layer (None outside one)
@@ -111,8 +114,7 @@ class QuantizedLinear(nn.Module):
         return len(self.phases) - 1
 
     def _check_dims(self, recipe: Recipe):
-        # a fused column shard (tensor-parallel, partition_stride S) reduces Dgrad over each of its S parts
-        out_part = self.out_features // getattr(self, "partition_stride", 1)
+        out_part = self.out_features // self.fused_parts  # Dgrad reduces over each fused part on its own
         for gemm, k in (("fprop", self.in_features), ("dgrad", out_part)):
             spec = recipe.gemm(gemm)
             need = reduction_multiple(spec, recipe.rht_size)

@@ -2,7 +2,7 @@
 
 ``GroupedExperts`` holds the experts this process runs -- ``SwiGLU`` modules registered
 under their *global* index, so parameter names (``experts.{e}.gate_up.weight``), the
-``expert_index`` metadata data parallelism reads, initialisation keys, SR seeds and
+expert recorded in their placements (data parallelism reads it), initialisation keys, SR seeds and
 checkpoints are those of one module per expert -- and runs them together:
 
     gate_up: one grouped GEMM per GEMM over all experts     (linear/grouped.py)

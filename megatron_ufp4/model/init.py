@@ -10,9 +10,8 @@ uniforms, Box-Muller turns them into a normal in float64, and one rounding gives
 parameter's dtype.  Any shard of any parameter, built in any order on any layout,
 therefore gets exactly the values the single-process model has at those positions.
 
-Sharded modules describe their shards with ``param_shards`` metadata: a dict from the
-parameter's attribute name to a ``ShardSpec`` (global shape, split dim, fused parts,
-number of shards, this shard).
+Where a rank's tensor sits in the whole parameter comes from its ``Placement``
+(model/placement.py: global shape, split dim, fused parts, number of shards, this shard).
 
 Specification: docs/rht_and_sr.md.
 """
@@ -20,34 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from ..fp4.sr_random import derive_key, uniform_from_index
+from .placement import Placement, placement_of
 
 _ROWS_PER_CHUNK = 1 << 22  # elements per hashing chunk: bounds the int64/float64 temporaries
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    """Where a local tensor sits in its global tensor: ``dim`` split into ``num_shards``
-    equal shards, each holding its slice of every one of ``parts`` fused parts."""
-    global_shape: tuple[int, ...]
-    dim: int = 0
-    parts: int = 1
-    num_shards: int = 1
-    shard: int = 0
-
-    def global_coords(self, dim: int, local_size: int, device) -> torch.Tensor:
-        """Global coordinates along ``dim`` of the local positions 0..local_size-1."""
-        local = torch.arange(local_size, device=device, dtype=torch.int64)
-        if dim != self.dim or self.num_shards == 1:
-            return local
-        n = local_size // self.parts  # this shard's rows of one part
-        part_size = self.global_shape[dim] // self.parts
-        return (local // n) * part_size + self.shard * n + local % n
 
 
 def name_key(seed: int, name: str) -> int:
@@ -56,7 +34,7 @@ def name_key(seed: int, name: str) -> int:
     return int.from_bytes(digest, "little") & ((1 << 62) - 1)
 
 
-def global_index(shape, spec: ShardSpec, device, rows: slice | None = None) -> torch.Tensor:
+def global_index(shape, spec: Placement, device, rows: slice | None = None) -> torch.Tensor:
     """int64 row-major index in the global tensor of every local element (of ``rows`` of dim 0)."""
     if len(spec.global_shape) != len(shape):
         raise ValueError(f"shard of shape {tuple(shape)} does not match global shape {spec.global_shape}")
@@ -109,7 +87,7 @@ class KeyedInit:
         """``module.<attr>`` <- N(0, std^2) at its global positions (``name``: key by another
         parameter's name, e.g. a tied copy)."""
         t = getattr(module, attr)
-        spec = getattr(module, "param_shards", {}).get(attr) or ShardSpec(tuple(t.shape))
+        spec = placement_of(module, attr)
         key = name_key(self.seed, name or self.name_of(module, attr))
         per_row = max(1, t[0].numel() if t.dim() > 1 else 1)
         step = max(1, _ROWS_PER_CHUNK // per_row) if t.dim() > 1 else _ROWS_PER_CHUNK

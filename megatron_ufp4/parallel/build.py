@@ -12,7 +12,7 @@ import torch
 
 from ..model.gpt import GPTModel
 from .expert import build_expert_parallel_model
-from .parallel_factory import ParallelLinearFactory, build_tensor_parallel_gpt, mark_sequence_parallel_params
+from .parallel_factory import ParallelLinearFactory, attach_placements, build_tensor_parallel_gpt
 from .pipeline import build_stage_modules
 from .state import ParallelState, state_for_rank
 
@@ -47,7 +47,7 @@ def build_rank_chunks(config, factory: ParallelLinearFactory, state: ParallelSta
     chunks = build_stage_modules(model, state, vpp=state.vpp, first_stage_layers=first_stage_layers,
                                  last_stage_layers=last_stage_layers, device=device)
     for chunk in chunks:
-        mark_sequence_parallel_params(chunk, state)
+        attach_placements(chunk, state)
     return chunks
 
 

@@ -16,7 +16,7 @@ sums, so they commute, but ``finish_grad_sync`` overwrites ``p.grad``).
 Two kinds of parameters, each bucketed and reduced over its own group:
 
 * dense (everything but routed experts): replicated over the data-parallel group "dp";
-* routed experts (under a module whose ``expert_index`` is set, see ``expert_param_names``): sharded over EP,
+* routed experts (their ``Placement`` names the expert, see ``expert_param_names``): sharded over EP,
   replicated over the expert-data-parallel group "edp" (dp_rank // EP).
 
 Scaling (Megatron DDP's): every gradient is multiplied by 1 / DP (the *full* data-parallel
@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..model.placement import named_placements
 from .mappings import group_size
 
 __all__ = ["DataParallel", "expert_param_names", "named_parameters", "param_kind", "replica_group"]
@@ -56,15 +57,9 @@ def _modules(model) -> list[nn.Module]:
 
 
 def expert_param_names(model) -> set[str]:
-    """Names of the routed-expert parameters of a model or of pipeline chunks: everything
-    under a module whose ``expert_index`` metadata is set (``SwiGLU(expert=e)``).  Shared
-    experts and routers are dense."""
-    out = set()
-    for m in _modules(model):
-        for prefix, sub in m.named_modules():
-            if getattr(sub, "expert_index", None) is not None:
-                out.update(f"{prefix}.{n}" if prefix else n for n, _ in sub.named_parameters())
-    return out
+    """Names of the routed-expert parameters of a model or of pipeline chunks: those whose
+    ``Placement`` names an expert.  Shared experts and routers are dense."""
+    return {n for n, p in named_placements(_modules(model)).items() if p.expert is not None}
 
 
 def param_kind(name: str, experts: set[str]) -> str:

@@ -36,8 +36,8 @@ data-parallel reduction, summed over the whole world, where each distinct gradie
 is counted on exactly one rank:
 
 * replicated over dp / edp: only on its owner (ZeRO; ``DistributedOptimizer``) or on
-  dp_rank 0 / edp_rank 0 (``replica_counts``, for a plain optimizer);
-* tensor parallel: shards (``param.tensor_parallel``) on every TP rank, TP-replicated
+  dp_rank 0 / edp_rank 0 (for a plain optimizer);
+* tensor parallel: split parameters (``Placement.split``) on every TP rank, TP-replicated
   parameters (norms, router, sequence-parallel weights) on tp_rank 0 only;
 * expert parallel: each EP rank holds different experts, all counted (by their edp owner);
 * pipeline: stages hold different parameters, all counted; pass ``norm_params`` (e.g.
@@ -55,10 +55,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .data_parallel import expert_param_names, named_parameters, param_kind, replica_group
+from ..model.placement import Placement, named_placements
+from .data_parallel import named_parameters, param_kind, replica_group
 
 __all__ = ["DistributedOptimizer", "global_grad_norm", "greedy_partition", "merge_state_dicts", "named_parameters",
-           "param_groups", "replica_counts", "torch_adamw_state_to_fqn"]
+           "param_groups", "torch_adamw_state_to_fqn"]
 
 
 def param_groups(params: Iterable[torch.Tensor], weight_decay: float) -> list[dict]:
@@ -82,23 +83,15 @@ def greedy_partition(sizes: Sequence[int], n: int) -> list[int]:
     return owners
 
 
-def _tp_counts(p: torch.Tensor, pstate) -> bool:
-    return pstate.tp_rank == 0 or getattr(p, "tensor_parallel", False)
-
-
-def replica_counts(pstate, experts: set[str]) -> Callable[[str, torch.Tensor], bool]:
-    """Norm-counting rule without ZeRO: dp_rank 0 (dense) / edp_rank 0 (experts) counts.
-    ``experts``: the routed-expert parameter names (``expert_param_names``)."""
-    def counts(name: str, p: torch.Tensor) -> bool:
-        first = (pstate.edp_rank if param_kind(name, experts) == "edp" else pstate.dp_rank) == 0
-        return first and _tp_counts(p, pstate)
-    return counts
+def _tp_counts(placement: Placement, pstate) -> bool:
+    """A TP-split parameter counts on every TP rank (each holds other elements), a replicated one on rank 0."""
+    return pstate.tp_rank == 0 or placement.split
 
 
 def global_grad_norm(named: Iterable[tuple[str, torch.Tensor]], pstate, counts: Callable[[str, torch.Tensor], bool],
                      norm_params: Iterable[torch.Tensor] | None = None) -> torch.Tensor:
     """L2 norm of all gradients of the parallel model, the same on every rank (see module
-    doc).  ``counts(name, p)``: whether this rank counts ``p`` (e.g. ``replica_counts``)."""
+    doc).  ``counts(name, p)``: whether this rank counts ``p`` (``DistributedOptimizer``'s rule)."""
     allowed = None if norm_params is None else {id(p) for p in norm_params}
     named = list(named)
     grads = [p.grad for n, p in named if p.grad is not None and counts(n, p) and (allowed is None or id(p) in allowed)]
@@ -147,7 +140,8 @@ class DistributedOptimizer:
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, fused: bool | None = None):
         self.pstate = pstate
         self.named = named_parameters(model)
-        experts = expert_param_names(model)
+        self.placements = named_placements(model if isinstance(model, nn.Module) else list(model))
+        experts = {n for n, p in self.placements.items() if p.expert is not None}
         self.hparams = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
         self.owner: dict[str, int] = {}  # fqn -> global rank of the owner
         self.owned_by: dict[str, dict[int, list[tuple[str, nn.Parameter]]]] = {}  # kind -> group rank -> params
@@ -220,7 +214,7 @@ class DistributedOptimizer:
 
     # -- gradient norm --------------------------------------------------------------------------------
     def _counts(self, name: str, p: torch.Tensor) -> bool:
-        return self.owner[name] == self.pstate.rank and _tp_counts(p, self.pstate)
+        return self.owner[name] == self.pstate.rank and _tp_counts(self.placements[name], self.pstate)
 
     def grad_norm(self, norm_params: Iterable[torch.Tensor] | None = None) -> torch.Tensor:
         return global_grad_norm(self.named, self.pstate, self._counts, norm_params)

@@ -19,12 +19,15 @@ embedding and output head (``GPTModel(..., **factory.model_kwargs())``).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from ..model.gpt import GPTModel
 from ..model.layers import HeadRMSNorm
 from ..model.linear_factory import LinearFactory
+from ..model.placement import named_placements, placement_of
 from .mappings import all_reduce
 from .state import ParallelState
 from .tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -78,26 +81,19 @@ class ParallelLinearFactory(LinearFactory):
 
 
 # -- model construction -------------------------------------------------------------------------
-def mark_sequence_parallel_params(model: nn.Module, state: ParallelState) -> int:
-    """Mark the replicated parameters whose gradient on one TP rank is a partial sum, so that
-    ``sync_sequence_parallel_grads`` sums it over TP; returns how many.  With sequence
-    parallelism every parameter that is not TP-sharded (norms, row-parallel biases) acts on
-    this rank's tokens only (``sequence_parallel=True``); with TP > 1 a QK-norm weight
-    (``HeadRMSNorm``, shared by all heads) sees only this rank's heads (``tp_partial_grad=True``)."""
-    n = 0
-    if state.tp > 1:
-        for m in model.modules():
-            if isinstance(m, HeadRMSNorm):
-                for p in m.parameters():
-                    p.tp_partial_grad = True
-                    n += 1
-    if not state.sequence_parallel:
-        return n
-    for p in model.parameters():
-        if not getattr(p, "tensor_parallel", False):
-            p.sequence_parallel = True
-            n += 1
-    return n
+def attach_placements(model: nn.Module, state: ParallelState) -> None:
+    """Complete the ``Placement`` of every parameter of ``model`` (a rank's model or chunk)
+    with what the layout decides: whether its gradient is a partial sum over TP -- with
+    sequence parallelism every parameter that is not split (norms, row-parallel biases)
+    sees only this rank's tokens; with TP > 1 a QK-norm weight (``HeadRMSNorm``, shared by
+    all heads) sees only this rank's heads.  What the modules declared stays: the
+    tensor-parallel layers their split, a routed expert's ``SwiGLU`` its expert."""
+    for m in model.modules():
+        for attr, _ in m.named_parameters(recurse=False):
+            p = placement_of(m, attr)
+            partial = (state.tp > 1 and isinstance(m, HeadRMSNorm)) or (state.sequence_parallel and not p.split)
+            if partial != p.partial_grad:
+                m.placements = {**getattr(m, "placements", {}), attr: dataclasses.replace(p, partial_grad=partial)}
 
 
 def build_tensor_parallel_gpt(config, factory: ParallelLinearFactory, *, init_seed: int | None = None,
@@ -108,20 +104,20 @@ def build_tensor_parallel_gpt(config, factory: ParallelLinearFactory, *, init_se
     rank ever builds the full model."""
     device = device if device is not None else factory.device
     model = GPTModel(config, factory, init_seed=init_seed, device=device, **factory.model_kwargs())
-    mark_sequence_parallel_params(model, factory.state)
+    attach_placements(model, factory.state)
     return model
 
 
 # -- gradients -----------------------------------------------------------------------------------
 def sync_sequence_parallel_grads(model: nn.Module, state: ParallelState) -> int:
-    """Sum the gradients of ``sequence_parallel`` / ``tp_partial_grad`` parameters over the TP group (one
+    """Sum the gradients of parameters placed with ``partial_grad`` over the TP group (one
     coalesced FP32 all-reduce).  Call after the last micro-batch's backward and after
     ``DataParallel.finish_grad_sync`` (which overwrites ``.grad``; both are sums, so the
     order does not change the result), before clipping and the optimizer step.  Returns
     the count synced."""
     group = state.group("tp")
-    grads = [p.grad for p in model.parameters() if p.grad is not None
-             and (getattr(p, "sequence_parallel", False) or getattr(p, "tp_partial_grad", False))]
+    partial = named_placements(model)
+    grads = [p.grad for n, p in model.named_parameters() if p.grad is not None and partial[n].partial_grad]
     if not grads or state.tp == 1 or group is None:
         return len(grads)
     flat = all_reduce(torch.cat([g.reshape(-1).float() for g in grads]), group)
@@ -139,5 +135,5 @@ def shard_tensor(full: torch.Tensor, dim: int, stride: int, tp: int, rank: int) 
     return torch.cat([p.chunk(tp, dim=dim)[rank] for p in parts], dim=dim).contiguous()
 
 
-__all__ = ["ParallelLinearFactory", "build_tensor_parallel_gpt", "mark_sequence_parallel_params",
-           "shard_tensor", "sync_sequence_parallel_grads"]
+__all__ = ["ParallelLinearFactory", "attach_placements", "build_tensor_parallel_gpt", "shard_tensor",
+           "sync_sequence_parallel_grads"]

@@ -32,7 +32,6 @@ from torch import nn
 
 from ..model.gpt import GPTModel
 from .state import ParallelState
-from .tensor_parallel import apply_shard_attributes
 
 # -- layer split ---------------------------------------------------------------------------------
 def stage_layer_ranges(num_layers: int, pp: int, vpp: int = 1, first_stage_layers: int | None = None,
@@ -128,8 +127,7 @@ def build_stage_modules(model: GPTModel, state: ParallelState | None = None, *, 
     layers are freed) or on the meta device (``with torch.device("meta"): GPTModel(cfg, factory)``): then
     only this rank's modules are materialised on ``device`` and initialised; the weights
     equal a normally built model's bit for bit (layout-independent init, model/init.py).
-    With sequence parallelism, mark the chunks' replicated parameters afterwards
-    (``mark_sequence_parallel_params``): materialising makes new Parameter objects.
+    Placements (module metadata) survive materialisation.
     ``pp`` / ``pp_rank`` / ``vpp`` default to ``state``'s.
     """
     pp = pp if pp is not None else (state.pp if state is not None else 1)
@@ -160,7 +158,6 @@ def _materialise(chunks: list[GPTModel], device) -> None:
     for chunk in chunks:
         chunk.to_empty(device=device)
         chunk.init_weights()
-        apply_shard_attributes(chunk)  # to_empty made new Parameters: re-derive their TP attributes
 
 
 def unique_parameters(stage_modules: Sequence[nn.Module], state: ParallelState | None = None) -> list[nn.Parameter]:

@@ -43,14 +43,13 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from ..fp4.recipes import Recipe
 from ..fp4.sr_random import SRIndex
 from ..linear.gemm import GemmPart, GemmSplit, reduction_multiple
 from ..linear.linear_fn import CollectiveHooks, linear
 from ..linear.quantized_linear import QuantizedLinear
-from ..model.init import ShardSpec
+from ..model.placement import Placement
 from .mappings import SEQ_DIM, all_gather, all_reduce, gather_from_tp, reduce_scatter, scatter_to_tp
 from .state import ParallelState
 
@@ -92,23 +91,6 @@ class TPGroupMixin:
         self._tp_handle = GroupHandle(group)
         self.sequence_parallel = bool(state.sequence_parallel if (sequence_parallel is None and state is not None)
                                       else sequence_parallel)
-
-
-def set_tensor_parallel_attributes(param: nn.Parameter, partition_dim: int, partition_stride: int = 1) -> None:
-    param.tensor_parallel = True
-    param.partition_dim = partition_dim
-    param.partition_stride = partition_stride
-
-
-def apply_shard_attributes(root: nn.Module) -> None:
-    """(Re)derive the parameter attributes TP code reads (``tensor_parallel``,
-    ``partition_dim``, ``partition_stride``) from the modules' ``param_shards`` metadata, the
-    source of truth: ``to_empty`` and ``deepcopy`` make new Parameter objects without them."""
-    for m in root.modules():
-        for attr, spec in getattr(m, "param_shards", {}).items():
-            p = getattr(m, attr, None)
-            if p is not None:
-                set_tensor_parallel_attributes(p, spec.dim, spec.parts)
 
 
 class _TPHooks(CollectiveHooks):
@@ -193,15 +175,13 @@ class ColumnParallelLinear(_TensorParallelLinear):
                                  f"tiles of {need} along out_features)")
         super().__init__(in_features, out_features // tp, bias, recipe, layer_index=layer_index,
                          num_layers=num_layers, sr_seed=sr_seed, backend=backend, collect_stats=collect_stats,
-                         step_context=step_context, device=device, dtype=dtype)
+                         step_context=step_context, fused_parts=stride, device=device, dtype=dtype)
         self._setup_tp(state, name, sequence_parallel, ColumnHooks)
         self.full_in_features, self.full_out_features = in_features, out_features
-        self.partition_stride, self.gather_output = stride, gather_output
-        set_tensor_parallel_attributes(self.weight, 0, stride)
-        self.param_shards = {"weight": ShardSpec((out_features, in_features), 0, stride, tp, self.tp_rank)}
+        self.gather_output = gather_output
+        self.placements = {"weight": Placement((out_features, in_features), 0, stride, tp, self.tp_rank)}
         if self.bias is not None:
-            set_tensor_parallel_attributes(self.bias, 0, stride)
-            self.param_shards["bias"] = ShardSpec((out_features,), 0, stride, tp, self.tp_rank)
+            self.placements["bias"] = Placement((out_features,), 0, stride, tp, self.tp_rank)
         off, full = self.tp_rank * self.out_features, out_features
         # where each (2-D) GEMM operand of this shard sits in the unsplit layer's operand
         self.gemms.sr_index = {
@@ -211,6 +191,11 @@ class ColumnParallelLinear(_TensorParallelLinear):
         }
         self.gemms.splits = self.gemm_splits(self.recipe)
 
+    @property
+    def partition_stride(self) -> int:
+        """The fused parts S of the output (QuantizedLinear.fused_parts)."""
+        return self.fused_parts
+
     def _part_slices(self):
         s, n = self.partition_stride, self.out_features // self.partition_stride
         per_part_full = self.full_out_features // s
@@ -219,7 +204,7 @@ class ColumnParallelLinear(_TensorParallelLinear):
     def gemm_splits(self, recipe: Recipe) -> dict:
         """Sub-GEMMs for a strided shard whose stochastically rounded operand spans its parts
         (GEMMs without one run whole: indices do not matter then)."""
-        if getattr(self, "partition_stride", 1) == 1 or self.tp == 1:  # the shard is one contiguous block
+        if self.partition_stride == 1 or self.tp == 1:  # the shard is one contiguous block
             return {}
         full, out = self.full_out_features, {}
         for gemm in ("fprop", "dgrad", "wgrad"):
@@ -279,11 +264,9 @@ class RowParallelLinear(_TensorParallelLinear):
         self._setup_tp(state, name, sequence_parallel, RowHooks)
         self.full_in_features, self.full_out_features = in_features, out_features
         self.input_is_parallel = input_is_parallel
-        self.partition_stride = 1
-        set_tensor_parallel_attributes(self.weight, 1, 1)
-        self.param_shards = {"weight": ShardSpec((out_features, in_features), 1, 1, tp, self.tp_rank)}
-        if self.bias is not None and self.sequence_parallel:
-            self.bias.sequence_parallel = True
+        # the bias is whole on every rank; under sequence parallelism its gradient is a partial sum
+        # (attach_placements records that with the other replicated parameters)
+        self.placements = {"weight": Placement((out_features, in_features), 1, 1, tp, self.tp_rank)}
         off, full = self.tp_rank * self.in_features, in_features
         self.gemms.sr_index = {
             "fprop": (SRIndex(col_offset=off, row_stride=full), SRIndex(col_offset=off, row_stride=full)),  # x, W
@@ -301,5 +284,5 @@ class RowParallelLinear(_TensorParallelLinear):
                 f"{', sequence_parallel' if self.sequence_parallel else ''}")
 
 
-__all__ = ["apply_shard_attributes", "ColumnHooks", "ColumnParallelLinear", "GroupHandle", "RowHooks",
-           "RowParallelLinear", "TPGroupMixin", "set_tensor_parallel_attributes", "tp_info"]
+__all__ = ["ColumnHooks", "ColumnParallelLinear", "GroupHandle", "RowHooks", "RowParallelLinear", "TPGroupMixin",
+           "tp_info"]

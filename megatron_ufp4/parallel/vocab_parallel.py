@@ -13,10 +13,10 @@ from torch import nn
 
 from ..linear.linear_fn import LinearPlan, linear, linear_dtypes
 from ..model.losses import DEFAULT_CE_CHUNK_TOKENS, VocabShard, chunked_cross_entropy
-from ..model.init import ShardSpec
+from ..model.placement import Placement
 from .mappings import all_reduce, group_rank, reduce_from_tp, reduce_scatter_to_sp
 from .state import ParallelState
-from .tensor_parallel import ColumnHooks, TPGroupMixin, set_tensor_parallel_attributes
+from .tensor_parallel import ColumnHooks, TPGroupMixin
 
 
 class VocabParallelEmbedding(TPGroupMixin, nn.Module):
@@ -34,8 +34,7 @@ class VocabParallelEmbedding(TPGroupMixin, nn.Module):
         self.vocab_start = self.tp_rank * (num_embeddings // self.tp)
         self.vocab_end = self.vocab_start + num_embeddings // self.tp
         self.weight = nn.Parameter(torch.empty(num_embeddings // self.tp, embedding_dim, device=device, dtype=dtype))
-        set_tensor_parallel_attributes(self.weight, 0, 1)
-        self.param_shards = {"weight": ShardSpec((num_embeddings, embedding_dim), 0, 1, self.tp, self.tp_rank)}
+        self.placements = {"weight": Placement((num_embeddings, embedding_dim), 0, 1, self.tp, self.tp_rank)}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -68,8 +67,7 @@ class VocabParallelLMHead(TPGroupMixin, nn.Module):
             raise ValueError(f"VocabParallelLMHead: vocabulary of {out_features} is not divisible by TP={self.tp}")
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features // self.tp, in_features, device=device, dtype=dtype))
-        set_tensor_parallel_attributes(self.weight, 0, 1)
-        self.param_shards = {"weight": ShardSpec((out_features, in_features), 0, 1, self.tp, self.tp_rank)}
+        self.placements = {"weight": Placement((out_features, in_features), 0, 1, self.tp, self.tp_rank)}
         nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)  # nn.Linear's default; models re-init
         self.hooks = ColumnHooks(self.tp_group, self.sequence_parallel)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..config import config_from_saved, dump_config
+from ..model.placement import named_placements
 from .checkpoint import CheckpointError, checkpoint_root
 from .dist_checkpoint import (COUNTERS, PART, is_distributed_checkpoint, load_consolidated, load_sharded,
                               model_entries, partitions_of, restore_model)
@@ -120,7 +121,7 @@ def write_sharded(state: dict, dst: Path, model=None) -> None:
     import torch.distributed.checkpoint as dcp
 
     cfg = config_from_saved(state["config"])
-    partitions = partitions_of((model or _meta_model(cfg)).named_parameters())
+    partitions = partitions_of(named_placements(model or _meta_model(cfg)))
     flat: dict = {f"trainer.{k}": torch.tensor(int(state["trainer"].get(k, 0))) for k in COUNTERS}
     for k, v in state["model"].items():
         if isinstance(v, dict):

@@ -4,9 +4,9 @@ The one checkpoint format of training, for every layout (one process included). 
 rank writes only what it holds.  Keys are layout-independent: parameters keep their global
 names (``layers.<global index>...``, ``mlp.experts.<global expert>...``) under any pipeline
 or expert split, and tensor-parallel shards are saved as DTensors over the TP group
-(``Shard(partition_dim)``; a whole tensor in one process), so DCP can load them into any
-other TP size.  A fused parameter whose TP shard is not contiguous in the full tensor
-(``partition_stride`` s > 1, e.g. ``[gate; up]``) is saved as s separate keys
+(``Shard(dim)`` of the parameter's ``Placement``; a whole tensor in one process), so DCP
+can load them into any other TP size.  A fused parameter whose TP shard is not contiguous
+in the full tensor (``Placement.parts`` s > 1, e.g. ``[gate; up]``) is saved as s separate keys
 ``<name>.part<j>``, each contiguous, whatever the TP size.  Replicated tensors
 (data-parallel copies, SR generator states) are deduplicated by DCP.
 
@@ -37,6 +37,7 @@ from .checkpoint import (CheckpointError, undo_save, checkpoint_root, commit_che
                          latest_checkpoint, prune_checkpoints)
 from .errors import is_comm_failure
 from ..outputs import fsync_dir, os_error_line, write_synced
+from ..model.placement import Placement, placement_of
 from ..parallel.parallel_factory import shard_tensor
 
 PART = ".part"
@@ -54,21 +55,21 @@ def _mesh(state, device_type: str):
     return state.meshes[key]
 
 
-def _is_tp_sharded(t: torch.Tensor) -> bool:
+def _is_tp_sharded(placement: Placement | None) -> bool:
     # at every TP size (one process too), so the key layout (".part<j>") never depends on it
-    return bool(getattr(t, "tensor_parallel", False))
+    return placement is not None and placement.split
 
 
-def to_checkpoint_entries(name: str, local: torch.Tensor, like: torch.Tensor, state) -> dict:
-    """Local tensor → checkpoint entries (DTensor shards for TP-partitioned tensors when
-    there is a TP group; in one process the local tensor is the whole one).
+def to_checkpoint_entries(name: str, local: torch.Tensor, placement: Placement | None, state) -> dict:
+    """Local tensor → checkpoint entries (DTensor shards for TP-split tensors when there is
+    a TP group; in one process the local tensor is the whole one).
 
-    ``like`` carries the partition attributes (the parameter itself; optimizer moments
-    of a parameter are partitioned like it).
+    ``placement``: the parameter's (its optimizer moments are placed like it); None for a
+    buffer.
     """
-    if not _is_tp_sharded(like):
+    if not _is_tp_sharded(placement):
         return {name: local}
-    dim, stride = like.partition_dim, getattr(like, "partition_stride", 1)
+    dim, stride = placement.dim, placement.parts
     mesh = _mesh(state, local.device.type)
 
     def shard(t):
@@ -83,15 +84,15 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def from_checkpoint_entries(name: str, entries: dict, like: torch.Tensor, state) -> torch.Tensor:
-    if not _is_tp_sharded(like):
+def from_checkpoint_entries(name: str, entries: dict, placement: Placement | None, state) -> torch.Tensor:
+    if not _is_tp_sharded(placement):
         return entries[name]
-    stride = getattr(like, "partition_stride", 1)
+    stride = placement.parts
     if stride == 1:
         return _local(entries[name])
     if name in entries:  # saved whole (one-rank torchrun runs of older versions): this rank's slice of it
-        return shard_tensor(entries[name], like.partition_dim, stride, state.tp, state.tp_rank)
-    return torch.cat([_local(entries[f"{name}{PART}{j}"]) for j in range(stride)], dim=like.partition_dim)
+        return shard_tensor(entries[name], placement.dim, stride, state.tp, state.tp_rank)
+    return torch.cat([_local(entries[f"{name}{PART}{j}"]) for j in range(stride)], dim=placement.dim)
 
 
 def whole_fused_entries(entries: dict, saved_sizes: dict) -> dict:
@@ -108,20 +109,27 @@ def whole_fused_entries(entries: dict, saved_sizes: dict) -> dict:
     return out
 
 
+def _placement(root: nn.Module, name: str) -> Placement | None:
+    """The placement of the parameter a state-dict key names (None: a buffer).  By module and
+    attribute, so a tied weight's second name (``head.weight``) finds its own module's record."""
+    prefix, _, attr = name.rpartition(".")
+    module = root.get_submodule(prefix) if prefix else root
+    return placement_of(module, attr) if attr in module._parameters else None
+
+
 def model_entries(modules: list[nn.Module], state) -> tuple[dict, dict]:
-    """(checkpoint entries, name → parameter/buffer for restoring) over this rank's modules."""
+    """(checkpoint entries, name → placement (or extra-state dict) for restoring) over this rank's modules."""
     entries, owners = {}, {}
     for module in modules:
-        named = dict(module.named_parameters())
         for name, value in module.state_dict(keep_vars=True).items():
-            like = named.get(name, value)
             if isinstance(value, dict):  # QuantizedLinear extra state: SR generator + RHT signs
                 for k, v in value.items():
                     entries[f"{name}.{k}"] = v
                 owners[name] = value
                 continue
-            entries.update(to_checkpoint_entries(name, value.detach(), like, state))
-            owners[name] = like
+            placement = _placement(module, name)
+            entries.update(to_checkpoint_entries(name, value.detach(), placement, state))
+            owners[name] = placement
     return entries, owners
 
 
@@ -245,11 +253,11 @@ def restore_model(modules: list[nn.Module], entries: dict, owners: dict, state) 
     for module in modules:
         sd = {}
         for name in module.state_dict(keep_vars=True):
-            like = owners[name]
-            if isinstance(like, dict):
-                sd[name] = {k: entries[f"{name}.{k}"] for k in like}
+            owner = owners[name]
+            if isinstance(owner, dict):
+                sd[name] = {k: entries[f"{name}.{k}"] for k in owner}
             else:
-                sd[name] = from_checkpoint_entries(name, entries, like, state)
+                sd[name] = from_checkpoint_entries(name, entries, owner, state)
         module.load_state_dict(sd)
 
 
@@ -267,13 +275,13 @@ def load_sharded(entries: dict, path: str | Path) -> None:
 COUNTERS = ("step", "skipped_total", "consecutive_nonfinite")
 
 
-def partitions_of(named_params) -> dict:
+def partitions_of(placements: dict) -> dict:
     """Split dim and fused-part stride of every tensor-parallel parameter and its AdamW moments
     (``partitions.json``: how the ``.part<j>`` pieces of a fused parameter join)."""
     out = {"model": {}, "optim": {}}
-    for n, p in named_params:
-        if getattr(p, "tensor_parallel", False):
-            info = {"dim": p.partition_dim, "stride": getattr(p, "partition_stride", 1)}
+    for n, p in placements.items():
+        if p.split:
+            info = {"dim": p.dim, "stride": p.parts}
             out["model"][n] = info
             out["optim"].update({f"{n}.exp_avg": info, f"{n}.exp_avg_sq": info})
     return out
@@ -282,9 +290,9 @@ def partitions_of(named_params) -> dict:
 def _gathered_partitions(optimizer, state) -> dict:
     """``partitions_of`` merged over every rank (collective)."""
     if state.world_size == 1:
-        return partitions_of(optimizer.named)
+        return partitions_of(optimizer.placements)
     gathered = [None] * state.world_size
-    dist.all_gather_object(gathered, partitions_of(optimizer.named))
+    dist.all_gather_object(gathered, partitions_of(optimizer.placements))
     merged = {"model": {}, "optim": {}}
     for g in gathered:
         for k in merged:
@@ -298,7 +306,6 @@ def trainer_entries(stages, optimizer, state, counters: dict, templates: bool = 
     layout, for a load to fill) and ``trainer.*`` counters.  Returns (entries, model owners)."""
     model, owners = model_entries(stages, state)
     entries = {f"model.{k}": v for k, v in model.items()}
-    named = dict(optimizer.named)
     states = optimizer.state_dict()
     if templates:
         states = {n: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p), "step": torch.zeros(())}
@@ -306,7 +313,8 @@ def trainer_entries(stages, optimizer, state, counters: dict, templates: bool = 
     for fqn, sd in states.items():
         for field in ("exp_avg", "exp_avg_sq"):
             entries.update({f"optim.{k}": v for k, v in
-                            to_checkpoint_entries(f"{fqn}.{field}", sd[field], named[fqn], state).items()})
+                            to_checkpoint_entries(f"{fqn}.{field}", sd[field], optimizer.placements[fqn],
+                                                  state).items()})
         entries[f"optim.{fqn}.step"] = sd["step"]
     entries.update({f"trainer.{k}": torch.tensor(counters[k]) for k in COUNTERS})
     return entries, owners
@@ -337,13 +345,12 @@ def load_trainer(path: Path, stages, optimizer, state, config: dict, shown_as: P
     entries = whole_fused_entries(entries, saved)
     load_sharded(entries, path)  # verified, no unpickling of code; fills this layout's entries, resharding
     restore_model(stages, {k[len("model."):]: v for k, v in entries.items() if k.startswith("model.")}, owners, state)
-    named = dict(optimizer.named)
     states = {}
     for fqn, _ in optimizer.owned:
         sd = {}
         for field in ("exp_avg", "exp_avg_sq"):
             sub = {k[len("optim."):]: v for k, v in entries.items() if k.startswith(f"optim.{fqn}.{field}")}
-            sd[field] = from_checkpoint_entries(f"{fqn}.{field}", sub, named[fqn], state)
+            sd[field] = from_checkpoint_entries(f"{fqn}.{field}", sub, optimizer.placements[fqn], state)
         sd["step"] = entries[f"optim.{fqn}.step"]
         states[fqn] = sd
     optimizer.load_state_dict(states)
