@@ -235,3 +235,58 @@ def write_legacy_state_file(trainer, path) -> None:
              "rng": rng, "config": trainer.cfg.to_dict()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
+
+
+def as_legacy_checkpoint(trainer, ckpt) -> Path:
+    """Replace the sharded checkpoint ``ckpt`` by the same state in the single-file form of
+    earlier versions (``state.pt`` + ``config.yaml``); returns the file."""
+    import shutil
+
+    from megatron_ufp4.config import dump_config
+
+    ckpt = Path(ckpt)
+    shutil.rmtree(ckpt)
+    write_legacy_state_file(trainer, ckpt / "state.pt")
+    (ckpt / "config.yaml").write_text(dump_config(trainer.cfg), encoding="utf-8")
+    return ckpt / "state.pt"
+
+
+@pytest.fixture(scope="session")
+def sharded(trained_run):
+    """The sharded checkpoint (step 2) the trained one-process run wrote (tests damage copies of it)."""
+    run_dir, overrides = trained_run
+    ckpt = run_dir / "checkpoints" / "step_00000002"
+    assert (ckpt / ".metadata").is_file() and not (ckpt / "state.pt").exists()
+    return ckpt, overrides
+
+
+@pytest.fixture(scope="session")
+def legacy_run(trained_run, tmp_path_factory):
+    """A copy of the trained run whose step-2 checkpoint is the same state as the ``state.pt``
+    (+ ``config.yaml``) the single-process trainer of earlier versions wrote.  Returns
+    (run_dir, overrides, truth): truth = model / optimizer (by name) state dicts of that state,
+    from a trainer resumed from the sharded original."""
+    import shutil
+
+    from megatron_ufp4.config import load_config
+    from megatron_ufp4.training.trainer import Trainer
+
+    src, overrides = trained_run
+    run = tmp_path_factory.mktemp("legacy") / "run"
+    shutil.copytree(src, run)
+    over = [*[o for o in overrides if not o.startswith("training.run_dir=")], f"training.run_dir={run}"]
+    with one_thread():
+        trainer = Trainer(load_config(CONFIGS / "tiny_dense.yaml", over), console=quiet)
+    assert trainer.step == 2
+    truth = {"model": snapshot(trainer.model.state_dict()), "optimizer": snapshot(trainer.optimizer.state_dict())}
+    as_legacy_checkpoint(trainer, run / "checkpoints" / "step_00000002")
+    trainer.close()
+    return run, over, truth
+
+
+@pytest.fixture(scope="session")
+def tool():
+    """tools/convert_checkpoint.py as a module."""
+    from checkpoint_attacks import _tool
+
+    return _tool()

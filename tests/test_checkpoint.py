@@ -8,8 +8,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,19 +15,16 @@ import torch
 import yaml
 
 try:  # tests/ as a package (with __init__.py) or as a plain directory on sys.path
-    from .conftest import (CONFIGS, REPO_ROOT, RESUME_RUN, assert_state_equal, quiet, read_metrics, snapshot,
-                           wrap_loss, write_legacy_state_file)
+    from .conftest import (CONFIGS, RESUME_RUN, as_legacy_checkpoint, assert_state_equal, quiet, read_metrics,
+                           snapshot, wrap_loss)
 except ImportError:
-    from conftest import (CONFIGS, REPO_ROOT, RESUME_RUN, assert_state_equal, quiet, read_metrics, snapshot,
-                          wrap_loss, write_legacy_state_file)
-from megatron_ufp4.config import dump_config, load_config
+    from conftest import (CONFIGS, RESUME_RUN, as_legacy_checkpoint, assert_state_equal, quiet,
+                          read_metrics, snapshot, wrap_loss)
+from megatron_ufp4.config import load_config
 from megatron_ufp4.linear import QuantizedLinear
 from megatron_ufp4.parallel.build import build_model
 from megatron_ufp4.training.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
 from megatron_ufp4.training.checkpoint_formats import read_checkpoint
-from megatron_ufp4.training.evaluation import eval_window_count, summarize, window_losses
-from megatron_ufp4.training.inference import generate, load_trained_model
-from megatron_ufp4.training.run_setup import validation_dataset
 from megatron_ufp4.training.trainer import Trainer
 
 # What must match bit for bit between an uninterrupted run and a stopped-and-resumed one
@@ -51,34 +46,12 @@ SHARDED_FILES = [".metadata", "__0_0.distcp", "config.yaml", "partitions.json"]
 
 def staged_leftovers(run_dir) -> list[str]:
     """Temporary sharded copies of a single file (``checkpoints/.staged-<pid>``) still on disk."""
-    return [p.name for p in (Path(run_dir) / "checkpoints").iterdir() if p.name.startswith(".staged")]
-
-
-def as_legacy_checkpoint(trainer, ckpt: Path) -> Path:
-    """Replace the sharded checkpoint ``ckpt`` by ``trainer``'s state in the single-file format of
-    earlier versions (``state.pt`` + ``config.yaml``); returns the ``state.pt``."""
-    shutil.rmtree(ckpt)
-    write_legacy_state_file(trainer, ckpt / "state.pt")
-    (ckpt / "config.yaml").write_text(dump_config(trainer.cfg), encoding="utf-8")
-    return ckpt / "state.pt"
-
-
-@pytest.fixture(scope="module")
-def legacy_run(trained_run, tmp_path_factory):
-    """A copy of ``trained_run`` whose step-2 checkpoint is the same state as a single-file
-    ``state.pt`` of earlier versions.  Returns (run_dir, overrides)."""
-    src, overrides = trained_run
-    run = tmp_path_factory.mktemp("legacy") / "run"
-    shutil.copytree(src, run)
-    over = [*[o for o in overrides if not o.startswith("training.run_dir=")], f"training.run_dir={run}"]
-    trainer = Trainer(load_config(CONFIGS / "tiny_dense.yaml", over), console=quiet)
-    assert trainer.step == 2
-    as_legacy_checkpoint(trainer, run / "checkpoints" / "step_00000002")
-    trainer.close()
-    return run, over
+    root = Path(run_dir) / "checkpoints"
+    return [p.name for p in root.iterdir() if p.name.startswith(".staged")] if root.is_dir() else []
 
 
 pytestmark = [pytest.mark.numerical, pytest.mark.usefixtures("single_thread")]
+
 
 # -- exact resume ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt", ["sharded", "legacy"])
@@ -273,6 +246,25 @@ def test_explicit_resume_path_and_resume_none(trained_run, legacy_run, tiny_cfg,
         Trainer(tiny_cfg("tiny_dense", tmp_path / "c", f"training.resume={tmp_path / 'nope'}"), console=quiet)
 
 
+@pytest.mark.parametrize("form", ["sharded", "legacy"])
+def test_init_from_takes_the_weights_only(trained_run, legacy_run, tiny_cfg, tmp_path, form):
+    """``training.init_from``: a fresh run (step 0, no optimizer state) whose weights are the
+    checkpoint's, from a sharded checkpoint or a single state.pt; its own SR generators."""
+    src = trained_run[0] / "checkpoints" / "step_00000002" if form == "sharded" else \
+        legacy_run[0] / "checkpoints" / "step_00000002" / "state.pt"
+    saved = read_checkpoint(src)["model"]
+    t = Trainer(tiny_cfg("tiny_dense", tmp_path / "run", "recipe.name=ufp4", f"training.init_from={src}"),
+                console=quiet)
+    assert t.step == 0 and t.optimizer.state_dict() == {} and staged_leftovers(tmp_path / "run") == []
+    got = t.model.state_dict()
+    weights = [k for k in got if not k.endswith("_extra_state")]
+    assert weights and all(torch.equal(got[k], saved[k]) for k in weights)
+    fresh = Trainer(tiny_cfg("tiny_dense", tmp_path / "fresh", "recipe.name=ufp4"), console=quiet)
+    extra = [k for k in got if k.endswith("_extra_state")]
+    assert all(torch.equal(got[k]["sr_generator"], fresh.model.state_dict()[k]["sr_generator"]) for k in extra)
+    assert not all(torch.equal(got[k], fresh.model.state_dict()[k]) for k in weights)  # the weights did change
+
+
 # -- what a checkpoint holds ---------------------------------------------------------------------------
 def test_checkpoint_contents(trained_run):
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -429,7 +421,7 @@ def test_corrupt_checkpoint_is_one_line_checkpoint_error(trained_run, legacy_run
                                                          content):
     """A damaged file of the sharded checkpoint training writes, or of a single-file ``state.pt``
     of earlier versions: one line naming the file, from the reader and from a resume."""
-    run_dir, _ = legacy_run if target.startswith("legacy") else trained_run
+    run_dir = (legacy_run if target.startswith("legacy") else trained_run)[0]
     shutil.copytree(run_dir, tmp_path, dirs_exist_ok=True)
     f = tmp_path / "checkpoints" / "step_00000002" / target.split()[-1]
     _corrupt(f, content)
@@ -447,116 +439,3 @@ def test_missing_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         read_checkpoint(tmp_path / "nothing")
     assert latest_checkpoint(tmp_path) is None and list_checkpoints(tmp_path) == []
-
-
-# -- eval and sample CLIs on a saved checkpoint ---------------------------------------------------------
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["PYTHONIOENCODING"] = "utf-8"
-    return env
-
-
-SAMPLE_ARGS = ["--prompt", "ROMEO:", "--max-new-tokens", "24", "--seed", "3", "--temperature", "0.8", "--top-k", "20"]
-
-
-@pytest.fixture(scope="module")
-def cli_runs(trained_run, tmp_path_factory):
-    """The eval and sample CLIs in real processes, started together (each pays the torch import).
-    Output is read as bytes: sampled text may hold a lone \r that text mode would turn into \n."""
-    run_dir, _ = trained_run
-    missing = tmp_path_factory.mktemp("empty") / "no_such_run"
-    cases = {
-        "eval": ["megatron_ufp4.eval", str(run_dir)],
-        "sample": ["megatron_ufp4.sample", str(run_dir / "checkpoints" / "step_00000002"), *SAMPLE_ARGS],
-        "eval_missing": ["megatron_ufp4.eval", str(missing)],
-        "sample_missing": ["megatron_ufp4.sample", str(missing), "--prompt", "ROMEO:"],
-    }
-    procs = {k: subprocess.Popen([sys.executable, "-m", *args], cwd=tmp_path_factory.mktemp("cwd"), env=_env(),
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for k, args in cases.items()}
-    results = {}
-    for k, p in procs.items():
-        out, err = p.communicate(timeout=300)
-        results[k] = (p.returncode, out.decode("utf-8"), err.decode("utf-8", "replace"))
-    return results
-
-
-@pytest.mark.slow  # with cli_runs: four interpreters (torch import each), ~9-20 s on 2 cores
-def test_eval_cli_matches_trainer_evaluate(cli_runs, trained_run, tiny_cfg, tmp_path):
-    run_dir, _ = trained_run
-    rc, out, err = cli_runs["eval"]
-    assert rc == 0, err
-    # the reference: a Trainer resumed from (a copy of) the same checkpoint
-    shutil.copytree(run_dir, tmp_path, dirs_exist_ok=True)
-    cfg = tiny_cfg("tiny_dense", tmp_path, "recipe.name=ufp4", "training.train_steps=4", "checkpoint.interval=0")
-    trainer = Trainer(cfg, console=quiet)
-    assert trainer.step == 2
-    want = trainer.evaluate()["loss"]
-    assert f"step 2: validation loss {want:.4f} ± " in out, out  # the CLI prints 4 decimals
-    printed = float(out.split("validation loss ")[1].split(" ")[0])
-    assert abs(printed - want) <= 5e-5 + 1e-9
-    # the CLI's own computation path, to full precision
-    model, ckpt_cfg, step = load_trained_model(run_dir)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=False)
-    ds = validation_dataset(ckpt_cfg)
-    got = summarize(window_losses(model, ds, eval_window_count(ckpt_cfg, len(ds)),
-                                  ckpt_cfg.training.micro_batch_size, autocast))["loss"]
-    assert step == 2 and abs(got - want) < 1e-5
-    # and the validation loss the training run itself logged at step 2
-    logged = [r for r in read_metrics(run_dir) if r["step"] == 2][0]["val_loss"]
-    assert abs(logged - want) < 1e-5
-
-
-@pytest.mark.slow
-def test_sample_cli_prints_text(cli_runs, trained_run):
-    from megatron_ufp4.data.tokenizer import Tokenizer
-
-    run_dir, _ = trained_run
-    rc, out, err = cli_runs["sample"]
-    assert rc == 0, err
-    assert out.startswith("ROMEO:") and len(out.rstrip("\n")) > len("ROMEO:")
-    # the reference: the same seeded sampling in process
-    model, cfg, _ = load_trained_model(run_dir / "checkpoints" / "step_00000002")
-    tok = Tokenizer(cfg.data.prefix + ".model")
-    ids = generate(model, tok.encode("ROMEO:"), 24, cfg.model.max_seq_len, 0.8, 20,
-                   torch.Generator().manual_seed(3), tok.eos_id)
-    assert len(ids) >= 1
-    assert out == "ROMEO:" + tok.decode(ids) + "\n"
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("case", ["eval_missing", "sample_missing"])
-def test_eval_sample_cli_missing_checkpoint(cli_runs, case):
-    rc, out, err = cli_runs[case]
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert "Traceback" not in err, err
-    assert rc == 2 and len(lines) == 1, err
-    assert lines[0].startswith("error: ") and "no checkpoint" in lines[0] and "no_such_run" in lines[0], lines[0]
-    assert out == ""
-
-
-@pytest.mark.parametrize("cli", ["eval", "sample"])
-@pytest.mark.parametrize("what, needle", [("missing", "no checkpoint"), ("empty_dir", "no checkpoint"),
-                                          ("corrupt", "cannot read checkpoint"),
-                                          ("corrupt_sharded", "cannot read")])
-def test_eval_sample_cli_errors(cli, what, needle, tmp_path, capsys):
-    """Exit 2 and one ``error:`` line (in process: an escaping exception would fail the test)."""
-    import importlib
-
-    main = importlib.import_module(f"megatron_ufp4.{cli}").main
-    target = tmp_path / "run"
-    if what != "missing":
-        target.mkdir()
-    if what == "corrupt":
-        (target / "state.pt").write_bytes(b"garbage")
-    if what == "corrupt_sharded":  # a sharded checkpoint whose metadata is garbage
-        (target / ".metadata").write_bytes(b"garbage")
-        (target / "partitions.json").write_text("{}")
-    assert main([str(target)]) == 2
-    captured = capsys.readouterr()
-    lines = [line for line in captured.err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], captured.err
-    if what == "corrupt_sharded":
-        assert str(target / ".metadata") in lines[0], lines[0]
-    assert captured.out == ""

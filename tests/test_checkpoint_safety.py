@@ -16,128 +16,26 @@ resume under torchrun; ``to-dcp`` -> ``to-single`` keeps every value.
 """
 from __future__ import annotations
 
-import builtins
 import importlib.util
-import io
-import math
-import os
 import pickle
-import re
 import shutil
-import subprocess
-import sys
 import warnings
-import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 try:
-    from .conftest import CONFIGS, REPO_ROOT, assert_state_equal, quiet, read_metrics, snapshot, write_legacy_state_file
+    from .conftest import CONFIGS, read_metrics
 except ImportError:
-    from conftest import CONFIGS, REPO_ROOT, assert_state_equal, quiet, read_metrics, snapshot, write_legacy_state_file
-from megatron_ufp4.config import dump_config, load_config
+    from conftest import CONFIGS, read_metrics
 from megatron_ufp4.training.checkpoint import CheckpointError
 from megatron_ufp4.training.checkpoint_formats import read_checkpoint
 from megatron_ufp4.training.safe_load import (ALLOWED_GLOBALS, load_dcp, load_dcp_full, safe_reader,
                                               verify_dcp_metadata)
 
-# the repository on the path: the subprocesses run from other directories (tmp_path)
-ENV = {**os.environ, "OMP_NUM_THREADS": "1",
-       "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
-# -- payloads ------------------------------------------------------------------------------------------
-class _System:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch '{self.marker}'",)
-
-
-class _Exec:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return builtins.exec, (f"open({str(self.marker)!r}, 'w').close()",)
-
-
-PAYLOADS = {"os.system": _System, "exec": _Exec}
-REFUSED_NAME = {"os.system": "posix.system", "exec": "builtins.exec"}
-
-
-def _evil_state_pt(path: Path, payload) -> None:
-    """A torch.save zip (so torch.load takes its normal path) whose data.pkl runs ``payload``."""
-    buf = io.BytesIO()
-    torch.save({"model": {}}, buf)
-    src = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
-    with zipfile.ZipFile(path, "w") as out:
-        for item in src.infolist():
-            data = src.read(item.filename)
-            if item.filename.endswith("data.pkl"):
-                data = pickle.dumps({"model": payload, "config": {}, "step": 1}, protocol=2)
-            out.writestr(item, data)
-
-
-def _one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err[-3000:]
-    return lines[0]
-
-
-def _tool():
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", REPO_ROOT / "tools" / "convert_checkpoint.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(scope="module")
-def tool():
-    return _tool()
-
-
-@pytest.fixture(scope="module")
-def sharded(trained_run):
-    """The sharded checkpoint (step 2) the trained single-process run wrote (tests damage copies of it)."""
-    run_dir, overrides = trained_run
-    ckpt = run_dir / "checkpoints" / "step_00000002"
-    assert (ckpt / ".metadata").is_file() and not (ckpt / "state.pt").exists()
-    return ckpt, overrides
-
-
-@pytest.fixture(scope="module")
-def legacy_run(trained_run, tmp_path_factory):
-    """A copy of the trained run whose step-2 checkpoint is the same state as the ``state.pt``
-    (+ ``config.yaml``) the single-process trainer of earlier versions wrote.  Returns
-    (run_dir, overrides, truth): truth = model / optimizer (by name) state dicts of that state,
-    from a trainer resumed from the sharded original."""
-    from megatron_ufp4.training.trainer import Trainer
-
-    src, overrides = trained_run
-    run = tmp_path_factory.mktemp("legacy") / "run"
-    shutil.copytree(src, run)
-    over = [*[o for o in overrides if not o.startswith("training.run_dir=")], f"training.run_dir={run}"]
-    trainer = Trainer(load_config(CONFIGS / "tiny_dense.yaml", over), console=quiet)
-    assert trainer.step == 2
-    truth = {"model": snapshot(trainer.model.state_dict()), "optimizer": snapshot(trainer.optimizer.state_dict())}
-    ckpt = run / "checkpoints" / "step_00000002"
-    shutil.rmtree(ckpt)
-    write_legacy_state_file(trainer, ckpt / "state.pt")
-    (ckpt / "config.yaml").write_text(dump_config(trainer.cfg), encoding="utf-8")
-    trainer.close()
-    return run, over, truth
-
-
-def _copy_run(ckpt: Path, tmp_path: Path) -> Path:
-    """A run dir holding only a copy of checkpoint ``ckpt``; returns the copy's checkpoint dir."""
-    dst = tmp_path / "run" / "checkpoints" / ckpt.name
-    shutil.copytree(ckpt, dst)
-    return dst
+from checkpoint_attacks import (DAMAGE, PAYLOADS, REFUSED_NAME, _copy_run, _damage, _evil_state_pt, _one_line,
+                                _System)
 
 
 # -- what a real .metadata holds ----------------------------------------------------------------------
@@ -330,31 +228,6 @@ def test_pickled_bytes_entry_is_refused(tmp_path):
 
 
 # -- sharded checkpoints: damage ------------------------------------------------------------------------
-def _damage(ckpt: Path, what: str) -> str:
-    """Apply ``what`` to ``ckpt``; returns a substring the one-line error must contain."""
-    data = ckpt / "__0_0.distcp"
-    if what == "truncated_distcp":
-        data.write_bytes(data.read_bytes()[:1000])
-        return f"{data} is truncated: 1000 bytes"
-    if what == "garbage_distcp":
-        data.write_bytes(np.random.default_rng(0).bytes(data.stat().st_size))
-        return f"cannot read {data}: damaged"
-    if what == "missing_distcp":
-        data.unlink()
-        return f"checkpoint {ckpt} lacks __0_0.distcp, which its .metadata lists"
-    if what == "truncated_metadata":
-        meta = ckpt / ".metadata"
-        meta.write_bytes(meta.read_bytes()[:3000])
-        return f"cannot read {meta}: damaged"
-    if what == "missing_partitions":
-        (ckpt / "partitions.json").unlink()
-        return "partitions.json"
-    raise AssertionError(what)
-
-
-DAMAGE = ["truncated_distcp", "garbage_distcp", "missing_distcp", "truncated_metadata", "missing_partitions"]
-
-
 @pytest.mark.parametrize("what", DAMAGE)
 def test_damaged_sharded_checkpoint_to_single_is_one_line(sharded, tmp_path, capsys, tool, what):
     ckpt = _copy_run(sharded[0], tmp_path)
@@ -367,172 +240,3 @@ def test_damaged_sharded_checkpoint_to_single_is_one_line(sharded, tmp_path, cap
     assert not (tmp_path / "x.pt").exists()
 
 
-# -- torchrun ----------------------------------------------------------------------------------------
-_AGENT_LOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d")  # torchrun's own log lines (its failure summary follows)
-
-
-def _torchrun(overrides, *extra, timeout=300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "megatron_ufp4.train", str(CONFIGS / "tiny_dense.yaml"), *overrides, *extra]
-    return subprocess.run(cmd, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-
-
-def _rank_lines(err: str) -> list[str]:
-    """What the ranks printed: stderr up to torchrun's report of the failed job."""
-    out = []
-    for line in err.splitlines():
-        if _AGENT_LOG.match(line):
-            break
-        if line.strip():
-            out.append(line)
-    return out
-
-
-def _assert_one_rank_line(proc, needle: str) -> None:
-    assert proc.returncode != 0, proc.stderr[-3000:]
-    assert not re.search(r"^\[rank\d+\]", proc.stderr, re.M), proc.stderr[-3000:]  # no rank traceback
-    lines = _rank_lines(proc.stderr)
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr[-3000:]
-
-
-def _tp2(overrides, run: Path) -> list[str]:
-    return [*[o for o in overrides if not o.startswith("training.run_dir=")], f"training.run_dir={run}",
-            "parallel.tensor=2", "training.eval_interval=0"]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", list(PAYLOADS))
-def test_malicious_metadata_is_refused_on_torchrun_resume(sharded, tmp_path, kind):
-    ckpt_src, overrides = sharded
-    ckpt = _copy_run(ckpt_src, tmp_path)
-    marker = tmp_path / "MARKER"
-    (ckpt / ".metadata").write_bytes(pickle.dumps(PAYLOADS[kind](marker)))
-    proc = _torchrun(_tp2(overrides, tmp_path / "run"))
-    _assert_one_rank_line(proc, f"refusing to load {ckpt / '.metadata'}: it references {REFUSED_NAME[kind]}")
-    assert not marker.exists()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("what", DAMAGE)
-def test_damaged_sharded_checkpoint_is_one_line_on_torchrun_resume(sharded, tmp_path, what):
-    ckpt_src, overrides = sharded
-    ckpt = _copy_run(ckpt_src, tmp_path)
-    needle = _damage(ckpt, what)
-    _assert_one_rank_line(_torchrun(_tp2(overrides, tmp_path / "run")), needle)
-
-
-@pytest.mark.slow
-def test_malicious_state_pt_is_refused_by_the_real_clis(tmp_path):
-    """The same refusals in real interpreters (stderr as a user sees it, warnings included)."""
-    marker = tmp_path / "MARKER"
-    run = tmp_path / "run"
-    (run / "checkpoints" / "step_00000001").mkdir(parents=True)
-    f = run / "checkpoints" / "step_00000001" / "state.pt"
-    _evil_state_pt(f, _System(marker))
-    cmds = {"eval": [sys.executable, "-m", "megatron_ufp4.eval", str(run)],
-            "sample": [sys.executable, "-m", "megatron_ufp4.sample", str(run)],
-            "to-dcp": [sys.executable, str(REPO_ROOT / "tools" / "convert_checkpoint.py"), "to-dcp", str(f),
-                       str(tmp_path / "out")]}
-    procs = {k: subprocess.Popen(c, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for k, c in cmds.items()}
-    for k, p in procs.items():
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 2, (k, err[-2000:])
-        line = _one_line(err)
-        assert str(f) in line and "references posix.system" in line, (k, line)
-    assert not marker.exists()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("how", ["to-dcp", "direct"])
-def test_single_process_checkpoint_converts_and_resumes_under_torchrun(trained_run, legacy_run, tmp_path, tool,
-                                                                       how):
-    """Single-process run stopped after step 2, its checkpoint in the ``state.pt`` form of earlier
-    versions -> to-dcp -> TP=2 torchrun resume for step 3 (``direct``: the job resumes from the
-    ``state.pt`` itself, through a temporary sharded copy that it removes).
-
-    Reference: the single-process run continued to step 3 (exact: see test_checkpoint).  The
-    TP=2 step differs from it only in the order of FP32 sums and, through that, in a rare
-    flipped FP4 rounding: the ufp4 bound of test_distributed_training (1e-3 relative)."""
-    from megatron_ufp4 import train
-    from megatron_ufp4.training.inference import load_trained_model
-
-    src, overrides = trained_run
-    ckpt_file = legacy_run[0] / "checkpoints" / "step_00000002" / "state.pt"
-    reference = tmp_path / "reference"
-    shutil.copytree(src / "checkpoints", reference / "checkpoints")
-    ref_over = [*[o for o in overrides if not o.startswith("training.run_dir=")], f"training.run_dir={reference}",
-                "training.eval_interval=0"]
-    assert train.main([str(CONFIGS / "tiny_dense.yaml"), *ref_over, "--exit-after", "3"]) == 0
-    ref_loss = {r["step"]: r["loss"] for r in read_metrics(reference) if "loss" in r}[3]
-
-    run = tmp_path / "dist"
-    if how == "to-dcp":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            assert tool.main(["to-dcp", str(ckpt_file), str(run / "checkpoints" / "step_00000002")]) == 0
-    else:
-        shutil.copytree(ckpt_file.parent, run / "checkpoints" / "step_00000002")
-    proc = _torchrun(_tp2(overrides, run), "--exit-after", "3")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert f"resumed from {run / 'checkpoints' / 'step_00000002'} at step 2" in proc.stdout
-    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".staged")]
-    records = [r for r in read_metrics(run) if "loss" in r]
-    assert [r["step"] for r in records] == [3], records
-    loss = records[0]["loss"]
-    assert math.isfinite(loss) and math.isclose(loss, ref_loss, rel_tol=1e-3), (loss, ref_loss)
-
-    # the TP=2 job's own checkpoint (DTensor shards) passes the same verification, and to-single
-    # of it loads into the single-process model
-    step3 = run / "checkpoints" / "step_00000003"
-    verify_dcp_metadata(step3)
-    single = tmp_path / "step3.pt"
-    assert tool.main(["to-single", str(step3), str(single)]) == 0
-    ref_state = read_checkpoint(reference / "checkpoints" / "step_00000003")
-    mine = torch.load(single, weights_only=True)
-    assert mine["step"] == 3 and set(mine["model"]) == set(ref_state["model"])
-    d = tmp_path / "as_single" / "step_00000003"
-    d.mkdir(parents=True)
-    torch.save({**mine, "config": ref_state["config"]}, d / "state.pt")
-    model, _, step = load_trained_model(d)
-    assert step == 3
-
-
-def test_to_dcp_of_a_single_process_checkpoint_keeps_every_value(legacy_run, tmp_path, tool, tiny_cfg):
-    """to-dcp then to-single of a ``state.pt`` of earlier versions gives back its model and,
-    keyed by name, exactly the AdamW state of the trainer it was written from (torch's
-    parameter ids mapped in the old optimizer's group order), which a live trainer resumed from
-    the same file holds too."""
-    from megatron_ufp4.training.trainer import Trainer
-
-    src, overrides, truth = legacy_run
-    ckpt = src / "checkpoints" / "step_00000002"
-    out = tmp_path / "dcp" / "step_00000002"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert tool.main(["to-dcp", str(ckpt / "state.pt"), str(out)]) == 0
-        assert tool.main(["to-single", str(out), str(tmp_path / "back.pt")]) == 0
-    back = torch.load(tmp_path / "back.pt", weights_only=True)
-    state = torch.load(ckpt / "state.pt", weights_only=True)
-    assert back["step"] == 2 and back["trainer"] == {"step": 2, "skipped_total": 0, "consecutive_nonfinite": 0}
-    assert set(back["model"]) == set(state["model"])
-    for k, v in state["model"].items():
-        if isinstance(v, dict):
-            assert all(torch.equal(back["model"][k][f], t) for f, t in v.items()), k
-        else:
-            assert torch.equal(back["model"][k], v), k
-    assert_state_equal(back["model"], truth["model"], "model")
-    assert set(back["optimizer"]) == set(truth["optimizer"])
-    for fqn, st in truth["optimizer"].items():
-        for field in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(back["optimizer"][fqn][field], st[field]), (fqn, field)
-        assert float(back["optimizer"][fqn]["step"]) == float(st["step"]) == 2.0
-    assert verify_dcp_metadata(out) is not None
-
-    run = tmp_path / "live"
-    shutil.copytree(src / "checkpoints", run / "checkpoints")
-    trainer = Trainer(tiny_cfg("tiny_dense", run, *[o for o in overrides if "run_dir" not in o]),
-                      console=lambda *a: None)
-    assert trainer.step == 2
-    assert_state_equal(snapshot(trainer.model.state_dict()), truth["model"], "model")
-    assert_state_equal(snapshot(trainer.optimizer.state_dict()), truth["optimizer"], "optimizer")

@@ -18,9 +18,8 @@ from megatron_ufp4.data.gpt_dataset import GlobalBatchSampler
 from megatron_ufp4.parallel import build_parallel_state
 from megatron_ufp4.parallel.data_parallel import DataParallel, named_parameters
 from megatron_ufp4.parallel.expert import build_expert_parallel_model, update_expert_bias
-from megatron_ufp4.parallel.optimizer import (DistributedOptimizer, greedy_partition,
-                                              merge_state_dicts, torch_adamw_state_to_fqn)
-from megatron_ufp4.training.optim import build_optimizer, clip_grad_norm
+from megatron_ufp4.parallel.optimizer import (DistributedOptimizer, greedy_partition, merge_state_dicts,
+                                              param_groups, torch_adamw_state_to_fqn)
 
 from dist_utils import run_ranks
 from test_expert_parallel import T, tiny_model
@@ -47,16 +46,19 @@ def lm_loss(logits, labels):
 
 
 class SingleProcess:
-    """The single-process trainer's step: torch fused AdamW, clip_grad_norm, expert-bias update."""
+    """The one-process step, from torch alone (the independent reference): torch's fused AdamW
+    with the trainer's groups (matrices decayed, 1-D parameters not), torch's clip_grad_norm_,
+    the expert-bias update."""
 
     def __init__(self, model):
         self.model = model
-        self.opt = build_optimizer(model, HP["lr"], HP["weight_decay"], HP["betas"], HP["eps"])
+        self.opt = torch.optim.AdamW(param_groups(model.parameters(), HP["weight_decay"]), lr=HP["lr"],
+                                     betas=HP["betas"], eps=HP["eps"], fused=True)
 
     def step(self, tokens):
         loss = lm_loss(self.model(tokens[:, :-1]), tokens[:, 1:])
         loss.backward()
-        norm = clip_grad_norm([p for p in self.model.parameters()], MAX_NORM)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), MAX_NORM)
         self.opt.step()
         self.model.update_expert_bias()
         self.opt.zero_grad(set_to_none=True)

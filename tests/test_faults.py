@@ -104,6 +104,7 @@ def test_signal_saves_a_checkpoint_at_the_step_boundary_and_resume_continues(tin
     saved = [p.name for p in list_checkpoints(run)]
     assert last.startswith(f"stopped by {sig.name} at step {steps[-1]}: saved checkpoint"), err[-2000:]
     assert saved == [f"step_{steps[-1]:08d}"] and steps == list(range(1, steps[-1] + 1))
+    assert (run / "checkpoints" / saved[0] / ".metadata").is_file()  # sharded, as on every layout
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == saved  # no temporary directory left
     assert not [line for line in _lines(err) if "Traceback" in line]
     assert elapsed < 60, elapsed  # the rest of one ~0.1 s step plus one save

@@ -29,7 +29,7 @@ from megatron_ufp4.data.tokenizer import Tokenizer  # noqa: E402
 from megatron_ufp4.hf import HFMappingError  # noqa: E402
 from megatron_ufp4.hf.convert import export_hf  # noqa: E402
 from megatron_ufp4.model import GPTModel, LinearFactory  # noqa: E402
-from megatron_ufp4.training.optim import build_optimizer  # noqa: E402
+from megatron_ufp4.parallel.optimizer import param_groups  # noqa: E402
 
 try:
     from .conftest import REPO_ROOT, SHAKESPEARE_SAMPLE
@@ -47,8 +47,9 @@ SIGMOID = dict(num_experts=6, moe_top_k=2, moe_ffn_hidden_size=32, router_score=
 
 
 def make_checkpoint(dirpath: Path, prefix: str, seed: int = 0, **model) -> tuple[Path, GPTModel]:
-    """A single-process trainer's state.pt of a random tiny model (norms, biases and a sigmoid
-    router's expert bias nonzero, so a wrong mapping of any of them shows); the model in fp32 eval mode."""
+    """A single-file state.pt (the single-process trainer's format of older versions, still read)
+    of a random tiny model (norms, biases and a sigmoid router's expert bias nonzero, so a wrong
+    mapping of any of them shows); the model in fp32 eval mode."""
     cfg = config_from_dict({"model": {**BASE, **model}, "recipe": {"name": "bf16"},
                             "data": {"prefix": prefix, "seq_len": 16}})
     torch.manual_seed(seed)
@@ -60,7 +61,7 @@ def make_checkpoint(dirpath: Path, prefix: str, seed: int = 0, **model) -> tuple
                     p.copy_(1 + 0.2 * torch.randn_like(p))
                 elif k.endswith(".bias") or (k.endswith("expert_bias") and cfg.model.router_score == "sigmoid"):
                     p.copy_(0.1 * torch.randn_like(p))  # softmax routing: transformers has no selection bias
-    opt = build_optimizer(m, 1e-3, 0.1, (0.9, 0.95), 1e-8)
+    opt = torch.optim.AdamW(param_groups(m.parameters(), 0.1), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, fused=True)
     ckpt = dirpath / "checkpoints" / "step_00000001"
     ckpt.mkdir(parents=True)
     torch.save({"model": m.state_dict(), "optimizer": opt.state_dict(), "step": 1, "config": cfg.to_dict(),
@@ -143,7 +144,7 @@ def test_exported_logits_match(case, tmp_path, prefix):
 
 
 def test_sharded_dcp_checkpoint_and_shards(tmp_path, prefix):
-    """A DCP checkpoint (to-dcp of the trainer's state.pt: fused gate_up saved as .part pieces)
+    """A DCP checkpoint (to-dcp of the single-file state.pt: fused gate_up saved as .part pieces)
     exports the same tensors as the single file; a tiny --max-shard-size gives an index."""
     import importlib.util
 

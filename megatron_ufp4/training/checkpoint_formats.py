@@ -79,6 +79,10 @@ def _optimizer_by_name(data: dict, cfg, model, src: Path) -> dict | None:
     return out
 
 
+def _weight_keys(keys) -> set:
+    return {k for k in keys if not k.endswith("_extra_state")}
+
+
 def read_single_file(f: Path, require=("model", "config", "step"), resume: bool = False) -> dict:
     """A single-file checkpoint in the ``read_checkpoint`` form.  ``resume``: it must be a
     whole training state (optimizer and counters), never completed with defaults; a missing
@@ -91,9 +95,9 @@ def read_single_file(f: Path, require=("model", "config", "step"), resume: bool 
             data[key]  # noqa: B018 -- raises "checkpoint F lacks 'key'"
     cfg = config_from_saved(data["config"])
     model = _meta_model(cfg)
-    want = set(model.state_dict())
-    if set(data["model"]) != want:
-        extra, missing = sorted(set(data["model"]) - want), sorted(want - set(data["model"]))
+    want, have = _weight_keys(model.state_dict()), _weight_keys(data["model"])  # weights-only files (HF import) too
+    if have != want:
+        extra, missing = sorted(have - want), sorted(want - have)
         raise CheckpointError(f"{f}: its model does not match its config ("
                               + (f"lacks {missing[0]!r}" if missing else f"has an unexpected {extra[0]!r}") + ")")
     trainer = data.get("trainer") or {"step": int(data["step"]),
@@ -187,26 +191,47 @@ def _base(key: str) -> str:
     return base if sep and j.isdigit() else key
 
 
-def load_weights_into(modules, path: Path, state, cfg, field: str) -> None:
+def _whole_shapes(path: Path) -> dict:
+    """``{parameter: whole shape}`` of a sharded checkpoint's model weights (``.part<j>`` pieces
+    joined along the dim ``partitions.json`` records)."""
+    from .safe_load import read_partitions, verify_dcp_metadata
+
+    dims = {n: info["dim"] for n, info in read_partitions(path).get("model", {}).items()}
+    whole: dict = {}
+    for key, meta in verify_dcp_metadata(path).state_dict_metadata.items():
+        if not key.startswith("model.") or "._extra_state" in key:
+            continue
+        name, size = _base(key[len("model."):]), list(meta.size)
+        if name != key[len("model."):] and name in whole:  # a further piece of a fused parameter
+            whole[name][dims[name]] += size[dims[name]]
+        else:
+            whole[name] = size
+    return {k: tuple(v) for k, v in whole.items()}
+
+
+def load_weights_into(modules, path: Path, state, cfg, field: str, shown_as: Path | None = None) -> None:
     """``training.init_from``: the model weights of the sharded checkpoint ``path`` into this
     rank's ``modules`` (any layout), keeping their own SR generators and RHT signs.  The
     checkpoint must hold exactly the weights of ``cfg``'s model, shape for shape; else one
-    ``CheckpointError`` line naming the key."""
+    ``CheckpointError`` line naming the key and ``shown_as`` (the path the user gave, when
+    ``path`` is a converted copy of it)."""
     from .dist_checkpoint import whole_fused_entries
+
+    shown = shown_as or path
+    saved = _whole_shapes(path)
+    want = {k: tuple(v.shape) for k, v in _meta_model(cfg).state_dict().items() if not k.endswith("_extra_state")}
+    for k in want:  # in the model's order: the first parameter that differs is named
+        if k not in saved:
+            raise CheckpointError(f"{field} {shown} lacks {k!r}, which the model has")
+        if saved[k] != want[k]:
+            raise CheckpointError(f"{field} {shown}: {k} has shape {saved[k]}, the model {want[k]}")
+    for k in sorted(set(saved) - set(want)):
+        raise CheckpointError(f"{field} {shown} has {k!r}, which the model lacks")
     from .safe_load import verify_dcp_metadata
 
-    saved = {k[len("model."):]: tuple(v.size) for k, v in verify_dcp_metadata(path).state_dict_metadata.items()
-             if k.startswith("model.") and "._extra_state" not in k}
-    names = {k for k in _meta_model(cfg).state_dict() if not k.endswith("_extra_state")}
-    bases = {_base(k) for k in saved}
-    for k in sorted(names - bases):
-        raise CheckpointError(f"{field} {path} lacks {k!r}, which the model has")
-    for k in sorted(bases - names):
-        raise CheckpointError(f"{field} {path} has {k!r}, which the model lacks")
+    sizes = {k[len("model."):]: tuple(v.size) for k, v in verify_dcp_metadata(path).state_dict_metadata.items()
+             if k.startswith("model.")}
     entries, owners = model_entries(modules, state)
-    weights = whole_fused_entries({k: v for k, v in entries.items() if "._extra_state." not in k}, saved)
-    for k, v in weights.items():
-        if tuple(saved[k]) != tuple(v.shape):  # a DTensor's shape is the whole tensor's
-            raise CheckpointError(f"{field} {path}: {k} has shape {tuple(saved[k])}, the model {tuple(v.shape)}")
+    weights = whole_fused_entries({k: v for k, v in entries.items() if "._extra_state." not in k}, sizes)
     load_sharded({f"model.{k}": v for k, v in weights.items()}, path)
     restore_model(modules, {**entries, **weights}, owners, state)

@@ -140,7 +140,7 @@ class Trainer(TrainingLoop):
         self._resume(resume_from)
         if resume_from is None and t.init_from:  # a fresh start from given weights (a resume continues the run)
             with self._sharded(Path(t.init_from), "training.init_from") as path:
-                load_weights_into(self.stages, path, st, cfg, field="training.init_from")
+                load_weights_into(self.stages, path, st, cfg, field="training.init_from", shown_as=Path(t.init_from))
             self.console(f"initialised the model weights from {t.init_from}")
         if self.step == 0 and st.rank == 0:
             # rank 0 holds every parameter (global names) only without TP/PP/EP sharding; else
