@@ -65,7 +65,7 @@ from megatron_ufp4.fp4.recipes import PRESETS, Recipe  # noqa: E402
 from megatron_ufp4.linear import QuantizedLinear  # noqa: E402
 from megatron_ufp4.linear.backends import Operand, get_backend  # noqa: E402
 from megatron_ufp4.model import GPTModel, LinearFactory, preset  # noqa: E402
-from megatron_ufp4.training.optim import build_optimizer  # noqa: E402
+from megatron_ufp4.parallel.optimizer import param_groups  # noqa: E402
 
 PRESET = "dense-1.5b"
 L2_FLUSH_BYTES = 256 * 2 ** 20  # above the L2 of any current GPU (H100/H200: 50 MB)
@@ -159,7 +159,7 @@ def bench_stack(device, recipe, backend, cfg, batch, seq, dtype, measure, warmup
     with torch.device(device):
         model = GPTModel(cfg, factory, init_seed=0)
     model.embed = model.head = model.norm = None  # hidden states in, hidden states out: the layers only
-    opt = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95), 1e-8)
+    opt = torch.optim.AdamW(param_groups(model.parameters(), 0.1), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
     h = torch.randn(batch, seq, cfg.hidden_size, device=device)
     ctx = model.step_context
 

@@ -16,23 +16,22 @@ import torch
 from megatron_ufp4.config import load_config
 from megatron_ufp4.fp4.recipes import PRESETS, Recipe
 from megatron_ufp4.model import GPTModel, LinearFactory
-from megatron_ufp4.training.optim import build_optimizer, clip_grad_norm
-from megatron_ufp4.training.trainer import micro_batch_loss
+from megatron_ufp4.parallel.optimizer import param_groups
 
 
 def make_train_step(model, cfg):
-    """One optimizer step of ``model`` on fixed random tokens, as the trainer runs it: the
-    trainer's loss (chunked cross entropy), clip, AdamW, in the config's dtype."""
+    """One optimizer step of ``model`` on fixed random tokens, as the trainer runs it in one
+    process: the model's loss (chunked cross entropy), clip, fused AdamW, in the config's dtype."""
     m, t = cfg.model, cfg.training
-    opt = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 1e-8)
+    opt = torch.optim.AdamW(param_groups(model.parameters(), 0.1), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, fused=True)
     tokens = torch.randint(0, m.vocab_size, (t.micro_batch_size, cfg.data.seq_len + 1))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.dtype == "bf16")
 
     def step():
         with autocast:
-            loss = micro_batch_loss(model, tokens[:, :-1], tokens[:, 1:])
+            loss = model(tokens[:, :-1], labels=tokens[:, 1:])
         loss.backward()
-        clip_grad_norm(list(model.parameters()), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step

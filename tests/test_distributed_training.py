@@ -67,10 +67,11 @@ def _single_extra(extra):
     return {k: v for k, v in extra.items() if not k.startswith("parallel.")}
 
 
-def _train_ranks(rank, world, prefix, run_dir, extra, exit_after):
-    torch.set_num_threads(1)
+def _run(cfg, exit_after):
+    """Train ``cfg`` (saving and stopping after ``exit_after`` if given), then evaluate: (losses,
+    grad norms, val loss).  The trainer is closed: a pool rank lives on and must release the run dir."""
     from megatron_ufp4.training.trainer import Trainer
-    trainer = Trainer(_cfg(prefix, run_dir, extra), console=quiet)
+    trainer = Trainer(cfg, console=quiet)
     try:
         records = []
         while trainer.step < trainer.cfg.training.train_steps:
@@ -80,27 +81,20 @@ def _train_ranks(rank, world, prefix, run_dir, extra, exit_after):
                 break
         val = trainer.evaluate()["loss"]
     finally:
-        trainer.close()  # the rank process lives on (dist_utils' pool): release the run directory
+        trainer.close()
     return [r["loss"] for r in records], [r["grad_norm"] for r in records], val
 
 
+def _train_ranks(rank, world, prefix, run_dir, extra, exit_after):
+    torch.set_num_threads(1)
+    return _run(_cfg(prefix, run_dir, extra), exit_after)
+
+
 def _single(prefix, run_dir, extra, exit_after=None):
-    """The one-process run, in the test process (no process group): (losses, grad norms, val
-    loss); ``exit_after``: save a checkpoint after that step and stop."""
-    from megatron_ufp4.training.trainer import Trainer
+    """The one-process run, in the test process (no process group); ``exit_after``: save a
+    checkpoint after that step and stop."""
     with one_thread():
-        t = Trainer(_cfg(prefix, run_dir, _single_extra(extra)), console=quiet)
-        try:
-            recs = []
-            while t.step < t.cfg.training.train_steps:
-                recs.append(t.train_step())
-                if exit_after and t.step >= exit_after:
-                    t.save()
-                    break
-            val = t.evaluate()["loss"]
-        finally:
-            t.close()
-    return [r["loss"] for r in recs], [r["grad_norm"] for r in recs], val
+        return _run(_cfg(prefix, run_dir, _single_extra(extra)), exit_after)
 
 
 def _teacher(prefix, run_dir, extra, also_bf16):

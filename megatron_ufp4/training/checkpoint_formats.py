@@ -107,15 +107,22 @@ def read_single_file(f: Path, require=("model", "config", "step"), resume: bool 
             "trainer": trainer, "config": data["config"]}
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """Any checkpoint (a ``step_*`` directory of either format, or a single file), whole."""
+def _locate(path: str | Path, missing: str) -> tuple[Path, bool]:
+    """(the checkpoint, whether it is sharded): a sharded directory, else the single file of
+    ``path``; ``missing``: the error line when it is neither."""
     p = Path(path)
     if p.is_dir() and is_distributed_checkpoint(p):
-        return load_consolidated(p)
+        return p, True
     f = state_file_of(p)
     if f is None:
-        raise CheckpointError(f"no checkpoint at {p}")
-    return read_single_file(f)
+        raise CheckpointError(missing)
+    return f, False
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Any checkpoint (a ``step_*`` directory of either format, or a single file), whole."""
+    found, sharded = _locate(path, f"no checkpoint at {path}")
+    return load_consolidated(found) if sharded else read_single_file(found)
 
 
 def write_sharded(state: dict, dst: Path, model=None) -> None:
@@ -167,13 +174,10 @@ def as_sharded_checkpoint(path: str | Path, run_dir: str | Path, field: str) -> 
     directory under ``run_dir/checkpoints`` (``.staged-<pid>``, removed by the caller; a
     leftover of a killed run is cleaned at the next start).  ``field`` names the setting the
     path came from in errors."""
-    p = Path(path)
-    if p.is_dir() and is_distributed_checkpoint(p):
-        return Staged(p)
-    f = state_file_of(p)
-    if f is None:
-        raise CheckpointError(f"{field} {p}: no checkpoint there (a step_* directory or a state.pt file)")
-    state = read_single_file(f, resume=field == "training.resume")
+    found, sharded = _locate(path, f"{field} {path}: no checkpoint there (a step_* directory or a state.pt file)")
+    if sharded:
+        return Staged(found)
+    state = read_single_file(found, resume=field == "training.resume")
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     dst = root / f".staged-{os.getpid()}"
