@@ -228,6 +228,30 @@ def test_pickled_bytes_entry_is_refused(tmp_path):
 
 
 # -- sharded checkpoints: damage ------------------------------------------------------------------------
+@pytest.mark.parametrize("case", [*(f"payload:{k}" for k in PAYLOADS), *(f"damage:{w}" for w in DAMAGE)])
+def test_bad_sharded_checkpoint_is_one_line_on_resume(sharded, tmp_path, capsys, case):
+    """Resuming (the train CLI, one process) from a sharded checkpoint whose .metadata carries a
+    payload or that is damaged: exit 2, one stderr line naming the file, nothing executed."""
+    from megatron_ufp4 import train
+
+    ckpt_src, overrides = sharded
+    ckpt = _copy_run(ckpt_src, tmp_path)
+    kind, _, what = case.partition(":")
+    marker = tmp_path / "MARKER"
+    if kind == "payload":
+        (ckpt / ".metadata").write_bytes(pickle.dumps(PAYLOADS[what](marker)))
+        needle = f"refusing to load {ckpt / '.metadata'}: it references {REFUSED_NAME[what]}"
+    else:
+        needle = _damage(ckpt, what)
+    over = [*[o for o in overrides if not o.startswith("training.run_dir=")], f"training.run_dir={tmp_path / 'run'}",
+            "training.eval_interval=0"]
+    capsys.readouterr()
+    assert train.main([str(CONFIGS / "tiny_dense.yaml"), *over]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("error: ") and needle in line, line
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("what", DAMAGE)
 def test_damaged_sharded_checkpoint_to_single_is_one_line(sharded, tmp_path, capsys, tool, what):
     ckpt = _copy_run(sharded[0], tmp_path)
