@@ -59,7 +59,7 @@ from ..model.placement import Placement, named_placements
 from .data_parallel import named_parameters, param_kind, replica_group
 
 __all__ = ["DistributedOptimizer", "global_grad_norm", "greedy_partition", "merge_state_dicts", "named_parameters",
-           "param_groups", "torch_adamw_state_to_fqn"]
+           "param_groups"]
 
 
 def param_groups(params: Iterable[torch.Tensor], weight_decay: float) -> list[dict]:
@@ -124,11 +124,6 @@ def _adamw_state_by_fqn(named, optimizer: torch.optim.Optimizer) -> dict:
             out[n] = {"exp_avg": st["exp_avg"].detach().clone(), "exp_avg_sq": st["exp_avg_sq"].detach().clone(),
                       "step": torch.as_tensor(st["step"]).detach().clone().float().cpu()}
     return out
-
-
-def torch_adamw_state_to_fqn(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """A single-process torch AdamW's state as ``{fqn: {"exp_avg", "exp_avg_sq", "step"}}``."""
-    return _adamw_state_by_fqn(named_parameters(model), optimizer)
 
 
 class DistributedOptimizer:
