@@ -116,9 +116,9 @@ def test_zero_at_dp1_equals_torch_adamw_and_checkpoints():
         assert par.step(batch) == ref.step(batch)
     assert max_param_diff(par.model, ref.model) == 0
     sd = par.opt.state_dict()
-    conv = {n: {"exp_avg": st["exp_avg"].clone(), "exp_avg_sq": st["exp_avg_sq"].clone(),  # torch AdamW's, by name
-                "step": torch.as_tensor(st["step"]).clone().float()}
-            for n, p in ref.model.named_parameters() if (st := ref.opt.state.get(p))}
+    moments = {n: ref.opt.state[p] for n, p in ref.model.named_parameters() if p in ref.opt.state}
+    conv = {n: {"exp_avg": m["exp_avg"].clone(), "exp_avg_sq": m["exp_avg_sq"].clone(),  # torch AdamW's, by name
+                "step": torch.as_tensor(m["step"]).clone().float()} for n, m in moments.items()}
     assert sd.keys() == conv.keys() and all(torch.equal(sd[k][f], conv[k][f]) for k in sd for f in sd[k])
     assert set(sd[next(iter(sd))]) == {"exp_avg", "exp_avg_sq", "step"} and float(sd[next(iter(sd))]["step"]) == 2
     # resume into a fresh ZeRO optimizer from the converted single-process state
