@@ -158,6 +158,7 @@ def _rel(a, b):
 FREE_RUNNING = [  # (world, overrides): bf16 recipe, fp32, dense
     (4, {"parallel.tensor": 2, "parallel.pipeline": 2}),
     (2, {"parallel.data": 2}),
+    (2, {"parallel.tensor": 2, "parallel.sequence_parallel": True}),  # evaluation from sequence shards too
 ]
 TEACHER_FORCED = [  # (world, overrides, recipe)
     (4, {"parallel.tensor": 2, "parallel.pipeline": 2}, "ufp4"),
@@ -171,7 +172,7 @@ LOSS_TOL, NORM_TOL = 1e-5, 2e-3  # teacher-forced bounds; see the module docstri
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world,extra", FREE_RUNNING, ids=["tp2pp2-bf16", "dp2-bf16"])
+@pytest.mark.parametrize("world,extra", FREE_RUNNING, ids=["tp2pp2-bf16", "dp2-bf16", "tp2sp-bf16"])
 def test_smooth_layout_matches_single_process(shakespeare_prefix, tmp_path, world, extra):
     extra = {**extra, **SMOOTH_ADAMW, "recipe.name": "bf16"}
     ref_loss, ref_norm, ref_val = _single(shakespeare_prefix, tmp_path / "single", extra)
