@@ -16,6 +16,18 @@ if "TRITON_INTERPRET" not in os.environ:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
+def pytest_collection_modifyitems(session, config, items):
+    """The whole-matrix GPU kernel compile is a CPU job of its own: when its test is selected,
+    start it now in the background, on the core the mostly one-threaded tests leave idle; the
+    test (late in the suite) waits for it (tests/kernel_compile.py)."""
+    import importlib.util
+
+    import kernel_compile
+
+    if importlib.util.find_spec("triton") is not None and any(i.nodeid.endswith(kernel_compile.TEST) for i in items):
+        kernel_compile.start()
+
+
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 CONFIGS = REPO_ROOT / "configs"
