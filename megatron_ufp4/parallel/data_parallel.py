@@ -37,7 +37,7 @@ whatever is left in the same order and waits.
 Missing gradients: a parameter whose ``grad`` is None on this rank (a routed expert that
 got no tokens) contributes zeros.  Each bucket also carries one "has a gradient" flag per
 parameter; a parameter that has no gradient on *any* rank of its group keeps
-``grad = None``, so AdamW skips it exactly as the single-process trainer would.
+``grad = None``, so AdamW skips it exactly as one process would.
 """
 from __future__ import annotations
 

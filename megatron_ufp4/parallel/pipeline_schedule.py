@@ -6,7 +6,7 @@
     loss = runner.step(tokens if state.is_first_stage else None,
                        labels if state.is_last_stage else None, sr_step=step)
 
-Three choices make it reproduce the single-process trainer:
+Three choices make it reproduce one process:
 
 * Static stage metadata.  Every ``PipelineStage`` gets ``input_args`` / ``output_args`` (meta
   tensors of the micro-batch shapes), so the library skips its *dynamic* shape inference,
@@ -25,7 +25,7 @@ Three choices make it reproduce the single-process trainer:
   backwards.
 
 So each module sees the same operations on the same values as in one process, and PP
-results match the single-process trainer bit for bit (tests: fp32 bf16-recipe and ufp4,
+results match one process bit for bit (tests: fp32 bf16-recipe and ufp4,
 dense and MoE, all three schedules).  The one place where the sum order necessarily
 changes is an embedding both ends hold (``tie_embeddings``, or MTP's token embedding on
 the last stage): the first and last stage each hold a copy, and their gradient
@@ -33,7 +33,7 @@ contributions are added by an all-reduce after the schedule instead of inside au
 (agreement ~1e-9 rather than bitwise).
 
 Gradient bookkeeping left to the training loop: gradients *accumulate* into ``.grad`` (zero
-them after the optimizer step, as the single-process trainer does); data-parallel reduction
+them after the optimizer step, as one process does); data-parallel reduction
 is not done here; for gradient clipping the squared norm must be summed over the pipeline
 group, counting the last stage's embedding copy out (``unique_parameters``).
 """
@@ -92,17 +92,17 @@ class PipelineRunner:
     ``stage_modules``: this rank's chunks from ``build_stage_modules`` (one, or ``vpp`` for
     ``schedule="interleaved_1f1b"``).  A micro-batch's mean loss is the last chunk's
     ``head_loss`` (head + cross entropy chunked over tokens: the full FP32 logits never
-    exist, as in the single-process trainer's ``model(tokens, labels=labels)``), or with
+    exist, as in one process's ``model(tokens, labels=labels)``), or with
     ``loss_fn(logits, labels)`` that function of the full logits.  The runner divides it by
     ``num_microbatches`` (and sets the MoE aux-loss scale to ``1 / num_microbatches``) so
-    gradients equal the single-process trainer's.
+    gradients equal one process's.
     ``micro_batch_size`` / ``seq_len`` fix the activation shapes sent between stages
     (``activation_shape`` overrides the (micro_batch_size, seq_len, hidden) default, e.g.
     for sequence-parallel shards).  ``autocast_dtype`` runs the stage forwards under autocast.
 
     All ranks of the world must construct their runners together (a tied embedding creates
     process groups).  With pipeline size 1 no communication happens: ``step`` runs the
-    micro-batches one after another like the single-process trainer.
+    micro-batches one after another like one process.
     """
 
     def __init__(self, stage_modules: Sequence[GPTModel], state: ParallelState, *, schedule: str = "1f1b",

@@ -195,21 +195,21 @@ def _base(key: str) -> str:
     return base if sep and j.isdigit() else key
 
 
-def _whole_shapes(path: Path) -> dict:
-    """``{parameter: whole shape}`` of a sharded checkpoint's model weights (``.part<j>`` pieces
-    joined along the dim ``partitions.json`` records)."""
-    from .safe_load import read_partitions, verify_dcp_metadata
+def _whole_shapes(path: Path, sizes: dict) -> dict:
+    """``{parameter: whole shape}`` of a sharded checkpoint's model weights from its entries'
+    ``sizes`` (``.part<j>`` pieces joined along the dim ``partitions.json`` records)."""
+    from .safe_load import read_partitions
 
     dims = {n: info["dim"] for n, info in read_partitions(path).get("model", {}).items()}
     whole: dict = {}
-    for key, meta in verify_dcp_metadata(path).state_dict_metadata.items():
-        if not key.startswith("model.") or "._extra_state" in key:
+    for key, size in sizes.items():
+        if "._extra_state" in key:
             continue
-        name, size = _base(key[len("model."):]), list(meta.size)
-        if name != key[len("model."):] and name in whole:  # a further piece of a fused parameter
+        name = _base(key)
+        if name != key and name in whole:  # a further piece of a fused parameter
             whole[name][dims[name]] += size[dims[name]]
         else:
-            whole[name] = size
+            whole[name] = list(size)
     return {k: tuple(v) for k, v in whole.items()}
 
 
@@ -221,8 +221,12 @@ def load_weights_into(modules, path: Path, state, cfg, field: str, shown_as: Pat
     ``path`` is a converted copy of it)."""
     from .dist_checkpoint import whole_fused_entries
 
+    from .safe_load import verify_dcp_metadata
+
     shown = shown_as or path
-    saved = _whole_shapes(path)
+    sizes = {k[len("model."):]: tuple(v.size) for k, v in verify_dcp_metadata(path).state_dict_metadata.items()
+             if k.startswith("model.")}  # the metadata, read and verified once
+    saved = _whole_shapes(path, sizes)
     want = {k: tuple(v.shape) for k, v in _meta_model(cfg).state_dict().items() if not k.endswith("_extra_state")}
     for k in want:  # in the model's order: the first parameter that differs is named
         if k not in saved:
@@ -231,10 +235,6 @@ def load_weights_into(modules, path: Path, state, cfg, field: str, shown_as: Pat
             raise CheckpointError(f"{field} {shown}: {k} has shape {saved[k]}, the model {want[k]}")
     for k in sorted(set(saved) - set(want)):
         raise CheckpointError(f"{field} {shown} has {k!r}, which the model lacks")
-    from .safe_load import verify_dcp_metadata
-
-    sizes = {k[len("model."):]: tuple(v.size) for k, v in verify_dcp_metadata(path).state_dict_metadata.items()
-             if k.startswith("model.")}
     entries, owners = model_entries(modules, state)
     weights = whole_fused_entries({k: v for k, v in entries.items() if "._extra_state." not in k}, sizes)
     load_sharded({f"model.{k}": v for k, v in weights.items()}, path)

@@ -271,7 +271,7 @@ def load_sharded(entries: dict, path: str | Path) -> None:
     load_dcp(entries, path)
 
 
-# -- a distributed trainer's state: model, ZeRO-1 optimizer shards, counters --------------------------
+# -- the trainer's state: model, ZeRO-1 optimizer shards, counters --------------------------
 COUNTERS = ("step", "skipped_total", "consecutive_nonfinite")
 
 
@@ -301,7 +301,7 @@ def _gathered_partitions(optimizer, state) -> dict:
 
 
 def trainer_entries(stages, optimizer, state, counters: dict, templates: bool = False) -> tuple[dict, dict]:
-    """Everything a distributed trainer checkpoints, as DCP entries: ``model.*`` (this rank's
+    """Everything the trainer checkpoints, as DCP entries: ``model.*`` (this rank's
     modules), ``optim.*`` (the AdamW moments this rank owns; ``templates``: empty ones of this
     layout, for a load to fill) and ``trainer.*`` counters.  Returns (entries, model owners)."""
     model, owners = model_entries(stages, state)

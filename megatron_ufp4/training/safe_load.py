@@ -3,7 +3,8 @@
 A checkpoint is data; loading one must never run code.  Three readers cover every file
 this project loads:
 
-* ``state.pt`` (single-process trainer, ``to-single`` output): ``torch.load(weights_only=True)``
+* ``state.pt`` (the single-process trainer of earlier versions, ``to-single`` output, HF import):
+  ``torch.load(weights_only=True)``
   (``load_state_file``); a refused global is named in the error.
 * a sharded (DCP) checkpoint's ``.metadata``: torch's ``FileSystemReader`` unpickles it
   without restriction, so ``verify_dcp_metadata`` reads it with ``RestrictedUnpickler``,
