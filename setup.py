@@ -13,7 +13,9 @@ setup(
     extras_require={
         # triton: the CPU tests run the Triton backend's kernels in its interpreter
         "dev": ["pytest", "pytest-timeout", "matplotlib", "scipy", "ruff==0.17.6", "triton>=3.3,<4", "transformers",
-                "safetensors"],
+                "safetensors", "tokenizers",
+                # the reference implementation the dataset tests compare against (its datasets run on a CPU)
+                "megatron-core==0.16.1"],
         "plot": ["matplotlib"],
         "hf": ["transformers", "safetensors"],  # tools/export_hf.py, tools/import_hf.py (docs/huggingface.md)
         "study": ["scipy", "matplotlib"],  # the study runner's statistics and figures
