@@ -9,11 +9,11 @@ setup(
     packages=find_packages(include=["megatron_ufp4", "megatron_ufp4.*"]),
     python_requires=">=3.10",
     # torch>=2.7: torch.float8_e8m0fnu (MXFP4's E8M0 scales), new in 2.7; install torch (CPU: torch==2.13.0) first.
-    install_requires=["torch>=2.7", "numpy", "pyyaml", "sentencepiece", "tqdm"],
+    install_requires=["torch>=2.7", "numpy", "pyyaml", "sentencepiece", "tokenizers", "tqdm"],
     extras_require={
         # triton: the CPU tests run the Triton backend's kernels in its interpreter
         "dev": ["pytest", "pytest-timeout", "matplotlib", "scipy", "ruff==0.17.6", "triton>=3.3,<4", "transformers",
-                "safetensors", "tokenizers",
+                "safetensors",
                 # the reference implementation the dataset tests compare against (its datasets run on a CPU)
                 "megatron-core==0.16.1"],
         "plot": ["matplotlib"],
