@@ -1,4 +1,4 @@
-"""Damaged datasets are refused with one line naming the file: an .idx whose document table
+"""Damaged datasets are refused with one line naming the file: an .idx whose sequence table
 does not tile the .bin, token ids outside the model's vocabulary (checked when the trainer
 opens its datasets)."""
 from __future__ import annotations
@@ -24,10 +24,14 @@ def _copy_dataset(prefix: str, dst: Path) -> str:
 
 
 @pytest.mark.parametrize("damage,needle", [
-    ("length_past_bin", "document 3 has length"), ("negative_length", "document 3 has length -5"),
-    ("overflowing_length", "document 3 has length 4611686018427387904"),
-    ("offset_past_bin", "document 10 starts at token"), ("negative_offset", "document 10 starts at token -7"),
-    ("inconsistent_offsets", "document 10 starts at token"), ("short_lengths", "the documents hold"),
+    ("length_past_bin", "sequence 3 has length"), ("negative_length", "sequence 3 has length -5"),
+    ("int32_max_length", "sequence 3 has length 2147483647"),
+    ("pointer_past_bin", "sequence 10 starts at byte 1000000000, outside"),
+    ("negative_pointer", "sequence 10 starts at byte -7"),
+    ("overflowing_pointer", "sequence 10 starts at byte 9223372036854775807, outside"),
+    ("inconsistent_pointers", "sequence 10 starts at byte"), ("misaligned_pointer", "but sequence 9 ends at byte"),
+    ("first_pointer_not_0", "sequence 0 starts at byte 2, not 0"), ("short_lengths", "the sequences end at byte"),
+    ("document_index_past_end", "document_indices[5] = 1000000000"), ("document_indices_end_early", "not at the"),
 ])
 def test_damaged_idx_is_one_line_naming_it(shakespeare_prefix, tmp_path, damage, needle):
     from megatron_ufp4.data.indexed_dataset import HEADER, IndexedDataset
@@ -35,24 +39,35 @@ def test_damaged_idx_is_one_line_naming_it(shakespeare_prefix, tmp_path, damage,
     prefix = _copy_dataset(shakespeare_prefix, tmp_path / "d")
     idx = Path(f"{prefix}_train.idx")
     raw = bytearray(idx.read_bytes())
-    n = HEADER.unpack(raw[:HEADER.size])[3]
-    lengths = np.frombuffer(bytes(raw), np.int64, n, HEADER.size).copy()
-    offsets = np.frombuffer(bytes(raw), np.int64, n, HEADER.size + 8 * n).copy()
+    n, num_doc_indices = HEADER.unpack_from(raw)[3:]
+    lengths = np.frombuffer(bytes(raw), "<i4", n, HEADER.size).copy()
+    pointers = np.frombuffer(bytes(raw), "<i8", n, HEADER.size + 4 * n).copy()
+    document_indices = np.frombuffer(bytes(raw), "<i8", num_doc_indices, HEADER.size + 12 * n).copy()
     if damage == "length_past_bin":
         lengths[3] += 10 ** 6
     elif damage == "negative_length":
         lengths[3] = -5
-    elif damage == "overflowing_length":
-        lengths[3] = 2 ** 62
-    elif damage == "offset_past_bin":
-        offsets[10] = 10 ** 9
-    elif damage == "negative_offset":
-        offsets[10] = -7
-    elif damage == "inconsistent_offsets":
-        offsets[10] += 1
+    elif damage == "int32_max_length":
+        lengths[3] = 2 ** 31 - 1
+    elif damage == "pointer_past_bin":
+        pointers[10] = 10 ** 9
+    elif damage == "negative_pointer":
+        pointers[10] = -7
+    elif damage == "overflowing_pointer":  # pointer + length would wrap around in int64
+        pointers[10] = 2 ** 63 - 1
+    elif damage == "inconsistent_pointers":
+        pointers[10] += 2
+    elif damage == "misaligned_pointer":  # not a whole number of tokens
+        pointers[10] += 1
+    elif damage == "first_pointer_not_0":
+        pointers[0] = 2
     elif damage == "short_lengths":
         lengths[-1] -= 1
-    raw[HEADER.size:] = lengths.tobytes() + offsets.tobytes()
+    elif damage == "document_index_past_end":
+        document_indices[5] = 10 ** 9
+    elif damage == "document_indices_end_early":
+        document_indices[-1] -= 1
+    raw[HEADER.size:] = lengths.tobytes() + pointers.tobytes() + document_indices.tobytes()
     idx.write_bytes(bytes(raw))
     with pytest.raises(ValueError) as info:
         IndexedDataset(f"{prefix}_train")
