@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from .data.blend import BlendError, SplitSource, split_sources
 from .fp4.recipes import Recipe
 from .fp4.schedule import PrecisionSchedule, base_recipe_config
 from .linear.backends import available_backends
@@ -33,9 +34,26 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    # prepared dataset: <prefix>_train.bin/.idx, <prefix>_val.*, <prefix>.model
+    # a dataset made by our prepare: <prefix>_train.bin/.idx, <prefix>_val.*, its tokenizer and <prefix>.json
     prefix: str = "data/shakespeare/shakespeare"
     seq_len: int = 256
+    # Megatron-LM corpora instead of prefix (docs/data.md): one .bin/.idx prefix, or "weight prefix" pairs
+    # (a list or one string), cut into train/valid/test by split unless valid_path names the validation set
+    path: list | str | None = None
+    split: str = "969,30,1"
+    valid_path: list | str | None = None
+    test_path: list | str | None = None
+    # sentencepiece .model, tokenizer.json or a directory holding one; null: the one stored with the dataset
+    tokenizer: str | None = None
+
+    def corpora(self) -> dict[str, SplitSource] | None:
+        """train/valid/test sources of ``path`` (None when the run reads ``prefix``)."""
+        if self.path is None:
+            return None
+        try:
+            return split_sources(self.path, self.split, self.valid_path, self.test_path)
+        except BlendError as e:
+            raise ConfigError(str(e)) from None
 
 
 @dataclass
@@ -223,6 +241,7 @@ class RunConfig:
                 raise ConfigError(f"{key}: must be one of {', '.join(allowed)} (got {v!r})")
         if not (t.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:[0-9]+", str(t.device))):
             raise ConfigError(f"training.device: must be auto, cpu, cuda or cuda:N (got {t.device!r})")
+        self.data.corpora()  # a malformed data.path / valid_path / test_path / split is one line here
         for key, v in (("data.prefix", self.data.prefix), ("training.run_dir", t.run_dir),
                        ("training.resume", t.resume), ("training.init_from", t.init_from or "-")):
             if not v.strip():

@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from ..data.blend import BlendedSamples
 from ..model import num_params
 
 
@@ -172,6 +173,9 @@ class TrainingLoop:
             log_now = self.step % cfg.logging.interval == 0 or self.step == t.train_steps or aborting
             if log_now and cfg.model.num_experts:
                 rec["moe"] = {str(k): v for k, v in self.moe_stats().items()}  # syncs: log steps only
+            if log_now and isinstance(self.train_ds, BlendedSamples):  # tokens each data.path corpus gave so far
+                rec["tokens_by_corpus"] = {name: n * cfg.data.seq_len for name, n in
+                                           self.train_ds.samples_by_corpus(self.step * t.global_batch_size).items()}
             if log_now and cfg.model.mtp_depth:
                 rec["mtp_loss"] = self.mtp_losses()  # per depth, the step's last micro-batch
             if log_now:

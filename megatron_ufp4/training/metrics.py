@@ -41,6 +41,14 @@ def flat_quant_scalars(quant: dict) -> dict:
     return out
 
 
+def format_count(n: float) -> str:
+    """1234 -> 1.23k, 5.6e9 -> 5.60G: token counts in a progress line."""
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
 def format_eta(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -104,9 +112,12 @@ class MetricsLogger:
         skipped = f" | skipped {r['skipped_total']}" if r.get("skipped_total") else ""
         if r.get("clipped_since"):
             skipped += f" | clipped {r['clipped_since']}/{r['steps_since']}"
+        corpora = ""
+        if r.get("tokens_by_corpus"):
+            corpora = " | tokens " + " ".join(f"{k} {format_count(v)}" for k, v in r["tokens_by_corpus"].items())
         self.console(f"step {r['step']:>6}/{total_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
                      f"grad {r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s{mfu} | "
-                     f"ETA {format_eta(eta_s)}{skipped}")
+                     f"ETA {format_eta(eta_s)}{skipped}{corpora}")
 
     def close(self) -> None:
         if self.wandb is not None:

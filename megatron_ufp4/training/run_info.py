@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.blend import BlendedSamples
 from ..data.gpt_dataset import GPTDataset
 from ..data.tokenizer import tokenizer_fingerprint
 from ..fp4.schedule import PrecisionSchedule
@@ -44,8 +45,18 @@ def params_fingerprint(named_parameters) -> str:
     return h.hexdigest()
 
 
-def data_order_fingerprint(ds: GPTDataset) -> str:
-    """SHA-256 of the window length, the epoch size and the order of every training sample."""
+def data_order_fingerprint(ds: GPTDataset | BlendedSamples) -> str:
+    """SHA-256 of the window length, the epoch size and the order of every training sample; for a
+    ``data.path`` blend, of its draws and each corpus's Megatron-LM indices (documents, sample
+    boundaries, shuffle)."""
+    if isinstance(ds, BlendedSamples):
+        h = hashlib.sha256(f"blend:{ds.seq_len}:{ds.num_samples};".encode())
+        for arr in (ds.corpus, ds.within):
+            h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
+        for corpus in ds.datasets:
+            for arr in (corpus.document_index, corpus.sample_index, corpus.shuffle_index):
+                h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
+        return h.hexdigest()
     h = hashlib.sha256(f"{ds.seq_len}:{ds.tokens_per_epoch}:{ds.num_samples};".encode())
     left = ds.num_samples
     for epoch in range(ds.num_epochs):
@@ -55,7 +66,7 @@ def data_order_fingerprint(ds: GPTDataset) -> str:
     return h.hexdigest()
 
 
-def write_run_info(run_dir: Path, cfg, schedule, named_parameters, train_ds: GPTDataset, threads: int) -> dict:
+def write_run_info(run_dir: Path, cfg, schedule, named_parameters, train_ds, threads: int) -> dict:
     """``schedule``: the run's ``PrecisionSchedule`` (or a ``Recipe``: one phase)."""
     t = cfg.training
     if not hasattr(schedule, "phases"):

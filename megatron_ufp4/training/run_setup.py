@@ -1,4 +1,4 @@
-"""Setup both trainers share: device, seeds, the prepared datasets and batches."""
+"""Run setup: device, threads, seeds, the datasets and batches."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..config import RunConfig
+from ..data.blend import BlendError, build_split
 from ..data.gpt_dataset import GPTDataset
 from ..data.indexed_dataset import IndexedDataset
 from ..linear.backends import get_backend
@@ -121,8 +122,33 @@ def check_vocab(cfg: RunConfig) -> None:
                              f"vocabulary ({vocab}) in {vocab_json}")
 
 
-def validation_dataset(cfg: RunConfig) -> GPTDataset:
-    """Unshuffled: every evaluation sees the same samples, and draws no randomness."""
+def validation_size(cfg: RunConfig) -> int:
+    """Samples of a Megatron-LM validation set: what Megatron-LM builds for the run's evaluations
+    (``eval_iters x global batch x (train_steps // eval_interval + 1)``), so that its order (a
+    function of its size) is Megatron-LM's; our evaluations use its first windows."""
+    t = cfg.training
+    rounds = t.train_steps // t.eval_interval + 1 if t.eval_interval > 0 else 1
+    windows = t.eval_windows if t.eval_windows is not None else t.eval_iters * t.micro_batch_size
+    return max(windows, t.eval_iters * t.global_batch_size * rounds, 1)
+
+
+def _split_samples(cfg: RunConfig, split: str, size: int):
+    """Samples of ``split`` of the ``data.path`` corpora; one line naming the field otherwise."""
+    sources = cfg.data.corpora()
+    if split not in sources:
+        raise ValueError(f"data.split={cfg.data.split!r} leaves no {split} documents; give it a share "
+                         f"(e.g. 969,30,1) or name the set with data.{split}_path")
+    try:
+        return build_split(sources[split], cfg.data.seq_len, cfg.training.seed, size, cfg.model.vocab_size)
+    except (BlendError, FileNotFoundError) as e:
+        raise ValueError(f"data.path: {e}") from None
+
+
+def validation_dataset(cfg: RunConfig):
+    """Our prepared datasets: unshuffled windows, every evaluation sees the same samples and draws no
+    randomness.  ``data.path``: Megatron-LM's validation samples of the blend (a fixed order)."""
+    if cfg.data.path is not None:
+        return _split_samples(cfg, "valid", validation_size(cfg))
     return GPTDataset(IndexedDataset(dataset_files(cfg.data.prefix, "val"), vocab_size=cfg.model.vocab_size),
                       cfg.data.seq_len,
                       seed=cfg.training.seed, shuffle=False)
@@ -143,9 +169,12 @@ def make_batch(ds: GPTDataset, indices, device) -> tuple[torch.Tensor, torch.Ten
     return (tokens.pin_memory().to(device, non_blocking=True), labels.pin_memory().to(device, non_blocking=True))
 
 
-def train_dataset(cfg: RunConfig) -> GPTDataset:
-    """The shuffled training samples of the whole run (order: a function of seed and sample index)."""
-    check_vocab(cfg)
+def train_dataset(cfg: RunConfig):
+    """The shuffled training samples of the whole run (order: a function of seed and sample index):
+    a ``GPTDataset`` over ``data.prefix``, or Megatron-LM's samples of the ``data.path`` blend."""
     t = cfg.training
+    if cfg.data.path is not None:
+        return _split_samples(cfg, "train", t.train_steps * t.global_batch_size)
+    check_vocab(cfg)
     train = IndexedDataset(dataset_files(cfg.data.prefix, "train"), vocab_size=cfg.model.vocab_size)
     return GPTDataset(train, cfg.data.seq_len, seed=t.seed, num_samples=t.train_steps * t.global_batch_size)

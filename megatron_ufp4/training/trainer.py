@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import RunConfig, dump_config
+from ..data.blend import BlendedSamples
 from ..data.gpt_dataset import GPTDataset
 from ..linear import quant_stats, set_quant_stats
 from ..parallel.build import build_model
@@ -156,6 +157,8 @@ class Trainer(TrainingLoop):
         peak = c.peak_tflops * 1e12 if c.peak_tflops else measured_peak_flops(self.device)
         self.peak_flops = peak * st.world_size
         self.flops_per_token = flops_per_token(cfg)
+        if isinstance(self.train_ds, BlendedSamples):
+            self.console(f"data: {self.train_ds!r}")
         if st.world_size > 1:
             self.console(f"{st.world_size} ranks: tensor {st.tp} x pipeline {st.pp} (virtual {st.vpp}) x data "
                          f"{st.dp} (expert {st.ep}); {self.num_micro} micro-batches of {t.micro_batch_size} per "

@@ -1,0 +1,101 @@
+"""Training on a weighted blend of Megatron-LM corpora (``data.path``): exact resume under DP=2,
+tokens per corpus in metrics.jsonl, and one-line errors for a blend that cannot be used.
+
+The corpora are the Shakespeare sample's training documents dealt into two Megatron-LM datasets.
+The per-corpus counts are checked against megatron-core's own blending index.
+"""
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from conftest import quiet
+from dist_utils import run_ranks
+from megatron_ufp4.data.indexed_dataset import IndexedDataset, write_indexed_dataset
+
+TINY = {"model.num_layers": 2, "model.hidden_size": 64, "model.num_heads": 4, "model.num_kv_heads": 2,
+        "model.ffn_hidden_size": 128, "model.max_seq_len": 32, "model.vocab_size": 512, "data.seq_len": 32,
+        "training.micro_batch_size": 2, "training.global_batch_size": 8, "training.train_steps": 4,
+        "training.eval_interval": 4, "training.eval_iters": 2, "logging.interval": 2, "checkpoint.interval": 0,
+        "recipe.name": "ufp4", "data.split": "90,10,0"}
+WEIGHTS = (0.7, 0.3)
+
+
+@pytest.fixture(scope="module")
+def corpora(shakespeare_prefix, tmp_path_factory):
+    """Two corpora (even / odd training documents of the sample) and the data.path blending them."""
+    src = IndexedDataset(shakespeare_prefix + "_train")
+    root = tmp_path_factory.mktemp("corpora")
+    prefixes = [str(root / "even_text_document"), str(root / "odd_text_document")]
+    for k, prefix in enumerate(prefixes):
+        write_indexed_dataset(prefix, [np.asarray(src[i]) for i in range(k, len(src), 2)], src.dtype)
+    return f"{WEIGHTS[0]} {prefixes[0]} {WEIGHTS[1]} {prefixes[1]}"
+
+
+def _cfg(path, run_dir, extra=None):
+    from megatron_ufp4.config import load_config
+    over = {**TINY, "data.path": path, "training.run_dir": str(run_dir), **(extra or {})}
+    return load_config("configs/tiny_dense.yaml", [f"{k}={v}" for k, v in over.items()])
+
+
+def _train(rank, world, path, run_dir, extra, exit_after):
+    """Train through ``Trainer.train`` (metrics.jsonl, a checkpoint at ``exit_after``); the final
+    validation loss."""
+    from megatron_ufp4.training.trainer import Trainer
+    trainer = Trainer(_cfg(path, run_dir, extra), console=quiet)
+    try:
+        trainer.train(exit_after=exit_after)
+        return trainer.evaluate()["loss"]
+    finally:
+        trainer.close()
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_blend_run_resumes_exactly_under_dp2_and_logs_tokens_per_corpus(corpora, tmp_path):
+    dp2 = {"parallel.data": 2}
+    full_val, _ = run_ranks(2, _train, corpora, tmp_path / "full", dp2, None)
+    run = tmp_path / "stopped"
+    run_ranks(2, _train, corpora, run, dp2, 2)
+    val, _ = run_ranks(2, _train, corpora, run, dp2, None)
+    full = [(r["step"], r["loss"], r["grad_norm"]) for r in _records(tmp_path / "full") if "loss" in r]
+    resumed = [(r["step"], r["loss"], r["grad_norm"]) for r in _records(run) if "loss" in r]
+    assert [s for s, *_ in full] == [1, 2, 3, 4] and resumed == full and val == full_val  # bit for bit
+
+    from megatron_ufp4.training.trainer import Trainer
+    trainer = Trainer(_cfg(corpora, tmp_path / "one"), console=quiet)
+    trainer.close()
+    assert trainer.train_ds.samples_by_corpus(8) == dict(zip(trainer.train_ds.names, np.bincount(
+        trainer.train_ds.corpus[:8], minlength=2).tolist()))
+
+    # tokens per corpus after every logged step: megatron-core's blending index, counted
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        helpers = pytest.importorskip("megatron.core.datasets.helpers_cpp")
+    size = trainer.train_ds.num_samples
+    ref = np.zeros(size, dtype=np.int16)
+    helpers.build_blending_indices(ref, np.zeros(size, dtype=np.int64), np.asarray(WEIGHTS), 2, size, False)
+    logged = [r for r in _records(tmp_path / "full") if "tokens_by_corpus" in r]
+    assert [r["step"] for r in logged] == [2, 4]
+    for r in logged:
+        n = r["step"] * TINY["training.global_batch_size"]
+        want = np.bincount(ref[:n], minlength=2) * TINY["data.seq_len"]
+        assert r["tokens_by_corpus"] == {"even_text_document": int(want[0]), "odd_text_document": int(want[1])}
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ({"data.split": "100,0,0"}, "leaves no valid documents"),
+    ({"data.path": "1 /nonexistent/corpus"}, "/nonexistent/corpus"),
+    ({"data.path": "0.5 a b 0.5"}, "data.path: '0.5 a b 0.5' mixes weights and prefixes"),
+    ({"data.split": "9,x"}, "data.split"),
+])
+def test_unusable_blend_is_one_line(corpora, tmp_path, extra, needle):
+    from megatron_ufp4.config import ConfigError
+    from megatron_ufp4.training.trainer import Trainer
+    with pytest.raises((ValueError, ConfigError)) as e:
+        Trainer(_cfg(corpora, tmp_path / "run", extra), console=quiet).close()
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
