@@ -11,12 +11,14 @@
 #
 # Produces OUT_DIR/shakespeare{.model,.vocab,.json,_train.bin,_train.idx,_val.bin,_val.idx}.
 # Idempotent: does nothing if OUT_DIR/shakespeare.json (written last by prepare) exists
-# for the same vocabulary size.  Set PYTHON to choose the interpreter.
+# for the same vocabulary size.  Set PYTHON to choose the interpreter and WORKERS the number of
+# tokenizing processes (default: one per CPU core; the output does not depend on it).
 set -euo pipefail
 
 OUT_DIR="${1:-data/shakespeare}"
 VOCAB_SIZE="${2:-4096}"
 PYTHON="${PYTHON:-python}"
+WORKERS="${WORKERS:-$("$PYTHON" -c 'import os; print(os.cpu_count() or 1)')}"
 PREFIX="$OUT_DIR/shakespeare"
 STATS="$PREFIX.json"
 
@@ -51,4 +53,4 @@ echo "found $NUM_FILES plain-text works in $TEXTS_DIR"
 
 "$PYTHON" -m megatron_ufp4.data.prepare \
     --input "$TEXTS_DIR" --glob '*_gut.txt' \
-    --output "$PREFIX" --vocab-size "$VOCAB_SIZE" --val-fraction 0.05 --seed 0
+    --output "$PREFIX" --vocab-size "$VOCAB_SIZE" --val-fraction 0.05 --seed 0 --workers "$WORKERS"

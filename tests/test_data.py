@@ -3,6 +3,7 @@
 Expected values come from independent references (the generated text, numpy
 concatenation, struct-parsed headers, numpy's PCG64 permutation), not from the code under test.
 """
+import hashlib
 import json
 import os
 import subprocess
@@ -226,6 +227,13 @@ def test_sampler_with_dataloader(packed_docs):
 
 # ----------------------------------------------------------------------------- prepare CLI
 
+def hash_rule_in_val(seed: int, i: int, fraction: float) -> bool:
+    """prepare's documented split rule, computed here: record i is in val when the first 8 bytes of
+    BLAKE2b("<seed>:<i>"), read as a big-endian fraction of 2**64, fall below the val fraction."""
+    draw = hashlib.blake2b(f"{seed}:{i}".encode("ascii"), digest_size=8).digest()
+    return sum(b << (8 * (7 - k)) for k, b in enumerate(draw)) < fraction * 2 ** 64
+
+
 def run_prepare(*args, cwd):
     return subprocess.run([sys.executable, "-m", "megatron_ufp4.data.prepare", *map(str, args)],
                           capture_output=True, text=True, cwd=cwd, timeout=120)
@@ -251,8 +259,14 @@ def test_prepare_end_to_end(corpus, tokenizer, tmp_path):
         for doc in ds:
             assert doc[-1] == tok.eos_id and tok.eos_id not in doc[:-1]
             decoded.append(tok.decode(doc[:-1]))
-    assert stats["val"]["docs"] == round(0.2 * len(paragraphs))
-    assert sorted(decoded) == sorted(paragraphs)  # every paragraph exactly once, exact text
+    # Input order: files sorted by path (part0, part2, part4, sub/part1, sub/part3), paragraphs in file order;
+    # each split keeps that order, and paragraph i is in val exactly when the stated hash rule says so.
+    files = sorted(range(5), key=lambda f: str(root / ("sub" if f % 2 else ".") / f"part{f}.txt"))
+    in_order = [p for f in files for p in paragraphs[12 * f:12 * (f + 1)]]
+    expected_val = [p for i, p in enumerate(in_order) if hash_rule_in_val(3, i, 0.2)]
+    expected_train = [p for i, p in enumerate(in_order) if not hash_rule_in_val(3, i, 0.2)]
+    assert 0 < len(expected_val) < len(paragraphs)
+    assert decoded == expected_train + expected_val  # every paragraph exactly once, exact text, in order
     assert stats["vocab_size"] == tok.vocab_size and stats["files_used"] == 5
 
     # Same seed -> byte-identical outputs; reusing the tokenizer gives the same tokens.

@@ -29,9 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .indexed_dataset import IndexedDataset
-from .megatron_samples import MegatronGPTDataset
+from .megatron_samples import SPLITS, MegatronGPTDataset
 
-SPLITS = ("train", "valid", "test")
 SURPLUS = 0.005  # Megatron-LM's mid-level dataset surplus: each corpus builds a few more samples than drawn
 
 
