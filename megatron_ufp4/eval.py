@@ -58,11 +58,10 @@ def main(argv=None) -> int:
             check_output(args.json, overwrite=args.overwrite, inputs=[ckpt], units=[ckpt], what="--json")
         model, cfg, step = load_trained_model(ckpt, device, backend=args.backend)
         check_backend_device(args.backend or cfg.gemm.backend, device)  # the run's own backend, e.g. fused
-        if args.data_prefix:
-            cfg.data.prefix = args.data_prefix
+        if args.data_prefix:  # a prepared dataset, in place of the run's data (prefix or data.path)
+            cfg.data.prefix, cfg.data.path, cfg.data.tokenizer = args.data_prefix, None, None
         if ckpt.is_dir() and ckpt.parent.name == "checkpoints":  # a run's checkpoint: the run's tokenizer
-            check_same_tokenizer(ckpt.parent.parent, cfg.data.prefix, "--data-prefix" if args.data_prefix
-                                 else "data.prefix")
+            check_same_tokenizer(ckpt.parent.parent, cfg, "--data-prefix" if args.data_prefix else "data.prefix")
         batch = args.batch_size or cfg.training.micro_batch_size
         ds = validation_dataset(cfg)
         if args.windows is not None or args.iters is not None:

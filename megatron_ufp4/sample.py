@@ -17,7 +17,8 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=0.8, help="finite, >= 0 (0: greedy)")
     ap.add_argument("--top-k", type=int, default=50, help=">= 0 (0: no top-k cut)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: <data.prefix>.model)")
+    ap.add_argument("--tokenizer", default=None, help="sentencepiece .model, tokenizer.json or a directory holding one "
+                    "(default: the run's data.tokenizer, else the one stored with its data.prefix dataset)")
     ap.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
     args = ap.parse_args(argv)
     bad = [("--max-new-tokens must be >= 0", args.max_new_tokens, args.max_new_tokens >= 0),
@@ -32,16 +33,16 @@ def main(argv=None) -> int:
 
     import torch
 
-    from .data.tokenizer import Tokenizer
+    from .data.tokenizer import load_tokenizer
     from .training.checkpoint import CheckpointError
     from .training.inference import generate, load_trained_model
-    from .training.run_setup import select_device
+    from .training.run_setup import run_tokenizer, select_device
 
     try:
         model, cfg, _ = load_trained_model(args.checkpoint, select_device(args.device, field="--device"))
-        tok = Tokenizer(args.tokenizer or cfg.data.prefix + ".model")
+        tok = load_tokenizer(args.tokenizer) if args.tokenizer else run_tokenizer(cfg, needed_for="sample")
         if tok.vocab_size > cfg.model.vocab_size:
-            raise ValueError(f"tokenizer {args.tokenizer or cfg.data.prefix + '.model'} has {tok.vocab_size} pieces, "
+            raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces, "
                              f"more than the model's vocabulary (model.vocab_size={cfg.model.vocab_size}): "
                              "it is not the tokenizer this model was trained with")
         prompt = tok.encode(args.prompt) if args.prompt else [tok.eos_id]

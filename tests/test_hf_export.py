@@ -189,6 +189,34 @@ def test_tokenizer_gives_our_ids(tmp_path, prefix):
                                                                                          tok.eos_token_id)
 
 
+def test_hugging_face_tokenizer_is_exported_as_it_is(tmp_path, prefix):
+    """A run that trained on data prepared with a tokenizer.json exports that tokenizer: transformers
+    loads it, encodes to our ids and names the end-of-document token the data was prepared with."""
+    from tokenizers import Tokenizer as HFLib
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer
+
+    from megatron_ufp4.data.tokenizer import load_tokenizer
+
+    lib = HFLib(models.BPE())
+    lib.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    lib.decoder = decoders.ByteLevel()
+    lines = SHAKESPEARE_SAMPLE.read_text(encoding="utf-8").splitlines()[:400]
+    lib.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<|endoftext|>"],
+                                                       show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    lib.save(str(tmp_path / "tokenizer.json"))
+    ckpt, _ = make_checkpoint(tmp_path / "run", prefix)
+    export_hf(ckpt, tmp_path / "hf", tokenizer=tmp_path / "tokenizer.json", console=lambda *a: None)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours = load_tokenizer(tmp_path / "tokenizer.json")
+    for text in [lines[10], "\n".join(lines[50:90]), "  two  spaces\n\ttab", "émoji 🤖 3.14"]:
+        assert tok(text)["input_ids"] == ours.encode(text)
+        assert tok.decode(ours.encode(text)) == text
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == ours.eos_id == tok.eos_token_id == lib.token_to_id("<|endoftext|>")
+
+
 REFUSALS = [
     ({"bias": True, **SIGMOID}, "model.bias"),
     ({"num_experts": 4, "moe_top_k": 2, "num_shared_experts": 1}, "model.num_shared_experts"),

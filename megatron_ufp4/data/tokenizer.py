@@ -241,6 +241,9 @@ class HFTokenizer(BaseTokenizer):
     def eos_token(self) -> str:
         return self._eos_token
 
+    def id_to_token(self, i: int) -> str:
+        return self._tok.id_to_token(i)
+
     def _encode_plain(self, texts, num_threads):
         if num_threads == 1:  # encode_batch would use the library's thread pool
             return [self._tok.encode(t, add_special_tokens=False).ids for t in texts]
@@ -307,9 +310,11 @@ def _write_atomic(path: str, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def tokenizer_fingerprint(model_path: str) -> str | None:
+def tokenizer_fingerprint(model_path: str | None) -> str | None:
     """SHA-256 of a tokenizer file (None when there is none): ids mean the same pieces
     exactly when the fingerprints agree."""
+    if model_path is None:
+        return None
     try:
         with open(model_path, "rb") as f:
             return hashlib.sha256(f.read()).hexdigest()

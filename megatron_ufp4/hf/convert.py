@@ -14,8 +14,8 @@ import torch
 
 from ..model.config import ModelConfig, upgrade_saved_model
 from ..outputs import SyncedWriter, os_error_line
-from .files import (DEFAULT_MAX_SHARD, atomic_dir, export_tokenizer, parse_size, read_safetensors, write_json,
-                    write_safetensors)
+from .files import (DEFAULT_MAX_SHARD, atomic_dir, copy_hf_tokenizer, export_tokenizer, parse_size, read_safetensors,
+                    write_json, write_safetensors)
 from .mapping import GLM4_MOE, HFMappingError, choose_architecture, from_hf_tensors, hf_config, model_from_hf, \
     to_hf_tensors
 
@@ -55,14 +55,14 @@ def export_hf(src, out, max_shard_size=DEFAULT_MAX_SHARD, tokenizer: str | Path 
     nonzero = any(bool(v.abs().max() > 0) for k, v in state.items() if k.endswith("router.expert_bias"))
     arch = choose_architecture(m, expert_bias_nonzero=nonzero)
     tensors = to_hf_tensors(state, m, arch)
-    tok_path = None
-    if with_tokenizer:
-        tok_path = Path(tokenizer) if tokenizer else Path(str((config.get("data") or {}).get("prefix", "")) + ".model")
-        if not tok_path.is_file():
-            raise HFMappingError(f"tokenizer {tok_path} not found: pass --tokenizer PATH (the run's sentencepiece "
-                                 ".model) or --no-tokenizer")
+    tok = _run_tokenizer(tokenizer, config.get("data") or {}) if with_tokenizer else None
     with atomic_dir(out) as tmp:
-        special = export_tokenizer(tok_path, tmp, m["max_seq_len"]) if tok_path else {}
+        if tok is None:
+            special = {}
+        elif tok.kind == "sentencepiece":
+            special = export_tokenizer(Path(tok.path), tmp, m["max_seq_len"])
+        else:
+            special = copy_hf_tokenizer(tok, tmp, m["max_seq_len"])
         write_json(tmp / "config.json", hf_config(m, arch, special))
         if special.get("eos_token_id") is not None:
             write_json(tmp / "generation_config.json", {
@@ -74,6 +74,23 @@ def export_hf(src, out, max_shard_size=DEFAULT_MAX_SHARD, tokenizer: str | Path 
 
 
 # -- import ---------------------------------------------------------------------------------------------------
+def _run_tokenizer(given, data: dict):
+    """``given`` (--tokenizer), else the run's ``data.tokenizer``, else the one stored with its
+    ``data.prefix`` dataset; one line when there is none."""
+    from ..data.tokenizer import dataset_tokenizer, load_tokenizer
+
+    source = given or data.get("tokenizer")
+    try:
+        if source:
+            return load_tokenizer(source)
+        if data.get("path") is None:
+            return dataset_tokenizer(str(data.get("prefix", "")))
+    except (FileNotFoundError, ValueError) as e:
+        raise HFMappingError(f"{e}: pass --tokenizer PATH or --no-tokenizer") from None
+    raise HFMappingError("the run trained on data.path corpora without data.tokenizer: pass --tokenizer PATH "
+                         "or --no-tokenizer")
+
+
 def _check_layout(sd: dict, mcfg: ModelConfig) -> None:
     """Our model of ``mcfg`` has exactly these weights, shape for shape (else one line naming the key)."""
     from ..model import GPTModel

@@ -156,3 +156,16 @@ def export_tokenizer(model_path: Path, out: Path, max_len: int, sample: str = ""
         "model_max_length": int(max_len)})
     write_json(out / "special_tokens_map.json", tokens)
     return {f"{k}_token_id": (i if i >= 0 else None) for k, i in name.items() if k != "unk"}
+
+
+def copy_hf_tokenizer(tok, out: Path, max_len: int) -> dict:
+    """A Hugging Face tokenizer as it is (tokenizer.json) with a tokenizer_config.json naming the end
+    of document the data was prepared with; returns the special ids for config.json."""
+    shutil.copyfile(tok.path, out / "tokenizer.json")
+    ids = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
+    tokens = {f"{k}_token": tok.id_to_token(i) for k, i in ids.items() if i >= 0}
+    write_json(out / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", **tokens, "add_bos_token": False, "add_eos_token": False,
+        "clean_up_tokenization_spaces": False, "model_max_length": int(max_len)})
+    write_json(out / "special_tokens_map.json", tokens)
+    return {f"{k}_token_id": (i if i >= 0 else None) for k, i in ids.items()}

@@ -25,6 +25,7 @@ from ..data.gpt_dataset import GPTDataset
 from ..data.tokenizer import tokenizer_fingerprint
 from ..fp4.schedule import PrecisionSchedule
 from ..outputs import write_synced
+from .run_setup import run_tokenizer_file
 
 RUN_INFO = "run_info.json"
 
@@ -83,7 +84,7 @@ def write_run_info(run_dir: Path, cfg, schedule, named_parameters, train_ds, thr
         "torch": torch.__version__,
         "fingerprint": {"init": params_fingerprint(named_parameters) if named_parameters is not None else None,
                         "data_order": data_order_fingerprint(train_ds),
-                        "tokenizer": tokenizer_fingerprint(cfg.data.prefix + ".model")},
+                        "tokenizer": tokenizer_fingerprint(run_tokenizer_file(cfg))},
     }
     if schedule.scheduled:
         info["schedule"] = schedule.to_list()
@@ -99,17 +100,20 @@ def read_run_info(run_dir: Path) -> dict | None:
         return None
 
 
-def check_same_tokenizer(run_dir: Path, prefix: str, field: str = "data.prefix") -> None:
+def check_same_tokenizer(run_dir: Path, cfg, field: str = "data.prefix") -> None:
     """Refuse (one line) a dataset whose tokenizer is not the one the run at ``run_dir`` started
     with: its token ids would mean other pieces (a re-prepared dataset, another corpus).  Runs
-    from before the fingerprint was recorded are not checked."""
+    from before the fingerprint was recorded are not checked.  ``field`` names the setting that
+    chose the data (``data.prefix``, ``--data-prefix``)."""
     from .checkpoint import CheckpointError
 
     info = read_run_info(run_dir) or {}
     fp = info.get("fingerprint") if isinstance(info, dict) else None
     then = fp.get("tokenizer") if isinstance(fp, dict) else None
-    now = tokenizer_fingerprint(prefix + ".model")
+    path = run_tokenizer_file(cfg)
+    now = tokenizer_fingerprint(path) if path else None
     if then is not None and now != then:
-        has = f"no tokenizer model ({prefix}.model)" if now is None else f"another tokenizer (sha256 {now[:12]})"
-        raise CheckpointError(f"{field} {prefix} has {has} than run {run_dir} trained with (sha256 {then[:12]}): "
+        source = f"data.tokenizer {cfg.data.tokenizer}" if cfg.data.tokenizer else f"{field} {cfg.data.prefix}"
+        has = "no tokenizer" if now is None else f"another tokenizer (sha256 {now[:12]})"
+        raise CheckpointError(f"{source} has {has} than run {run_dir} trained with (sha256 {then[:12]}): "
                               "its token ids would mean other pieces (was the dataset prepared again?)")

@@ -14,6 +14,7 @@ from ..config import RunConfig
 from ..data.blend import BlendError, build_split
 from ..data.gpt_dataset import GPTDataset
 from ..data.indexed_dataset import IndexedDataset
+from ..data.tokenizer import BaseTokenizer, dataset_tokenizer, load_tokenizer
 from ..linear.backends import get_backend
 
 _CUDA_INDEX = re.compile(r"cuda:[0-9]+")
@@ -113,13 +114,47 @@ def dataset_files(prefix: str, split: str) -> str:
     return p
 
 
+def run_tokenizer(cfg: RunConfig, needed_for: str | None = None) -> BaseTokenizer | None:
+    """The tokenizer the run's token ids mean: ``data.tokenizer``, else the one stored with the
+    ``data.prefix`` dataset.  A ``data.path`` run without ``data.tokenizer`` has none: None, or a
+    ``ValueError`` naming what needs one when ``needed_for`` says."""
+    if cfg.data.tokenizer:
+        try:
+            return load_tokenizer(cfg.data.tokenizer)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"data.tokenizer: {e}") from None
+    if cfg.data.path is None:
+        try:
+            return dataset_tokenizer(cfg.data.prefix)
+        except FileNotFoundError:
+            if needed_for is None:
+                return None
+            raise
+    if needed_for is not None:
+        raise ValueError(f"{needed_for} needs the tokenizer of the data.path corpora: set data.tokenizer (a "
+                         "sentencepiece .model, a tokenizer.json or a directory holding one)")
+    return None
+
+
+def run_tokenizer_file(cfg: RunConfig) -> str | None:
+    """The file whose fingerprint a run records (None: the run has no tokenizer)."""
+    tok = run_tokenizer(cfg)
+    return tok.path if tok is not None else None
+
+
 def check_vocab(cfg: RunConfig) -> None:
+    """The tokenizer's ids fit the model: one line naming both otherwise.  A prepared dataset's
+    vocabulary is read from its ``<prefix>.json`` (no tokenizer load)."""
     vocab_json = Path(cfg.data.prefix + ".json")
-    if vocab_json.is_file():
-        vocab = json.loads(vocab_json.read_text()).get("vocab_size", 0)
-        if vocab > cfg.model.vocab_size:
-            raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                             f"vocabulary ({vocab}) in {vocab_json}")
+    if cfg.data.tokenizer:
+        vocab, where = run_tokenizer(cfg).vocab_size, f"data.tokenizer={cfg.data.tokenizer}"
+    elif cfg.data.path is None and vocab_json.is_file():
+        vocab, where = json.loads(vocab_json.read_text()).get("vocab_size", 0), str(vocab_json)
+    else:
+        return
+    if vocab > cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                         f"vocabulary ({vocab}) in {where}")
 
 
 def validation_size(cfg: RunConfig) -> int:
@@ -173,8 +208,8 @@ def train_dataset(cfg: RunConfig):
     """The shuffled training samples of the whole run (order: a function of seed and sample index):
     a ``GPTDataset`` over ``data.prefix``, or Megatron-LM's samples of the ``data.path`` blend."""
     t = cfg.training
+    check_vocab(cfg)
     if cfg.data.path is not None:
         return _split_samples(cfg, "train", t.train_steps * t.global_batch_size)
-    check_vocab(cfg)
     train = IndexedDataset(dataset_files(cfg.data.prefix, "train"), vocab_size=cfg.model.vocab_size)
     return GPTDataset(train, cfg.data.seq_len, seed=t.seed, num_samples=t.train_steps * t.global_batch_size)

@@ -358,7 +358,7 @@ class Trainer(TrainingLoop):
     def _resume(self, path: Path | None) -> None:
         if path is None:
             return
-        check_same_tokenizer(self.run_dir, self.cfg.data.prefix)
+        check_same_tokenizer(self.run_dir, self.cfg)
         with self._sharded(path, "training.resume") as sharded:
             counters = dcpk.load_trainer(sharded, self.stages, self.optimizer, self.state, self.cfg.to_dict(),
                                          shown_as=path)
