@@ -9,6 +9,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import quiet
 from dist_utils import run_ranks
@@ -51,6 +52,17 @@ def _train(rank, world, path, run_dir, extra, exit_after):
         trainer.close()
 
 
+def _rows_seen(rank, world, path, run_dir, extra):
+    """The token rows this rank trains on in each step (no training: the data only)."""
+    from megatron_ufp4.training.trainer import Trainer
+    trainer = Trainer(_cfg(path, run_dir, extra), console=quiet)
+    try:
+        gbs = trainer.cfg.training.global_batch_size
+        return [trainer._local_rows(step * gbs, trainer.train_ds)[0] for step in range(4)]
+    finally:
+        trainer.close()
+
+
 def _records(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -66,9 +78,15 @@ def test_blend_run_resumes_exactly_under_dp2_and_logs_tokens_per_corpus(corpora,
     resumed = [(r["step"], r["loss"], r["grad_norm"]) for r in _records(run) if "loss" in r]
     assert [s for s, *_ in full] == [1, 2, 3, 4] and resumed == full and val == full_val  # bit for bit
 
+    # the samples do not depend on the layout: the DP ranks' rows of a step are the one process's
     from megatron_ufp4.training.trainer import Trainer
     trainer = Trainer(_cfg(corpora, tmp_path / "one"), console=quiet)
     trainer.close()
+    rank0, rank1 = run_ranks(2, _rows_seen, corpora, tmp_path / "rows", dp2)
+    gbs = TINY["training.global_batch_size"]
+    for step in range(4):
+        one = torch.stack([trainer.train_ds[i]["tokens"] for i in range(step * gbs, (step + 1) * gbs)])
+        assert torch.equal(torch.cat([rank0[step], rank1[step]]), one)
     assert trainer.train_ds.samples_by_corpus(8) == dict(zip(trainer.train_ds.names, np.bincount(
         trainer.train_ds.corpus[:8], minlength=2).tolist()))
 
