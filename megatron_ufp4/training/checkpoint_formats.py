@@ -29,7 +29,7 @@ from ..config import config_from_saved, dump_config
 from ..model.placement import named_placements
 from .checkpoint import CheckpointError, checkpoint_root
 from .dist_checkpoint import (COUNTERS, PART, is_distributed_checkpoint, load_consolidated, load_sharded,
-                              model_entries, partitions_of, restore_model)
+                              model_entries, partitions_of, restore_model, split_part_key)
 
 STATE_FILE = "state.pt"
 
@@ -190,11 +190,6 @@ def as_sharded_checkpoint(path: str | Path, run_dir: str | Path, field: str) -> 
     return Staged(dst, temporary=True)
 
 
-def _base(key: str) -> str:
-    base, sep, j = key.rpartition(PART)
-    return base if sep and j.isdigit() else key
-
-
 def _whole_shapes(path: Path, sizes: dict) -> dict:
     """``{parameter: whole shape}`` of a sharded checkpoint's model weights from its entries'
     ``sizes`` (``.part<j>`` pieces joined along the dim ``partitions.json`` records)."""
@@ -205,7 +200,7 @@ def _whole_shapes(path: Path, sizes: dict) -> dict:
     for key, size in sizes.items():
         if "._extra_state" in key:
             continue
-        name = _base(key)
+        name = split_part_key(key)[0]
         if name != key and name in whole:  # a further piece of a fused parameter
             whole[name][dims[name]] += size[dims[name]]
         else:

@@ -95,14 +95,20 @@ def from_checkpoint_entries(name: str, entries: dict, placement: Placement | Non
     return torch.cat([_local(entries[f"{name}{PART}{j}"]) for j in range(stride)], dim=placement.dim)
 
 
+def split_part_key(key: str) -> tuple[str, int | None]:
+    """``"w.part1"`` -> ``("w", 1)``; a key that is no fused piece -> ``(key, None)``."""
+    base, sep, j = key.rpartition(PART)
+    return (base, int(j)) if sep and j.isdigit() else (key, None)
+
+
 def whole_fused_entries(entries: dict, saved_sizes: dict) -> dict:
     """Load templates for a checkpoint that saved a fused parameter under its own name instead
     of ``.part<j>`` pieces (one-rank torchrun runs of older versions): the whole tensor, which
     ``from_checkpoint_entries`` slices.  ``saved_sizes``: key -> size, from the metadata."""
     out = {}
     for k, v in entries.items():
-        base, sep, j = k.rpartition(PART)
-        if sep and j.isdigit() and k not in saved_sizes and base in saved_sizes:
+        base, j = split_part_key(k)
+        if j is not None and k not in saved_sizes and base in saved_sizes:
             out[base] = torch.empty(tuple(saved_sizes[base]), dtype=v.dtype, device=_local(v).device)
         else:
             out[k] = v
@@ -362,9 +368,9 @@ def merge_parts(flat: dict, partitions: dict) -> dict:
     """Join the ``<name>.part<j>`` pieces of fused parameters back along their split dim."""
     out, parts = {}, {}
     for k, v in flat.items():
-        base, sep, j = k.rpartition(PART)
-        if sep and j.isdigit() and base in partitions:
-            parts.setdefault(base, {})[int(j)] = v
+        base, j = split_part_key(k)
+        if j is not None and base in partitions:
+            parts.setdefault(base, {})[j] = v
         else:
             out[k] = v
     for base, pieces in parts.items():
