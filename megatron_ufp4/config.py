@@ -40,20 +40,33 @@ class DataConfig:
     # Megatron-LM corpora instead of prefix (docs/data.md): one .bin/.idx prefix, or "weight prefix" pairs
     # (a list or one string), cut into train/valid/test by split unless valid_path names the validation set
     path: list | str | None = None
-    split: str = "969,30,1"
+    split: str | None = None  # null: 969,30,1 (Megatron-LM's default) unless valid_path / test_path name the sets
     valid_path: list | str | None = None
     test_path: list | str | None = None
     # sentencepiece .model, tokenizer.json or a directory holding one; null: the one stored with the dataset
     tokenizer: str | None = None
 
     def corpora(self) -> dict[str, SplitSource] | None:
-        """train/valid/test sources of ``path`` (None when the run reads ``prefix``)."""
+        """train/valid/test sources of ``path`` (None when the run reads ``prefix``); settings that
+        would be ignored are refused in one line."""
+        separate = [k for k in ("valid_path", "test_path") if getattr(self, k) is not None]
         if self.path is None:
+            unused = separate + (["split"] if self.split is not None else [])
+            if unused:
+                raise ConfigError(f"data.{unused[0]}: only used with data.path (a data.prefix dataset has its own "
+                                  "train and val splits)")
             return None
+        if separate and self.split is not None:
+            raise ConfigError(f"data.split and data.{separate[0]} exclude each other: cut data.path by data.split, "
+                              "or name the sets (as Megatron-LM's --split and --valid-data-path)")
         try:
-            return split_sources(self.path, self.split, self.valid_path, self.test_path)
+            return split_sources(self.path, self.split or "969,30,1", self.valid_path, self.test_path)
         except BlendError as e:
             raise ConfigError(str(e)) from None
+
+    def describe(self) -> str:
+        """Where the run's tokens come from, as the setting that names them."""
+        return f"data.prefix={self.prefix}" if self.path is None else f"data.path={self.path}"
 
 
 @dataclass

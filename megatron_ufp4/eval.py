@@ -22,7 +22,11 @@ def main(argv=None) -> int:
                          "micro_batch_size)")
     ap.add_argument("--iters", type=int, default=None, help="validation micro-batches (--windows = iters x batch)")
     ap.add_argument("--batch-size", type=int, default=None, help="windows per forward (default: micro_batch_size)")
-    ap.add_argument("--data-prefix", default=None, help="prepared dataset prefix (default: the run's data.prefix)")
+    ap.add_argument("--data-prefix", default=None, help="a dataset made by our prepare, in place of the run's data "
+                    "(default: the run's data.prefix or data.path)")
+    ap.add_argument("--split", choices=("valid", "test"), default="valid",
+                    help="the run's validation set, or its test set (data.path runs: data.split's test share or "
+                         "data.test_path)")
     ap.add_argument("--backend", default=None, help="FP4 GEMM backend to evaluate with (default: the run's)")
     ap.add_argument("--device", default="auto", help="auto (CUDA when available) | cpu | cuda | cuda:N")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: the usable cores)")
@@ -60,15 +64,16 @@ def main(argv=None) -> int:
         check_backend_device(args.backend or cfg.gemm.backend, device)  # the run's own backend, e.g. fused
         if args.data_prefix:  # a prepared dataset, in place of the run's data (prefix or data.path)
             cfg.data.prefix, cfg.data.path, cfg.data.tokenizer = args.data_prefix, None, None
+            cfg.data.split = cfg.data.valid_path = cfg.data.test_path = None
         if ckpt.is_dir() and ckpt.parent.name == "checkpoints":  # a run's checkpoint: the run's tokenizer
             check_same_tokenizer(ckpt.parent.parent, cfg, "--data-prefix" if args.data_prefix else "data.prefix")
         batch = args.batch_size or cfg.training.micro_batch_size
-        ds = validation_dataset(cfg)
+        ds = validation_dataset(cfg, args.split)
         if args.windows is not None or args.iters is not None:
             windows = args.windows if args.windows is not None else args.iters * batch
             if windows > len(ds):  # a study asks the same count of every run: capped, and said
                 flag = f"--windows {args.windows}" if args.windows is not None else f"--iters {args.iters}"
-                print(f"warning: {flag} asks for {windows} windows; the validation split of {cfg.data.prefix} has "
+                print(f"warning: {flag} asks for {windows} windows; the {args.split} set of {cfg.data.describe()} has "
                       f"{len(ds)} of {cfg.data.seq_len} tokens: scoring its {len(ds)}", file=sys.stderr)
                 windows = len(ds)
         else:
@@ -84,12 +89,13 @@ def main(argv=None) -> int:
     res = summarize(losses)
     recipe, backend = cfg.build_recipe()
     se = f" ± {res['se']:.4f}" if math.isfinite(res["se"]) else ""
-    print(f"step {step}: validation loss {res['loss']:.4f}{se}, perplexity {math.exp(min(res['loss'], 50)):.2f} "
+    which = "validation" if args.split == "valid" else "test"
+    print(f"step {step}: {which} loss {res['loss']:.4f}{se}, perplexity {math.exp(min(res['loss'], 50)):.2f} "
           f"({res['windows']} windows of {cfg.data.seq_len} tokens; {precision_label(recipe, cfg.training.dtype)} "
           f"on {backend})")
     if args.json:
-        out = {"checkpoint": str(ckpt), "step": step, **res, "seq_len": cfg.data.seq_len, "data_prefix":
-               cfg.data.prefix, "backend": backend, "label": precision_label(recipe, cfg.training.dtype),
+        out = {"checkpoint": str(ckpt), "step": step, **res, "seq_len": cfg.data.seq_len, "data": cfg.data.describe(),
+               "split": args.split, "backend": backend, "label": precision_label(recipe, cfg.training.dtype),
                "window_losses": losses.tolist()}
         try:
             check_output(args.json, overwrite=args.overwrite, what="--json")  # still free after the evaluation

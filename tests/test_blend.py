@@ -21,8 +21,9 @@ with warnings.catch_warnings():  # megatron-core warns that Transformer Engine /
 
 
 def test_blend_forms_and_normalized_weights():
-    assert parse_blend("data/web") == [Corpus("data/web", 1.0)]
-    assert parse_blend(["data/web"]) == [Corpus("data/web", 1.0)]
+    assert parse_blend("data/web") == [Corpus("data/web", None)]
+    assert parse_blend(["data/web"]) == [Corpus("data/web", None)]
+    assert parse_blend("3 data/web") == [Corpus("data/web", 1.0)]  # weighted: Megatron-LM blends it (surplus)
     assert parse_blend("30 data/a 70 data/b") == [Corpus("data/a", 0.3), Corpus("data/b", 0.7)]
     assert parse_blend([1, "a", 3, "b"]) == [Corpus("a", 0.25), Corpus("b", 0.75)]
     assert parse_blend(["a", "b", "c"]) == [Corpus("a", None), Corpus("b", None), Corpus("c", None)]
@@ -30,7 +31,7 @@ def test_blend_forms_and_normalized_weights():
 
 @pytest.mark.parametrize("value, needle", [
     ("", "empty"), ([], "empty"), ("0.5 a b 0.5", "mixes weights"), ("0 a 1 b", "> 0"), ("-1 a 2 b", "> 0"),
-    ("nan a 1 b", "finite"),
+    ("nan a 1 b", "finite"), ("0.5 a 0.5 a", "appears twice"), ("a b a", "appears twice"),
 ])
 def test_malformed_blend_is_one_line_naming_the_field(value, needle):
     with pytest.raises(BlendError, match=needle) as e:
@@ -107,6 +108,8 @@ class _StubTokenizer:
     ("0.7 {a} 0.3 {b}", "90,10,0", (1000, 120, 0)),
     ("1 {a} 1 {b} 2 {c}", "80,15,5", (700, 50, 10)),
     ("{b}", "80,20,0", (300, 40, 0)),
+    ("1 {b}", "80,20,0", (300, 40, 0)),  # one weighted corpus: blended, with the surplus
+    ("{a} {b}", "90,10,0", (None, 40, 0)),  # unweighted: one pass each; train asks for all of it
 ])
 def test_blend_samples_equal_megatron_core_token_for_token(tmp_path, monkeypatch, path, split, sizes):
     """Our train and valid samples of a blend equal the ones megatron-core's
@@ -114,7 +117,7 @@ def test_blend_samples_equal_megatron_core_token_for_token(tmp_path, monkeypatch
     import torch
 
     from megatron_ufp4.data.blend import build_split
-    from megatron_ufp4.data.indexed_dataset import write_indexed_dataset
+    from megatron_ufp4.data.indexed_dataset import IndexedDataset, write_indexed_dataset
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         gpt = pytest.importorskip("megatron.core.datasets.gpt_dataset")
@@ -127,16 +130,22 @@ def test_blend_samples_equal_megatron_core_token_for_token(tmp_path, monkeypatch
     path = path.format(**prefixes)
     seq_len, seed = 16, 1234
     blend = parse_blend(path)
+    sources = split_sources(path, split)
+    if sizes[0] is None:  # every sample one pass over each corpus's train split holds (the most it may draw)
+        lengths = [np.asarray(IndexedDataset(c.prefix).doc_lengths, dtype=np.int64) for c in blend]
+        ranges = [split_documents(list(sources["train"].ratios), len(n))["train"] for n in lengths]
+        sizes = ((sum((int(n[r].sum()) - 1) // seq_len for n, r in zip(lengths, ranges))), *sizes[1:])
+        with pytest.raises(BlendError, match="one pass over the unweighted corpora holds"):
+            build_split(sources["train"], seq_len, seed, sizes[0] + 1)
     config = gpt.GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_len, split=split, tokenizer=_StubTokenizer(),
-        blend=([c.prefix for c in blend], None if len(blend) == 1 else [c.weight for c in blend]),
+        blend=([c.prefix for c in blend], None if blend[0].weight is None else [c.weight for c in blend]),
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, path_to_cache=str(tmp_path / "c"))
     monkeypatch.setattr(torch.distributed, "get_rank", lambda *a, **k: 0)  # its blend asks, even in one process
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = mc_builder.BlendedMegatronDatasetBuilder(gpt.GPTDataset, list(sizes), lambda: True,
                                                           config).build()
-    sources = split_sources(path, split)
     for name, size, ref in zip(("train", "valid"), sizes, theirs):
         ours = build_split(sources[name], seq_len, seed, size)
         assert len(ours) >= size

@@ -37,7 +37,7 @@ def corpora(shakespeare_prefix, tmp_path_factory):
 def _cfg(path, run_dir, extra=None):
     from megatron_ufp4.config import load_config
     over = {**TINY, "data.path": path, "training.run_dir": str(run_dir), **(extra or {})}
-    return load_config("configs/tiny_dense.yaml", [f"{k}={v}" for k, v in over.items()])
+    return load_config("configs/tiny_dense.yaml", [f"{k}={'null' if v is None else v}" for k, v in over.items()])
 
 
 def _train(rank, world, path, run_dir, extra, exit_after):
@@ -87,8 +87,6 @@ def test_blend_run_resumes_exactly_under_dp2_and_logs_tokens_per_corpus(corpora,
     for step in range(4):
         one = torch.stack([trainer.train_ds[i]["tokens"] for i in range(step * gbs, (step + 1) * gbs)])
         assert torch.equal(torch.cat([rank0[step], rank1[step]]), one)
-    assert trainer.train_ds.samples_by_corpus(8) == dict(zip(trainer.train_ds.names, np.bincount(
-        trainer.train_ds.corpus[:8], minlength=2).tolist()))
 
     # tokens per corpus after every logged step: megatron-core's blending index, counted
     with warnings.catch_warnings():
@@ -97,6 +95,10 @@ def test_blend_run_resumes_exactly_under_dp2_and_logs_tokens_per_corpus(corpora,
     size = trainer.train_ds.num_samples
     ref = np.zeros(size, dtype=np.int16)
     helpers.build_blending_indices(ref, np.zeros(size, dtype=np.int64), np.asarray(WEIGHTS), 2, size, False)
+    for n in (0, 5, 8, size, size + 3, 3 * size + 7):  # counts past the end wrap around the blend
+        full, rest = divmod(n, size)
+        want = full * np.bincount(ref, minlength=2) + np.bincount(ref[:rest], minlength=2)
+        assert list(trainer.train_ds.samples_by_corpus(n).values()) == want.tolist(), n
     logged = [r for r in _records(tmp_path / "full") if "tokens_by_corpus" in r]
     assert [r["step"] for r in logged] == [2, 4]
     for r in logged:
@@ -106,10 +108,11 @@ def test_blend_run_resumes_exactly_under_dp2_and_logs_tokens_per_corpus(corpora,
 
 
 @pytest.mark.parametrize("extra, needle", [
-    ({"data.split": "100,0,0"}, "leaves no valid documents"),
-    ({"data.path": "1 /nonexistent/corpus"}, "/nonexistent/corpus"),
+    ({"data.path": "1 /nonexistent/corpus"}, "data.path: indexed dataset file not found: /nonexistent/corpus"),
     ({"data.path": "0.5 a b 0.5"}, "data.path: '0.5 a b 0.5' mixes weights and prefixes"),
     ({"data.split": "9,x"}, "data.split"),
+    ({"data.valid_path": "/x"}, "data.split and data.valid_path exclude each other"),
+    ({"data.path": None, "data.split": None, "data.valid_path": "/x"}, "data.valid_path: only used with data.path"),
 ])
 def test_unusable_blend_is_one_line(corpora, tmp_path, extra, needle):
     from megatron_ufp4.config import ConfigError
@@ -117,3 +120,34 @@ def test_unusable_blend_is_one_line(corpora, tmp_path, extra, needle):
     with pytest.raises((ValueError, ConfigError)) as e:
         Trainer(_cfg(corpora, tmp_path / "run", extra), console=quiet).close()
     assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_no_validation_share_trains_and_evaluation_says_so(corpora, tmp_path):
+    """data.split=100,0,0 (every document trains): a run that does not evaluate needs no validation
+    set; asking it to evaluate is one line."""
+    from megatron_ufp4.training.trainer import Trainer
+    trainer = Trainer(_cfg(corpora, tmp_path / "run", {"data.split": "100,0,0", "training.eval_interval": 0}),
+                      console=quiet)
+    try:
+        assert trainer.train_step()["loss"] > 0
+        with pytest.raises(ValueError, match="data.split=100,0,0 leaves no valid documents"):
+            trainer.evaluate()
+    finally:
+        trainer.close()
+
+
+def test_eval_scores_the_test_share_of_the_split(corpora, tmp_path, capsys):
+    """``eval --split test``: Megatron-LM's samples of the blend's test share; a data.prefix run has none."""
+    from megatron_ufp4.eval import main as eval_main
+    from megatron_ufp4.training.trainer import Trainer
+    trainer = Trainer(_cfg(corpora, tmp_path / "run", {"data.split": "80,10,10", "training.train_steps": 1}),
+                      console=quiet)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    out = tmp_path / "test.json"
+    assert eval_main([str(tmp_path / "run"), "--split", "test", "--windows", "4", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["split"] == "test" and res["windows"] == 4 and res["data"].startswith("data.path=")
+    assert "test loss" in capsys.readouterr().out

@@ -193,7 +193,7 @@ def test_hugging_face_tokenizer_is_exported_as_it_is(tmp_path, prefix):
     """A run that trained on data prepared with a tokenizer.json exports that tokenizer: transformers
     loads it, encodes to our ids and names the end-of-document token the data was prepared with."""
     from tokenizers import Tokenizer as HFLib
-    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
     from transformers import AutoTokenizer
 
     from megatron_ufp4.data.tokenizer import load_tokenizer
@@ -205,6 +205,8 @@ def test_hugging_face_tokenizer_is_exported_as_it_is(tmp_path, prefix):
     lib.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<|endoftext|>"],
                                                        show_progress=False,
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    # a template that adds BOS (as Llama-3's does): the model never saw it, the export must not add it
+    lib.post_processor = processors.TemplateProcessing(single="<unk> $A", special_tokens=[("<unk>", 0)])
     lib.save(str(tmp_path / "tokenizer.json"))
     ckpt, _ = make_checkpoint(tmp_path / "run", prefix)
     export_hf(ckpt, tmp_path / "hf", tokenizer=tmp_path / "tokenizer.json", console=lambda *a: None)

@@ -2,8 +2,7 @@
 
 A blend is Megatron-LM's ``--data-path``: one prefix, or ``weight prefix`` pairs
 (``[0.7, web, 0.3, code]`` or the string ``"0.7 web 0.3 code"``); weights are normalized to
-sum to 1.  Several prefixes without weights are weighted by the samples one pass over each
-corpus's split holds (Megatron-LM's rule for an unweighted list).
+sum to 1.  Each corpus appears once.
 
 Split (``"969,30,1"``): the ratios are normalized and turned into book-ends
 ``0 = b0 <= b1 <= b2 <= b3 = 1``; split ``s`` of a corpus of ``N`` documents is the document
@@ -18,7 +17,9 @@ sample, the order depends on nothing but the weights, and sample ``i`` of the bl
 function of ``i``: any data-parallel layout sees the same samples, and resuming at ``n``
 consumed samples continues exactly.  Corpus ``c`` builds ``ceil(ceil(size * weight_c) * 1.005)``
 samples (Megatron-LM's 0.5 % surplus) and the blend holds ``sum_c ceil(size * weight_c)``.
-With one corpus there is no blend: its samples are used directly, as Megatron-LM does.
+One corpus without a weight is used as it is (``size`` samples), as Megatron-LM does; several
+without weights are one pass each, drawn in proportion to the samples each pass holds, and a run
+may draw no more than they hold together.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ class BlendError(ValueError):
 @dataclass(frozen=True)
 class Corpus:
     prefix: str
-    weight: float | None  # normalized; None: weighted by its size (unweighted list)
+    weight: float | None  # normalized; None: no weight given (one corpus as it is, or weighted by its size)
 
 
 def parse_blend(value, field: str = "data.path") -> list[Corpus]:
@@ -54,12 +55,18 @@ def parse_blend(value, field: str = "data.path") -> list[Corpus]:
     if weights is None:
         if len(items) > 1 and len(items) % 2 == 0 and any(_is_number(x) for x in items[::2]):
             raise BlendError(f"{field}: {value!r} mixes weights and prefixes; give 'weight prefix' pairs")
-        return [Corpus(p, None if len(items) > 1 else 1.0) for p in items]
-    prefixes = items[1::2]
-    if any(w <= 0 or not math.isfinite(w) for w in weights):
-        raise BlendError(f"{field}: weights {weights} must be finite and > 0 (leave a corpus out instead of 0)")
-    total = sum(weights)
-    return [Corpus(p, w / total) for w, p in zip(weights, prefixes)]
+        corpora = [Corpus(p, None) for p in items]
+    else:
+        if any(w <= 0 or not math.isfinite(w) for w in weights):
+            raise BlendError(f"{field}: weights {weights} must be finite and > 0 (leave a corpus out instead of 0)")
+        total = sum(weights)
+        corpora = [Corpus(p, w / total) for w, p in zip(weights, items[1::2])]
+    seen = set()
+    for c in corpora:  # one corpus twice would be counted under one name; give it the summed weight instead
+        if c.prefix in seen:
+            raise BlendError(f"{field}: {c.prefix} appears twice; list each corpus once")
+        seen.add(c.prefix)
+    return corpora
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,7 @@ class SplitSource:
     name: str  # train / valid / test
     corpora: tuple[Corpus, ...]
     ratios: tuple[float, ...] | None  # the data.split ratios that cut each corpus; None: every document
+    field: str = "data.path"  # the setting that named the corpora (for messages)
 
 
 def split_sources(path, split: str, valid_path=None, test_path=None) -> dict[str, SplitSource]:
@@ -81,7 +89,7 @@ def split_sources(path, split: str, valid_path=None, test_path=None) -> dict[str
     out = {"train": SplitSource("train", train, None)}
     for name, value, field in (("valid", valid_path, "data.valid_path"), ("test", test_path, "data.test_path")):
         if value is not None:
-            out[name] = SplitSource(name, tuple(parse_blend(value, field)), None)
+            out[name] = SplitSource(name, tuple(parse_blend(value, field)), None, field)
     return out
 
 
@@ -167,6 +175,7 @@ class BlendedSamples:
         self.seq_len = datasets[0].seq_len
         self.corpus, self.within = blend_index(weights, size)
         self.num_samples = size
+        self._counted = (0, np.zeros(len(weights), dtype=np.int64))  # (n, counts of corpus[:n]): logs count on
 
     def __len__(self) -> int:
         return self.num_samples
@@ -180,9 +189,19 @@ class BlendedSamples:
     def samples_by_corpus(self, n: int) -> dict[str, int]:
         """How many of the first ``n`` samples (wrapping past the end) each corpus gave."""
         full, rest = divmod(max(0, n), self.num_samples)
-        counts = full * np.bincount(self.corpus, minlength=len(self.names))
-        counts += np.bincount(self.corpus[:rest], minlength=len(self.names))
+        counts = full * self._first(self.num_samples) + self._first(rest)
         return {name: int(k) for name, k in zip(self.names, counts)}
+
+    def _first(self, n: int) -> np.ndarray:
+        """Counts of ``corpus[:n]``, counting on from the last call's ``n`` (logged steps only move on)."""
+        done, counts = self._counted
+        if n < done:
+            done, counts = 0, np.zeros_like(counts)
+        for start in range(done, n, 1 << 22):  # bounded temporaries: bincount widens int16 to intp
+            counts = counts + np.bincount(self.corpus[start:min(n, start + (1 << 22))], minlength=len(counts))
+        if n != self.num_samples:
+            self._counted = (n, counts)
+        return counts
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{n} {w:.3g} ({len(d.documents)} documents)"
@@ -197,28 +216,37 @@ def corpus_names(corpora) -> list[str]:
 
 
 def build_split(source: SplitSource, seq_len: int, seed: int, size: int, vocab_size: int | None = None):
-    """The samples of one split: a ``MegatronGPTDataset`` for one corpus, else ``BlendedSamples``.
-    ``size``: samples the run will draw (the blend holds at least that many)."""
+    """The samples of one split as ``BlendedSamples`` (one corpus: its samples as they are).
+    ``size``: samples the run will draw.  Megatron-LM's three cases: one corpus without a weight is
+    built with ``size`` samples; weighted corpora (one or more) with the 0.5 % surplus; several
+    without weights one pass each, weighted by those passes' samples, and the run may draw no more
+    than they hold together (else one line)."""
     opened = []
     for c in source.corpora:
         ds = IndexedDataset(c.prefix, vocab_size=vocab_size)
         docs = (np.arange(len(ds), dtype=np.int64) if source.ratios is None
                 else split_documents(list(source.ratios), len(ds))[source.name])
-        if docs.size == 0 or int(np.asarray(ds.doc_lengths)[docs].sum()) <= seq_len:
+        if docs.size == 0 or int(np.asarray(ds.doc_lengths)[docs].sum()) < 2:
             cut = "" if source.ratios is None else f" after data.split cuts its {len(ds)} documents"
-            raise BlendError(f"{c.prefix}: the {source.name} split holds {docs.size} documents{cut}, too few "
-                             f"tokens for one sample of data.seq_len={seq_len}")
+            raise BlendError(f"{source.field}: {c.prefix}: the {source.name} split holds {docs.size} documents{cut}"
+                             ", no tokens to sample")
         opened.append((ds, docs))
     names = corpus_names(source.corpora)
-    if len(opened) == 1:
-        ds, docs = opened[0]
-        return BlendedSamples([MegatronGPTDataset(ds, seq_len, seed, size, documents=docs, split=source.name)],
-                              [1.0], size, names)
+
+    def samples(k: int, n: int | None) -> MegatronGPTDataset:
+        ds, docs = opened[k]
+        return MegatronGPTDataset(ds, seq_len, seed, n, documents=docs, split=source.name)
+
     weights = [c.weight for c in source.corpora]
-    if weights[0] is None:  # unweighted list: weighted by one pass over each corpus's split
-        weights = [(int(np.asarray(ds.doc_lengths)[docs].sum()) - 1) // seq_len for ds, docs in opened]
-        weights = [w / sum(weights) for w in weights]
-    drawn, built = corpus_sizes(weights, size)
-    datasets = [MegatronGPTDataset(ds, seq_len, seed, n, documents=docs, split=source.name)
-                for (ds, docs), n in zip(opened, built)]
-    return BlendedSamples(datasets, weights, sum(drawn), names)
+    if weights[0] is not None:
+        drawn, built = corpus_sizes(weights, size)
+        return BlendedSamples([samples(k, n) for k, n in enumerate(built)], weights, sum(drawn), names)
+    if len(opened) == 1:
+        return BlendedSamples([samples(0, size)], [1.0], size, names)
+    passes = [samples(k, None) for k in range(len(opened))]
+    held = [len(d) for d in passes]
+    if sum(held) < size:
+        raise BlendError(f"{source.field}: one pass over the unweighted corpora holds {sum(held)} {source.name} "
+                         f"samples, the run needs {size}: give weights (corpora are then repeated as needed) or "
+                         "train for fewer steps")
+    return BlendedSamples(passes, [n / sum(held) for n in held], size, names)

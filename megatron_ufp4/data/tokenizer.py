@@ -152,7 +152,7 @@ class SentencePieceTokenizer(BaseTokenizer):
         return self._sp.Decode(ids)
 
 
-# The name sample.py, hf/convert.py and older code import.
+# The name hf/convert.py and older code import.
 Tokenizer = SentencePieceTokenizer
 
 
@@ -297,6 +297,25 @@ def dataset_tokenizer(prefix: str) -> BaseTokenizer:
         return SentencePieceTokenizer(f"{prefix}.model")
     raise FileNotFoundError(f"dataset {prefix}: no tokenizer stored with it ({meta_path} names none and there "
                             f"is no {prefix}.model)")
+
+
+def configured_tokenizer(tokenizer: str | None, prefix: str | None) -> BaseTokenizer | None:
+    """A run's tokenizer: ``tokenizer`` (its ``data.tokenizer``) when set, else the one stored with
+    the dataset prepared at ``prefix`` (a ``data.prefix`` run); None for neither (``data.path``
+    corpora carry none).  A ``tokenizer`` that is not the file stored with ``prefix``'s dataset
+    is refused: the ids would be decoded as other pieces."""
+    if not tokenizer:
+        return dataset_tokenizer(prefix) if prefix is not None else None
+    tok = load_tokenizer(tokenizer)
+    if prefix is not None:
+        try:
+            stored = dataset_tokenizer(prefix)
+        except FileNotFoundError:
+            return tok
+        if tokenizer_fingerprint(stored.path) != tokenizer_fingerprint(tok.path):
+            raise ValueError(f"{tokenizer} is not the tokenizer the dataset {prefix} was prepared with "
+                             f"({stored.path})")
+    return tok
 
 
 def tokenizer_record(tokenizer: BaseTokenizer, file_name: str) -> dict:

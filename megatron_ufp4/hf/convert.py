@@ -75,20 +75,19 @@ def export_hf(src, out, max_shard_size=DEFAULT_MAX_SHARD, tokenizer: str | Path 
 
 # -- import ---------------------------------------------------------------------------------------------------
 def _run_tokenizer(given, data: dict):
-    """``given`` (--tokenizer), else the run's ``data.tokenizer``, else the one stored with its
-    ``data.prefix`` dataset; one line when there is none."""
-    from ..data.tokenizer import dataset_tokenizer, load_tokenizer
+    """``given`` (--tokenizer), else the run's (``data.tokenizer``, else the one stored with its
+    ``data.prefix`` dataset); one line when there is none."""
+    from ..data.tokenizer import configured_tokenizer, load_tokenizer
 
-    source = given or data.get("tokenizer")
     try:
-        if source:
-            return load_tokenizer(source)
-        if data.get("path") is None:
-            return dataset_tokenizer(str(data.get("prefix", "")))
+        tok = load_tokenizer(given) if given else configured_tokenizer(
+            data.get("tokenizer"), str(data.get("prefix", "")) if data.get("path") is None else None)
     except (FileNotFoundError, ValueError) as e:
         raise HFMappingError(f"{e}: pass --tokenizer PATH or --no-tokenizer") from None
-    raise HFMappingError("the run trained on data.path corpora without data.tokenizer: pass --tokenizer PATH "
-                         "or --no-tokenizer")
+    if tok is None:
+        raise HFMappingError("the run trained on data.path corpora without data.tokenizer: pass --tokenizer PATH "
+                             "or --no-tokenizer")
+    return tok
 
 
 def _check_layout(sd: dict, mcfg: ModelConfig) -> None:

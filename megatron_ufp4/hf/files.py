@@ -159,9 +159,18 @@ def export_tokenizer(model_path: Path, out: Path, max_len: int, sample: str = ""
 
 
 def copy_hf_tokenizer(tok, out: Path, max_len: int) -> dict:
-    """A Hugging Face tokenizer as it is (tokenizer.json) with a tokenizer_config.json naming the end
-    of document the data was prepared with; returns the special ids for config.json."""
-    shutil.copyfile(tok.path, out / "tokenizer.json")
+    """A Hugging Face tokenizer.json with a tokenizer_config.json naming the end of document the data
+    was prepared with; returns the special ids for config.json.  Its post-processor (e.g. a template
+    adding BOS) is dropped: the model was trained on the plain encoding, and transformers would
+    otherwise add tokens it never saw (checked on probe texts)."""
+    tk = require("tokenizers")
+    lib = tk.Tokenizer.from_file(tok.path)
+    lib.post_processor = None
+    for text in PROBE:
+        if lib.encode(text).ids != tok.encode(text):
+            raise HFMappingError(f"tokenizer {tok.path}: its encoding with special tokens differs from the plain "
+                                 f"one the model was trained on (on {text[:30]!r}) even without its post-processor")
+    lib.save(str(out / "tokenizer.json"))
     ids = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
     tokens = {f"{k}_token": tok.id_to_token(i) for k, i in ids.items() if i >= 0}
     write_json(out / "tokenizer_config.json", {

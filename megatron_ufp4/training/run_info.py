@@ -52,11 +52,12 @@ def data_order_fingerprint(ds: GPTDataset | BlendedSamples) -> str:
     boundaries, shuffle)."""
     if isinstance(ds, BlendedSamples):
         h = hashlib.sha256(f"blend:{ds.seq_len}:{ds.num_samples};".encode())
-        for arr in (ds.corpus, ds.within):
-            h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
+        arrays = [ds.corpus, ds.within]
         for corpus in ds.datasets:
-            for arr in (corpus.document_index, corpus.sample_index, corpus.shuffle_index):
-                h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
+            arrays += [corpus.document_index, corpus.sample_index, corpus.shuffle_index]
+        for arr in arrays:  # native bytes with their dtype: no widened copies of large indices
+            h.update(f"{arr.dtype.str}{arr.shape};".encode())
+            h.update(memoryview(np.ascontiguousarray(arr)).cast("B"))
         return h.hexdigest()
     h = hashlib.sha256(f"{ds.seq_len}:{ds.tokens_per_epoch}:{ds.num_samples};".encode())
     left = ds.num_samples

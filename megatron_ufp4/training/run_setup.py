@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from ..config import RunConfig
-from ..data.blend import BlendError, build_split
+from ..data.blend import build_split
 from ..data.gpt_dataset import GPTDataset
 from ..data.indexed_dataset import IndexedDataset
-from ..data.tokenizer import BaseTokenizer, dataset_tokenizer, load_tokenizer
+from ..data.tokenizer import BaseTokenizer, configured_tokenizer
 from ..linear.backends import get_backend
 
 _CUDA_INDEX = re.compile(r"cuda:[0-9]+")
@@ -115,25 +115,21 @@ def dataset_files(prefix: str, split: str) -> str:
 
 
 def run_tokenizer(cfg: RunConfig, needed_for: str | None = None) -> BaseTokenizer | None:
-    """The tokenizer the run's token ids mean: ``data.tokenizer``, else the one stored with the
-    ``data.prefix`` dataset.  A ``data.path`` run without ``data.tokenizer`` has none: None, or a
+    """The tokenizer the run's token ids mean (``data.tokenizer``, else the one stored with the
+    ``data.prefix`` dataset).  A ``data.path`` run without ``data.tokenizer`` has none: None, or a
     ``ValueError`` naming what needs one when ``needed_for`` says."""
-    if cfg.data.tokenizer:
-        try:
-            return load_tokenizer(cfg.data.tokenizer)
-        except (FileNotFoundError, ValueError) as e:
-            raise ValueError(f"data.tokenizer: {e}") from None
-    if cfg.data.path is None:
-        try:
-            return dataset_tokenizer(cfg.data.prefix)
-        except FileNotFoundError:
-            if needed_for is None:
-                return None
-            raise
-    if needed_for is not None:
+    try:
+        tok = configured_tokenizer(cfg.data.tokenizer, cfg.data.prefix if cfg.data.path is None else None)
+    except FileNotFoundError:
+        if needed_for is None:
+            return None
+        raise
+    except ValueError as e:
+        raise ValueError(f"data.tokenizer: {e}") from None
+    if tok is None and needed_for is not None:
         raise ValueError(f"{needed_for} needs the tokenizer of the data.path corpora: set data.tokenizer (a "
                          "sentencepiece .model, a tokenizer.json or a directory holding one)")
-    return None
+    return tok
 
 
 def run_tokenizer_file(cfg: RunConfig) -> str | None:
@@ -160,7 +156,8 @@ def check_vocab(cfg: RunConfig) -> None:
 def validation_size(cfg: RunConfig) -> int:
     """Samples of a Megatron-LM validation set: what Megatron-LM builds for the run's evaluations
     (``eval_iters x global batch x (train_steps // eval_interval + 1)``), so that its order (a
-    function of its size) is Megatron-LM's; our evaluations use its first windows."""
+    function of its size) is Megatron-LM's; our evaluations use its first windows (more, when
+    ``training.eval_windows`` asks for more than that: the order then is not Megatron-LM's)."""
     t = cfg.training
     rounds = t.train_steps // t.eval_interval + 1 if t.eval_interval > 0 else 1
     windows = t.eval_windows if t.eval_windows is not None else t.eval_iters * t.micro_batch_size
@@ -168,22 +165,31 @@ def validation_size(cfg: RunConfig) -> int:
 
 
 def _split_samples(cfg: RunConfig, split: str, size: int):
-    """Samples of ``split`` of the ``data.path`` corpora; one line naming the field otherwise."""
+    """Samples of ``split`` of the ``data.path`` corpora; one line naming the setting otherwise
+    (``BlendError``, a ``ValueError``, names it itself)."""
     sources = cfg.data.corpora()
     if split not in sources:
-        raise ValueError(f"data.split={cfg.data.split!r} leaves no {split} documents; give it a share "
+        if cfg.data.valid_path is not None or cfg.data.test_path is not None:
+            raise ValueError(f"data.{split}_path: not set, and the run names its sets with data.valid_path / "
+                             "data.test_path; name this one too")
+        raise ValueError(f"data.split={cfg.data.split or '969,30,1'} leaves no {split} documents; give it a share "
                          f"(e.g. 969,30,1) or name the set with data.{split}_path")
+    source = sources[split]
     try:
-        return build_split(sources[split], cfg.data.seq_len, cfg.training.seed, size, cfg.model.vocab_size)
-    except (BlendError, FileNotFoundError) as e:
-        raise ValueError(f"data.path: {e}") from None
+        return build_split(source, cfg.data.seq_len, cfg.training.seed, size, cfg.model.vocab_size)
+    except FileNotFoundError as e:
+        raise ValueError(f"{source.field}: {e}") from None
 
 
-def validation_dataset(cfg: RunConfig):
+def validation_dataset(cfg: RunConfig, split: str = "valid"):
     """Our prepared datasets: unshuffled windows, every evaluation sees the same samples and draws no
-    randomness.  ``data.path``: Megatron-LM's validation samples of the blend (a fixed order)."""
+    randomness.  ``data.path``: Megatron-LM's samples of the blend's ``split`` (valid or test; a
+    fixed order)."""
     if cfg.data.path is not None:
-        return _split_samples(cfg, "valid", validation_size(cfg))
+        return _split_samples(cfg, split, validation_size(cfg))
+    if split != "valid":
+        raise ValueError(f"a {split} set needs data.path corpora (a {split} share of data.split, or "
+                         f"data.{split}_path); {cfg.data.describe()} has train and val splits only")
     return GPTDataset(IndexedDataset(dataset_files(cfg.data.prefix, "val"), vocab_size=cfg.model.vocab_size),
                       cfg.data.seq_len,
                       seed=cfg.training.seed, shuffle=False)

@@ -136,7 +136,8 @@ class Trainer(TrainingLoop):
         self.norm_params = unique_parameters(self.stages, st)
 
         self.train_ds = train_dataset(cfg)
-        self.val_ds = validation_dataset(cfg)
+        # built at the first evaluation: a run that never evaluates needs no validation set
+        self._val_ds = None
         self.step, self.skipped_total, self.consecutive_nonfinite = 0, 0, 0
         self._resume(resume_from)
         if resume_from is None and t.init_from:  # a fresh start from given weights (a resume continues the run)
@@ -163,6 +164,12 @@ class Trainer(TrainingLoop):
             self.console(f"{st.world_size} ranks: tensor {st.tp} x pipeline {st.pp} (virtual {st.vpp}) x data "
                          f"{st.dp} (expert {st.ep}); {self.num_micro} micro-batches of {t.micro_batch_size} per "
                          "rank per step")
+
+    @property
+    def val_ds(self):
+        if self._val_ds is None:
+            self._val_ds = validation_dataset(self.cfg)
+        return self._val_ds
 
     @property
     def model(self):
