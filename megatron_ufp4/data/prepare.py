@@ -131,6 +131,9 @@ class BatchEncoder:
         return records, np.array(flat, dtype=self.dtype), np.array(lengths, dtype=np.int64)
 
 
+# Set only inside a --workers process, once, by its pool initializer (the one way a
+# ProcessPoolExecutor hands a worker state that is not pickled with every task); never in the
+# process that runs prepare.
 _worker_encoder: BatchEncoder | None = None
 
 
