@@ -98,6 +98,12 @@ class TrainingConfig:
     device: str = "auto"  # auto (cuda:LOCAL_RANK when CUDA exists, else cpu) | cpu | cuda | cuda:N
     eval_interval: int = 50
     eval_iters: int = 10
+    # activation recomputation (Megatron-LM's names; docs/parallel.md): none | selective (core attention) |
+    # full (whole layers: recompute_method uniform = every layer, block = the first recompute_num_layers of
+    # each model chunk)
+    recompute_granularity: str = "none"
+    recompute_method: str = "uniform"
+    recompute_num_layers: int = 1
     # fixed validation windows (seq_len tokens each, the val split's first ones) per evaluation;
     # null: eval_iters x micro_batch_size.  Logged with the per-window standard error
     eval_windows: int | None = None
@@ -218,6 +224,10 @@ class RunConfig:
              ">= 1 when training.eval_interval > 0" if t.eval_interval > 0 else ">= 0"),
             ("training.max_consecutive_nonfinite", t.max_consecutive_nonfinite, t.max_consecutive_nonfinite >= 1,
              ">= 1"),
+            ("training.recompute_num_layers", t.recompute_num_layers,
+             t.recompute_num_layers >= 1 and (t.recompute_method == "block" or t.recompute_num_layers == 1),
+             ">= 1, and 1 with recompute_method=uniform (every layer recomputes on its own; groups of layers "
+             "are not supported)"),
             ("schedule.warmup_steps", self.schedule.warmup_steps, self.schedule.warmup_steps >= 0, ">= 0"),
             ("data.seq_len", self.data.seq_len, self.data.seq_len >= 1, ">= 1"),
             ("data.seq_len", self.data.seq_len, self.data.seq_len <= self.model.max_seq_len,
@@ -243,6 +253,8 @@ class RunConfig:
                               f"(got {t.global_batch_size})")
         choices = [
             ("training.dtype", t.dtype, ("fp32", "bf16")),
+            ("training.recompute_granularity", t.recompute_granularity, ("none", "selective", "full")),
+            ("training.recompute_method", t.recompute_method, ("uniform", "block")),
             ("schedule.kind", self.schedule.kind, ("cosine", "wsd", "constant")),
             ("logging.wandb_mode", self.logging.wandb_mode, ("offline", "online", "disabled")),
             ("parallel.pipeline_schedule", p.pipeline_schedule, ("1f1b", "interleaved_1f1b", "gpipe")),

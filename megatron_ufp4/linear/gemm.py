@@ -154,11 +154,13 @@ class GemmState:
         ra1, ra2 = backend.quantize_pair(qa1, qa2)
         return backend.matmul(ra1, backend.quantize(qb1)), backend.matmul(ra2, backend.quantize(qb2))
 
-    def run(self, gemm: str, a: torch.Tensor, b: torch.Tensor, position: tuple[int, int] | None) -> torch.Tensor:
-        """A @ B^T in FP32 as the recipe quantizes ``gemm`` (as sub-GEMMs where ``splits`` says)."""
+    def run(self, gemm: str, a: torch.Tensor, b: torch.Tensor, position: tuple[int, int] | None,
+            record: bool = True) -> torch.Tensor:
+        """A @ B^T in FP32 as the recipe quantizes ``gemm`` (as sub-GEMMs where ``splits`` says);
+        ``record=False``: leave the telemetry log alone (a recomputed forward)."""
         split = self.splits.get(gemm)
         spec = self.recipe.gemm(gemm)
-        entry = self.record(gemm)
+        entry = self.record(gemm) if record else {}
         if not spec.quantized:
             return a.float() @ b.float().T
         ra, rb = GEMM_ROLES[gemm]

@@ -142,6 +142,7 @@ class GroupedPlan:
         self.lead, self.recipe, self.hooks = lead.gemms, lead.recipe, lead.hooks
         self.backend = get_backend(self.lead.backend_name)
         self.position = lead.step_context.position  # read in forward, kept for backward (as the loop does)
+        self.recomputed = lead.step_context.recomputing  # a recomputed forward logs no GEMM again
         self.out_dtype = linear_output_dtype(x)
         self.weight = weights_of(linears)
         self.bias = [lin.bias for lin in linears] if lead.bias is not None else None
@@ -151,7 +152,8 @@ class GroupedPlan:
         out = []
         for state, n in zip(self.states, self.sizes):
             if n:
-                state.record(gemm)
+                if not (self.recomputed and gemm == "fprop"):
+                    state.record(gemm)
                 out.append(state.sr_keys(gemm, self.position))
             else:
                 out.append((0, 0))

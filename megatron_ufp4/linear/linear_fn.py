@@ -89,11 +89,12 @@ class LinearPlan:
     out_dtype: torch.dtype
     hp_dtype: torch.dtype | None  # set: high-precision GEMMs with inputs in this dtype
     position: tuple[int, int] | None
+    recomputed: bool = False  # a forward re-run by activation recomputation: its GEMM is not logged again
 
     def run(self, gemm: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.hp_dtype is not None:
             return high_precision_gemm(a, b, self.hp_dtype)
-        return self.gemms.run(gemm, a, b, self.position)
+        return self.gemms.run(gemm, a, b, self.position, record=not self.recomputed)
 
     def run_pair(self, first: tuple, second: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """Two GEMMs sharing a transposed A (Dgrad and Wgrad on dY), with ``run``'s results."""

@@ -143,7 +143,7 @@ class QuantizedLinear(nn.Module):
         quantized, else high-precision GEMMs), the hooks, dtypes and the SR position."""
         out_dtype, hp_dtype = linear_dtypes(x, self.weight, self.quantized)
         return LinearPlan(self.gemms if self.quantized else None, self.hooks, out_dtype, hp_dtype,
-                          self.step_context.position)
+                          self.step_context.position, self.step_context.recomputing)
 
     def gemm_splits(self, recipe: Recipe) -> dict:
         """GEMMs that run in sub-GEMMs under ``recipe`` (none here; a strided tensor-parallel

@@ -21,6 +21,9 @@ class StepContext:
     micro_batch: int = 0  # counted over the whole global batch, across data-parallel ranks
     aux_loss_scale: float = 1.0  # weight of auxiliary (MoE) losses in backward, e.g. 1 / micro-batches
     phase: int = 0  # precision-schedule phase of the current step (0: the base recipe)
+    # True while activation recomputation re-runs a forward in backward: the layers compute exactly
+    # what they computed the first time, but repeat no side effect (telemetry, MoE load counts)
+    recomputing: bool = False
 
     def at(self, step: int | None, micro_batch: int = 0) -> "StepContext":
         """Set the position of the next forward (``None``: leave training)."""

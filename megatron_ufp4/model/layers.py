@@ -83,6 +83,19 @@ class RotaryEmbedding(nn.Module):
         return f"head_dim={self.head_dim}{part}, max_seq_len={self.max_seq_len}, theta={self.theta}"
 
 
+class CoreAttention(nn.Module):
+    """softmax(Q K^T / sqrt(d)) V, causal, over RoPE'd heads: the part of attention whose saved
+    activations grow with T^2 where no fused kernel keeps them out (what selective activation
+    recomputation recomputes, as Megatron-LM's ``core_attn``).  No parameters."""
+
+    def __init__(self, grouped_query: bool):
+        super().__init__()
+        self.grouped_query = grouped_query
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.grouped_query)
+
+
 class Attention(nn.Module):
     """Causal grouped-query self-attention with a fused qkv projection.
 
@@ -105,6 +118,7 @@ class Attention(nn.Module):
         self.rope = rope  # shared by all layers; non-persistent buffers, so no state-dict keys
         self.q_norm = HeadRMSNorm(hd, eps=config.norm_eps, device=device) if config.qk_norm else None
         self.k_norm = HeadRMSNorm(hd, eps=config.norm_eps, device=device) if config.qk_norm else None
+        self.core = CoreAttention(grouped_query=self.q_per_kv > 1)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         r, hd = self.q_per_kv, self.head_dim
@@ -117,7 +131,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(q, positions), self.rope(k, positions)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=r > 1)
+        y = self.core(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(b, t, -1))
 
     @torch.no_grad()

@@ -184,7 +184,7 @@ class MoE(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         weights, idx, scores = self.router(x2)
         load = torch.bincount(idx.reshape(-1), minlength=self.num_experts)
-        if self.training:
+        if self.training and not self.step_context.recomputing:  # a recomputed forward counts nothing twice
             self.load_accum += load
         aux = self.aux_loss(scores, self.balance_load(load))
         self.last_load, self.last_aux_loss = load.detach(), aux.detach()

@@ -53,6 +53,7 @@ from .evaluation import eval_window_count, summarize
 from .loop import TrainingAborted, TrainingLoop, flops_per_token  # noqa: F401 (re-exported)
 from .metrics import MetricsLogger, measured_peak_flops
 from .run_dir import RunDirLock, check_fresh_start, check_init_from, clean_leftovers, discarded_if_refused
+from .recompute import apply_recompute
 from .run_info import check_same_tokenizer, write_run_info
 from .run_setup import (check_backend_device, launched_by_torchrun, local_rank, make_batch,
                         select_device, seed_everything, train_dataset, validation_dataset)
@@ -124,6 +125,7 @@ class Trainer(TrainingLoop):
         self.precision_schedule = cfg.build_schedule()
         # only this rank's shard is ever allocated; values equal the single-process init
         self.stages = build_model(cfg, st, device=self.device)
+        apply_recompute(self.stages, t.recompute_granularity, t.recompute_method, t.recompute_num_layers)
         seq = cfg.data.seq_len
         shape = (t.micro_batch_size, seq // st.tp if st.sequence_parallel else seq, cfg.model.hidden_size)
         autocast = torch.bfloat16 if t.dtype == "bf16" else None

@@ -1,0 +1,83 @@
+"""Activation recomputation, with Megatron-LM's names and meanings (``training.recompute_*``).
+
+- ``selective``: every layer's core attention (``CoreAttention``: softmax(QK^T)V, the activations
+  that grow with T^2 where no fused kernel keeps them out) keeps no activations and is recomputed
+  in backward; nothing else is.  Megatron-LM's default ``--recompute-modules core_attn``.
+- ``full``: whole transformer layers (attention and MLP / MoE, the MTP blocks included) keep only
+  their input.  ``recompute_method``: ``uniform`` recomputes every layer (groups of one layer:
+  ``recompute_num_layers`` must be 1), ``block`` the first ``recompute_num_layers`` layers of
+  each model chunk (pipeline stage or virtual stage) and no others.
+
+Recomputation is applied to built chunks from outside (``torch.distributed._composable.checkpoint``:
+forward hooks, no wrapper module, so parameter names and checkpoints are unchanged) and is exact:
+the recomputed forward runs with the ``StepContext`` its first run saw (a pipeline schedule
+moves it on to later micro-batches in between), so its GEMMs quantize with the same phase, SR
+keys and positions, and with ``recomputing`` set, so no side effect happens twice (telemetry
+counts, MoE load counts).  Every other input of a layer's forward is a tensor or a parameter.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+from torch import nn
+from torch.distributed._composable import checkpoint
+
+from ..linear.step_context import StepContext
+
+GRANULARITIES = ("none", "selective", "full")
+METHODS = ("uniform", "block")
+
+
+def _assign(dst: StepContext, src: StepContext) -> None:
+    for f in dataclasses.fields(StepContext):
+        setattr(dst, f.name, getattr(src, f.name))
+
+
+def replay_context(step_context: StepContext):
+    """``context_fn`` for checkpoint: the first forward runs as it is; the recomputation runs with
+    a copy of the StepContext taken at that first forward, marked ``recomputing``, and leaves
+    the live one as it found it."""
+    def context_fn():
+        seen = dataclasses.replace(step_context, recomputing=True)
+
+        @contextlib.contextmanager
+        def recomputation():
+            now = dataclasses.replace(step_context)
+            _assign(step_context, seen)
+            try:
+                yield
+            finally:
+                _assign(step_context, now)
+        return contextlib.nullcontext(), recomputation()
+    return context_fn
+
+
+def transformer_layers(chunk: nn.Module) -> list[nn.Module]:
+    """A chunk's transformer layers in order: its main-stack layers, then its MTP blocks."""
+    layers = list(chunk.layers.values())
+    if getattr(chunk, "mtp", None) is not None:
+        layers += [m.block for m in chunk.mtp]
+    return layers
+
+
+def apply_recompute(chunks, granularity: str, method: str = "uniform", num_layers: int = 1) -> int:
+    """Make ``chunks`` (built model chunks) recompute activations as configured; returns how many
+    modules recompute."""
+    if granularity not in GRANULARITIES or method not in METHODS:
+        raise ValueError(f"recompute: granularity {granularity!r} / method {method!r} not in {GRANULARITIES} / "
+                         f"{METHODS}")
+    count = 0
+    for chunk in chunks:
+        if granularity == "none":
+            continue
+        context_fn = replay_context(chunk.step_context)
+        layers = transformer_layers(chunk)
+        if granularity == "selective":
+            targets = [layer.attn.core for layer in layers]
+        else:
+            targets = layers if method == "uniform" else layers[:num_layers]
+        for module in targets:
+            checkpoint(module, context_fn=context_fn)
+        count += len(targets)
+    return count
