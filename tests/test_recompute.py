@@ -58,3 +58,60 @@ def test_recomputation_is_bitwise(tiny_cfg, tmp_path, recipe, moe):
             assert torch.equal(grads[n], ref_grads[n]), (mode, n)
         assert calls == ref_calls, mode  # the recomputed forward's GEMMs are not logged twice
         assert all(torch.equal(loads[n], ref_loads[n]) for n in loads), mode  # nor MoE loads counted twice
+
+
+# -- the parallel layouts -------------------------------------------------------------------------------
+LAYOUT_MODEL = {"model.num_layers": 4, "model.hidden_size": 64, "model.num_heads": 4, "model.num_kv_heads": 2,
+                "model.ffn_hidden_size": 128, "model.max_seq_len": 32, "model.vocab_size": 512, "data.seq_len": 32,
+                "training.micro_batch_size": 2, "training.global_batch_size": 8, "training.train_steps": 2,
+                "training.eval_interval": 0, "logging.interval": 100, "checkpoint.interval": 0,
+                "recipe.name": "ufp4", "recipe.sr": "[x, dy]"}
+LAYOUT_MOE = {"model.num_experts": 4, "model.moe_top_k": 2, "model.moe_ffn_hidden_size": 64,
+              "model.first_k_dense": 1, "model.mtp_depth": 1}
+LAYOUTS = {
+    "tp2sp": (2, {"parallel.tensor": 2, "parallel.sequence_parallel": True}),
+    "pp2_1f1b": (2, {"parallel.pipeline": 2}),
+    "pp2_gpipe": (2, {"parallel.pipeline": 2, "parallel.pipeline_schedule": "gpipe"}),
+    "pp2_vpp2": (2, {"parallel.pipeline": 2, "parallel.virtual_pipeline": 2,
+                     "parallel.pipeline_schedule": "interleaved_1f1b"}),
+    "ep2_moe_mtp": (2, {"parallel.expert": 2, **LAYOUT_MOE}),
+}
+
+
+def _train_each_mode(rank, world, prefix, run_dir, extra):
+    """Two steps of each recomputation mode from the same init on this rank: the losses and
+    gradient norms, and this rank's parameters after the steps (AdamW moved them by the gradients)."""
+    from conftest import quiet
+    from megatron_ufp4.config import load_config
+    from megatron_ufp4.training.trainer import Trainer
+    out = {}
+    for granularity, method, layers in [("none", "uniform", 1), *MODES]:
+        over = {**LAYOUT_MODEL, "data.prefix": prefix, "training.run_dir": f"{run_dir}/{granularity}-{method}",
+                "training.recompute_granularity": granularity, "training.recompute_method": method,
+                "training.recompute_num_layers": layers, **extra}
+        trainer = Trainer(load_config("configs/tiny_dense.yaml", [f"{k}={v}" for k, v in over.items()]),
+                          console=quiet)
+        try:
+            recs = [trainer.train_step() for _ in range(2)]
+            params = {f"{i}.{n}": p.detach().clone() for i, s in enumerate(trainer.stages)
+                      for n, p in s.named_parameters()}
+        finally:
+            trainer.close()
+        out[granularity, method] = ([r["loss"] for r in recs], [r["grad_norm"] for r in recs], params)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_recomputation_is_bitwise_on_every_layout(shakespeare_prefix, tmp_path, layout):
+    """Under TP2+SP, PP2 (1F1B, GPipe, interleaved with two virtual stages) and EP2 with MoE and MTP,
+    a ufp4 recipe that also rounds x stochastically: each rank's losses, gradient norms and
+    parameters after two AdamW steps are bitwise those of no recomputation."""
+    from dist_utils import run_ranks
+    world, extra = LAYOUTS[layout]
+    for out in run_ranks(world, _train_each_mode, shakespeare_prefix, str(tmp_path), extra):
+        ref_loss, ref_norm, ref_params = out["none", "uniform"]
+        for mode in MODES:
+            loss, norm, params = out[mode[:2]]
+            assert loss == ref_loss and norm == ref_norm, (mode, loss, ref_loss)
+            assert all(torch.equal(params[n], ref_params[n]) for n in ref_params), mode
