@@ -44,6 +44,15 @@ On CPU torch's composite RMSNorm also saves x times the reciprocal RMS, 4 N h / 
 norm; tests/test_planner.py checks the formula plus that term against the tensors autograd
 saves on CPU, for TP 1 and for TP 2 with and without sequence parallelism.
 
+**Activation recomputation** (``training.recompute_granularity``, training/recompute.py):
+``full`` leaves a recomputed layer only its FP32 input, 4 N h / σ, and in backward one
+recomputed layer at a time holds its whole activations again (added once to the stage's peak);
+``selective`` drops what core attention saves of its own, its output β N h / t and the
+log-sum-exp 4 N a / t (its inputs q, k, v stay, held by the checkpoint; with a fused attention
+kernel there is no T² score matrix to drop).  ``block`` recomputes the first
+``recompute_num_layers`` layers of each model chunk (the MTP blocks follow the last chunk's).
+tests/test_planner.py checks all three against what autograd keeps on CPU.
+
 **In-flight micro-batches** (whose activations a stage holds at its peak), by schedule:
 ``1f1b`` (assumed by default; the config's ``pipeline_schedule``): pipeline rank p holds
 min(pp - p, M) micro-batches (the first stage pp, the last one); ``interleaved_1f1b``:
@@ -127,13 +136,19 @@ def layer_params(m, i: int) -> dict:
     return {"tp": tp, "rep": rep, "expert": expert}
 
 
-def layer_activation_bytes(m, i: int, n_tokens: int, act_bytes: int, tp: int, sp: bool) -> float:
-    """Bytes layer ``i`` saves for backward for one micro-batch of ``n_tokens`` tokens on one
-    rank (the module docstring derives each term)."""
+def layer_activation_bytes(m, i: int, n_tokens: int, act_bytes: int, tp: int, sp: bool,
+                           recompute: str = "none") -> float:
+    """Bytes layer ``i`` keeps for backward for one micro-batch of ``n_tokens`` tokens on one
+    rank (the module docstring derives each term); ``recompute``: none, selective or full (this
+    layer recomputed whole)."""
     N, h, a, beta = n_tokens, m.hidden_size, m.num_heads, act_bytes
     r = m.num_kv_heads / m.num_heads
     sigma = tp if sp else 1
+    if recompute == "full":
+        return 4 * N * h / sigma  # only its FP32 input (the residual stream), kept by the checkpoint
     attn = (8 * N * h + 4 * N) / sigma + beta * N * h * ((1 + 2 * r) + (1 + r) + 2) / tp + 4 * N * a / tp
+    if recompute == "selective":  # core attention's own saves go: its output and the log-sum-exp
+        attn -= beta * N * h / tp + 4 * N * a / tp
     if m.is_moe_layer(i):
         fe, k, E = m.expert_ffn_hidden_size, m.moe_top_k, m.num_experts
         mlp = ((8 * N * h + 4 * N) / sigma + (beta + 4) * N * E + 3 * beta * N * k * h + 4 * beta * N * k * fe / tp
@@ -141,6 +156,21 @@ def layer_activation_bytes(m, i: int, n_tokens: int, act_bytes: int, tp: int, sp
     else:
         mlp = (8 * N * h + 4 * N) / sigma + 4 * beta * N * m.ffn_hidden_size / tp
     return attn + mlp
+
+
+def recomputed_layers(cfg, chunk_layers: list[list[int]], has_mtp: bool) -> dict[int, str]:
+    """{layer: "selective" | "full"} of the layers a rank's chunks recompute (training.recompute_*,
+    training/recompute.py): selective every layer's core attention; full every layer (uniform) or
+    the first recompute_num_layers of each chunk (block; the MTP blocks follow the last chunk's layers)."""
+    t, m = cfg.training, cfg.model
+    chunks = [list(c) for c in chunk_layers]
+    if has_mtp and chunks:
+        chunks[-1] += list(range(m.num_layers, m.num_layers + m.mtp_depth))
+    if t.recompute_granularity == "none":
+        return {}
+    if t.recompute_granularity == "selective" or t.recompute_method == "uniform":
+        return {i: t.recompute_granularity for c in chunks for i in c}
+    return {i: "full" for c in chunks for i in c[:t.recompute_num_layers]}
 
 
 def in_flight(schedule: str, pp: int, vpp: int, pp_rank: int, micro: int) -> float:
@@ -176,11 +206,15 @@ def plan(cfg, world: int, ce_chunk: int | None = None, gpus_per_node: int = 8) -
         if n_virtual - 1 in vs:  # the MTP modules sit beside the head
             layers += list(range(m.num_layers, m.num_layers + m.mtp_depth))
         tp_el = rep_el = ex_el = 0
-        acts = 0.0
+        acts = rebuilt = 0.0
+        recomputed = recomputed_layers(cfg, [list(ranges[v]) for v in vs], n_virtual - 1 in vs)
         for i in layers:
             lp = layer_params(m, i)
             tp_el, rep_el, ex_el = tp_el + lp["tp"], rep_el + lp["rep"], ex_el + lp["expert"]
-            acts += layer_activation_bytes(m, i, N, act_bytes, tp, sp)
+            kind = recomputed.get(i, "none")
+            acts += layer_activation_bytes(m, i, N, act_bytes, tp, sp, kind)
+            if kind == "full":  # in backward one recomputed layer at a time holds its activations again
+                rebuilt = max(rebuilt, layer_activation_bytes(m, i, N, act_bytes, tp, sp))
         embed, head = 0 in vs, n_virtual - 1 in vs
         tied_copy = m.tie_embeddings and pp > 1  # first and last stage each hold the tied weight
         if embed:
@@ -194,7 +228,7 @@ def plan(cfg, world: int, ce_chunk: int | None = None, gpus_per_node: int = 8) -
         dense = tp_el / tp + rep_el
         expert = ex_el / (tp * ep)
         flight = in_flight(p.pipeline_schedule, pp, vpp, r, micro)
-        act_total = acts * flight
+        act_total = acts * flight + rebuilt
         logits_full = 4 * N * V / tp
         logits = 0.0
         if head:
@@ -313,7 +347,7 @@ def main(argv=None) -> int:
               + (f"FP32 logits {st['logits_bytes'] / gib:.1f} GiB ({ce}), " if st["head"] else "")
               + f"total {st['total_bytes'] / gib:.1f} GiB")
     print(f"heaviest stage: {r['heaviest_stage']} at {r['peak_bytes_per_rank'] / gib:.1f} GiB per rank "
-          f"(state + activations + logits; no recomputation)")
+          f"(state + activations + logits; recomputation: {cfg.training.recompute_granularity})")
     for dim, v in r["comm_bytes_per_step"].items():
         print(f"  {dim:<11} {v / 2**20:12.1f} MiB sent per rank per step")
     for w in r["warnings"]:
