@@ -263,3 +263,39 @@ def test_plot_metrics(runs, tmp_path, capsys):
     assert not (tmp_path / "c.png").exists() and not (tmp_path / "d.png").exists()
     assert tool.main([str(tmp_path), "--out", str(tmp_path / "e.png")]) == 2  # not a run directory
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", ["ufp4", "nvfp4"])
+def test_grouped_experts_report_the_loops_statistics(tiny_cfg, tmp_path, monkeypatch, recipe):
+    """A telemetry step of an MoE layer runs its experts grouped, and reports for every expert the
+    per-operand statistics and GEMM log the per-expert loop reports; training values are unchanged."""
+    from megatron_ufp4.linear import grouped
+    from megatron_ufp4.model import experts
+    from megatron_ufp4.parallel.build import build_model
+
+    cfg = tiny_cfg("tiny_moe", tmp_path, f"recipe.name={recipe}", "model.num_experts=4", "model.moe_top_k=2",
+                   "model.moe_ffn_hidden_size=64")
+    g = torch.Generator().manual_seed(3)
+    tokens, labels = (torch.randint(0, cfg.model.vocab_size, (2, 32), generator=g) for _ in range(2))
+
+    def step(group: bool):
+        calls = []
+        real = grouped.grouped_linear
+        monkeypatch.setattr(experts, "can_group", grouped.can_group if group else (lambda linears: False))
+        monkeypatch.setattr(experts, "grouped_linear", lambda *a: calls.append(1) or real(*a))
+        torch.manual_seed(0)
+        model, = build_model(cfg)
+        model.train()
+        set_quant_stats([model], True)
+        model.step_context.at(5, 1)
+        loss = model(tokens, labels)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), grads, quant_stats([model]), len(calls)
+
+    loss, grads, stats, grouped_calls = step(group=True)
+    ref_loss, ref_grads, ref_stats, loop_calls = step(group=False)
+    assert grouped_calls > 0 and loop_calls == 0
+    assert torch.equal(loss, ref_loss) and all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads)
+    assert any(".experts." in name for name in ref_stats)
+    assert stats == ref_stats

@@ -152,7 +152,8 @@ class GroupedPlan:
         out = []
         for state, n in zip(self.states, self.sizes):
             if n:
-                if not (self.recomputed and gemm == "fprop"):
+                # a telemetry step logs through the expert's own GEMM (record_stats); a recomputed forward not again
+                if not (self.recomputed and gemm == "fprop") and not state.collect_stats:
                     state.record(gemm)
                 out.append(state.sr_keys(gemm, self.position))
             else:
@@ -170,6 +171,19 @@ class GroupedPlan:
         amax = self.lead.tensor_amax(t, quant, rht, seg)  # each expert's own, all-reduced over TP as one vector
         key_list = tuple(k["ab".index(which)] or 0 for k in keys) if quant.rounding == "sr" else None
         return self.backend.quantize_grouped(GroupedOperand(t, quant, seg, rht, key_list, idx, amax))
+
+    def record_stats(self, gemm: str, a_of, b_of) -> None:
+        """Telemetry steps: each expert's GEMM log and per-operand statistics, made by its own
+        ``GemmState.run`` on the operands the per-expert loop gives it (``a_of(e, start, rows)``,
+        ``b_of(...)``: the same tensors, layouts included), so with the same keys, SR positions,
+        amax and sub-GEMMs, and the same numbers to the last bit; its product is dropped."""
+        if not self.lead.collect_stats or (self.recomputed and gemm == "fprop"):
+            return
+        start = 0
+        for e, (state, n) in enumerate(zip(self.states, self.sizes)):
+            if n:
+                state.run(gemm, a_of(e, start, n), b_of(e, start, n), self.position)
+            start += n
 
     def gemm(self, gemm: str, a: torch.Tensor, b: torch.Tensor, a_seg: Segments, b_seg: Segments) -> torch.Tensor:
         """The quantized GEMM ``gemm`` of every expert: (T, N) for row groups, (E, M, N) for K groups."""
@@ -217,6 +231,7 @@ class _GroupedLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x)
         e, w = len(call.states), call.weight
         with torch.autocast(x.device.type, enabled=False):
+            call.record_stats("fprop", lambda i, s, n: x[s:s + n], lambda i, s, n: w[i])
             y = call.gemm("fprop", x, w.reshape(-1, w.shape[-1]), Segments(0, call.sizes),
                           Segments(0, (w.shape[1],) * e))
             y = call.hooks.reduce_output(y)
@@ -235,10 +250,12 @@ class _GroupedLinearFunction(torch.autograd.Function):
         dx, dws, dbs = None, [None] * e, [None] * e
         with torch.autocast(dy.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
+                call.record_stats("dgrad", lambda i, s, n: dy2[s:s + n], lambda i, s, n: w[i].t())
                 wt = w.transpose(1, 2).reshape(-1, w.shape[1])  # each W_e^T (in, out), blocked along out
                 dx = call.gemm("dgrad", dy2, wt, Segments(0, call.sizes), Segments(0, (w.shape[2],) * e))
                 dx = call.hooks.reduce_input_grad(dx).to(x.dtype)
             if any(ctx.needs_input_grad[2:2 + e]):
+                call.record_stats("wgrad", lambda i, s, n: dy2[s:s + n].t(), lambda i, s, n: x[s:s + n].t())
                 padded = call.padded_tokens()
                 seg = Segments(1, padded)
                 dw = call.gemm("wgrad", call.token_columns(dy2, padded), call.token_columns(x, padded), seg, seg)
@@ -262,15 +279,15 @@ def grouped_linear(linears, x: torch.Tensor, sizes: Sequence[int]) -> torch.Tens
 
 def can_group(linears) -> bool:
     """Whether the experts' linears can run grouped: all FP4 (high-precision layers run
-    ``F.linear`` per expert, and a recipe with one GEMM in high precision runs the loop), no
-    telemetry statistics, one backend, one RHT."""
+    ``F.linear`` per expert, and a recipe with one GEMM in high precision runs the loop), one
+    telemetry setting, one backend, one RHT."""
     lead = linears[0]
-    if not getattr(lead, "quantized", False) or lead.gemms.collect_stats:
+    if not getattr(lead, "quantized", False):
         return False
     if not all(lead.recipe.gemm(g).quantized for g in GEMM_ROLES):
         return False
     signs = lead.gemms.rht.signs
-    return all(type(lin) is type(lead) and lin.quantized and not lin.gemms.collect_stats
+    return all(type(lin) is type(lead) and lin.quantized and lin.gemms.collect_stats == lead.gemms.collect_stats
                and lin.gemms.backend_name == lead.gemms.backend_name
                and (lin.gemms.rht is lead.gemms.rht or torch.equal(lin.gemms.rht.signs, signs)) for lin in linears)
 

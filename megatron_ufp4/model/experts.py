@@ -13,7 +13,8 @@ bit for bit the per-expert loop (``forward_loop``, kept as the reference).  The 
 ``gate_up`` / ``down`` weights are consecutive views of one (E, 2f, h) / (E, h, f) tensor;
 moving the module (``to``, ``to_empty``) re-packs them, and a forward re-packs weights that
 something else made separate (``deepcopy``, ``load_state_dict(assign=True)``).  Layers the
-recipe keeps in high precision, and telemetry statistics, run the loop.
+recipe keeps in high precision run the loop; telemetry steps stay grouped (each expert's
+statistics come from its own GEMM state, as the loop's would: ``GroupedPlan.record_stats``).
 
 Expert parallelism keeps a subset (``select``): the same class, the rank's experts only.
 """
