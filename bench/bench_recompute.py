@@ -66,7 +66,7 @@ def layer_bytes(cfg, granularity: str) -> tuple[int, float]:
     layer = transformer_layers(model)[cfg.model.num_layers - 1]
     regions = {"none": [], "selective": [layer.attn.core], "full": [layer]}[granularity]
     for module in regions:
-        checkpoint(module, context_fn=replay_context(StepContext()))
+        checkpoint(module, context_fn=replay_context(StepContext().at(0)))
     b, s, h = cfg.training.micro_batch_size, cfg.data.seq_len, cfg.model.hidden_size
     got = kept_bytes(layer, torch.randn(b, s, h, requires_grad=True), regions)
     n = b * s

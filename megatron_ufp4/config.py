@@ -225,9 +225,10 @@ class RunConfig:
             ("training.max_consecutive_nonfinite", t.max_consecutive_nonfinite, t.max_consecutive_nonfinite >= 1,
              ">= 1"),
             ("training.recompute_num_layers", t.recompute_num_layers,
-             t.recompute_num_layers >= 1 and (t.recompute_method == "block" or t.recompute_num_layers == 1),
-             ">= 1, and 1 with recompute_method=uniform (every layer recomputes on its own; groups of layers "
-             "are not supported)"),
+             t.recompute_num_layers >= 1 and (t.recompute_granularity != "full" or t.recompute_method == "block"
+                                              or t.recompute_num_layers == 1),
+             ">= 1, and 1 with full recompute_method=uniform (every layer recomputes on its own; groups of "
+             "layers are not supported)"),
             ("schedule.warmup_steps", self.schedule.warmup_steps, self.schedule.warmup_steps >= 0, ">= 0"),
             ("data.seq_len", self.data.seq_len, self.data.seq_len >= 1, ">= 1"),
             ("data.seq_len", self.data.seq_len, self.data.seq_len <= self.model.max_seq_len,

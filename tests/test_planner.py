@@ -240,7 +240,7 @@ def test_recomputation_formula_matches_what_autograd_keeps(granularity, moe):
     layer = GPTModel(m).layers["0"]
     regions = {"none": [], "selective": [layer.attn.core], "full": [layer]}[granularity]
     for module in regions:
-        checkpoint(module, context_fn=replay_context(StepContext()))
+        checkpoint(module, context_fn=replay_context(StepContext().at(0)))
     got = _kept_bytes(layer, torch.randn(2, 32, 128, requires_grad=True), regions)
     n = 64
     cpu_norm = 0 if granularity == "full" else CPU_NORM(n, m.hidden_size, 1)  # recomputed norms save nothing
@@ -264,3 +264,40 @@ def test_planner_recomputation_per_stage():
     for b, r in zip(base["stages"], block["stages"]):
         assert r["activation_bytes"] == pytest.approx((b["activation_bytes"] / b["in_flight"] - full_layer + kept)
                                                       * b["in_flight"] + full_layer)
+
+
+@pytest.mark.parametrize("granularity, method, layers", [("full", "block", 1), ("full", "block", 2),
+                                                          ("full", "uniform", 1), ("selective", "uniform", 1)])
+def test_planner_recomputes_the_layers_the_trainer_recomputes(granularity, method, layers):
+    """The planner's recomputed layers per pipeline rank are the ones ``apply_recompute`` wraps in
+    the rank's real chunks (PP2 x VPP2, uneven stages, a dense first layer, MoE and an MTP block)."""
+    from torch.distributed._composable import checkpoint
+
+    from megatron_ufp4.parallel.build import build_rank_chunks
+    from megatron_ufp4.parallel.parallel_factory import ParallelLinearFactory
+    from megatron_ufp4.parallel.state import state_for_rank
+    from megatron_ufp4.training.recompute import apply_recompute, transformer_layers
+    c = cfg("tiny_moe", "model.num_layers=8", "model.first_k_dense=1", "model.mtp_depth=1",
+            "parallel.first_stage_layers=1", "parallel.last_stage_layers=3",
+            "model.num_experts=4", "model.moe_top_k=2", "parallel.pipeline=2", "parallel.virtual_pipeline=2",
+            "parallel.pipeline_schedule=interleaved_1f1b", f"training.recompute_granularity={granularity}",
+            f"training.recompute_method={method}", f"training.recompute_num_layers={layers}")
+    planned = plan(c, 2)
+    for rank in range(2):
+        st = state_for_rank(rank, 2, pp=2, vpp=2, model_cfg=c.model)
+        chunks = build_rank_chunks(c.model, ParallelLinearFactory("ufp4", c.model.num_layers, st), st, init_seed=0,
+                                   device="meta", first_stage_layers=1, last_stage_layers=3)
+        apply_recompute(chunks, granularity, method, layers)
+        wrapped = {}
+        for chunk in chunks:
+            for layer in transformer_layers(chunk):
+                index = layer.layer_index
+                if checkpoint.state(layer) is not None:
+                    wrapped[index] = "full"
+                elif checkpoint.state(layer.attn.core) is not None:
+                    wrapped[index] = "selective"
+        stage = planned["stages"][rank]
+        ranges = plan_parallel.stage_layer_ranges(c.model.num_layers, 2, 2, 1, 3)
+        vs = [plan_parallel.virtual_stage_of(k, rank, 2) for k in range(2)]
+        assert sorted(wrapped) == sorted(stage["layers"]) or granularity != "selective"
+        assert wrapped == plan_parallel.recomputed_layers(c, [list(ranges[v]) for v in vs], 3 in vs), rank

@@ -265,10 +265,13 @@ def test_plot_metrics(runs, tmp_path, capsys):
     assert "no metrics.jsonl" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("position", [(5, 1), None], ids=["training", "no_position"])
 @pytest.mark.parametrize("recipe", ["ufp4", "nvfp4"])
-def test_grouped_experts_report_the_loops_statistics(tiny_cfg, tmp_path, monkeypatch, recipe):
+def test_grouped_experts_report_the_loops_statistics(tiny_cfg, tmp_path, monkeypatch, recipe, position):
     """A telemetry step of an MoE layer runs its experts grouped, and reports for every expert the
-    per-operand statistics and GEMM log the per-expert loop reports; training values are unchanged."""
+    per-operand statistics and GEMM log the per-expert loop reports; the values it trains with are
+    the loop's, and those of a step without statistics (also where SR keys come from each layer's
+    generator, outside a training position: drawn once, as the loop draws them)."""
     from megatron_ufp4.linear import grouped
     from megatron_ufp4.model import experts
     from megatron_ufp4.parallel.build import build_model
@@ -278,7 +281,7 @@ def test_grouped_experts_report_the_loops_statistics(tiny_cfg, tmp_path, monkeyp
     g = torch.Generator().manual_seed(3)
     tokens, labels = (torch.randint(0, cfg.model.vocab_size, (2, 32), generator=g) for _ in range(2))
 
-    def step(group: bool):
+    def step(group: bool, stats_on: bool = True):
         calls = []
         real = grouped.grouped_linear
         monkeypatch.setattr(experts, "can_group", grouped.can_group if group else (lambda linears: False))
@@ -286,16 +289,20 @@ def test_grouped_experts_report_the_loops_statistics(tiny_cfg, tmp_path, monkeyp
         torch.manual_seed(0)
         model, = build_model(cfg)
         model.train()
-        set_quant_stats([model], True)
-        model.step_context.at(5, 1)
+        set_quant_stats([model], stats_on)
+        model.step_context.at(*position) if position else model.step_context.at(None)
         loss = model(tokens, labels)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        return loss.detach(), grads, quant_stats([model]), len(calls)
+        logs = {n: {g: e["calls"] for g, e in m.gemms.log.items()} for n, m in model.named_modules()
+                if isinstance(m, QuantizedLinear) and m.quantized}
+        return loss.detach(), grads, quant_stats([model]), logs, len(calls)
 
-    loss, grads, stats, grouped_calls = step(group=True)
-    ref_loss, ref_grads, ref_stats, loop_calls = step(group=False)
+    loss, grads, stats, logs, grouped_calls = step(group=True)
+    ref_loss, ref_grads, ref_stats, ref_logs, loop_calls = step(group=False)
+    off_loss, off_grads, _, _, _ = step(group=True, stats_on=False)
     assert grouped_calls > 0 and loop_calls == 0
-    assert torch.equal(loss, ref_loss) and all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads)
+    for other_loss, other_grads in ((ref_loss, ref_grads), (off_loss, off_grads)):
+        assert torch.equal(loss, other_loss) and all(torch.equal(grads[n], other_grads[n]) for n in other_grads)
     assert any(".experts." in name for name in ref_stats)
-    assert stats == ref_stats
+    assert stats == ref_stats and logs == ref_logs

@@ -67,7 +67,8 @@ LAYOUT_MODEL = {"model.num_layers": 4, "model.hidden_size": 64, "model.num_heads
                 "training.eval_interval": 0, "logging.interval": 100, "checkpoint.interval": 0,
                 "recipe.name": "ufp4", "recipe.sr": "[x, dy]"}
 LAYOUT_MOE = {"model.num_experts": 4, "model.moe_top_k": 2, "model.moe_ffn_hidden_size": 64,
-              "model.first_k_dense": 1, "model.mtp_depth": 1}
+              "model.first_k_dense": 1, "model.mtp_depth": 1,
+              "model.expert_bias_rate": 0.01}  # loads counted twice would move the expert bias otherwise
 LAYOUTS = {
     "tp2sp": (2, {"parallel.tensor": 2, "parallel.sequence_parallel": True}),
     "pp2_1f1b": (2, {"parallel.pipeline": 2}),
@@ -115,3 +116,17 @@ def test_recomputation_is_bitwise_on_every_layout(shakespeare_prefix, tmp_path, 
             loss, norm, params = out[mode[:2]]
             assert loss == ref_loss and norm == ref_norm, (mode, loss, ref_loss)
             assert all(torch.equal(params[n], ref_params[n]) for n in ref_params), mode
+
+
+def test_a_forward_without_training_position_is_refused(tiny_cfg, tmp_path):
+    """Outside a training position SR keys come from each layer's generator and could not be drawn
+    again in the recomputation: one clear error instead of different gradients."""
+    cfg = tiny_cfg("tiny_dense", tmp_path, "recipe.name=ufp4")
+    model, = build_model(cfg)
+    apply_recompute([model], "full")
+    model.step_context.at(None)
+    tokens = torch.zeros(1, 8, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="needs the training position"):
+        model(tokens, tokens)
+    with torch.no_grad():  # evaluation keeps nothing for backward: allowed
+        model(tokens, tokens)

@@ -51,7 +51,8 @@ recomputed layer at a time holds its whole activations again (added once to the 
 log-sum-exp 4 N a / t (its inputs q, k, v stay, held by the checkpoint; with a fused attention
 kernel there is no T² score matrix to drop).  ``block`` recomputes the first
 ``recompute_num_layers`` layers of each model chunk (the MTP blocks follow the last chunk's).
-tests/test_planner.py checks all three against what autograd keeps on CPU.
+tests/test_planner.py checks the kept bytes of all three against what autograd keeps on CPU
+(not the transient) and that the planner recomputes the layers the trainer wraps.
 
 **In-flight micro-batches** (whose activations a stage holds at its peak), by schedule:
 ``1f1b`` (assumed by default; the config's ``pipeline_schedule``): pipeline rank p holds
@@ -144,8 +145,8 @@ def layer_activation_bytes(m, i: int, n_tokens: int, act_bytes: int, tp: int, sp
     N, h, a, beta = n_tokens, m.hidden_size, m.num_heads, act_bytes
     r = m.num_kv_heads / m.num_heads
     sigma = tp if sp else 1
-    if recompute == "full":
-        return 4 * N * h / sigma  # only its FP32 input (the residual stream), kept by the checkpoint
+    if recompute == "full":  # only its input, kept by the checkpoint: the FP32 residual stream; an MTP
+        return (beta if i >= m.num_layers else 4) * N * h / sigma  # block's is its proj output (β)
     attn = (8 * N * h + 4 * N) / sigma + beta * N * h * ((1 + 2 * r) + (1 + r) + 2) / tp + 4 * N * a / tp
     if recompute == "selective":  # core attention's own saves go: its output and the log-sum-exp
         attn -= beta * N * h / tp + 4 * N * a / tp

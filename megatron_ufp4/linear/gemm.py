@@ -85,15 +85,16 @@ class GemmState:
             return derive_key(self.sr_seed, *position, g, 0), derive_key(self.sr_seed, *position, g, 1)
         return tuple(draw_key(self.generator) if op.rounding == "sr" else None for op in (spec.a, spec.b))
 
-    def operands(self, gemm: str, a: torch.Tensor, b: torch.Tensor,
-                 position: tuple[int, int] | None) -> tuple[Operand, Operand]:
-        """A and B of a quantized GEMM, ready for ``backend.gemm``."""
+    def operands(self, gemm: str, a: torch.Tensor, b: torch.Tensor, position: tuple[int, int] | None,
+                 keys: tuple[int | None, int | None] | None = None) -> tuple[Operand, Operand]:
+        """A and B of a quantized GEMM, ready for ``backend.gemm``; ``keys``: SR keys already drawn
+        for this call (by the grouped GEMM it is logged for), else ``sr_keys``."""
         spec = self.recipe.gemm(gemm)
         rht = self.rht if spec.rht else None
         pad = (-a.shape[-1]) % reduction_multiple(spec, self.rht.size)
         if pad:  # e.g. the token axis of Wgrad; zeros add nothing to A @ B^T
             a, b = F.pad(a, (0, pad)), F.pad(b, (0, pad))
-        keys = self.sr_keys(gemm, position)
+        keys = self.sr_keys(gemm, position) if keys is None else keys
         index = self.sr_index.get(gemm, (None, None))
         ops = []
         for t, quant, key, idx in zip((a, b), (spec.a, spec.b), keys, index):
@@ -155,17 +156,17 @@ class GemmState:
         return backend.matmul(ra1, backend.quantize(qb1)), backend.matmul(ra2, backend.quantize(qb2))
 
     def run(self, gemm: str, a: torch.Tensor, b: torch.Tensor, position: tuple[int, int] | None,
-            record: bool = True) -> torch.Tensor:
+            record: bool = True, keys: tuple[int | None, int | None] | None = None) -> torch.Tensor:
         """A @ B^T in FP32 as the recipe quantizes ``gemm`` (as sub-GEMMs where ``splits`` says);
-        ``record=False``: leave the telemetry log alone (a recomputed forward)."""
+        ``record=False``: leave the telemetry log alone (a recomputed forward); ``keys``: see ``operands``."""
         split = self.splits.get(gemm)
         spec = self.recipe.gemm(gemm)
         entry = self.record(gemm) if record else {}
         if not spec.quantized:
             return a.float() @ b.float().T
         ra, rb = GEMM_ROLES[gemm]
-        stats = {} if self.collect_stats else None
-        qa, qb = self.operands(gemm, a, b, position)
+        stats = {} if self.collect_stats and record else None
+        qa, qb = self.operands(gemm, a, b, position, keys)
         backend = get_backend(self.backend_name)
         if split is None:
             out = backend.gemm(qa, qb, stats)

@@ -172,25 +172,27 @@ class GroupedPlan:
         key_list = tuple(k["ab".index(which)] or 0 for k in keys) if quant.rounding == "sr" else None
         return self.backend.quantize_grouped(GroupedOperand(t, quant, seg, rht, key_list, idx, amax))
 
-    def record_stats(self, gemm: str, a_of, b_of) -> None:
+    def record_stats(self, gemm: str, keys, a_of, b_of) -> None:
         """Telemetry steps: each expert's GEMM log and per-operand statistics, made by its own
-        ``GemmState.run`` on the operands the per-expert loop gives it (``a_of(e, start, rows)``,
-        ``b_of(...)``: the same tensors, layouts included), so with the same keys, SR positions,
-        amax and sub-GEMMs, and the same numbers to the last bit; its product is dropped."""
-        if not self.lead.collect_stats or (self.recomputed and gemm == "fprop"):
-            return
+        ``GemmState.run`` with this call's SR keys on the operands the per-expert loop gives it
+        (``a_of(e, start, rows)``, ``b_of(...)``: the same tensors, layouts included), so the same
+        positions, amax and sub-GEMMs, and the same numbers to the last bit; its product is dropped."""
         start = 0
         for e, (state, n) in enumerate(zip(self.states, self.sizes)):
             if n:
-                state.run(gemm, a_of(e, start, n), b_of(e, start, n), self.position)
+                state.run(gemm, a_of(e, start, n), b_of(e, start, n), self.position, keys=keys[e])
             start += n
 
-    def gemm(self, gemm: str, a: torch.Tensor, b: torch.Tensor, a_seg: Segments, b_seg: Segments) -> torch.Tensor:
-        """The quantized GEMM ``gemm`` of every expert: (T, N) for row groups, (E, M, N) for K groups."""
+    def gemm(self, gemm: str, a: torch.Tensor, b: torch.Tensor, a_seg: Segments, b_seg: Segments,
+             loop_operands=None) -> torch.Tensor:
+        """The quantized GEMM ``gemm`` of every expert: (T, N) for row groups, (E, M, N) for K groups.
+        ``loop_operands``: (a_of, b_of) of ``record_stats``, used on telemetry steps."""
         spec = self.recipe.gemm(gemm)
         rht = self.lead.rht if spec.rht else None
         split = self.lead.splits.get(gemm)
         keys = self._keys(gemm)
+        if self.lead.collect_stats and not (self.recomputed and gemm == "fprop"):
+            self.record_stats(gemm, keys, *loop_operands)
         qa = self._operand(gemm, "a", a, a_seg, spec.a, rht, keys)
         qb = self._operand(gemm, "b", b, b_seg, spec.b, rht, keys)
         e = len(self.states)
@@ -231,9 +233,8 @@ class _GroupedLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x)
         e, w = len(call.states), call.weight
         with torch.autocast(x.device.type, enabled=False):
-            call.record_stats("fprop", lambda i, s, n: x[s:s + n], lambda i, s, n: w[i])
             y = call.gemm("fprop", x, w.reshape(-1, w.shape[-1]), Segments(0, call.sizes),
-                          Segments(0, (w.shape[1],) * e))
+                          Segments(0, (w.shape[1],) * e), (lambda i, s, n: x[s:s + n], lambda i, s, n: w[i]))
             y = call.hooks.reduce_output(y)
             if call.bias is not None:  # elementwise, as each expert's y + b
                 rows = torch.repeat_interleave(torch.arange(e, device=x.device),
@@ -250,15 +251,15 @@ class _GroupedLinearFunction(torch.autograd.Function):
         dx, dws, dbs = None, [None] * e, [None] * e
         with torch.autocast(dy.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
-                call.record_stats("dgrad", lambda i, s, n: dy2[s:s + n], lambda i, s, n: w[i].t())
                 wt = w.transpose(1, 2).reshape(-1, w.shape[1])  # each W_e^T (in, out), blocked along out
-                dx = call.gemm("dgrad", dy2, wt, Segments(0, call.sizes), Segments(0, (w.shape[2],) * e))
+                dx = call.gemm("dgrad", dy2, wt, Segments(0, call.sizes), Segments(0, (w.shape[2],) * e),
+                               (lambda i, s, n: dy2[s:s + n], lambda i, s, n: w[i].t()))
                 dx = call.hooks.reduce_input_grad(dx).to(x.dtype)
             if any(ctx.needs_input_grad[2:2 + e]):
-                call.record_stats("wgrad", lambda i, s, n: dy2[s:s + n].t(), lambda i, s, n: x[s:s + n].t())
                 padded = call.padded_tokens()
                 seg = Segments(1, padded)
-                dw = call.gemm("wgrad", call.token_columns(dy2, padded), call.token_columns(x, padded), seg, seg)
+                dw = call.gemm("wgrad", call.token_columns(dy2, padded), call.token_columns(x, padded), seg, seg,
+                               (lambda i, s, n: dy2[s:s + n].t(), lambda i, s, n: x[s:s + n].t()))
                 dw = dw.to(w.dtype)
                 dws = [dw[i] if n else None for i, n in enumerate(call.sizes)]
             if call.bias is not None:  # per expert, as each expert sums its local dY

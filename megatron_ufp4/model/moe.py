@@ -187,7 +187,8 @@ class MoE(nn.Module):
         if self.training and not self.step_context.recomputing:  # a recomputed forward counts nothing twice
             self.load_accum += load
         aux = self.aux_loss(scores, self.balance_load(load))
-        self.last_load, self.last_aux_loss = load.detach(), aux.detach()
+        if not self.step_context.recomputing:  # what the logs read: the first forward's
+            self.last_load, self.last_aux_loss = load.detach(), aux.detach()
         out = self.dispatcher(self, x2, weights, idx)
         if self.shared is not None:
             out = out + self.shared(x2)
@@ -228,7 +229,7 @@ class MoE(nn.Module):
         cap = self.capacity(n)
         if cap is None:
             order = torch.argsort(expert, stable=True)
-            self.last_dropped = counts.new_zeros(())
+            dropped = counts.new_zeros(())
         else:  # keep, per expert, the `cap` slots with the largest router weight (Megatron's "probs" policy)
             order = torch.argsort(w.detach(), descending=True, stable=True)
             order = order[torch.argsort(expert[order], stable=True)]
@@ -236,7 +237,9 @@ class MoE(nn.Module):
             rank = torch.arange(order.numel(), device=idx.device) - starts[expert[order]]
             order = order[rank < cap]
             kept = counts.clamp(max=cap)
-            self.last_dropped, counts = (counts - kept).sum(), kept
+            dropped, counts = (counts - kept).sum(), kept
+        if not self.step_context.recomputing:
+            self.last_dropped = dropped
         return order, counts
 
     def run_experts(self, xs: torch.Tensor, counts) -> torch.Tensor | None:

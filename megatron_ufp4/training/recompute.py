@@ -13,13 +13,19 @@ forward hooks, no wrapper module, so parameter names and checkpoints are unchang
 the recomputed forward runs with the ``StepContext`` its first run saw (a pipeline schedule
 moves it on to later micro-batches in between), so its GEMMs quantize with the same phase, SR
 keys and positions, and with ``recomputing`` set, so no side effect happens twice (telemetry
-counts, MoE load counts).  Every other input of a layer's forward is a tensor or a parameter.
+logs, MoE load counts and the ``last_*`` values logs read).  What else a forward reads must not
+change between a micro-batch's forward and its backward, as the trainer guarantees: telemetry
+on/off, the precision phase and the MoE expert bias change at step boundaries only, autocast is
+the same in both.  A forward with gradients needs a training position (``StepContext.at``): SR keys
+drawn from a layer's generator instead could not be drawn again.  One backward per forward (a
+second backward through ``retain_graph`` would recompute twice and is refused).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 
+import torch
 from torch import nn
 from torch.distributed._composable import checkpoint
 
@@ -39,10 +45,16 @@ def replay_context(step_context: StepContext):
     a copy of the StepContext taken at that first forward, marked ``recomputing``, and leaves
     the live one as it found it."""
     def context_fn():
+        if step_context.step is None and torch.is_grad_enabled():
+            raise RuntimeError("activation recomputation needs the training position of each forward "
+                               "(StepContext.at(step, micro_batch)): the trainer sets it")
         seen = dataclasses.replace(step_context, recomputing=True)
 
         @contextlib.contextmanager
         def recomputation():
+            if step_context.recomputing:
+                raise RuntimeError("a recomputation started inside another (a second backward through a "
+                                   "recomputed region is not supported)")
             now = dataclasses.replace(step_context)
             _assign(step_context, seen)
             try:
@@ -78,6 +90,7 @@ def apply_recompute(chunks, granularity: str, method: str = "uniform", num_layer
         else:
             targets = layers if method == "uniform" else layers[:num_layers]
         for module in targets:
-            checkpoint(module, context_fn=context_fn)
+            # no RNG state to keep: forwards draw from no global generator (SR keys are hashes of positions)
+            checkpoint(module, context_fn=context_fn, preserve_rng_state=False)
         count += len(targets)
     return count
