@@ -76,6 +76,10 @@ LAYOUTS = {
     "pp2_vpp2": (2, {"parallel.pipeline": 2, "parallel.virtual_pipeline": 2,
                      "parallel.pipeline_schedule": "interleaved_1f1b"}),
     "ep2_moe_mtp": (2, {"parallel.expert": 2, **LAYOUT_MOE}),
+    # one micro-batch per rank: the gradient all-reduce overlaps backward, beside the aux loss's load
+    # all-reduce that the recomputed MoE forward issues again on the same data-parallel group
+    "dp2_moe_overlap": (2, {"parallel.data": 2, "training.global_batch_size": 4, "model.aux_loss_coeff": 0.01,
+                            **LAYOUT_MOE}),
 }
 
 
@@ -105,9 +109,10 @@ def _train_each_mode(rank, world, prefix, run_dir, extra):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_recomputation_is_bitwise_on_every_layout(shakespeare_prefix, tmp_path, layout):
-    """Under TP2+SP, PP2 (1F1B, GPipe, interleaved with two virtual stages) and EP2 with MoE and MTP,
-    a ufp4 recipe that also rounds x stochastically: each rank's losses, gradient norms and
-    parameters after two AdamW steps are bitwise those of no recomputation."""
+    """Under TP2+SP, PP2 (1F1B, GPipe, interleaved with two virtual stages), EP2 with MoE and MTP, and
+    DP2 with MoE and the aux loss with backward-overlapped gradient all-reduce, a ufp4 recipe that
+    also rounds x stochastically: each rank's losses, gradient norms and parameters after two
+    AdamW steps are bitwise those of no recomputation."""
     from dist_utils import run_ranks
     world, extra = LAYOUTS[layout]
     for out in run_ranks(world, _train_each_mode, shakespeare_prefix, str(tmp_path), extra):
