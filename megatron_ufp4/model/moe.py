@@ -178,6 +178,7 @@ class MoE(nn.Module):
         self.last_dropped: torch.Tensor | None = None
         self.last_aux_loss: torch.Tensor | None = None
         self.dispatcher = LocalDispatcher()  # a plain attribute: not a submodule, nothing in the state dict
+        self._reduced_loads: dict = {}  # (step, micro-batch) -> the aux loss's reduced load (balance_load)
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -199,10 +200,21 @@ class MoE(nn.Module):
 
     def balance_load(self, load: torch.Tensor) -> torch.Tensor:
         """The loads the aux loss balances: this rank's, or in training with the aux loss on,
-        the dispatcher's ``global_load`` (a collective over the ranks that split the batch)."""
-        if self.training and self.aux_loss_coeff > 0:
-            return self.dispatcher.global_load(load)
-        return load
+        the dispatcher's ``global_load`` (a collective over the ranks that split the batch).  A
+        recomputed forward reuses its first run's (kept per step and micro-batch), so it adds no
+        collective to the backward, where the gradient all-reduce may run on the same ranks."""
+        if not (self.training and self.aux_loss_coeff > 0):
+            return load
+        ctx = self.step_context
+        key = (ctx.step, ctx.micro_batch)
+        if ctx.recomputing and key in self._reduced_loads:
+            return self._reduced_loads[key]
+        reduced = self.dispatcher.global_load(load)
+        if ctx.step is not None:
+            if any(k[0] != ctx.step for k in self._reduced_loads):  # a new step: the old ones are done
+                self._reduced_loads.clear()
+            self._reduced_loads[key] = reduced.detach()
+        return reduced
 
     def aux_loss(self, scores: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
         """coeff * E * sum_i f_i * P_i for one forward (0 when the coefficient is 0).
