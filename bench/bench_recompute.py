@@ -34,29 +34,10 @@ from torch.distributed._composable import checkpoint  # noqa: E402
 from megatron_ufp4.config import load_config  # noqa: E402
 from megatron_ufp4.linear.step_context import StepContext  # noqa: E402
 from megatron_ufp4.parallel.build import build_model  # noqa: E402
-from megatron_ufp4.training.recompute import replay_context, transformer_layers  # noqa: E402
+from megatron_ufp4.training.recompute import kept_activation_bytes, replay_context, transformer_layers  # noqa: E402
 from megatron_ufp4.training.trainer import Trainer  # noqa: E402
 
 MODES = {"none": ("none", "uniform"), "selective": ("selective", "uniform"), "full": ("full", "uniform")}
-
-
-def kept_bytes(layer, x, regions) -> int:
-    params = {t.untyped_storage().data_ptr() for t in [*layer.parameters(), *layer.buffers()]}
-    seen = {}
-
-    def note(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    hooks = [m.register_forward_pre_hook(lambda _, args: [note(a) for a in args if torch.is_tensor(a)] and None)
-             for m in regions]
-    with torch.autograd.graph.saved_tensors_hooks(note, lambda t: t):
-        layer(x)
-    for h in hooks:
-        h.remove()
-    return sum(seen.values())
 
 
 def layer_bytes(cfg, granularity: str) -> tuple[int, float]:
@@ -68,7 +49,7 @@ def layer_bytes(cfg, granularity: str) -> tuple[int, float]:
     for module in regions:
         checkpoint(module, context_fn=replay_context(StepContext().at(0)))
     b, s, h = cfg.training.micro_batch_size, cfg.data.seq_len, cfg.model.hidden_size
-    got = kept_bytes(layer, torch.randn(b, s, h, requires_grad=True), regions)
+    got = kept_activation_bytes(layer, torch.randn(b, s, h, requires_grad=True), regions=regions)
     n = b * s
     cpu_norm = 0 if granularity == "full" else 2 * 4 * n * h  # torch's composite RMSNorm on CPU
     return got, layer_activation_bytes(cfg.model, cfg.model.num_layers - 1, n, 4, 1, False, granularity) + cpu_norm

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import yaml
 
-from .data.blend import BlendError, SplitSource, split_sources
+from .data.blend import BlendError, SplitSource, data_sources
 from .fp4.recipes import Recipe
 from .fp4.schedule import PrecisionSchedule, base_recipe_config
 from .linear.backends import available_backends
 from .model.config import ModelConfig, upgrade_saved_model, with_preset
+from .yaml_files import yaml_load
 
 
 class ConfigError(ValueError):
@@ -49,18 +50,8 @@ class DataConfig:
     def corpora(self) -> dict[str, SplitSource] | None:
         """train/valid/test sources of ``path`` (None when the run reads ``prefix``); settings that
         would be ignored are refused in one line."""
-        separate = [k for k in ("valid_path", "test_path") if getattr(self, k) is not None]
-        if self.path is None:
-            unused = separate + (["split"] if self.split is not None else [])
-            if unused:
-                raise ConfigError(f"data.{unused[0]}: only used with data.path (a data.prefix dataset has its own "
-                                  "train and val splits)")
-            return None
-        if separate and self.split is not None:
-            raise ConfigError(f"data.split and data.{separate[0]} exclude each other: cut data.path by data.split, "
-                              "or name the sets (as Megatron-LM's --split and --valid-data-path)")
         try:
-            return split_sources(self.path, self.split or "969,30,1", self.valid_path, self.test_path)
+            return data_sources(self.path, self.split, self.valid_path, self.test_path)
         except BlendError as e:
             raise ConfigError(str(e)) from None
 
@@ -376,34 +367,6 @@ def _build(cls, d, prefix):
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
         raise ConfigError(f"{prefix or 'config'}: {e}") from None
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` (no code runs) that refuses a mapping with a repeated key: plain
-    YAML keeps the last one and silently loses the first."""
-
-
-def _unique_mapping(loader: _UniqueKeyLoader, node, deep: bool = False):
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        try:
-            repeated = key in seen
-            seen.add(key)
-        except TypeError:  # an unhashable key: construct_mapping reports it
-            continue
-        if repeated:
-            raise yaml.constructor.ConstructorError(None, None, f"repeated key {key!r}", key_node.start_mark)
-    return loader.construct_mapping(node, deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
-
-
-def yaml_load(text: str):
-    """YAML as ``yaml.safe_load`` reads it, but a repeated mapping key is an error (every config
-    and study file, every override value)."""
-    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass: no code runs)
 
 
 def merge_into(dst: dict, src: dict, where: str = "") -> dict:

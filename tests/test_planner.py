@@ -49,18 +49,8 @@ def test_dense_layer_activation_bytes_by_hand():
 
 def _saved_bytes(module, x):
     """Bytes of the distinct storages autograd saves in one forward (parameters excluded)."""
-    params = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
-    return sum(seen.values())
+    from megatron_ufp4.training.recompute import kept_activation_bytes
+    return kept_activation_bytes(module, x)
 
 
 def CPU_NORM(n, h, sigma):
@@ -205,34 +195,13 @@ def test_activation_formula_tp2_matches_autograd_saved_tensors(sp):
         assert got == want
 
 
-def _kept_bytes(module, x, checkpointed):
-    """What a forward leaves for backward: the storages autograd saves outside recomputed regions,
-    plus the inputs the recomputed regions keep to run again (parameters excluded)."""
-    params = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
-    seen = {}
-
-    def note(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    hooks = [m.register_forward_pre_hook(lambda _, args: [note(a) for a in args if torch.is_tensor(a)] and None)
-             for m in checkpointed]
-    with torch.autograd.graph.saved_tensors_hooks(note, lambda t: t):
-        module(x)
-    for h in hooks:
-        h.remove()
-    return sum(seen.values())
-
-
 @pytest.mark.parametrize("granularity", ["none", "selective", "full"])
 @pytest.mark.parametrize("moe", [False, True])
 def test_recomputation_formula_matches_what_autograd_keeps(granularity, moe):
     from torch.distributed._composable import checkpoint
 
     from megatron_ufp4.linear.step_context import StepContext
-    from megatron_ufp4.training.recompute import replay_context
+    from megatron_ufp4.training.recompute import kept_activation_bytes, replay_context
     kw = dict(num_experts=8, moe_top_k=2, moe_ffn_hidden_size=64, num_shared_experts=1) if moe else {}
     m = ModelConfig(vocab_size=512, hidden_size=128, num_layers=1, num_heads=8, num_kv_heads=2,
                     ffn_hidden_size=384, max_seq_len=64, **kw)
@@ -241,7 +210,7 @@ def test_recomputation_formula_matches_what_autograd_keeps(granularity, moe):
     regions = {"none": [], "selective": [layer.attn.core], "full": [layer]}[granularity]
     for module in regions:
         checkpoint(module, context_fn=replay_context(StepContext().at(0)))
-    got = _kept_bytes(layer, torch.randn(2, 32, 128, requires_grad=True), regions)
+    got = kept_activation_bytes(layer, torch.randn(2, 32, 128, requires_grad=True), regions=regions)
     n = 64
     cpu_norm = 0 if granularity == "full" else CPU_NORM(n, m.hidden_size, 1)  # recomputed norms save nothing
     want = layer_activation_bytes(m, 0, n, 4, 1, False, granularity) + cpu_norm

@@ -93,6 +93,22 @@ def split_sources(path, split: str, valid_path=None, test_path=None) -> dict[str
     return out
 
 
+def data_sources(path, split: str | None, valid_path=None, test_path=None) -> dict[str, SplitSource] | None:
+    """The ``data.*`` settings as sources (None without ``data.path``: the run reads ``data.prefix``);
+    a setting that would be ignored is refused."""
+    separate = [k for k, v in (("valid_path", valid_path), ("test_path", test_path)) if v is not None]
+    if path is None:
+        unused = separate + (["split"] if split is not None else [])
+        if unused:
+            raise BlendError(f"data.{unused[0]}: only used with data.path (a data.prefix dataset has its own train "
+                             "and val splits)")
+        return None
+    if separate and split is not None:
+        raise BlendError(f"data.split and data.{separate[0]} exclude each other: cut data.path by data.split, or "
+                         "name the sets (as Megatron-LM's --split and --valid-data-path)")
+    return split_sources(path, split or "969,30,1", valid_path, test_path)
+
+
 def _is_number(s: str) -> bool:
     try:
         float(s)

@@ -62,7 +62,7 @@ def read_eval(run: RunSpec) -> dict | None:
 def stale_keys(study: Study, run: RunSpec) -> tuple[str, ...]:
     """How the run's latest checkpoint was configured differently from what the study asks now
     in anything its results depend on (empty: the same run, or nothing trained yet)."""
-    from ..config import yaml_load
+    from ..yaml_files import yaml_load
     from ..training.checkpoint import config_differences
 
     ckpt = latest_checkpoint(run.run_dir)

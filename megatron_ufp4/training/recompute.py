@@ -94,3 +94,27 @@ def apply_recompute(chunks, granularity: str, method: str = "uniform", num_layer
             checkpoint(module, context_fn=context_fn, preserve_rng_state=False)
         count += len(targets)
     return count
+
+
+def kept_activation_bytes(module: nn.Module, *inputs, regions=()) -> int:
+    """Bytes a forward of ``module`` leaves for backward: the distinct storages autograd saves
+    outside recomputed regions, plus the inputs the recomputed ``regions`` keep to run again
+    (parameters and buffers excluded).  What the planner's activation formula is checked against."""
+    params = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
+    seen = {}
+
+    def note(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    hooks = [m.register_forward_pre_hook(lambda _, args: [note(a) for a in args if torch.is_tensor(a)] and None)
+             for m in regions]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(note, lambda t: t):
+            module(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(seen.values())
