@@ -21,7 +21,8 @@ import torch
 from conftest import CONFIGS, REPO_ROOT
 
 # the repository on the path: the subprocesses run from other directories (tmp_path)
-ENV = {**os.environ, "OMP_NUM_THREADS": "1",
+# PYTHONFAULTHANDLER: a rank that dies of a signal prints every thread's Python stack to stderr
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1",
        "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
