@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from ..model.config import ModelConfig, upgrade_saved_model
+from ..model.expert_keys import stack_experts, unstack_experts
+from ..model.placement import named_placements
 from ..outputs import SyncedWriter, os_error_line
 from .files import (DEFAULT_MAX_SHARD, atomic_dir, copy_hf_tokenizer, export_tokenizer, parse_size, read_safetensors,
                     write_json, write_safetensors)
@@ -54,7 +56,7 @@ def export_hf(src, out, max_shard_size=DEFAULT_MAX_SHARD, tokenizer: str | Path 
                 "transformers does not run them")
     nonzero = any(bool(v.abs().max() > 0) for k, v in state.items() if k.endswith("router.expert_bias"))
     arch = choose_architecture(m, expert_bias_nonzero=nonzero)
-    tensors = to_hf_tensors(state, m, arch)
+    tensors = to_hf_tensors(unstack_experts(state, _placements(ModelConfig.from_dict(m))), m, arch)
     tok = _run_tokenizer(tokenizer, config.get("data") or {}) if with_tokenizer else None
     with atomic_dir(out) as tmp:
         if tok is None:
@@ -88,6 +90,14 @@ def _run_tokenizer(given, data: dict):
         raise HFMappingError("the run trained on data.path corpora without data.tokenizer: pass --tokenizer PATH "
                              "or --no-tokenizer")
     return tok
+
+
+def _placements(mcfg: ModelConfig) -> dict:
+    """Where our one-process model of ``mcfg`` keeps each parameter (its stacked experts)."""
+    from ..model import GPTModel
+
+    with torch.device("meta"):
+        return named_placements(GPTModel(mcfg, init_seed=0))
 
 
 def _check_layout(sd: dict, mcfg: ModelConfig) -> None:
@@ -140,6 +150,7 @@ def import_hf(hf_dir, out, console=print) -> Path:
         tensors = {k: v for k, v in tensors.items() if k not in mtp}
     md = mcfg.to_dict()
     sd = {k: v.float() if v.is_floating_point() else v for k, v in from_hf_tensors(tensors, md, arch).items()}
+    sd = stack_experts(sd)  # the Hub's experts one by one -> our stacked experts
     if md["tie_embeddings"]:
         sd["head.weight"] = sd["embed.weight"]
     if arch != GLM4_MOE:  # no selection bias in Mixtral / Qwen3Moe: ours is zero

@@ -2,9 +2,11 @@
 from .backends import EmulatedBackend, GemmBackend, Operand, available_backends, get_backend, register_backend
 from .gemm import GemmState
 from .linear_fn import CollectiveHooks, linear_dtypes, linear_output_dtype
-from .quantized_linear import QuantizedLinear, precision_table, quant_stats, set_quant_stats
+from .expert_linear import ExpertLinear
+from .quantized_linear import QuantizedLinear
+from .telemetry import precision_table, quant_stats, set_quant_stats
 from .step_context import StepContext
 
 __all__ = ["EmulatedBackend", "GemmBackend", "Operand", "available_backends", "get_backend", "register_backend",
-           "GemmState", "CollectiveHooks", "linear_dtypes", "linear_output_dtype", "QuantizedLinear",
+           "GemmState", "CollectiveHooks", "linear_dtypes", "linear_output_dtype", "ExpertLinear", "QuantizedLinear",
            "precision_table", "quant_stats", "set_quant_stats", "StepContext"]

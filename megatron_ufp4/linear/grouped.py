@@ -1,8 +1,9 @@
-"""E same-shaped linears (one per routed expert) run as one grouped GEMM per GEMM.
+"""A layer's routed experts' linear (``ExpertLinear``) run as one grouped GEMM per GEMM.
 
-``grouped_linear(linears, x, sizes)`` is, bit for bit, ``cat([linears[e](x_e)])`` over the
-row groups ``x_e`` of ``x`` (``sizes[e]`` rows each, in expert order), forward and backward,
-for FP4 linears (``QuantizedLinear`` and its tensor-parallel subclasses) -- but each of the
+``grouped_linear(experts, x, sizes)`` is, bit for bit, ``cat([experts.expert_forward(j, x_j)])``
+over the row groups ``x_j`` of ``x`` (``sizes[j]`` rows each, in expert order), forward and
+backward -- each expert run as its own FP4 linear (``QuantizedLinear`` or a tensor-parallel
+one) would run it -- but each of the
 three GEMMs quantizes its two operands with one call each (``GroupedOperand``) and
 multiplies them with one grouped GEMM:
 
@@ -20,10 +21,9 @@ parts of a fused column shard, ``GemmState.splits``), its own NVFP4 tensor amax 
 as one vector), and its RHT.  A GEMM the loop runs in parts (a strided TP shard whose SR
 operand spans parts) runs in the same parts here, joined the same way.
 
-The weights are the experts' own ``weight`` Parameters (names, optimizer state, data-parallel
-metadata and checkpoints are unchanged), stored as consecutive views of one (E, out, in)
-tensor (``pack_parameters``), so the grouped GEMMs read them without a copy.  An expert with
-no rows gets ``grad = None``, as in the loop.
+The weights are the experts' stacked (E, out, in) Parameter (``ExpertLinear``, one per
+projection), which the grouped GEMMs read without a copy; its gradient is the (E, out, in)
+grouped Wgrad, zero for an expert without rows (as Megatron-LM's grouped GEMM gives it).
 
 Specification: docs/backends.md ("Grouped operands"), docs/parallel.md.
 """
@@ -35,52 +35,12 @@ from typing import Sequence
 import torch
 
 from ..fp4.grouped import GroupedIndex, Segments
-from ..fp4.recipes import GEMM_ROLES
 from ..fp4.sr_random import SRIndex
 from .backends import GroupedOperand, get_backend
 from .gemm import GemmSplit, reduction_multiple
 from .linear_fn import linear_output_dtype
 
 _M31 = (1 << 31) - 1
-
-
-# -- one (E, out, in) storage for the experts' weights -------------------------------------------
-def stacked(params: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """The (E, *shape) tensor whose slices the ``params`` are, or None when they are not
-    consecutive views of one storage of exactly their size (e.g. after ``to()`` / ``deepcopy``:
-    ``pack_parameters``)."""
-    p0 = params[0]
-    n, size = p0.numel(), p0.element_size()
-    # exactly the whole storage: a subset of a larger pack (an EP shard) is re-packed, freeing the rest
-    if p0.is_meta or not p0.is_contiguous() or p0.storage_offset() or \
-            p0.untyped_storage().nbytes() != len(params) * n * size:
-        return None
-    base, ptr = p0.untyped_storage().data_ptr(), p0.data_ptr()
-    for i, p in enumerate(params):
-        if (p.shape != p0.shape or p.dtype != p0.dtype or p.device != p0.device or not p.is_contiguous()
-                or p.data_ptr() != ptr + i * n * size or p.untyped_storage().data_ptr() != base):
-            return None
-    return torch.as_strided(p0.detach(), (len(params), *p0.shape), (n, *p0.stride()))
-
-
-@torch.no_grad()
-def pack_parameters(params: Sequence[torch.Tensor]) -> None:
-    """Make ``params`` consecutive views of one new (E, *shape) tensor, values unchanged
-    (the Parameter objects stay: optimizers and hooks keep working)."""
-    if not params or params[0].is_meta or stacked(params) is not None:
-        return
-    s = torch.stack([p.detach() for p in params])
-    for i, p in enumerate(params):
-        p.data = s[i]
-
-
-def weights_of(linears) -> torch.Tensor:
-    ws = [lin.weight for lin in linears]
-    w = stacked(ws)
-    if w is None:
-        pack_parameters(ws)
-        w = stacked(ws)
-    return w
 
 
 # -- SR indices of a grouped operand -----------------------------------------------------------
@@ -132,20 +92,19 @@ def grouped_index(shape, seg: Segments, base: SRIndex | None, parts_axis, parts,
 # -- the grouped GEMMs ---------------------------------------------------------------------------
 class GroupedPlan:
     """What one grouped call runs, fixed in forward: the experts' GEMM states (the lead's
-    recipe, RHT, SR indices and splits stand for all: same-shaped shards of one layer), row
-    counts, hooks, output dtype, SR position, weights.  Holds no module."""
+    recipe, RHT, SR indices and splits stand for all: one layout), row counts, hooks, output
+    dtype, SR position, the stacked weight and bias.  Holds no module."""
 
-    def __init__(self, linears, sizes: Sequence[int], x: torch.Tensor):
-        linears = list(linears)
-        self.states, self.sizes = [lin.gemms for lin in linears], tuple(int(n) for n in sizes)
-        lead = linears[0]
-        self.lead, self.recipe, self.hooks = lead.gemms, lead.recipe, lead.hooks
+    def __init__(self, experts, sizes: Sequence[int], x: torch.Tensor):
+        self.states, self.sizes = tuple(experts.gemms), tuple(int(n) for n in sizes)
+        if len(self.sizes) != len(self.states):
+            raise ValueError(f"{len(self.sizes)} row counts for {len(self.states)} experts")
+        self.lead, self.recipe, self.hooks = self.states[0], experts.recipe, experts.hooks
         self.backend = get_backend(self.lead.backend_name)
-        self.position = lead.step_context.position  # read in forward, kept for backward (as the loop does)
-        self.recomputed = lead.step_context.recomputing  # a recomputed forward logs no GEMM again
+        self.position = experts.step_context.position  # read in forward, kept for backward (as the loop does)
+        self.recomputed = experts.step_context.recomputing  # a recomputed forward logs no GEMM again
         self.out_dtype = linear_output_dtype(x)
-        self.weight = weights_of(linears)
-        self.bias = [lin.bias for lin in linears] if lead.bias is not None else None
+        self.weight, self.bias = experts.weight, experts.bias
 
     def _keys(self, gemm: str):
         """Per expert (key A, key B); an expert without rows draws nothing (the loop skips it)."""
@@ -228,69 +187,53 @@ class GroupedPlan:
 
 class _GroupedLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, call: GroupedPlan, *params):
+    def forward(ctx, x, call: GroupedPlan, weight, bias):
         ctx.call = call
         ctx.save_for_backward(x)
-        e, w = len(call.states), call.weight
+        e, w = len(call.states), weight.detach()
         with torch.autocast(x.device.type, enabled=False):
             y = call.gemm("fprop", x, w.reshape(-1, w.shape[-1]), Segments(0, call.sizes),
                           Segments(0, (w.shape[1],) * e), (lambda i, s, n: x[s:s + n], lambda i, s, n: w[i]))
             y = call.hooks.reduce_output(y)
-            if call.bias is not None:  # elementwise, as each expert's y + b
+            if bias is not None:  # elementwise, as each expert's y + b
                 rows = torch.repeat_interleave(torch.arange(e, device=x.device),
                                                torch.tensor(call.sizes, device=x.device))
-                y = y + torch.stack([b.detach() for b in call.bias])[rows].to(y.dtype)
+                y = y + bias.detach()[rows].to(y.dtype)
         return y.to(call.out_dtype)
 
     @staticmethod
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
         call = ctx.call
-        e, w = len(call.states), call.weight
+        e, w = len(call.states), call.weight.detach()
         dy2 = call.hooks.gather_output_grad(dy)
-        dx, dws, dbs = None, [None] * e, [None] * e
+        dx = dw = db = None
         with torch.autocast(dy.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
                 wt = w.transpose(1, 2).reshape(-1, w.shape[1])  # each W_e^T (in, out), blocked along out
                 dx = call.gemm("dgrad", dy2, wt, Segments(0, call.sizes), Segments(0, (w.shape[2],) * e),
                                (lambda i, s, n: dy2[s:s + n], lambda i, s, n: w[i].t()))
                 dx = call.hooks.reduce_input_grad(dx).to(x.dtype)
-            if any(ctx.needs_input_grad[2:2 + e]):
+            if ctx.needs_input_grad[2]:
                 padded = call.padded_tokens()
                 seg = Segments(1, padded)
                 dw = call.gemm("wgrad", call.token_columns(dy2, padded), call.token_columns(x, padded), seg, seg,
                                (lambda i, s, n: dy2[s:s + n].t(), lambda i, s, n: x[s:s + n].t()))
                 dw = dw.to(w.dtype)
-                dws = [dw[i] if n else None for i, n in enumerate(call.sizes)]
-            if call.bias is not None:  # per expert, as each expert sums its local dY
+            if call.bias is not None and ctx.needs_input_grad[3]:  # per expert, as each expert sums its local dY
+                db = torch.zeros(call.bias.shape, dtype=w.dtype, device=dy.device)
                 start = 0
                 for i, n in enumerate(call.sizes):
                     if n:
-                        dbs[i] = dy[start:start + n].float().sum(0).to(w.dtype)
+                        db[i] = dy[start:start + n].float().sum(0).to(w.dtype)
                     start += n
-        return (dx, None, *dws, *(dbs if call.bias is not None else ()))
+        return dx, None, dw, db
 
 
-def grouped_linear(linears, x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
-    """``cat([linears[e](x_e)])`` as grouped GEMMs (see module doc); ``sizes``: host row counts."""
-    call = GroupedPlan(linears, sizes, x)
-    params = [lin.weight for lin in linears] + (list(call.bias) if call.bias is not None else [])
-    return _GroupedLinearFunction.apply(x, call, *params)
+def grouped_linear(experts, x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """``experts`` (an ``ExpertLinear``) on the rows of ``x`` grouped by expert as grouped
+    GEMMs (see module doc); ``sizes``: host row counts."""
+    return _GroupedLinearFunction.apply(x, GroupedPlan(experts, sizes, x), experts.weight, experts.bias)
 
 
-def can_group(linears) -> bool:
-    """Whether the experts' linears can run grouped: all FP4 (high-precision layers run
-    ``F.linear`` per expert, and a recipe with one GEMM in high precision runs the loop), one
-    telemetry setting, one backend, one RHT."""
-    lead = linears[0]
-    if not getattr(lead, "quantized", False):
-        return False
-    if not all(lead.recipe.gemm(g).quantized for g in GEMM_ROLES):
-        return False
-    signs = lead.gemms.rht.signs
-    return all(type(lin) is type(lead) and lin.quantized and lin.gemms.collect_stats == lead.gemms.collect_stats
-               and lin.gemms.backend_name == lead.gemms.backend_name
-               and (lin.gemms.rht is lead.gemms.rht or torch.equal(lin.gemms.rht.signs, signs)) for lin in linears)
-
-
-__all__ = ["can_group", "grouped_index", "grouped_linear", "pack_parameters", "stacked", "weights_of"]
+__all__ = ["GroupedPlan", "grouped_index", "grouped_linear"]

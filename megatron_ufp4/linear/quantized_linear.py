@@ -134,15 +134,21 @@ class QuantizedLinear(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.quantized:
-            return F.linear(x, self.weight, self.bias)
-        return linear(x, self.weight, self.bias, self.plan(x))
+        return self.forward_with(x, self.weight, self.bias, self.gemms)
 
-    def plan(self, x: torch.Tensor) -> LinearPlan:
+    def forward_with(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     gemms: GemmState) -> torch.Tensor:
+        """This linear's forward on another weight, bias and GEMM state of its shape and layout
+        (one expert of a stacked ``ExpertLinear``, which keeps one such linear as its layout)."""
+        if not self.quantized:
+            return F.linear(x, weight, bias)
+        return linear(x, weight, bias, self.plan(x, weight, gemms))
+
+    def plan(self, x: torch.Tensor, weight: torch.Tensor | None = None, gemms: GemmState | None = None) -> LinearPlan:
         """What this forward (and its backward) runs: the current phase's GEMM state (FP4 when
         quantized, else high-precision GEMMs), the hooks, dtypes and the SR position."""
-        out_dtype, hp_dtype = linear_dtypes(x, self.weight, self.quantized)
-        return LinearPlan(self.gemms if self.quantized else None, self.hooks, out_dtype, hp_dtype,
+        out_dtype, hp_dtype = linear_dtypes(x, self.weight if weight is None else weight, self.quantized)
+        return LinearPlan((gemms or self.gemms) if self.quantized else None, self.hooks, out_dtype, hp_dtype,
                           self.step_context.position, self.step_context.recomputing)
 
     def gemm_splits(self, recipe: Recipe) -> dict:
@@ -182,65 +188,3 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         mode = self.recipe.name if self.quantized else "high precision"
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {mode}"
-
-
-def precision_table(model: nn.Module) -> str:
-    """One line per transformer layer: which recipe its quantized linears run (from the
-    modules and their ``layer_index`` metadata; linears outside a layer by module name);
-    under a precision schedule, one column per phase."""
-    rows: dict[str, list[set]] = {}
-    phases = 1
-    for name, mod in model.named_modules():
-        if isinstance(mod, QuantizedLinear):
-            layer = str(mod.layer_index) if mod.layer_index is not None else name
-            phases = max(phases, len(mod.phases))
-            row = rows.setdefault(layer, [])
-            for i, p in enumerate(mod.phases):
-                if i == len(row):
-                    row.append(set())
-                row[i].add(p.recipe.label() if p.quantized else "high precision")
-    cells = {layer: [", ".join(sorted(kinds)) for kinds in row] for layer, row in rows.items()}
-    if phases == 1:
-        return "\n".join(["layer  linears run as"] + [f"{layer:<6} {c[0]}" for layer, c in cells.items()])
-    width = [max([len(f"phase {i}")] + [len(c[i]) for c in cells.values() if i < len(c)]) for i in range(phases)]
-    lines = ["layer  linears run as, per precision phase",
-             f"{'':<6} " + " | ".join(f"{f'phase {i}':<{w}}" for i, w in enumerate(width))]
-    for layer, c in cells.items():
-        lines.append(f"{layer:<6} " + " | ".join(f"{v:<{w}}" for v, w in zip(c, width)).rstrip())
-    return "\n".join(lines)
-
-
-def set_quant_stats(modules, on: bool) -> None:
-    """Switch operand statistics on or off in every ``QuantizedLinear`` of ``modules`` (a
-    module or a list).  On, a dY pair is quantized as two calls (the same keys and bits), and
-    each quantized operand costs one more pass in float64."""
-    for root in (modules if isinstance(modules, (list, tuple)) else [modules]):
-        for mod in root.modules():
-            if isinstance(mod, QuantizedLinear):  # every phase's runners: off stays off after a phase change
-                mod.set_collect_stats(on)
-
-
-def quant_stats(modules) -> dict:
-    """``{module name: {gemm: {"ran", "backend", "rht", <role>: {amax, alpha, sqnr_db, nmse,
-    saturated, zeroed}}}}`` of the quantized GEMMs that ran with statistics on since the last
-    call (the last call of each GEMM); the statistics are consumed."""
-    out = {}
-    for root in (modules if isinstance(modules, (list, tuple)) else [modules]):
-        for name, mod in root.named_modules():
-            if not (isinstance(mod, QuantizedLinear) and mod.quantized):
-                continue
-            per_gemm = {}
-            for gemm, entry in mod.gemms.log.items():
-                stats = entry.pop("stats", None)
-                if stats is None:
-                    continue
-                row = {"ran": entry.get("ran"), "backend": entry.get("backend"), "rht": entry.get("rht"),
-                       "recipe": mod.recipe.label()}
-                for role, st in stats.items():
-                    nmse = st.get("nmse")
-                    sqnr = 10 * math.log10(1 / nmse) if nmse else None  # exact operands: no finite SQNR
-                    row[role] = {**st, "sqnr_db": sqnr}
-                per_gemm[gemm] = row
-            if per_gemm:
-                out[name] = per_gemm
-    return out

@@ -1,22 +1,22 @@
-"""A layer's routed experts, run as grouped GEMMs.
+"""A layer's routed experts: two stacked linears, run as grouped GEMMs.
 
-``GroupedExperts`` holds the experts this process runs -- ``SwiGLU`` modules registered
-under their *global* index, so parameter names (``experts.{e}.gate_up.weight``), the
-expert recorded in their placements (data parallelism reads it), initialisation keys, SR seeds and
-checkpoints are those of one module per expert -- and runs them together:
+``GroupedExperts`` holds the routed experts this process runs as two ``ExpertLinear``s --
+``gate_up`` (E, 2f, h) and ``down`` (E, h, f) -- with no per-expert modules or Parameters:
 
     gate_up: one grouped GEMM per GEMM over all experts     (linear/grouped.py)
     silu(gate) * up on all rows at once                     (elementwise)
     down:    one grouped GEMM per GEMM
 
-bit for bit the per-expert loop (``forward_loop``, kept as the reference).  The experts'
-``gate_up`` / ``down`` weights are consecutive views of one (E, 2f, h) / (E, h, f) tensor;
-moving the module (``to``, ``to_empty``) re-packs them, and a forward re-packs weights that
-something else made separate (``deepcopy``, ``load_state_dict(assign=True)``).  Layers the
-recipe keeps in high precision run the loop; telemetry steps stay grouped (each expert's
-statistics come from its own GEMM state, as the loop's would: ``GroupedPlan.record_stats``).
+bit for bit the per-expert loop (``forward_loop``, kept as the reference): each expert's
+slices with its own SR seed and generator, exactly as a separate SwiGLU per expert.  Layers
+the recipe keeps in high precision run the loop; telemetry steps stay grouped (each
+expert's statistics come from its own GEMM state: ``GroupedPlan.record_stats``).
 
-Expert parallelism keeps a subset (``select``): the same class, the rank's experts only.
+Which experts a rank holds is the linear factory's decision (``factory.local_experts``:
+all of them in one process, the EP rank's share under expert parallelism); ``select``
+keeps a subset of a built layer.  Every expert keeps its *global* index: SR seeds,
+initialisation keys and checkpoint keys are those of ``mlp.experts.<e>.gate_up`` etc.
+(model/placement.py ``per_expert_name``), whatever the layout.
 """
 from __future__ import annotations
 
@@ -26,42 +26,37 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..linear.grouped import can_group, grouped_linear, pack_parameters
+from .init import KeyedInit
+from ..linear.expert_linear import per_expert_name
+from .placement import placement_of
 
 
 class GroupedExperts(nn.Module):
-    """Routed experts keyed by global index; ``self[e]`` is expert ``e``, iteration is in index order."""
+    """The routed SwiGLU experts ``experts`` (global indices) of one MoE layer, stacked."""
 
-    def __init__(self, experts: dict[int, nn.Module]):
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, linear_factory, layer_index: int, num_experts: int,
+                 experts: Sequence[int], *, name: str = "mlp.experts", bias: bool = False):
         super().__init__()
-        self.indices = sorted(int(e) for e in experts)
-        for e in self.indices:
-            self.add_module(str(e), experts[e])
-        self.pack()
+        self.num_experts = num_experts
+        common = dict(layer_index=layer_index, name=name, bias=bias, num_experts=num_experts, experts=experts)
+        # gate_up: two fused parts ([gate; up]), split on their own under TP, as a dense SwiGLU's
+        self.gate_up = linear_factory.experts(hidden_size, 2 * ffn_hidden_size, kind="column", proj="gate_up",
+                                              parts=2, **common)
+        self.down = linear_factory.experts(ffn_hidden_size, hidden_size, kind="row", proj="down", **common)
 
-    def __getitem__(self, e: int) -> nn.Module:
-        return self._modules[str(int(e))]
-
-    def __iter__(self):
-        return iter(self._modules.values())
+    @property
+    def indices(self) -> tuple[int, ...]:
+        return self.gate_up.experts
 
     def __len__(self) -> int:
-        return len(self._modules)
+        return len(self.indices)
 
     def select(self, indices: Sequence[int]) -> "GroupedExperts":
-        """A container of the experts ``indices`` only (same modules, their weights re-packed)."""
-        return type(self)({int(e): self[e] for e in indices})
-
-    def pack(self) -> None:
-        """Store the experts' gate_up and down weights as views of one tensor each."""
-        if len(self):
-            for attr in ("gate_up", "down"):
-                pack_parameters([getattr(ex, attr).weight for ex in self])
-
-    def _apply(self, fn, recurse: bool = True):
-        out = super()._apply(fn, recurse)  # makes every parameter separate again
-        self.pack()
-        return out
+        """Keep the experts ``indices`` (global, a subset of those held) only, in place; returns self."""
+        pos = [self.indices.index(int(e)) for e in indices]
+        for attr in ("gate_up", "down"):
+            setattr(self, attr, getattr(self, attr).select(pos))
+        return self
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, xs: torch.Tensor, counts) -> torch.Tensor | None:
@@ -73,18 +68,36 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"{len(sizes)} expert counts for {len(self)} experts")
         if not any(sizes):
             return None
-        experts = list(self)
-        ups, downs = [ex.gate_up for ex in experts], [ex.down for ex in experts]
-        if not (can_group(ups) and can_group(downs)):
+        if not (self.gate_up.groupable() and self.down.groupable()):
             return self.forward_loop(xs, sizes)
-        gate, up = grouped_linear(ups, xs, sizes).chunk(2, dim=-1)
-        return grouped_linear(downs, F.silu(gate) * up, sizes)
+        gate, up = self.gate_up(xs, sizes).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up, sizes)
 
     def forward_loop(self, xs: torch.Tensor, counts) -> torch.Tensor | None:
-        """The reference: each expert with rows called on its rows, one after the other."""
+        """The reference: each expert with rows as its own SwiGLU on its rows, one after the other."""
         sizes = [int(n) for n in (counts.tolist() if torch.is_tensor(counts) else counts)]
-        outs = [ex(chunk) for ex, chunk in zip(self, xs.split(sizes)) if chunk.shape[0]]
+        outs = []
+        for j, chunk in enumerate(xs.split(sizes)):
+            if chunk.shape[0]:
+                gate, up = self.gate_up.expert_forward(j, chunk).chunk(2, dim=-1)
+                outs.append(self.down.expert_forward(j, F.silu(gate) * up))
         return torch.cat(outs) if outs else None
+
+    # -- initialisation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, init: KeyedInit, std: float, out_std: float) -> None:
+        """Each expert's slices keyed by its per-expert name: the values a separate SwiGLU per
+        expert gets, on any layout."""
+        for linear, s in ((self.gate_up, std), (self.down, out_std)):
+            name, spec = init.name_of(linear, "weight"), placement_of(linear, "weight").per_expert()
+            for j, e in enumerate(linear.experts):
+                init.fill_normal(linear.weight[j], spec, per_expert_name(name, e), s)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+
+    def expert_params(self) -> int:
+        """Parameters of one routed expert (this rank's shard of it)."""
+        return sum(p[0].numel() for p in self.parameters())
 
     def extra_repr(self) -> str:
         return f"global experts {self.indices[0]}..{self.indices[-1]}" if self.indices else "no experts"

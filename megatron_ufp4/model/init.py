@@ -86,9 +86,13 @@ class KeyedInit:
     def normal_(self, module: nn.Module, attr: str = "weight", std: float = 1.0, name: str | None = None) -> None:
         """``module.<attr>`` <- N(0, std^2) at its global positions (``name``: key by another
         parameter's name, e.g. a tied copy)."""
-        t = getattr(module, attr)
-        spec = placement_of(module, attr)
-        key = name_key(self.seed, name or self.name_of(module, attr))
+        self.fill_normal(getattr(module, attr), placement_of(module, attr), name or self.name_of(module, attr), std)
+
+    @torch.no_grad()
+    def fill_normal(self, t: torch.Tensor, spec: Placement, name: str, std: float = 1.0) -> None:
+        """``t`` (placed as ``spec``) <- N(0, std^2) keyed by the parameter name ``name``: one
+        expert's slice of a stacked parameter under that expert's own name, for instance."""
+        key = name_key(self.seed, name)
         per_row = max(1, t[0].numel() if t.dim() > 1 else 1)
         step = max(1, _ROWS_PER_CHUNK // per_row) if t.dim() > 1 else _ROWS_PER_CHUNK
         for start in range(0, t.shape[0], step):

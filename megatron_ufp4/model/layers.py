@@ -9,7 +9,6 @@ local shard a tensor-parallel column linear returns.
 """
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +16,6 @@ from torch import nn
 
 from .config import ModelConfig
 from .init import KeyedInit
-from .placement import placement_of
 
 
 def rms_norm(config: ModelConfig, device=None) -> nn.RMSNorm:
@@ -146,24 +144,18 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     """down(silu(gate) * up) with gate and up fused in one column linear ([gate; up] rows).
 
-    ``name`` prefixes the linears' names ("mlp", "mlp.experts.3", "mlp.shared").  gate_up is
-    declared as two fused parts, so a tensor-parallel shard holds [gate shard; up shard]
-    (Megatron's layout).  ``expert``: the global index of a routed expert, recorded in its
-    parameters' placements (data parallelism reads it: routed experts are replicated over
-    the expert-data-parallel group only); ``in_moe``: a routed or shared expert of an MoE layer.
+    ``name`` prefixes the linears' names ("mlp", "mlp.shared").  gate_up is declared as two
+    fused parts, so a tensor-parallel shard holds [gate shard; up shard] (Megatron's layout).
+    ``in_moe``: the shared experts of an MoE layer (routed experts: model/experts.py).
     """
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, linear_factory, layer_index: int, name: str = "mlp",
-                 bias: bool = False, *, expert: int | None = None, in_moe: bool = False):
+                 bias: bool = False, *, in_moe: bool = False):
         super().__init__()
         self.gate_up = linear_factory(hidden_size, 2 * ffn_hidden_size, kind="column", layer_index=layer_index,
                                       name=f"{name}.gate_up", bias=bias, parts=2, in_moe=in_moe)
         self.down = linear_factory(ffn_hidden_size, hidden_size, kind="row", layer_index=layer_index,
                                    name=f"{name}.down", bias=bias, in_moe=in_moe)
-        if expert is not None:
-            for linear in (self.gate_up, self.down):
-                linear.placements = {attr: dataclasses.replace(placement_of(linear, attr), expert=expert)
-                                     for attr, _ in linear.named_parameters(recurse=False)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)

@@ -3,6 +3,10 @@
 Model code never constructs those linears itself; it calls a factory
 
     factory(in_features, out_features, *, kind, layer_index, name, bias=False, parts=1, in_moe=False)
+    factory.experts(in_features, out_features, *, kind, layer_index, name, proj, num_experts, ...)
+
+(the second: one linear of a layer's routed experts, stacked, for the experts
+``factory.local_experts(num_experts)`` says this process holds)
 
 and reads its ``step_context`` (shared by every layer it builds, see linear/step_context.py).
 
@@ -10,7 +14,7 @@ and reads its ``step_context`` (shared by every layer it builds, see linear/step
 "row" (the input dimension may be split: attention output, MLP/expert down).  The
 single-process ``LinearFactory`` ignores it; a tensor-parallel factory returns
 Megatron-style column/row-parallel layers from the same call sites.  ``name`` is the
-module's path inside its transformer block (e.g. "attn.qkv", "mlp.experts.7.down"), so
+module's path inside its transformer block (e.g. "attn.qkv", "mlp.shared.down"), so
 ``f"layers.{layer_index}.{name}"`` is its state-dict prefix (used in messages only).  The
 rest is explicit metadata a parallel factory needs: ``parts`` > 1 for a column linear whose
 output is that many fused equal parts (SwiGLU's [gate; up]: each part is sharded on its
@@ -18,6 +22,7 @@ own), ``in_moe`` for the linears of an MoE layer (their tokens are flattened and
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from typing import Protocol
 
@@ -25,7 +30,8 @@ from torch import nn
 
 from ..fp4.recipes import Recipe
 from ..fp4.schedule import PrecisionSchedule
-from ..linear import QuantizedLinear, StepContext
+from ..linear import ExpertLinear, QuantizedLinear, StepContext
+from .placement import placement_of
 
 KINDS = ("column", "row")
 
@@ -35,6 +41,13 @@ class LinearFactoryProtocol(Protocol):
 
     def __call__(self, in_features: int, out_features: int, *, kind: str, layer_index: int, name: str,
                  bias: bool = False, parts: int = 1, in_moe: bool = False) -> nn.Module:
+        ...
+
+    def local_experts(self, num_experts: int) -> range:
+        ...
+
+    def experts(self, in_features: int, out_features: int, *, kind: str, layer_index: int, name: str, proj: str,
+                num_experts: int, experts=None, bias: bool = False, parts: int = 1) -> nn.Module:
         ...
 
 
@@ -88,11 +101,40 @@ class LinearFactory:
     def __call__(self, in_features: int, out_features: int, *, kind: str, layer_index: int, name: str,
                  bias: bool = False, parts: int = 1, in_moe: bool = False) -> nn.Module:
         self.check_kind(kind, name)
+        return self.build(in_features, out_features, kind=kind, layer_index=layer_index, name=name, bias=bias,
+                          parts=parts, in_moe=in_moe, device=self.device)
+
+    def build(self, in_features: int, out_features: int, *, kind: str, layer_index: int, name: str, bias: bool,
+              parts: int, in_moe: bool, device) -> QuantizedLinear:
+        """One linear on ``device`` (``__call__``'s, or the meta device for an expert layout)."""
         return self.with_phases(QuantizedLinear(in_features, out_features, bias, self.recipe, layer_index=layer_index,
                                                 num_layers=self.num_layers, sr_seed=self.sr_seed(layer_index, name),
                                                 backend=self.backend, collect_stats=self.collect_stats,
-                                                step_context=self.step_context, device=self.device,
+                                                step_context=self.step_context, device=device,
                                                 dtype=self.dtype), f"layers.{layer_index}.{name}")
+
+    # -- routed experts -----------------------------------------------------------------
+    def local_experts(self, num_experts: int) -> range:
+        """The routed experts (global indices) of a layer of ``num_experts`` this process
+        builds: all of them (an expert-parallel factory: its rank's share)."""
+        return range(num_experts)
+
+    def experts(self, in_features: int, out_features: int, *, kind: str, layer_index: int, name: str, proj: str,
+                num_experts: int, experts=None, bias: bool = False, parts: int = 1) -> ExpertLinear:
+        """One linear (``proj``: "gate_up", "down") of the routed experts ``experts`` (default:
+        ``local_experts``) of an MoE layer, stacked.  Expert e's linear is named
+        ``f"{name}.{e}.{proj}"`` -- its SR seed and its checkpoint keys -- and laid out as
+        ``__call__`` would make it alone (built once, on the meta device, for all of them)."""
+        self.check_kind(kind, name)
+        experts = tuple(self.local_experts(num_experts) if experts is None else experts)
+        layout = self.build(in_features, out_features, kind=kind, layer_index=layer_index, name=f"{name}.{proj}",
+                            bias=bias, parts=parts, in_moe=True, device="meta")
+        seeds = [self.sr_seed(layer_index, f"{name}.{e}.{proj}") for e in experts]
+        placements = {attr: dataclasses.replace(p, global_shape=(num_experts, *p.global_shape),
+                                                dim=None if p.dim is None else p.dim + 1, experts=experts)
+                      for attr, p in ((a, placement_of(layout, a)) for a, _ in layout.named_parameters())}
+        return ExpertLinear(layout, experts, num_experts, seeds, placements=placements, device=self.device,
+                            dtype=self.dtype)
 
     def with_phases(self, module: QuantizedLinear, full_name: str) -> QuantizedLinear:
         """``module`` with the GEMM plan of every schedule phase after the base (a shape a

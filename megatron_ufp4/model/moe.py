@@ -166,9 +166,8 @@ class MoE(nn.Module):
                              norm_topk=config.router_norm_topk, groups=config.router_groups,
                              topk_groups=config.router_topk_groups, scaling=config.routed_scaling_factor,
                              device=device)
-        self.experts = GroupedExperts({e: SwiGLU(h, f, linear_factory, layer_index, name=f"mlp.experts.{e}",
-                                                 bias=config.bias, expert=e, in_moe=True)
-                                       for e in range(config.num_experts)})
+        self.experts = GroupedExperts(h, f, linear_factory, layer_index, config.num_experts,
+                                      linear_factory.local_experts(config.num_experts), bias=config.bias)
         # the shared experts run on every token; n of them equal one SwiGLU of width n * f
         self.shared = (SwiGLU(h, config.num_shared_experts * f, linear_factory, layer_index, name="mlp.shared",
                               bias=config.bias, in_moe=True) if config.num_shared_experts else None)
@@ -281,14 +280,13 @@ class MoE(nn.Module):
         init.normal_(self.router.linear, "weight", std)
         self.router.expert_bias.zero_()
         self.load_accum.zero_()
-        for expert in self.experts:
-            expert.init_weights(init, std, out_std)
+        self.experts.init_weights(init, std, out_std)
         if self.shared is not None:
             self.shared.init_weights(init, std, out_std)
 
     def expert_params(self) -> int:
         """Parameters of one routed expert."""
-        return sum(p.numel() for p in next(iter(self.experts)).parameters())
+        return self.experts.expert_params()
 
 
 __all__ = ["AuxLossScaler", "LocalDispatcher", "MoE", "Router", "combine"]

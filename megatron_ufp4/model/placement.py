@@ -3,7 +3,7 @@
 A module keeps ``placements: {attribute name: Placement}`` for its own parameters -- module
 metadata, so it survives ``to_empty`` and ``deepcopy`` (which make new Parameter objects).
 Modules declare what they know when they are built (a tensor-parallel layer its split, a
-routed expert's ``SwiGLU`` its expert); the parallel model build adds what the layout
+layer's stacked routed experts which experts they hold); the parallel model build adds what the layout
 decides (``parallel_factory.attach_placements``: partial gradients); initialisation, data
 parallelism, ZeRO, gradient clipping and checkpoints read them (``named_placements``).  A parameter without a record
 is whole on every rank (a one-process model built without the parallel factory).
@@ -22,15 +22,27 @@ class Placement:
     every TP rank holds it whole), into ``num_shards`` equal shards of which this is
     ``shard``, each holding its slice of every one of ``parts`` fused parts ([gate; up]).
     ``partial_grad``: replicated over TP, but each TP rank's gradient is a partial sum to be
-    summed over TP (sequence parallelism; a norm shared by heads split over TP).  ``expert``:
-    the routed expert it belongs to (replicated over expert-data-parallel ranks, not DP)."""
+    summed over TP (sequence parallelism; a norm shared by heads split over TP).  ``experts``:
+    a layer's routed experts stacked along dim 0 -- the global indices of the ones held, in
+    order (``global_shape[0]`` is the layer's expert count); replicated over the
+    expert-data-parallel ranks, not DP."""
     global_shape: tuple[int, ...]
     dim: int | None = None
     parts: int = 1
     num_shards: int = 1
     shard: int = 0
     partial_grad: bool = False
-    expert: int | None = None
+    experts: tuple[int, ...] | None = None
+
+    def per_expert(self) -> "Placement":
+        """The placement of one expert's slice of a stacked parameter (its own linear's)."""
+        return Placement(self.global_shape[1:], None if self.dim is None else self.dim - 1, self.parts,
+                         self.num_shards, self.shard, self.partial_grad)
+
+    @property
+    def matrix(self) -> bool:
+        """A weight matrix (AdamW decays it): 2-D, per expert for stacked experts."""
+        return len(self.global_shape) - (self.experts is not None) >= 2
 
     @property
     def split(self) -> bool:

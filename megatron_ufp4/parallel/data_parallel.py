@@ -59,7 +59,7 @@ def _modules(model) -> list[nn.Module]:
 def expert_param_names(model) -> set[str]:
     """Names of the routed-expert parameters of a model or of pipeline chunks: those whose
     ``Placement`` names an expert.  Shared experts and routers are dense."""
-    return {n for n, p in named_placements(_modules(model)).items() if p.expert is not None}
+    return {n for n, p in named_placements(_modules(model)).items() if p.experts is not None}
 
 
 def param_kind(name: str, experts: set[str]) -> str:

@@ -2,10 +2,11 @@
 
 Layout (see state.py): EP is carved out of data parallelism, ``ep_rank = dp_rank % EP``.
 EP rank r holds the routed experts ``[r * E / EP, (r + 1) * E / EP)`` of every MoE layer;
-everything else (attention, norms, router, shared experts) is replicated.  The local
-experts keep their *global* index as their module name (``ExpertShard``), so parameter
-names are ``layers.{i}.mlp.experts.{e}.gate_up.weight`` with the global ``e`` on whichever
-rank holds expert ``e``: model and optimizer checkpoints do not depend on the layout.
+everything else (attention, norms, router, shared experts) is replicated.  A rank's model
+is built with its experts only (``ParallelLinearFactory.local_experts``), stacked, each
+keeping its *global* index: checkpoint keys are ``layers.{i}.mlp.experts.{e}.gate_up.weight``
+with the global ``e`` on whichever rank holds expert ``e``, so model and optimizer
+checkpoints do not depend on the layout.
 
 Token dispatchers (plugged into ``MoE.dispatcher``; the model code has no EP branch):
 
@@ -57,11 +58,11 @@ import torch
 import torch.distributed as dist
 
 from ..linear import linear_output_dtype
-from ..model.experts import GroupedExperts
 from ..model.moe import LocalDispatcher, MoE, combine
 from .mappings import group_rank, group_size
+from .state import expert_range
 
-__all__ = ["AllGatherDispatcher", "AllToAllDispatcher", "ExpertShard", "all_to_all", "build_expert_parallel_model",
+__all__ = ["AllGatherDispatcher", "AllToAllDispatcher", "all_to_all", "build_expert_parallel_model",
            "expert_range", "load_all_reduce", "make_dispatcher", "moe_layers", "reduced_moe_stats",
            "set_dispatcher", "shard_experts", "update_expert_bias"]
 
@@ -264,37 +265,24 @@ def make_dispatcher(kind: str, ep_group, load_group=None):
 
 
 # -- sharding the model ---------------------------------------------------------------------------
-class ExpertShard(GroupedExperts):
-    """The routed experts one EP rank holds, registered under their *global* indices and run
-    as grouped GEMMs like a whole layer's (their weights re-packed into one tensor each; on
-    the meta device before materialising, so nothing else is ever allocated).
-
-    ``shard[e]`` takes a global expert index; iteration yields the modules in index order.
-    """
-
-
 def moe_layers(model) -> list[MoE]:
     """The MoE layers of a model or of a list of pipeline chunks."""
     mods = list(model) if isinstance(model, (list, tuple)) else [model]
     return [m for mod in mods for m in mod.modules() if isinstance(m, MoE)]
 
 
-def expert_range(num_experts: int, ep_size: int, ep_rank: int) -> range:
-    """Global indices of the routed experts EP rank ``ep_rank`` holds."""
-    if num_experts % ep_size:
-        raise ValueError(f"expert parallel size {ep_size} must divide num_experts={num_experts}")
-    n = num_experts // ep_size
-    return range(ep_rank * n, (ep_rank + 1) * n)
-
-
 def shard_experts(model, ep_size: int, ep_rank: int):
-    """Keep only this EP rank's routed experts in every MoE layer (in place; returns model)."""
+    """Keep only EP rank ``ep_rank``'s routed experts in every MoE layer (in place; returns
+    model).  A layer built with them only (the rank's factory) is left as it is."""
     for moe in moe_layers(model):
-        if len(moe.experts) != moe.num_experts:
-            raise ValueError(f"MoE layer {moe.layer_index} is already sharded ({len(moe.experts)} of "
-                             f"{moe.num_experts} experts)")
-        moe.experts = ExpertShard({e: moe.experts[e] for e in expert_range(moe.num_experts, ep_size, ep_rank)})
-        # the full layer's (E, ...) storage is freed with the old container: the shard re-packed its views
+        mine = list(expert_range(moe.num_experts, ep_size, ep_rank))
+        held = list(moe.experts.indices)
+        if held == mine:
+            continue
+        if held != list(range(moe.num_experts)):
+            raise ValueError(f"MoE layer {moe.layer_index} holds experts {held[0]}..{held[-1]}, not all "
+                             f"{moe.num_experts} nor EP rank {ep_rank}'s")
+        moe.experts.select(mine)  # the full layer's stacks are freed: the selection is a copy
     return model
 
 

@@ -55,6 +55,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..model.expert_keys import per_expert_views
 from ..model.placement import Placement, named_placements
 from .data_parallel import named_parameters, param_kind, replica_group
 
@@ -62,13 +63,15 @@ __all__ = ["DistributedOptimizer", "global_grad_norm", "greedy_partition", "merg
            "param_groups"]
 
 
-def param_groups(params: Iterable[torch.Tensor], weight_decay: float) -> list[dict]:
+def param_groups(params: Iterable[torch.Tensor], weight_decay: float, is_matrix=None) -> list[dict]:
     """AdamW groups: matrices decayed; norms, biases and other 1-D parameters not (each group
-    in the given order, which is how torch numbers them in its state dict)."""
+    in the given order, which is how torch numbers them in its state dict).  ``is_matrix(p)``
+    (default: 2-D or more) -- stacked experts' (E, out) biases are vectors (``Placement.matrix``)."""
+    is_matrix = is_matrix or (lambda p: p.dim() >= 2)
     decay, no_decay = [], []
     for p in params:
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if is_matrix(p) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -89,12 +92,16 @@ def _tp_counts(placement: Placement, pstate) -> bool:
 
 
 def global_grad_norm(named: Iterable[tuple[str, torch.Tensor]], pstate, counts: Callable[[str, torch.Tensor], bool],
-                     norm_params: Iterable[torch.Tensor] | None = None) -> torch.Tensor:
+                     norm_params: Iterable[torch.Tensor] | None = None,
+                     placements: dict[str, Placement] | None = None) -> torch.Tensor:
     """L2 norm of all gradients of the parallel model, the same on every rank (see module
-    doc).  ``counts(name, p)``: whether this rank counts ``p`` (``DistributedOptimizer``'s rule)."""
+    doc).  ``counts(name, p)``: whether this rank counts ``p`` (``DistributedOptimizer``'s rule).
+    ``placements``: stacked experts' gradients are normed expert by expert (``per_expert_views``)."""
     allowed = None if norm_params is None else {id(p) for p in norm_params}
     named = list(named)
-    grads = [p.grad for n, p in named if p.grad is not None and counts(n, p) and (allowed is None or id(p) in allowed)]
+    grads = [(n, p.grad) for n, p in named
+             if p.grad is not None and counts(n, p) and (allowed is None or id(p) in allowed)]
+    grads = [g for _, g in per_expert_views(grads, placements or {})]
     dev = named[0][1].device if named else torch.device("cpu")
     world = pstate.group("world")
     if world is None or dist.get_world_size(world) == 1:  # one rank: exactly the single-process trainer's norm
@@ -136,7 +143,7 @@ class DistributedOptimizer:
         self.pstate = pstate
         self.named = named_parameters(model)
         self.placements = named_placements(model if isinstance(model, nn.Module) else list(model))
-        experts = {n for n, p in self.placements.items() if p.expert is not None}
+        experts = {n for n, p in self.placements.items() if p.experts is not None}
         self.hparams = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
         self.owner: dict[str, int] = {}  # fqn -> global rank of the owner
         self.owned_by: dict[str, dict[int, list[tuple[str, nn.Parameter]]]] = {}  # kind -> group rank -> params
@@ -150,7 +157,9 @@ class DistributedOptimizer:
                 self.owned_by[kind][r].append((n, p))
                 self.owner[n] = ranks[r]
         self.owned = [(n, p) for n, p in self.named if self.owner[n] == pstate.rank]
-        groups = [g for g in param_groups((p for _, p in self.owned), weight_decay) if g["params"]]
+        matrix = {id(p): self.placements[n].matrix for n, p in self.owned}
+        groups = [g for g in param_groups((p for _, p in self.owned), weight_decay, lambda p: matrix[id(p)])
+                  if g["params"]]
         if fused is None:
             dev = self.named[0][1].device if self.named else torch.device("cpu")
             fused = dev.type in ("cuda", "cpu")  # fused kernels exist for CUDA and CPU float32 params
@@ -212,7 +221,7 @@ class DistributedOptimizer:
         return self.owner[name] == self.pstate.rank and _tp_counts(self.placements[name], self.pstate)
 
     def grad_norm(self, norm_params: Iterable[torch.Tensor] | None = None) -> torch.Tensor:
-        return global_grad_norm(self.named, self.pstate, self._counts, norm_params)
+        return global_grad_norm(self.named, self.pstate, self._counts, norm_params, self.placements)
 
     def clip_grad_norm(self, max_norm: float, norm_params: Iterable[torch.Tensor] | None = None) -> torch.Tensor:
         """Global norm (same on every rank); clips every local gradient when max_norm > 0."""

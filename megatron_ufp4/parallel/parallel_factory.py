@@ -29,7 +29,7 @@ from ..model.layers import HeadRMSNorm
 from ..model.linear_factory import LinearFactory
 from ..model.placement import named_placements, placement_of
 from .mappings import all_reduce
-from .state import ParallelState
+from .state import ParallelState, expert_range
 from .tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from .vocab_parallel import VocabParallelEmbedding, VocabParallelLMHead
 
@@ -45,22 +45,25 @@ class ParallelLinearFactory(LinearFactory):
             raise ValueError(f"ParallelLinearFactory needs a ParallelState (got {type(state).__name__})")
         self.state = state
 
-    def __call__(self, in_features: int, out_features: int, *, kind: str, layer_index: int, name: str,
-                 bias: bool = False, parts: int = 1, in_moe: bool = False) -> nn.Module:
-        self.check_kind(kind, name)
+    def build(self, in_features: int, out_features: int, *, kind: str, layer_index: int, name: str, bias: bool,
+              parts: int, in_moe: bool, device) -> nn.Module:
         full_name = f"layers.{layer_index}.{name}"
         if self.state.sequence_parallel and self.state.tp > 1 and in_moe:
             raise ValueError(f"{full_name}: sequence parallelism does not support MoE layers (their tokens are "
                              "flattened); set parallel.sequence_parallel=false")
         common = dict(recipe=self.recipe, state=self.state, layer_index=layer_index, num_layers=self.num_layers,
                       sr_seed=self.sr_seed(layer_index, name), backend=self.backend, name=full_name,
-                      collect_stats=self.collect_stats, step_context=self.step_context, device=self.device,
+                      collect_stats=self.collect_stats, step_context=self.step_context, device=device,
                       dtype=self.dtype)
         if kind == "column":
             module = ColumnParallelLinear(in_features, out_features, bias, partition_stride=parts, **common)
         else:
             module = RowParallelLinear(in_features, out_features, bias, **common)
         return self.with_phases(module, full_name)
+
+    def local_experts(self, num_experts: int) -> range:
+        """This rank's share of a layer's routed experts (``expert_range``)."""
+        return expert_range(num_experts, self.state.ep, self.state.ep_rank)
 
     def embedding(self, num_embeddings: int, embedding_dim: int) -> nn.Module:
         return VocabParallelEmbedding(num_embeddings, embedding_dim, state=self.state, device=self.device,

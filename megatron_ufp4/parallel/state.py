@@ -112,6 +112,14 @@ def process_group_backend(device: torch.device | str) -> str:
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
+def expert_range(num_experts: int, ep_size: int, ep_rank: int) -> range:
+    """Global indices of the routed experts EP rank ``ep_rank`` holds: ``[r E/EP, (r+1) E/EP)``."""
+    if num_experts % ep_size:
+        raise ValueError(f"expert parallel size {ep_size} must divide num_experts={num_experts}")
+    n = num_experts // ep_size
+    return range(ep_rank * n, (ep_rank + 1) * n)
+
+
 def state_for_rank(rank: int, world: int, tp: int = 1, pp: int = 1, dp: int = 1, ep: int = 1, vpp: int = 1,
                    sequence_parallel: bool = False, model_cfg=None) -> ParallelState:
     """The coordinates rank ``rank`` has in this layout, without process groups (every group

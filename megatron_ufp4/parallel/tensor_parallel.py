@@ -139,8 +139,8 @@ class _TensorParallelLinear(TPGroupMixin, QuantizedLinear):
         if self.tp > 1 and self.tp_group is not None:
             self.gemms.amax_reduce = _AmaxAllReduce(self.tp_group)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.plan(x))
+    def forward_with(self, x, weight, bias, gemms):
+        return linear(x, weight, bias, self.plan(x, weight, gemms))  # high precision too: the hooks reduce
 
 
 class ColumnParallelLinear(_TensorParallelLinear):
@@ -224,8 +224,8 @@ class ColumnParallelLinear(_TensorParallelLinear):
                                        for sl, g in self._part_slices()], "cat_rows")
         return out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)
+    def forward_with(self, x, weight, bias, gemms):
+        y = super().forward_with(x, weight, bias, gemms)
         return gather_from_tp(y, self.tp_group) if self.gather_output else y
 
     def extra_repr(self) -> str:
@@ -274,10 +274,10 @@ class RowParallelLinear(_TensorParallelLinear):
             "wgrad": (None, SRIndex(row_offset=off)),  # dY^T replicated; x^T rows
         }
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_with(self, x, weight, bias, gemms):
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.tp_group)
-        return super().forward(x)
+        return super().forward_with(x, weight, bias, gemms)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, tp={self.tp_rank}/{self.tp} of in_features={self.full_in_features}"

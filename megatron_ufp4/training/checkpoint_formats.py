@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 
 from ..config import config_from_saved, dump_config
+from ..model.expert_keys import (per_expert_shapes, per_expert_views, stack_expert_optimizer, stack_experts,
+                                 unstack_expert_optimizer, unstack_experts)
 from ..model.placement import named_placements
 from .checkpoint import CheckpointError, checkpoint_root
 from .dist_checkpoint import (COUNTERS, PART, is_distributed_checkpoint, load_consolidated, load_sharded,
@@ -54,29 +56,34 @@ def _optimizer_by_name(data: dict, cfg, model, src: Path) -> dict | None:
     parameters are numbered in its groups' order (matrices decayed first, then 1-D
     parameters, each in ``named_parameters()`` order)."""
     opt = data.get("optimizer") if "optimizer" in data else None
-    if opt is None or "param_groups" not in opt:
-        return opt  # None (weights only), or already by name (a to-single file)
-    from ..parallel.optimizer import param_groups
-
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    groups = param_groups(model.parameters(), cfg.optimizer.weight_decay)
+    if opt is None:
+        return None  # weights only
+    if "param_groups" not in opt:
+        return stack_expert_optimizer(opt)  # by name (a to-single file; per expert from earlier versions)
+    # numbered: earlier versions' parameters, each routed expert's its own, 2-D ones decayed first
+    named = _earlier_parameters(model)
+    groups = [[(n, s) for n, s in named if len(s) >= 2], [(n, s) for n, s in named if len(s) < 2]]
     saved = opt["param_groups"]
-    if not isinstance(saved, list) or [len(g.get("params", [])) for g in saved] != [len(g["params"]) for g in groups]:
+    if not isinstance(saved, list) or [len(g.get("params", [])) for g in saved] != [len(g) for g in groups]:
         raise CheckpointError(f"{src}: its optimizer's parameter groups do not match the model of its config")
-    params = dict(model.named_parameters())
     out = {}
     for g_saved, g in zip(saved, groups):
-        for pid, p in zip(g_saved["params"], g["params"]):
-            fqn, shape = name_of[id(p)], tuple(p.shape)
+        for pid, (fqn, shape) in zip(g_saved["params"], g):
             st = opt.get("state", {}).get(pid)
             if st is None:  # never stepped (e.g. an expert that got no tokens): AdamW's fresh state, exactly
                 st = {"exp_avg": torch.zeros(shape), "exp_avg_sq": torch.zeros(shape), "step": torch.zeros(())}
             if tuple(st["exp_avg"].shape) != shape or tuple(st["exp_avg_sq"].shape) != shape:
                 raise CheckpointError(f"{src}: optimizer state of {fqn} has shape {tuple(st['exp_avg'].shape)}, "
-                                      f"the parameter {tuple(params[fqn].shape)}")
+                                      f"the parameter {shape}")
             out[fqn] = {"exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"],
                         "step": torch.as_tensor(st["step"]).detach().float().reshape(())}
-    return out
+    return stack_expert_optimizer(out)
+
+
+def _earlier_parameters(model) -> list[tuple[str, tuple[int, ...]]]:
+    """``(name, shape)`` of ``model``'s parameters as earlier versions' one-process model
+    listed them (one module per routed expert: ``per_expert_views``)."""
+    return [(n, tuple(v.shape)) for n, v in per_expert_views(model.named_parameters(), named_placements(model))]
 
 
 def _weight_keys(keys) -> set:
@@ -95,7 +102,11 @@ def read_single_file(f: Path, require=("model", "config", "step"), resume: bool 
             data[key]  # noqa: B018 -- raises "checkpoint F lacks 'key'"
     cfg = config_from_saved(data["config"])
     model = _meta_model(cfg)
-    want, have = _weight_keys(model.state_dict()), _weight_keys(data["model"])  # weights-only files (HF import) too
+    try:
+        weights = stack_experts(data["model"])  # per-expert keys (earlier versions) -> the model's stacked experts
+    except ValueError as e:
+        raise CheckpointError(f"{f}: {e}") from None
+    want, have = _weight_keys(model.state_dict()), _weight_keys(weights)  # weights-only files (HF import) too
     if have != want:
         extra, missing = sorted(have - want), sorted(want - have)
         raise CheckpointError(f"{f}: its model does not match its config ("
@@ -103,7 +114,7 @@ def read_single_file(f: Path, require=("model", "config", "step"), resume: bool 
     trainer = data.get("trainer") or {"step": int(data["step"]),
                                       "skipped_total": int(data.get("skipped_total", 0)),
                                       "consecutive_nonfinite": int(data.get("consecutive_nonfinite", 0))}
-    return {"model": data["model"], "optimizer": _optimizer_by_name(data, cfg, model, f), "step": int(data["step"]),
+    return {"model": weights, "optimizer": _optimizer_by_name(data, cfg, model, f), "step": int(data["step"]),
             "trainer": trainer, "config": data["config"]}
 
 
@@ -132,14 +143,15 @@ def write_sharded(state: dict, dst: Path, model=None) -> None:
     import torch.distributed.checkpoint as dcp
 
     cfg = config_from_saved(state["config"])
-    partitions = partitions_of(named_placements(model or _meta_model(cfg)))
+    placements = named_placements(model or _meta_model(cfg))
+    partitions = partitions_of(placements)
     flat: dict = {f"trainer.{k}": torch.tensor(int(state["trainer"].get(k, 0))) for k in COUNTERS}
-    for k, v in state["model"].items():
+    for k, v in unstack_experts(state["model"], placements).items():  # checkpoints key experts one by one
         if isinstance(v, dict):
             flat.update({f"model.{k}.{f}": t for f, t in v.items()})
         else:
             flat[f"model.{k}"] = v
-    for fqn, st in (state.get("optimizer") or {}).items():
+    for fqn, st in unstack_expert_optimizer(state.get("optimizer") or {}, placements).items():
         flat.update({f"optim.{fqn}.{f}": t for f, t in st.items()})
     split = {f"model.{k}": i for k, i in partitions["model"].items()} | \
         {f"optim.{k}": i for k, i in partitions["optim"].items()}
@@ -222,7 +234,8 @@ def load_weights_into(modules, path: Path, state, cfg, field: str, shown_as: Pat
     sizes = {k[len("model."):]: tuple(v.size) for k, v in verify_dcp_metadata(path).state_dict_metadata.items()
              if k.startswith("model.")}  # the metadata, read and verified once
     saved = _whole_shapes(path, sizes)
-    want = {k: tuple(v.shape) for k, v in _meta_model(cfg).state_dict().items() if not k.endswith("_extra_state")}
+    meta = _meta_model(cfg)
+    want = per_expert_shapes(meta, named_placements(meta))  # as checkpoints key them: experts one by one
     for k in want:  # in the model's order: the first parameter that differs is named
         if k not in saved:
             raise CheckpointError(f"{field} {shown} lacks {k!r}, which the model has")

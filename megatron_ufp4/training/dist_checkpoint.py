@@ -37,6 +37,8 @@ from .checkpoint import (CheckpointError, undo_save, checkpoint_root, commit_che
                          latest_checkpoint, prune_checkpoints)
 from .errors import is_comm_failure
 from ..outputs import fsync_dir, os_error_line, write_synced
+from ..linear.expert_linear import per_expert_name
+from ..model.expert_keys import stack_expert_optimizer, stack_experts
 from ..model.placement import Placement, placement_of
 from ..parallel.parallel_factory import shard_tensor
 
@@ -65,8 +67,13 @@ def to_checkpoint_entries(name: str, local: torch.Tensor, placement: Placement |
     a TP group; in one process the local tensor is the whole one).
 
     ``placement``: the parameter's (its optimizer moments are placed like it); None for a
-    buffer.
+    buffer.  Stacked routed experts give one entry (set) per expert, under its per-expert name.
     """
+    if placement is not None and placement.experts is not None:
+        out = {}
+        for j, e in enumerate(placement.experts):
+            out.update(to_checkpoint_entries(per_expert_name(name, e), local[j], placement.per_expert(), state))
+        return out
     if not _is_tp_sharded(placement):
         return {name: local}
     dim, stride = placement.dim, placement.parts
@@ -85,6 +92,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def from_checkpoint_entries(name: str, entries: dict, placement: Placement | None, state) -> torch.Tensor:
+    if placement is not None and placement.experts is not None:
+        return torch.stack([from_checkpoint_entries(per_expert_name(name, e), entries, placement.per_expert(), state)
+                            for e in placement.experts])
     if not _is_tp_sharded(placement):
         return entries[name]
     stride = placement.parts
@@ -123,14 +133,27 @@ def _placement(root: nn.Module, name: str) -> Placement | None:
     return placement_of(module, attr) if attr in module._parameters else None
 
 
+def extra_state_entries(name: str, value: dict) -> dict:
+    """``{key: tensor}`` of a linear's extra state: ``<name>.<field>``, or per expert
+    (``{expert: state}`` of stacked experts) under each expert's own name."""
+    if value and all(isinstance(e, int) for e in value):
+        return {f"{per_expert_name(name, e)}.{k}": v for e, st in value.items() for k, v in st.items()}
+    return {f"{name}.{k}": v for k, v in value.items()}
+
+
+def _extra_state_from(name: str, owner: dict, entries: dict) -> dict:
+    if owner and all(isinstance(e, int) for e in owner):
+        return {e: {k: entries[f"{per_expert_name(name, e)}.{k}"] for k in st} for e, st in owner.items()}
+    return {k: entries[f"{name}.{k}"] for k in owner}
+
+
 def model_entries(modules: list[nn.Module], state) -> tuple[dict, dict]:
     """(checkpoint entries, name → placement (or extra-state dict) for restoring) over this rank's modules."""
     entries, owners = {}, {}
     for module in modules:
         for name, value in module.state_dict(keep_vars=True).items():
-            if isinstance(value, dict):  # QuantizedLinear extra state: SR generator + RHT signs
-                for k, v in value.items():
-                    entries[f"{name}.{k}"] = v
+            if isinstance(value, dict):  # a linear's extra state: SR generator + RHT signs
+                entries.update(extra_state_entries(name, value))
                 owners[name] = value
                 continue
             placement = _placement(module, name)
@@ -261,7 +284,7 @@ def restore_model(modules: list[nn.Module], entries: dict, owners: dict, state) 
         for name in module.state_dict(keep_vars=True):
             owner = owners[name]
             if isinstance(owner, dict):
-                sd[name] = {k: entries[f"{name}.{k}"] for k in owner}
+                sd[name] = _extra_state_from(name, owner, entries)
             else:
                 sd[name] = from_checkpoint_entries(name, entries, owner, state)
         module.load_state_dict(sd)
@@ -286,6 +309,10 @@ def partitions_of(placements: dict) -> dict:
     (``partitions.json``: how the ``.part<j>`` pieces of a fused parameter join)."""
     out = {"model": {}, "optim": {}}
     for n, p in placements.items():
+        if p.experts is not None:  # per expert, as checkpoints key them
+            out["model"].update(partitions_of({per_expert_name(n, e): p.per_expert() for e in p.experts})["model"])
+            out["optim"].update(partitions_of({per_expert_name(n, e): p.per_expert() for e in p.experts})["optim"])
+            continue
         if p.split:
             info = {"dim": p.dim, "stride": p.parts}
             out["model"][n] = info
@@ -306,6 +333,10 @@ def _gathered_partitions(optimizer, state) -> dict:
     return merged
 
 
+def _per_expert_fqns(fqn: str, placement: Placement) -> list[str]:
+    return [fqn] if placement.experts is None else [per_expert_name(fqn, e) for e in placement.experts]
+
+
 def trainer_entries(stages, optimizer, state, counters: dict, templates: bool = False) -> tuple[dict, dict]:
     """Everything the trainer checkpoints, as DCP entries: ``model.*`` (this rank's
     modules), ``optim.*`` (the AdamW moments this rank owns; ``templates``: empty ones of this
@@ -321,7 +352,7 @@ def trainer_entries(stages, optimizer, state, counters: dict, templates: bool = 
             entries.update({f"optim.{k}": v for k, v in
                             to_checkpoint_entries(f"{fqn}.{field}", sd[field], optimizer.placements[fqn],
                                                   state).items()})
-        entries[f"optim.{fqn}.step"] = sd["step"]
+        entries.update({f"optim.{k}.step": sd["step"] for k in _per_expert_fqns(fqn, optimizer.placements[fqn])})
     entries.update({f"trainer.{k}": torch.tensor(counters[k]) for k in COUNTERS})
     return entries, owners
 
@@ -357,7 +388,9 @@ def load_trainer(path: Path, stages, optimizer, state, config: dict, shown_as: P
         for field in ("exp_avg", "exp_avg_sq"):
             sub = {k[len("optim."):]: v for k, v in entries.items() if k.startswith(f"optim.{fqn}.{field}")}
             sd[field] = from_checkpoint_entries(f"{fqn}.{field}", sub, optimizer.placements[fqn], state)
-        sd["step"] = entries[f"optim.{fqn}.step"]
+        # stacked experts: one count (the largest; see model/expert_keys.stack_expert_optimizer)
+        sd["step"] = torch.stack([entries[f"optim.{k}.step"].reshape(())
+                                  for k in _per_expert_fqns(fqn, optimizer.placements[fqn])]).max()
         states[fqn] = sd
     optimizer.load_state_dict(states)
     return {k: int(entries[f"trainer.{k}"]) for k in COUNTERS}
@@ -400,11 +433,12 @@ def load_consolidated(path: str | Path) -> dict:
     flat = load_dcp_full(path)  # .metadata verified by a restricted unpickler; tensors only
     model = {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}
     optim = {k[len("optim."):]: v for k, v in flat.items() if k.startswith("optim.")}
-    model = nest_extra_state(merge_parts(model, meta.get("model", {})))
+    model = stack_experts(nest_extra_state(merge_parts(model, meta.get("model", {}))))
     optimizer: dict = {}
     for k, v in merge_parts(optim, meta.get("optim", {})).items():
         fqn, _, field = k.rpartition(".")
         optimizer.setdefault(fqn, {})[field] = v
+    optimizer = stack_expert_optimizer(optimizer)
     trainer = {k[len("trainer."):]: int(v) for k, v in flat.items() if k.startswith("trainer.")}
     return {"model": model, "optimizer": optimizer, "step": trainer.get("step", 0), "trainer": trainer,
             "config": meta.get("config", {}),
