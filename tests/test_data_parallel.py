@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_ufp4.data.gpt_dataset import GlobalBatchSampler
+from megatron_ufp4.model.expert_keys import stack_experts
 from megatron_ufp4.parallel import build_parallel_state
 from megatron_ufp4.parallel.data_parallel import DataParallel, named_parameters
 from megatron_ufp4.parallel.expert import build_expert_parallel_model, update_expert_bias
@@ -85,9 +86,18 @@ class Parallel:
         return float(norm)
 
 
+def per_expert_sd(model) -> dict:
+    """The model's state dict as checkpoints key it (stacked experts one by one), cloned."""
+    from megatron_ufp4.model.expert_keys import unstack_experts
+    from megatron_ufp4.model.placement import named_placements
+
+    return {k: v.clone() if torch.is_tensor(v) else v
+            for k, v in unstack_experts(model.state_dict(), named_placements(model)).items()}
+
+
 def max_param_diff(model, ref) -> float:
-    ref_sd = ref.state_dict()
-    return max(float((v - ref_sd[k]).abs().max()) for k, v in model.state_dict().items() if torch.is_tensor(v)
+    ref_sd = per_expert_sd(ref)
+    return max(float((v - ref_sd[k]).abs().max()) for k, v in per_expert_sd(model).items() if torch.is_tensor(v)
                and v.is_floating_point())
 
 
@@ -189,15 +199,16 @@ def _dp_checks(rank, world):
             diffs.append(max_param_diff(par.model, ref.model))
         out[f"ep{ep}"] = {"norms": norms, "diffs": diffs, "owned": owned,
                           "state_keys": sorted(par.opt.state_dict()),
+                          "state_fqns": list(par.opt.checkpoint_placements()),
                           "bias": torch.stack([m.router.expert_bias for m in model.moe_layers()])}
         if ep == 2:  # checkpoint after 3 steps, then go on for 2 more at DP=2
-            out["ckpt"] = {"model": {k: v.clone() if torch.is_tensor(v) else v for k, v in model.state_dict().items()},
+            out["ckpt"] = {"model": per_expert_sd(model),
                            "optim": par.opt.state_dict(), "consumed": sampler.consumed_samples}
             for _, ref_idx, idx in zip(range(2), ref_sampler, sampler):
                 par.step(data[idx])
                 ref.step(data[ref_idx])
-            out["after5"] = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
-            out["ref_after5"] = {k: v.clone() for k, v in ref.model.state_dict().items() if torch.is_tensor(v)}
+            out["after5"] = {k: v for k, v in per_expert_sd(model).items() if torch.is_tensor(v)}
+            out["ref_after5"] = {k: v for k, v in per_expert_sd(ref.model).items() if torch.is_tensor(v)}
     return _portable(out)
 
 
@@ -212,7 +223,7 @@ def test_data_parallel_zero1_two_ranks():
             assert max(r["diffs"]) < 1e-5, (ep, r["diffs"])
             for got, want in r["norms"]:
                 assert abs(got - want) < 1e-5 * want and got > MAX_NORM, r["norms"]  # clipping was active
-            assert r["state_keys"] == r["owned"]  # the state holds the owned parameters only
+            assert r["state_keys"] == sorted(r["state_fqns"])  # the state holds the owned parameters only
         # every rank reports the same norm; dense params split between the two ranks, none twice
         assert outs[0][f"ep{ep}"]["norms"] == outs[1][f"ep{ep}"]["norms"]
         assert torch.equal(outs[0][f"ep{ep}"]["bias"], outs[1][f"ep{ep}"]["bias"])
@@ -221,20 +232,20 @@ def test_data_parallel_zero1_two_ranks():
         if ep == 1:
             assert own0 | own1 == {n for n, _ in tiny_model().named_parameters()}
     # EP=2: each rank owns its own experts (edp groups are single ranks)
-    assert {n.split(".")[4] for n in outs[1]["ep2"]["owned"] if ".experts." in n} == {"2", "3"}
+    assert {n.split(".")[4] for n in outs[1]["ep2"]["state_keys"] if ".experts." in n} == {"2", "3"}
     print("DP=2 vs single process, max param diff per step:", outs[0]["ep1"]["diffs"], outs[0]["ep2"]["diffs"])
 
     # the DP=2 / EP=2 checkpoint resumes at DP=1 (one process, every expert) and continues identically
     model_sd = merge_state_dicts(o["ckpt"]["model"] for o in outs)  # union: dense (equal) + both expert shards
     model = tiny_model()
-    model.load_state_dict(model_sd)
+    model.load_state_dict(stack_experts(model_sd))
     par = Parallel(model, build_parallel_state())
     assert par.opt.load_state_dict([o["ckpt"]["optim"] for o in outs], strict=True) == len(named_parameters(model))
     data = samples()
     sampler = GlobalBatchSampler(len(data), GLOBAL_BATCH, consumed_samples=outs[0]["ckpt"]["consumed"])
     for _, idx in zip(range(2), sampler):
         par.step(data[idx])
-    sd = model.state_dict()
+    sd = per_expert_sd(model)
     merged5 = merge_state_dicts(o["after5"] for o in outs)
     cont = max(float((sd[k] - v).abs().max()) for k, v in merged5.items() if v.is_floating_point())
     ref = max(float((sd[k] - v).abs().max()) for k, v in outs[0]["ref_after5"].items() if v.is_floating_point())

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from megatron_ufp4.model import GPTModel, LinearFactory, ModelConfig
 from megatron_ufp4.parallel import build_parallel_state
 from megatron_ufp4.parallel.data_parallel import DataParallel, expert_param_names
-from megatron_ufp4.parallel.expert import (AllGatherDispatcher, AllToAllDispatcher, ExpertShard, _chunk_transpose,
+from megatron_ufp4.parallel.expert import (AllGatherDispatcher, AllToAllDispatcher, _chunk_transpose,
                                            build_expert_parallel_model, expert_range, reduced_moe_stats,
                                            set_dispatcher, shard_experts, update_expert_bias)
 
@@ -69,30 +69,37 @@ def test_chunk_transpose():
 
 
 def test_shard_keeps_global_expert_names():
+    from megatron_ufp4.model.expert_keys import unstack_experts
+    from megatron_ufp4.model.placement import named_placements
+
     full = tiny_model()
     full_sd = full.state_dict()
     keys = set(full_sd)
+    per_expert_full = set(unstack_experts(full_sd, named_placements(full)))
     shards = []
     for r in range(2):
         m = shard_experts(copy.deepcopy(full), 2, r)
         assert list(expert_range(4, 2, r)) == [2 * r, 2 * r + 1]
         for moe in m.moe_layers():
-            assert isinstance(moe.experts, ExpertShard) and moe.experts.indices == [2 * r, 2 * r + 1]
-            assert moe.experts[2 * r] is moe.experts._modules[str(2 * r)]
+            assert moe.experts.indices == (2 * r, 2 * r + 1)
             assert moe.expert_params() == full.layers["0"].mlp.expert_params()
         sd = m.state_dict()
+        assert set(sd) == keys  # stacked: the same keys, each expert stack holding this rank's two
         for k, v in sd.items():
             if torch.is_tensor(v):
-                assert torch.equal(v, full_sd[k]), k
-        shards.append(set(sd))
-    assert shards[0] | shards[1] == keys  # the union of the shards is the full model's state dict
+                assert torch.equal(v, full_sd[k][2 * r:2 * r + 2] if ".experts." in k else full_sd[k]), k
+            elif k.endswith("_extra_state") and ".experts." in k:
+                assert sorted(v) == [2 * r, 2 * r + 1]
+        shards.append(set(unstack_experts(sd, named_placements(m))))  # the checkpoint keys
+    assert shards[0] | shards[1] == per_expert_full  # the union of the shards is the full model's
     experts = expert_param_names(full)  # from module metadata, not names
     assert experts == {k for k in keys if ".mlp.experts." in k and not k.endswith("_extra_state")}
-    assert shards[0] & shards[1] == keys - {k for k in keys if ".mlp.experts." in k}
-    assert len([k for k in experts if k.endswith(".weight")]) == 2 * 4 * 2  # layers x experts x (gate_up, down)
+    assert shards[0] & shards[1] == per_expert_full - {k for k in per_expert_full if ".mlp.experts." in k}
+    assert len([k for k in shards[0] | shards[1] if ".experts." in k and k.endswith(".weight")]) == 2 * 4 * 2
     assert not experts & {k for k in keys if ".mlp.shared." in k or ".router." in k}
-    with pytest.raises(ValueError, match="already sharded"):
-        shard_experts(m, 2, 1)
+    assert shard_experts(m, 2, 1) is m  # built with (or cut to) its experts: nothing to do
+    with pytest.raises(ValueError, match="holds experts 2..3"):
+        shard_experts(m, 2, 0)
 
 
 @pytest.mark.parametrize("dispatcher", [AllToAllDispatcher, AllGatherDispatcher])
@@ -150,6 +157,8 @@ def _max_diff(got, ref, rank):
     worst = 0.0
     for n, g in got["grads"].items():
         r = ref["grads"][n]
+        if g is not None and r is not None and ".experts." in n:  # stacked: this rank's experts' rows
+            r = r[2 * rank:2 * rank + 2]
         if g is None or r is None:
             assert (g is None or not g.any()) and (r is None or not r.any()), n
             continue

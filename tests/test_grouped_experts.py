@@ -1,6 +1,7 @@
-"""Routed experts as grouped GEMMs (model/experts.py, linear/grouped.py, fp4/grouped.py):
-bitwise the per-expert loop for every recipe, forward and every gradient, with uneven
-counts, experts without tokens and token counts that are not whole blocks."""
+"""Routed experts, stacked, as grouped GEMMs (model/experts.py, linear/expert_linear.py,
+linear/grouped.py, fp4/grouped.py): bitwise the per-expert loop and separate per-expert
+linears for every recipe, forward and every gradient, with uneven counts, experts without
+tokens and token counts that are not whole blocks."""
 import copy
 
 import pytest
@@ -12,8 +13,9 @@ from megatron_ufp4.fp4.hadamard import RHT
 from megatron_ufp4.fp4.quantize import fake_quantize, tensor_amax
 from megatron_ufp4.fp4.recipes import PRESETS
 from megatron_ufp4.linear.backends import grouped_mm
-from megatron_ufp4.linear.grouped import stacked
 from megatron_ufp4.model import LinearFactory, ModelConfig, MoE
+from megatron_ufp4.model.expert_keys import stack_experts, unstack_experts
+from megatron_ufp4.model.placement import named_placements
 from megatron_ufp4.model.experts import GroupedExperts
 from megatron_ufp4.model.init import KeyedInit
 
@@ -74,8 +76,8 @@ def test_grouped_equals_loop_bitwise(recipe, position):
     xs = torch.randn(sum(COUNTS), 64)
     dy = torch.randn(sum(COUNTS), 64)
     got, _ = compare(moe.experts, xs, COUNTS, dy)
-    for e, n in enumerate(COUNTS):  # no rows: no gradient, exactly as the loop
-        assert (got[2][f"{e}.gate_up.weight"] is None) == (n == 0)
+    for e, n in enumerate(COUNTS):  # no rows: a zero gradient (the loop's too)
+        assert bool(got[2]["gate_up.weight"][e].any()) == (n > 0) or recipe == "bf16"
     if position is None and recipe != "bf16":  # generator keys: the next draws are in step too
         moe.zero_grad(set_to_none=True)
         compare(moe.experts, xs, COUNTS, dy)
@@ -133,53 +135,105 @@ def test_no_rows_and_moe_layer_equal_loop():
         assert same(p.grad, q.grad), n
 
 
-def test_weights_are_one_tensor_and_repacked():
-    moe = make_moe("ufp4")
-    ws = [ex.gate_up.weight for ex in moe.experts]
-    w = stacked(ws)
-    assert w is not None and w.shape == (8, 64, 64) and torch.equal(w[3], ws[3])
-    moe = moe.double().float()  # _apply made them separate; the module re-packs
-    assert stacked([ex.down.weight for ex in moe.experts]) is not None
-    clone = copy.deepcopy(moe)  # deepcopy too: the forward re-packs
-    assert stacked([ex.gate_up.weight for ex in clone.experts]) is None
-    clone.experts(torch.randn(3, 64), [1, 2, 0, 0, 0, 0, 0, 0])
-    assert stacked([ex.gate_up.weight for ex in clone.experts]) is not None
-    shard = moe.experts.select([2, 3])  # an EP shard: its own (2, ...) tensor, names kept
-    assert shard.indices == [2, 3] and stacked([ex.gate_up.weight for ex in shard]).shape[0] == 2
-    assert set(shard.state_dict()) == {k for k in moe.experts.state_dict() if k.split(".")[0] in ("2", "3")}
+def separate_experts(moe, factory):
+    """The layer's experts as earlier versions built them: one SwiGLU of two linears per
+    expert, named ``mlp.experts.<e>.*`` (their SR seeds), with the stacked weights' values."""
+    out = []
+    for j, e in enumerate(moe.experts.indices):
+        pair = []
+        for proj, (i, o, kind, parts) in (("gate_up", (64, 64, "column", 2)), ("down", (32, 64, "row", 1))):
+            lin = factory(i, o, kind=kind, layer_index=1, name=f"mlp.experts.{e}.{proj}", parts=parts, in_moe=True)
+            with torch.no_grad():
+                lin.weight.copy_(getattr(moe.experts, proj).weight[j])
+            pair.append(lin)
+        out.append(pair)
+    return out
 
 
-def test_state_dict_keeps_per_expert_keys_and_round_trips():
+@pytest.mark.parametrize("recipe", ["ufp4", "nvfp4", "e2m1_ref", {"name": "ufp4", "sr": ["x", "w", "dy"]}],
+                         ids=["ufp4", "nvfp4", "e2m1_ref", "ufp4-sr-all"])
+def test_stacked_experts_equal_separate_linears(recipe):
+    """The independent reference: a separate linear per expert (earlier versions' layout),
+    each on its rows; the stacked layer's output, dX and each expert's dW equal theirs."""
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=64,
+                      max_seq_len=16, num_experts=8, moe_top_k=2, moe_ffn_hidden_size=32).validate()
+    factory = LinearFactory(recipe, cfg.num_layers, seed=3)
+    moe = MoE(cfg, factory, layer_index=1)
+    moe.init_weights(KeyedInit(moe, 7), 0.2, 0.2)
+    factory.step_context.at(2, 1)
+    sep = separate_experts(moe, factory)
+    torch.manual_seed(11)
+    xs, dy = torch.randn(sum(COUNTS), 64), torch.randn(sum(COUNTS), 64)
+    got = run(moe.experts, xs, COUNTS, dy, loop=False)
+    x = xs.clone().requires_grad_(True)
+    outs = []
+    for (gate_up, down), chunk in zip(sep, x.split(COUNTS)):
+        if chunk.shape[0]:
+            gate, up = gate_up(chunk).chunk(2, dim=-1)
+            outs.append(down(torch.nn.functional.silu(gate) * up))
+    y = torch.cat(outs)
+    y.backward(dy)
+    assert same(got[0], y.detach()) and same(got[1], x.grad)
+    for j, ((gate_up, down), n) in enumerate(zip(sep, COUNTS)):
+        for proj, lin in (("gate_up", gate_up), ("down", down)):
+            stacked_grad = got[2][f"{proj}.weight"][j]
+            assert same(stacked_grad, lin.weight.grad) if n else (lin.weight.grad is None and not stacked_grad.any())
+
+
+def test_experts_are_two_stacked_parameters():
+    moe = make_moe("ufp4", bias=True)
+    names = {n: tuple(p.shape) for n, p in moe.experts.named_parameters()}
+    assert names == {"gate_up.weight": (8, 64, 64), "gate_up.bias": (8, 64), "down.weight": (8, 64, 32),
+                     "down.bias": (8, 64)}
+    assert not [m for m in moe.experts.modules() if type(m).__name__ in ("SwiGLU", "QuantizedLinear")]
+    moe = moe.double().float()  # _apply keeps one tensor per stack
+    assert moe.experts.gate_up.weight.shape == (8, 64, 64)
+    kept = moe.experts.gate_up.weight.detach()[2:4].clone()
+    moe.experts.select([2, 3])  # an EP shard: its own (2, ...) tensors, experts' global indices kept
+    assert moe.experts.indices == (2, 3) and torch.equal(moe.experts.gate_up.weight, kept)
+    assert [g.sr_seed for g in moe.experts.gate_up.gemms] == \
+        [LinearFactory("ufp4", 2, seed=3).sr_seed(1, f"mlp.experts.{e}.gate_up") for e in (2, 3)]
+    assert named_placements(moe)["experts.down.weight"].experts == (2, 3)
+
+
+def test_state_dict_is_stacked_and_its_per_expert_form_round_trips():
     moe = make_moe("nvfp4")
     sd = moe.state_dict()
-    assert "experts.5.gate_up.weight" in sd and "experts.5.down._extra_state" in sd
+    assert sd["experts.gate_up.weight"].shape == (8, 64, 64) and sorted(sd["experts.down._extra_state"]) == \
+        list(range(8))
+    per = unstack_experts(sd, named_placements(moe))  # the checkpoint key form: one key per expert
+    assert torch.equal(per["experts.5.gate_up.weight"], sd["experts.gate_up.weight"][5])
+    assert set(per["experts.5.down._extra_state"]) == {"sr_generator", "rht_signs"}
+    back = stack_experts(per)
+    assert set(back) == set(sd) and all(torch.equal(back[k], v) for k, v in sd.items() if torch.is_tensor(v))
     other = make_moe("nvfp4")
     with torch.no_grad():
         for p in other.parameters():
             p.zero_()
-    other.load_state_dict(sd)  # copies into the packed views
-    assert stacked([ex.gate_up.weight for ex in other.experts]) is not None
-    for k, v in other.state_dict().items():
-        if torch.is_tensor(v):
-            assert torch.equal(v, sd[k]), k
+    other.load_state_dict(back)
     torch.manual_seed(4)
     xs, dy = torch.randn(sum(COUNTS), 64), torch.randn(sum(COUNTS), 64)
     a, b = run(moe.experts, xs, COUNTS, dy, False), run(other.experts, xs, COUNTS, dy, False)
-    assert same(a[0], b[0])
+    assert same(a[0], b[0]) and same(a[1], b[1])
+    with pytest.raises(ValueError, match="extra state for experts"):
+        other.experts.gate_up.set_extra_state({0: sd["experts.gate_up._extra_state"][0]})
 
 
-def test_optimizer_step_updates_the_packed_weights_in_place():
+def test_optimizer_step_updates_every_expert_as_megatron_does():
+    """A stacked expert without tokens has a zero gradient: AdamW moves it by weight decay
+    only (Megatron-LM's grouped GEMM; separate Parameters with no gradient were skipped)."""
     moe = make_moe("ufp4")
-    opt = torch.optim.AdamW(moe.parameters(), lr=1e-2)
+    lr, wd = 1e-2, 0.1
+    opt = torch.optim.AdamW(moe.parameters(), lr=lr, weight_decay=wd)
     torch.manual_seed(5)
     xs = torch.randn(sum(COUNTS), 64)
     moe.experts(xs, COUNTS).sum().backward()
-    before = stacked([ex.gate_up.weight for ex in moe.experts]).clone()
+    before = moe.experts.gate_up.weight.detach().clone()
     opt.step()
-    after = stacked([ex.gate_up.weight for ex in moe.experts])
-    assert after is not None
-    for e, n in enumerate(COUNTS):  # AdamW skips the experts without tokens (grad None)
-        assert torch.equal(after[e], before[e]) == (n == 0)
+    after = moe.experts.gate_up.weight
+    for e, n in enumerate(COUNTS):
+        decayed = before[e] * (1 - lr * wd)  # AdamW's decoupled decay, then a zero Adam step
+        assert torch.equal(after[e], decayed) == (n == 0), e
 
 
 # -- the grouped quantizer and GEMM on their own -------------------------------------------------------
@@ -271,7 +325,7 @@ def _parallel_checks(rank, world):
             m(tokens).float().square().mean().backward()
             grads.append({n: p.grad for n, p in m.named_parameters()})
         out[f"ep_{kind}"] = [n for n in grads[1] if not same(grads[0][n], grads[1][n])]
-        out[f"ep_{kind}_experts"] = sorted({n.split(".")[4] for n in grads[0] if ".experts." in n})
+        out[f"ep_{kind}_experts"] = sorted({str(e) for moe in m.moe_layers() for e in moe.experts.indices})
     return out
 
 

@@ -55,7 +55,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..model.expert_keys import per_expert_views
+from ..linear.expert_linear import per_expert_name, stacked_name
+from ..model.expert_keys import per_expert_views, stack_expert_optimizer, unstack_expert_optimizer
 from ..model.placement import Placement, named_placements
 from .data_parallel import named_parameters, param_kind, replica_group
 
@@ -130,6 +131,20 @@ def _adamw_state_by_fqn(named, optimizer: torch.optim.Optimizer) -> dict:
         if st:
             out[n] = {"exp_avg": st["exp_avg"].detach().clone(), "exp_avg_sq": st["exp_avg_sq"].detach().clone(),
                       "step": torch.as_tensor(st["step"]).detach().clone().float().cpu()}
+    return out
+
+
+def _only_complete_stacks(states: dict, placements: dict[str, Placement]) -> dict:
+    """``states`` with, for each stacked parameter of ``placements``, exactly its experts'
+    per-expert entries (those of experts other ranks hold dropped), renamed 0..n-1 for
+    ``stack_expert_optimizer``; a stack missing an expert's entry is left out (no state)."""
+    out = {k: v for k, v in states.items() if stacked_name(k) is None}
+    for n, p in placements.items():
+        if p.experts is None:
+            continue
+        rows = [states.get(per_expert_name(n, e)) for e in p.experts]
+        if all(r is not None for r in rows):
+            out.update({per_expert_name(n, j): r for j, r in enumerate(rows)})
     return out
 
 
@@ -232,8 +247,20 @@ class DistributedOptimizer:
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """{fqn: {"exp_avg", "exp_avg_sq", "step"}} for the owned parameters with state."""
-        return {} if self.optimizer is None else _adamw_state_by_fqn(self.owned, self.optimizer)
+        """{fqn: {"exp_avg", "exp_avg_sq", "step"}} for the owned parameters with state, stacked
+        experts one by one under their per-expert fqns (as checkpoints key them)."""
+        if self.optimizer is None:
+            return {}
+        return unstack_expert_optimizer(_adamw_state_by_fqn(self.owned, self.optimizer), self.placements)
+
+    def checkpoint_placements(self) -> dict[str, Placement]:
+        """The placement of each owned parameter under its ``state_dict`` fqn (each expert of a
+        stack placed as its own linear)."""
+        out = {}
+        for n, _ in self.owned:
+            p = self.placements[n]
+            out.update({n: p} if p.experts is None else {per_expert_name(n, e): p.per_expert() for e in p.experts})
+        return out
 
     def load_state_dict(self, states: dict | Sequence[dict], strict: bool = False) -> int:
         """Install the entries of ``states`` (a merged FQN dict or a list of per-rank dicts)
@@ -244,6 +271,7 @@ class DistributedOptimizer:
         if self.optimizer is None:
             return 0
         loaded = 0
+        states = stack_expert_optimizer(_only_complete_stacks(states, self.placements))
         for n, p in self.owned:
             st = states.get(n)
             if st is None:

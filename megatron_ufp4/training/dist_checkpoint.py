@@ -38,7 +38,7 @@ from .checkpoint import (CheckpointError, undo_save, checkpoint_root, commit_che
 from .errors import is_comm_failure
 from ..outputs import fsync_dir, os_error_line, write_synced
 from ..linear.expert_linear import per_expert_name
-from ..model.expert_keys import stack_expert_optimizer, stack_experts
+from ..model.expert_keys import stack_expert_optimizer, stack_experts, unstack_expert_optimizer
 from ..model.placement import Placement, placement_of
 from ..parallel.parallel_factory import shard_tensor
 
@@ -333,26 +333,23 @@ def _gathered_partitions(optimizer, state) -> dict:
     return merged
 
 
-def _per_expert_fqns(fqn: str, placement: Placement) -> list[str]:
-    return [fqn] if placement.experts is None else [per_expert_name(fqn, e) for e in placement.experts]
-
-
 def trainer_entries(stages, optimizer, state, counters: dict, templates: bool = False) -> tuple[dict, dict]:
     """Everything the trainer checkpoints, as DCP entries: ``model.*`` (this rank's
     modules), ``optim.*`` (the AdamW moments this rank owns; ``templates``: empty ones of this
     layout, for a load to fill) and ``trainer.*`` counters.  Returns (entries, model owners)."""
     model, owners = model_entries(stages, state)
     entries = {f"model.{k}": v for k, v in model.items()}
-    states = optimizer.state_dict()
+    states = optimizer.state_dict()  # under checkpoint fqns: stacked experts one by one
     if templates:
-        states = {n: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p), "step": torch.zeros(())}
-                  for n, p in optimizer.owned}
+        states = unstack_expert_optimizer({n: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p),
+                                               "step": torch.zeros(())} for n, p in optimizer.owned},
+                                          optimizer.placements)
+    where = optimizer.checkpoint_placements()
     for fqn, sd in states.items():
         for field in ("exp_avg", "exp_avg_sq"):
             entries.update({f"optim.{k}": v for k, v in
-                            to_checkpoint_entries(f"{fqn}.{field}", sd[field], optimizer.placements[fqn],
-                                                  state).items()})
-        entries.update({f"optim.{k}.step": sd["step"] for k in _per_expert_fqns(fqn, optimizer.placements[fqn])})
+                            to_checkpoint_entries(f"{fqn}.{field}", sd[field], where[fqn], state).items()})
+        entries[f"optim.{fqn}.step"] = sd["step"]
     entries.update({f"trainer.{k}": torch.tensor(counters[k]) for k in COUNTERS})
     return entries, owners
 
@@ -383,14 +380,12 @@ def load_trainer(path: Path, stages, optimizer, state, config: dict, shown_as: P
     load_sharded(entries, path)  # verified, no unpickling of code; fills this layout's entries, resharding
     restore_model(stages, {k[len("model."):]: v for k, v in entries.items() if k.startswith("model.")}, owners, state)
     states = {}
-    for fqn, _ in optimizer.owned:
+    for fqn, placement in optimizer.checkpoint_placements().items():
         sd = {}
         for field in ("exp_avg", "exp_avg_sq"):
             sub = {k[len("optim."):]: v for k, v in entries.items() if k.startswith(f"optim.{fqn}.{field}")}
-            sd[field] = from_checkpoint_entries(f"{fqn}.{field}", sub, optimizer.placements[fqn], state)
-        # stacked experts: one count (the largest; see model/expert_keys.stack_expert_optimizer)
-        sd["step"] = torch.stack([entries[f"optim.{k}.step"].reshape(())
-                                  for k in _per_expert_fqns(fqn, optimizer.placements[fqn])]).max()
+            sd[field] = from_checkpoint_entries(f"{fqn}.{field}", sub, placement, state)
+        sd["step"] = entries[f"optim.{fqn}.step"]
         states[fqn] = sd
     optimizer.load_state_dict(states)
     return {k: int(entries[f"trainer.{k}"]) for k in COUNTERS}
