@@ -60,11 +60,18 @@ def _optimizer_by_name(data: dict, cfg, model, src: Path) -> dict | None:
         return None  # weights only
     if "param_groups" not in opt:
         return stack_expert_optimizer(opt)  # by name (a to-single file; per expert from earlier versions)
-    # numbered: earlier versions' parameters, each routed expert's its own, 2-D ones decayed first
-    named = _earlier_parameters(model)
-    groups = [[(n, s) for n, s in named if len(s) >= 2], [(n, s) for n, s in named if len(s) < 2]]
+    # numbered, matrices decayed first: the model's parameters, or earlier versions' (each routed
+    # expert its own) -- the group sizes tell them apart (they differ whenever there are experts)
     saved = opt["param_groups"]
-    if not isinstance(saved, list) or [len(g.get("params", [])) for g in saved] != [len(g) for g in groups]:
+    sizes = [len(g.get("params", [])) for g in saved] if isinstance(saved, list) else None
+    placements = named_placements(model)
+    layouts = ([(n, tuple(p.shape), placements[n].matrix) for n, p in model.named_parameters()],
+               [(n, tuple(v.shape), v.dim() >= 2) for n, v in per_expert_views(model.named_parameters(), placements)])
+    for named in layouts:
+        groups = [[(n, s) for n, s, m in named if m], [(n, s) for n, s, m in named if not m]]
+        if sizes == [len(g) for g in groups]:
+            break
+    else:
         raise CheckpointError(f"{src}: its optimizer's parameter groups do not match the model of its config")
     out = {}
     for g_saved, g in zip(saved, groups):
@@ -78,12 +85,6 @@ def _optimizer_by_name(data: dict, cfg, model, src: Path) -> dict | None:
             out[fqn] = {"exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"],
                         "step": torch.as_tensor(st["step"]).detach().float().reshape(())}
     return stack_expert_optimizer(out)
-
-
-def _earlier_parameters(model) -> list[tuple[str, tuple[int, ...]]]:
-    """``(name, shape)`` of ``model``'s parameters as earlier versions' one-process model
-    listed them (one module per routed expert: ``per_expert_views``)."""
-    return [(n, tuple(v.shape)) for n, v in per_expert_views(model.named_parameters(), named_placements(model))]
 
 
 def _weight_keys(keys) -> set:
