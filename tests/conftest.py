@@ -224,15 +224,32 @@ def write_legacy_state_file(trainer, path) -> None:
     import numpy as np
     import torch
 
-    params = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
-    order = [n for n, p in params if p.dim() >= 2] + [n for n, p in params if p.dim() < 2]
+    from megatron_ufp4.linear.expert_linear import per_expert_name
+    from megatron_ufp4.model.expert_keys import unstack_experts
+    from megatron_ufp4.model.placement import named_placements
+
+    # earlier versions' parameters: one SwiGLU module per routed expert (expert e's gate_up
+    # weight [bias], down weight [bias], then expert e + 1's), (name, dims)
+    named, placements = list(trainer.model.named_parameters()), named_placements(trainer.model)
+    params, layers = [], set()
+    for n, p in named:
+        experts = placements[n].experts
+        if experts is None:
+            params.append((n, p.dim()))
+            continue
+        layer = n.rpartition(".experts.")[0]
+        if layer not in layers:
+            layers.add(layer)
+            members = [(m, q) for m, q in named if m.startswith(f"{layer}.experts.")]
+            params += [(per_expert_name(m, e), q.dim() - 1) for e in experts for m, q in members]
+    order = [n for n, d in params if d >= 2] + [n for n, d in params if d < 2]
     ids = {n: i for i, n in enumerate(order)}
-    owned = trainer.optimizer.state_dict()
+    owned = trainer.optimizer.state_dict()  # per-expert fqns, as earlier versions named them
     wd = trainer.cfg.optimizer.weight_decay
     group = {"lr": 0.0, "betas": (trainer.cfg.optimizer.beta1, trainer.cfg.optimizer.beta2),
              "eps": trainer.cfg.optimizer.eps, "amsgrad": False, "maximize": False, "foreach": None,
              "capturable": False, "differentiable": False, "fused": True}
-    n_matrices = sum(1 for n, p in params if p.dim() >= 2)
+    n_matrices = sum(1 for n, d in params if d >= 2)
     optimizer = {"state": {ids[n]: {k: v.clone() for k, v in st.items()} for n, st in owned.items()},
                  "param_groups": [{**group, "weight_decay": wd, "params": list(range(n_matrices))},
                                   {**group, "weight_decay": 0.0, "params": list(range(n_matrices, len(order)))}]}
@@ -241,7 +258,8 @@ def write_legacy_state_file(trainer, path) -> None:
            "python_version": random.getstate()[0], "python_gauss": random.getstate()[2],
            "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos),
            "numpy_has_gauss": int(has_gauss), "numpy_gauss": float(gauss)}
-    state = {"model": trainer.model.state_dict(), "optimizer": optimizer, "step": trainer.step,
+    state = {"model": unstack_experts(trainer.model.state_dict(), placements), "optimizer": optimizer,
+             "step": trainer.step,
              "consumed_samples": trainer.step * trainer.cfg.training.global_batch_size,
              "skipped_total": trainer.skipped_total, "consecutive_nonfinite": trainer.consecutive_nonfinite,
              "rng": rng, "config": trainer.cfg.to_dict()}

@@ -29,6 +29,7 @@ from megatron_ufp4.data.tokenizer import Tokenizer  # noqa: E402
 from megatron_ufp4.hf import HFMappingError  # noqa: E402
 from megatron_ufp4.hf.convert import export_hf  # noqa: E402
 from megatron_ufp4.model import GPTModel, LinearFactory  # noqa: E402
+from megatron_ufp4.model.placement import named_placements  # noqa: E402
 from megatron_ufp4.parallel.optimizer import param_groups  # noqa: E402
 
 try:
@@ -61,7 +62,9 @@ def make_checkpoint(dirpath: Path, prefix: str, seed: int = 0, **model) -> tuple
                     p.copy_(1 + 0.2 * torch.randn_like(p))
                 elif k.endswith(".bias") or (k.endswith("expert_bias") and cfg.model.router_score == "sigmoid"):
                     p.copy_(0.1 * torch.randn_like(p))  # softmax routing: transformers has no selection bias
-    opt = torch.optim.AdamW(param_groups(m.parameters(), 0.1), lr=1e-3, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    matrix = {id(p): named_placements(m)[n].matrix for n, p in m.named_parameters()}  # stacked experts' biases: vectors
+    opt = torch.optim.AdamW(param_groups(m.parameters(), 0.1, lambda p: matrix[id(p)]), lr=1e-3, betas=(0.9, 0.95),
+                            eps=1e-8, fused=True)
     ckpt = dirpath / "checkpoints" / "step_00000001"
     ckpt.mkdir(parents=True)
     torch.save({"model": m.state_dict(), "optimizer": opt.state_dict(), "step": 1, "config": cfg.to_dict(),
