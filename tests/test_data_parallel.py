@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_ufp4.data.gpt_dataset import GlobalBatchSampler
-from megatron_ufp4.model.expert_keys import stack_experts
+from megatron_ufp4.linear.expert_linear import per_expert_name
+from megatron_ufp4.model.expert_keys import stack_experts, unstack_expert_optimizer, unstack_experts
+from megatron_ufp4.model.placement import named_placements
 from megatron_ufp4.parallel import build_parallel_state
 from megatron_ufp4.parallel.data_parallel import DataParallel, named_parameters
 from megatron_ufp4.parallel.expert import build_expert_parallel_model, update_expert_bias
@@ -88,11 +90,15 @@ class Parallel:
 
 def per_expert_sd(model) -> dict:
     """The model's state dict as checkpoints key it (stacked experts one by one), cloned."""
-    from megatron_ufp4.model.expert_keys import unstack_experts
-    from megatron_ufp4.model.placement import named_placements
-
     return {k: v.clone() if torch.is_tensor(v) else v
             for k, v in unstack_experts(model.state_dict(), named_placements(model)).items()}
+
+
+def per_expert_names(named, model) -> set:
+    """Parameter names as checkpoints key them: a stacked expert parameter once per expert held."""
+    placements = named_placements(model)
+    return {per_expert_name(n, e) if placements[n].experts is not None else n
+            for n, _ in named for e in (placements[n].experts or (None,))}
 
 
 def max_param_diff(model, ref) -> float:
@@ -129,11 +135,20 @@ def test_zero_at_dp1_equals_torch_adamw_and_checkpoints():
     moments = {n: ref.opt.state[p] for n, p in ref.model.named_parameters() if p in ref.opt.state}
     conv = {n: {"exp_avg": m["exp_avg"].clone(), "exp_avg_sq": m["exp_avg_sq"].clone(),  # torch AdamW's, by name
                 "step": torch.as_tensor(m["step"]).clone().float()} for n, m in moments.items()}
-    assert sd.keys() == conv.keys() and all(torch.equal(sd[k][f], conv[k][f]) for k in sd for f in sd[k])
+    # the checkpoint form: stacked experts one fqn per expert (views of the stacked moments)
+    per_expert = unstack_expert_optimizer(conv, named_placements(ref.model))
+    assert len(per_expert) > len(conv)  # the model has stacked experts
+    assert sd.keys() == per_expert.keys()
+    assert all(torch.equal(sd[k][f], per_expert[k][f]) for k in sd for f in sd[k])
     assert set(sd[next(iter(sd))]) == {"exp_avg", "exp_avg_sq", "step"} and float(sd[next(iter(sd))]["step"]) == 2
-    # resume into a fresh ZeRO optimizer from the converted single-process state
+    # the stacked (model-fqn) form loads as well, to the same state
+    stacked = Parallel(copy.deepcopy(ref.model), st)
+    assert stacked.opt.load_state_dict(conv, strict=True) == len(conv)
+    got = stacked.opt.state_dict()
+    assert got.keys() == sd.keys() and all(torch.equal(got[k][f], sd[k][f]) for k in sd for f in sd[k])
+    # resume into a fresh ZeRO optimizer from the converted single-process state, keyed per expert
     resumed = Parallel(copy.deepcopy(ref.model), st)
-    assert resumed.opt.load_state_dict(conv, strict=True) == len(conv)
+    assert resumed.opt.load_state_dict(per_expert, strict=True) == len(conv)  # one per parameter
     batch = data[2 * GLOBAL_BATCH:3 * GLOBAL_BATCH]
     assert resumed.step(batch) == ref.step(batch) == par.step(batch)
     assert max_param_diff(resumed.model, ref.model) == 0 and max_param_diff(par.model, ref.model) == 0
@@ -190,7 +205,7 @@ def _dp_checks(rank, world):
         model = build_expert_parallel_model(tiny_model(), st, "alltoall")
         par = Parallel(model, st)
         par.dp.broadcast_params()
-        owned = sorted(n for n, _ in par.opt.owned)
+        owned = sorted(per_expert_names(par.opt.owned, model))  # each expert of a stack on its own
         ref_sampler = GlobalBatchSampler(len(data), GLOBAL_BATCH)
         sampler = GlobalBatchSampler(len(data), GLOBAL_BATCH, dp_rank=st.dp_rank, dp_size=st.dp)
         norms, diffs = [], []
@@ -229,8 +244,8 @@ def test_data_parallel_zero1_two_ranks():
         assert torch.equal(outs[0][f"ep{ep}"]["bias"], outs[1][f"ep{ep}"]["bias"])
         own0, own1 = set(outs[0][f"ep{ep}"]["owned"]), set(outs[1][f"ep{ep}"]["owned"])
         assert own0 and own1 and not own0 & own1
-        if ep == 1:
-            assert own0 | own1 == {n for n, _ in tiny_model().named_parameters()}
+        full = tiny_model()  # every parameter (each expert of a stack) owned by a rank: at EP=2 its experts' rank
+        assert own0 | own1 == per_expert_names(full.named_parameters(), full)
     # EP=2: each rank owns its own experts (edp groups are single ranks)
     assert {n.split(".")[4] for n in outs[1]["ep2"]["state_keys"] if ".experts." in n} == {"2", "3"}
     print("DP=2 vs single process, max param diff per step:", outs[0]["ep1"]["diffs"], outs[0]["ep2"]["diffs"])

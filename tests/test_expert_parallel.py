@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_ufp4.model import GPTModel, LinearFactory, ModelConfig
+from megatron_ufp4.model.placement import named_placements
 from megatron_ufp4.parallel import build_parallel_state
 from megatron_ufp4.parallel.data_parallel import DataParallel, expert_param_names
 from megatron_ufp4.parallel.expert import (AllGatherDispatcher, AllToAllDispatcher, _chunk_transpose,
@@ -157,7 +158,7 @@ def _max_diff(got, ref, rank):
     worst = 0.0
     for n, g in got["grads"].items():
         r = ref["grads"][n]
-        if g is not None and r is not None and ".experts." in n:  # stacked: this rank's experts' rows
+        if r is not None and ".experts." in n:  # stacked: this rank's experts' rows
             r = r[2 * rank:2 * rank + 2]
         if g is None or r is None:
             assert (g is None or not g.any()) and (r is None or not r.any()), n
@@ -167,6 +168,19 @@ def _max_diff(got, ref, rank):
     return {"grad": worst, "loss": abs(got["loss"] - ref["loss"]),
             "aux": max(abs(a - b) for a, b in zip(got["aux"], ref["aux"])),
             "logits": float((got["logits"] - ref["logits"][rows]).abs().max())}
+
+
+def _held_rows(grads, model):
+    """Full-model gradients cut to what ``model`` (an EP rank's) holds: each stacked expert
+    parameter to the rows of the rank's experts (their global indices, from the placements)."""
+    placements = named_placements(model)
+    out = {}
+    for n, g in grads.items():
+        p = placements.get(n)
+        if g is not None and p is not None and p.experts is not None:
+            g = g[list(p.experts)]
+        out[n] = g
+    return out
 
 
 def _rel_gap(got, ref):
@@ -190,7 +204,12 @@ def _ep_checks(rank, world):
     out["a2a"], out["ag"] = _max_diff(a2a, ref, rank), _max_diff(ag, ref, rank)
     out["ag_vs_a2a"] = max(float((g - a2a["grads"][n]).abs().max()) for n, g in ag["grads"].items())
     out["launched_in_backward"] = a2a["launched_in_backward"]
-    out["experts_held"] = sorted({int(n.split(".")[4]) for n in a2a["grads"] if n in expert_param_names(a2a_model)})
+    # the experts held, at their global indices: every stacked expert parameter's placement, and
+    # every MoE layer's own list
+    placements = named_placements(a2a_model)
+    out["experts_held"] = sorted({e for n in a2a["grads"] if n in expert_param_names(a2a_model)
+                                  for e in placements[n].experts})
+    out["experts_per_layer"] = {moe.experts.indices for moe in a2a_model.moe_layers()}
 
     stats, ref_stats = reduced_moe_stats(a2a_model, st.group("dp")), ref_model.moe_stats()
     out["stats_equal"] = all(stats[i]["load"] == ref_stats[i]["load"] and abs(stats[i]["aux_loss"] -
@@ -216,20 +235,23 @@ def _ep_checks(rank, world):
         m, got = _ep_step(skewed, st, kind, tokens, labels, rank)
         out[f"zero_{kind}"] = _max_diff(got, ref_z, rank)
         out[f"zero_{kind}_loads"] = [x.last_load.tolist() for x in m.moe_layers()]
-        local = [g for n, g in got["grads"].items() if n in expert_param_names(m)]
-        out[f"zero_{kind}_expert_grads"] = ["none" if g is None else ("zero" if not g.any() else "nonzero")
-                                            for g in local]
+        # per expert held: its slice of each stacked expert parameter's gradient
+        local = [(g, len(m.get_parameter(n))) for n, g in got["grads"].items() if n in expert_param_names(m)]
+        out[f"zero_{kind}_expert_grads"] = ["none" if g is None else ("zero" if not g[j].any() else "nonzero")
+                                            for g, held in local for j in range(held)]
 
     # 4. the ufp4 recipe under EP=2 stays close to one process (SR noise and per-rank data differ)
     fullu = tiny_model("ufp4")
     _, refu = _reference(fullu, tokens, labels)
-    _, gotu = _ep_step(fullu, st, "alltoall", tokens, labels, rank)
+    mu, gotu = _ep_step(fullu, st, "alltoall", tokens, labels, rank)
+    refu_held = {"grads": _held_rows(refu["grads"], mu)}  # the one-process gradients of what this rank holds
     out["ufp4_loss_gap"] = abs(gotu["loss"] - refu["loss"])
-    out["ufp4_grad_rel_gap"] = _rel_gap(gotu, refu)
+    out["ufp4_grad_rel_gap"] = _rel_gap(gotu, refu_held)
     out["ufp4_finite"] = all(g is None or bool(torch.isfinite(g).all()) for g in gotu["grads"].values())
-    # yardstick: the same single-process step with other stochastic-rounding draws
+    # yardstick: the same single-process step with other stochastic-rounding draws, on the same values
     _, refu_sr = _reference(tiny_model("ufp4", sr_seed=1), tokens, labels)
-    out["ufp4_sr_seed_gap"] = _rel_gap({"grads": {n: refu_sr["grads"][n] for n in gotu["grads"]}}, refu)
+    out["ufp4_sr_seed_gap"] = _rel_gap({"grads": {n: g for n, g in _held_rows(refu_sr["grads"], mu).items()
+                                                  if n in gotu["grads"]}}, refu_held)
 
     # 5. Ling-style routing (sigmoid, 2 groups of 2 with the best group only, routed scaling, a shared
     # expert) with QK-norm and an MTP block (MoE too), through the models' own labels loss
@@ -247,7 +269,7 @@ def _ep_checks(rank, world):
     dp.finish_grad_sync()
     mean = loss.detach().clone()
     dist.all_reduce(mean)
-    ref_grads, grads = _grad_dict(ref_m), _grad_dict(ep_m)
+    ref_grads, grads = _held_rows(_grad_dict(ref_m), ep_m), _grad_dict(ep_m)
     out["ling"] = {"loss": abs(float(mean) / 2 - float(ref_loss)),
                    "grad": max(float((g - ref_grads[n]).abs().max()) for n, g in grads.items() if g is not None)}
     out["ling_mtp_moe"] = len(ep_m.moe_layers()) == 3  # layers 0, 1 and the MTP block
@@ -259,6 +281,7 @@ def test_expert_parallel_two_ranks_equals_single_process():
     outs = run_ranks(2, _ep_checks)
     for rank, o in enumerate(outs):
         assert o["experts_held"] == [2 * rank, 2 * rank + 1]
+        assert o["experts_per_layer"] == {(2 * rank, 2 * rank + 1)}
         for kind in ("a2a", "ag", "zero_alltoall", "zero_allgather"):
             d = o[kind]
             assert d["loss"] < 1e-5 and d["aux"] < 1e-7 and d["logits"] < 1e-5 and d["grad"] < 1e-5, (rank, kind, d)
@@ -278,7 +301,8 @@ def test_expert_parallel_two_ranks_equals_single_process():
         assert o["ufp4_grad_rel_gap"] < 2 * o["ufp4_sr_seed_gap"], o
         # fp32 sums in another order (the mean over ranks, index_add by rank): the 1e-5 bound above
         assert o["ling_mtp_moe"] and o["ling"]["loss"] < 1e-5 and o["ling"]["grad"] < 1e-5, o["ling"]
-    # rank 1 received no tokens: its experts have no gradient (None: no replica had one), rank 0's do
+    # rank 1 received no tokens: its experts have no gradient (a zero slice of the stacked
+    # gradient; None where no expert of the stack had rows), each of rank 0's has one
     for kind in ("alltoall", "allgather"):
         assert set(outs[1][f"zero_{kind}_expert_grads"]) <= {"none", "zero"}
         assert set(outs[0][f"zero_{kind}_expert_grads"]) == {"nonzero"}

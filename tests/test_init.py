@@ -15,8 +15,10 @@ import pytest
 import torch
 from torch import nn
 
+from megatron_ufp4.linear.expert_linear import stacked_name
 from megatron_ufp4.model import GPTModel, LinearFactory, ModelConfig
 from megatron_ufp4.model import init as init_mod
+from megatron_ufp4.model.expert_keys import per_expert_views, unstack_experts
 from megatron_ufp4.model.init import KeyedInit, global_index, keyed_normal, name_key
 from megatron_ufp4.model.placement import Placement, named_placements
 from megatron_ufp4.parallel.expert import shard_experts
@@ -229,7 +231,9 @@ def test_model_weights_are_keyed_by_global_name():
                     ("layers.0.attn.proj.weight", out_std), ("layers.0.mlp.down.weight", out_std),
                     ("layers.1.mlp.router.linear.weight", std), ("layers.1.mlp.experts.2.gate_up.weight", std),
                     ("layers.1.mlp.experts.3.down.weight", out_std), ("layers.1.mlp.shared.gate_up.weight", std)):
-        p = m.get_parameter(name)
+        stacked = stacked_name(name)  # a routed expert's weight: its slice of the layer's stack
+        p = m.get_parameter(name) if stacked is None else \
+            m.get_parameter(stacked[0])[named_placements(m)[stacked[0]].experts.index(stacked[1])]
         expect = (keyed_normal(name_key(5, name), torch.arange(p.numel()).view(p.shape)) * s).to(p.dtype)
         assert same_bits(p, expect), name
 
@@ -246,6 +250,7 @@ def test_tensor_parallel_shards_equal_the_single_process_model(recipe, kw):
         st = fake_state(2, r)
         tp = build_tensor_parallel_gpt(c, ParallelLinearFactory(recipe, c.num_layers, st), init_seed=5)
         sd = tp.state_dict()
+        tp_placements = named_placements(tp)
         assert sorted(sd) == sorted(ref_sd)
         expect = shard_state_dict(ref_sd, tp, st)
         sharded = [k for k, where in named_placements(tp).items() if where.split]
@@ -256,11 +261,11 @@ def test_tensor_parallel_shards_equal_the_single_process_model(recipe, kw):
         for k in sharded:
             assert sd[k].shape != ref_sd[k].shape, k
         assert_state_equal(sd, expect)
-        shards.append(sd)
+        shards.append(unstack_experts(sd, tp_placements))  # routed experts per expert (checkpoint keys)
     # the two ranks hold different halves (the shard index enters the values)
     assert not torch.equal(shards[0]["layers.0.attn.qkv.weight"], shards[1]["layers.0.attn.qkv.weight"])
     if c.num_experts:
-        gu = ref_sd["layers.1.mlp.experts.1.gate_up.weight"]
+        gu = unstack_experts(ref_sd, named_placements(ref))["layers.1.mlp.experts.1.gate_up.weight"]
         f = c.expert_ffn_hidden_size
         # rank 1 of the fused [gate; up]: rows [f/2, f) of gate, then rows [f + f/2, 2f) of up
         want = torch.cat([gu[f // 2:f], gu[f + f // 2:]])
@@ -312,7 +317,15 @@ def test_meta_pipeline_chunks_equal_the_full_model(kw, vpp):
 
 # -- 5. expert parallelism ---------------------------------------------------------------------------------
 def _expert_params(model) -> dict:
-    return {k: p for k, p in model.named_parameters() if ".mlp.experts." in k}
+    """The routed experts' parameters, one entry per expert under its per-expert name (a view
+    of the stacked layer's slice): ``layers.<i>.mlp.experts.<e>.<proj>.weight``."""
+    return {k: p for k, p in per_expert_views(model.named_parameters(), named_placements(model))
+            if ".mlp.experts." in k}
+
+
+def _per_expert(sd: dict, model) -> dict:
+    """A state dict of ``model`` (or of its pipeline chunk) with routed experts per expert."""
+    return unstack_experts(sd, named_placements(model))
 
 
 def test_shard_experts_keeps_global_names_and_values():
@@ -332,15 +345,18 @@ def test_shard_experts_keeps_global_names_and_values():
 
 def test_experts_initialised_on_another_layout_get_the_same_values():
     c = cfg(**MOE)
-    ref_sd = full_model(c, init_seed=5).state_dict()
+    ref = full_model(c, init_seed=5)
+    ref_sd = ref.state_dict()
+    ref_per = _per_expert(ref_sd, ref)
     for r in range(2):
         # expert-sharded on the meta device, then materialised: only this rank's experts exist
         meta = shard_experts(full_model(c, init_seed=5, meta=True), 2, r)
         meta.to_empty(device="cpu")
         meta.init_weights()
-        sd = meta.state_dict()
-        assert len([k for k in sd if ".experts." in k]) == len([k for k in ref_sd if ".experts." in k]) // 2
-        assert_state_equal(sd, ref_sd)
+        sd = _per_expert(meta.state_dict(), meta)
+        assert len([k for k in sd if ".experts." in k]) == len([k for k in ref_per if ".experts." in k]) // 2
+        assert {k.split(".")[4] for k in sd if ".experts." in k} == {str(e) for e in range(2 * r, 2 * r + 2)}
+        assert_state_equal(sd, ref_per)
         # expert- and tensor-parallel at once
         st = fake_state(2, r)
         tp = build_tensor_parallel_gpt(c, ParallelLinearFactory("bf16", c.num_layers, st), init_seed=5)
@@ -351,7 +367,7 @@ def test_experts_initialised_on_another_layout_get_the_same_values():
         meta = shard_experts(full_model(c, init_seed=5, meta=True), 2, r)
         (last,) = build_stage_modules(meta, pp=2, pp_rank=1, device="cpu")
         assert "1" in last.layers
-        assert_state_equal(last.state_dict(), ref_sd)
+        assert_state_equal(_per_expert(last.state_dict(), last), ref_per)
 
 
 # -- 6. seeds and construction order -----------------------------------------------------------------------

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_ufp4.fp4.recipes import Recipe
-from megatron_ufp4.linear import QuantizedLinear
+from megatron_ufp4.linear import ExpertLinear, QuantizedLinear
+from megatron_ufp4.linear.telemetry import gemm_states
 from megatron_ufp4.model import (PRESETS, Attention, GPTModel, LinearFactory, ModelConfig, MoE, RotaryEmbedding,
                                  count_params, derive_sr_seed, num_params, preset)
 
@@ -263,31 +264,51 @@ class RecordingFactory(LinearFactory):
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.calls = []
+        self.expert_calls = []
 
     def __call__(self, in_features, out_features, *, kind, layer_index, name, bias=False, **metadata):
         self.calls.append((layer_index, name, kind))
         return super().__call__(in_features, out_features, kind=kind, layer_index=layer_index, name=name, bias=bias,
                                 **metadata)
 
+    def experts(self, in_features, out_features, *, kind, layer_index, name, proj, **metadata):
+        self.expert_calls.append((layer_index, name, proj, kind))
+        return super().experts(in_features, out_features, kind=kind, layer_index=layer_index, name=name, proj=proj,
+                               **metadata)
+
 
 def test_every_attention_mlp_expert_linear_is_quantized_and_nothing_else():
     cfg = tiny_moe()
     factory = RecordingFactory("ufp4", cfg.num_layers, seed=5)
     model = GPTModel(cfg, factory)
-    quantized = {n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    # every linear under its own name (a routed expert's: layers.<i>.mlp.experts.<e>.<proj>) and its GEMM state
+    linears = {n: g for name, m in model.named_modules() if isinstance(m, (QuantizedLinear, ExpertLinear))
+               for n, g in gemm_states(name, m)}
     expected = set()
     for i in range(3):
         expected |= {f"layers.{i}.attn.qkv", f"layers.{i}.attn.proj"}
         mlps = ["mlp"] if i == 0 else [f"mlp.experts.{e}" for e in range(4)] + ["mlp.shared"]
         expected |= {f"layers.{i}.{m}.{p}" for m in mlps for p in ("gate_up", "down")}
-    assert quantized == expected
+    assert set(linears) == expected
+    stacks = {n for n, m in model.named_modules() if isinstance(m, ExpertLinear)}
+    assert stacks == {f"layers.{i}.mlp.experts.{p}" for i in (1, 2) for p in ("gate_up", "down")}
     modules = dict(model.named_modules())
     for layer_index, name, kind in factory.calls:  # names are state-dict paths inside the block
         lin = modules[f"layers.{layer_index}.{name}"]
+        assert isinstance(lin, QuantizedLinear)
         assert kind == ("row" if name.endswith(("proj", "down")) else "column")
         assert lin.quantized and lin.recipe.name == "ufp4"
         assert lin.gemms.generator.initial_seed() == derive_sr_seed(5, layer_index, name)
-    assert len({lin.gemms.generator.initial_seed() for n, lin in modules.items() if n in quantized}) == len(quantized)
+    assert sorted((i, f"{name}.{proj}") for i, name, proj, _ in factory.expert_calls) == sorted(
+        (int(n.split(".")[1]), n.split(".", 2)[2]) for n in stacks)
+    for layer_index, name, proj, kind in factory.expert_calls:
+        lin = modules[f"layers.{layer_index}.{name}.{proj}"]
+        assert kind == ("row" if proj == "down" else "column")
+        assert lin.quantized and lin.recipe.name == "ufp4" and lin.experts == tuple(range(4))
+        for e, g in zip(lin.experts, lin.gemms):  # each expert: its own seed, from its per-expert name
+            assert g.recipe.name == "ufp4"
+            assert g.generator.initial_seed() == derive_sr_seed(5, layer_index, f"{name}.{e}.{proj}")
+    assert len({g.generator.initial_seed() for g in linears.values()}) == len(linears)
     for n, m in model.named_modules():  # router, embedding, head: plain high-precision torch modules
         if n.endswith("router.linear") or n in ("head", "embed"):
             assert type(m) in (nn.Linear, nn.Embedding), n

@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from megatron_ufp4.linear import QuantizedLinear
+from megatron_ufp4.linear import ExpertLinear, QuantizedLinear
 from megatron_ufp4.model import GPTModel, LinearFactory, ModelConfig, MoE, Router
 from megatron_ufp4.model.init import KeyedInit
 
@@ -32,6 +33,13 @@ def hand_routed(moe: MoE, scale=10.0):
     with torch.no_grad():
         moe.router.linear.weight.copy_(torch.eye(e, h))
     return moe
+
+
+def run_expert(moe: MoE, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Routed expert ``e`` (global index) alone on ``x``: its own SwiGLU (gate_up, silu(gate) * up, down)."""
+    j = moe.experts.indices.index(e)
+    gate, up = moe.experts.gate_up.expert_forward(j, x).chunk(2, dim=-1)
+    return moe.experts.down.expert_forward(j, F.silu(gate) * up)
 
 
 def one_hot_tokens(experts, h, scale=10.0, dtype=torch.float64):
@@ -91,7 +99,7 @@ def test_dispatch_combine_equals_per_token_loop(shared):
     ref = torch.zeros_like(x2)
     for t in range(x2.shape[0]):
         for j in range(2):
-            ref[t] += weights[t, j] * moe.experts[int(idx[t, j])](x2[t:t + 1])[0]
+            ref[t] += weights[t, j] * run_expert(moe, int(idx[t, j]), x2[t:t + 1])[0]
         if shared:
             ref[t] += moe.shared(x2[t:t + 1])[0]
     torch.testing.assert_close(out, ref.view_as(x), rtol=1e-12, atol=1e-12)
@@ -169,7 +177,7 @@ def test_capacity_drops_lowest_weight_slots():
     assert not out[[0, 2]].any()  # dropped: only the residual path carries them
     weights, _, _ = moe.router(x)
     for t in (1, 3):
-        torch.testing.assert_close(out[t], weights[t, 0] * moe.experts[0](x[t:t + 1])[0])
+        torch.testing.assert_close(out[t], weights[t, 0] * run_expert(moe, 0, x[t:t + 1])[0])
 
 
 @pytest.mark.parametrize("recipe", ["bf16", "ufp4"])
@@ -181,11 +189,13 @@ def test_expert_with_zero_tokens_forward_backward(recipe):
     assert moe.last_load.tolist() == [4, 1, 0, 0]
     out.square().sum().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    gate_up, down = moe.experts.gate_up.weight.grad, moe.experts.down.weight.grad
+    assert moe.experts.indices == (0, 1, 2, 3)  # slice j of the stacks is expert j
     for e in (0, 1):
-        assert torch.isfinite(moe.experts[e].gate_up.weight.grad).all()
-        assert moe.experts[e].down.weight.grad.abs().sum() > 0
-    for e in (2, 3):  # never ran: no gradient at all (grad buffers must treat None as zero)
-        assert moe.experts[e].gate_up.weight.grad is None
+        assert torch.isfinite(gate_up[e]).all() and gate_up[e].abs().sum() > 0
+        assert torch.isfinite(down[e]).all() and down[e].abs().sum() > 0
+    for e in (2, 3):  # never ran: a zero gradient slice (the stacked weight's grad; Megatron-LM's grouped GEMM)
+        assert not gate_up[e].any() and not down[e].any()
 
 
 def test_all_slots_dropped_or_no_tokens():
@@ -196,8 +206,14 @@ def test_all_slots_dropped_or_no_tokens():
 
 def test_experts_follow_recipe():
     moe = make_moe("ufp4", dtype=torch.float32, num_shared_experts=1)
-    lins = [m for m in moe.modules() if isinstance(m, QuantizedLinear)]
-    assert len(lins) == 2 * 4 + 2 and all(m.quantized for m in lins)
+    lins = [m for m in moe.modules() if isinstance(m, QuantizedLinear)]  # the shared expert's
+    assert len(lins) == 2 and all(m.quantized and m.recipe.name == "ufp4" for m in lins)
+    stacks = [m for m in moe.modules() if isinstance(m, ExpertLinear)]  # routed: gate_up and down, stacked
+    assert stacks == [moe.experts.gate_up, moe.experts.down]
+    for m in stacks:  # every routed expert's linear: its own GEMM state, quantized by the recipe
+        assert m.quantized and m.recipe.name == "ufp4" and m.groupable()
+        assert len(m.gemms) == 4 and all(g.recipe == m.recipe for g in m.gemms)
+        assert len({g.sr_seed for g in m.gemms}) == 4
     assert not isinstance(moe.router.linear, QuantizedLinear)
 
 

@@ -272,8 +272,8 @@ def test_grouped_experts_report_the_loops_statistics(tiny_cfg, tmp_path, monkeyp
     per-operand statistics and GEMM log the per-expert loop reports; the values it trains with are
     the loop's, and those of a step without statistics (also where SR keys come from each layer's
     generator, outside a training position: drawn once, as the loop draws them)."""
-    from megatron_ufp4.linear import grouped
-    from megatron_ufp4.model import experts
+    from megatron_ufp4.linear import ExpertLinear, grouped
+    from megatron_ufp4.linear.telemetry import gemm_states
     from megatron_ufp4.parallel.build import build_model
 
     cfg = tiny_cfg("tiny_moe", tmp_path, f"recipe.name={recipe}", "model.num_experts=4", "model.moe_top_k=2",
@@ -281,11 +281,13 @@ def test_grouped_experts_report_the_loops_statistics(tiny_cfg, tmp_path, monkeyp
     g = torch.Generator().manual_seed(3)
     tokens, labels = (torch.randint(0, cfg.model.vocab_size, (2, 32), generator=g) for _ in range(2))
 
+    real, groupable = grouped.grouped_linear, ExpertLinear.groupable
+
     def step(group: bool, stats_on: bool = True):
         calls = []
-        real = grouped.grouped_linear
-        monkeypatch.setattr(experts, "can_group", grouped.can_group if group else (lambda linears: False))
-        monkeypatch.setattr(experts, "grouped_linear", lambda *a: calls.append(1) or real(*a))
+        # not grouped: every MoE layer runs its reference loop (GroupedExperts.forward_loop)
+        monkeypatch.setattr(ExpertLinear, "groupable", groupable if group else (lambda self: False))
+        monkeypatch.setattr(grouped, "grouped_linear", lambda *a: calls.append(1) or real(*a))
         torch.manual_seed(0)
         model, = build_model(cfg)
         model.train()
@@ -294,8 +296,9 @@ def test_grouped_experts_report_the_loops_statistics(tiny_cfg, tmp_path, monkeyp
         loss = model(tokens, labels)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        logs = {n: {g: e["calls"] for g, e in m.gemms.log.items()} for n, m in model.named_modules()
-                if isinstance(m, QuantizedLinear) and m.quantized}
+        logs = {n: {g: e["calls"] for g, e in gemms.log.items()} for name, m in model.named_modules()
+                if isinstance(m, (QuantizedLinear, ExpertLinear)) and m.quantized
+                for n, gemms in gemm_states(name, m)}  # a routed expert under its own name
         return loss.detach(), grads, quant_stats([model]), logs, len(calls)
 
     loss, grads, stats, logs, grouped_calls = step(group=True)
@@ -304,5 +307,7 @@ def test_grouped_experts_report_the_loops_statistics(tiny_cfg, tmp_path, monkeyp
     assert grouped_calls > 0 and loop_calls == 0
     for other_loss, other_grads in ((ref_loss, ref_grads), (off_loss, off_grads)):
         assert torch.equal(loss, other_loss) and all(torch.equal(grads[n], other_grads[n]) for n in other_grads)
-    assert any(".experts." in name for name in ref_stats)
+    experts = {f"layers.{i}.mlp.experts.{e}.{p}" for i in range(cfg.model.first_k_dense, cfg.model.num_layers)
+               for e in range(4) for p in ("gate_up", "down")}
+    assert experts <= set(ref_stats) and experts <= set(ref_logs)  # every routed expert, per expert
     assert stats == ref_stats and logs == ref_logs

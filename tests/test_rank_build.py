@@ -3,7 +3,9 @@ TP/PP/EP share materialised), equals the matching slices of the single-process m
 import pytest
 import torch
 
+from megatron_ufp4.linear.expert_linear import stacked_name
 from megatron_ufp4.model import GPTModel, LinearFactory, ModelConfig
+from megatron_ufp4.model.expert_keys import unstack_experts
 from megatron_ufp4.model.placement import named_placements
 from megatron_ufp4.parallel.build import build_rank_chunks
 from megatron_ufp4.parallel.parallel_factory import ParallelLinearFactory
@@ -25,9 +27,10 @@ SEED = 17
 def test_every_rank_holds_the_single_process_values(model_kw, layout):
     cfg = ModelConfig(**{**BASE, **model_kw})
     recipe = "ufp4"
-    full = GPTModel(cfg, LinearFactory(recipe, cfg.num_layers), init_seed=SEED).state_dict()
+    full_model = GPTModel(cfg, LinearFactory(recipe, cfg.num_layers), init_seed=SEED)
+    full = full_model.state_dict()
     world = layout["tp"] * layout["pp"] * layout["dp"]
-    covered = set()
+    covered = set()  # checkpoint keys (stacked experts one key per expert) held by some rank
     for rank in range(world):
         st = state_for_rank(rank, world, layout["tp"], layout["pp"], layout["dp"], layout.get("ep", 1),
                             layout.get("vpp", 1), model_cfg=cfg)
@@ -37,13 +40,15 @@ def test_every_rank_holds_the_single_process_values(model_kw, layout):
         for chunk in chunks:
             assert not any(t.is_meta for t in [*chunk.parameters(), *chunk.buffers()])
             expected = shard_state_dict(full, chunk, st)  # slices by the (re-derived) TP attributes
-            for k, v in chunk.state_dict().items():
+            sd = chunk.state_dict()
+            for k, v in sd.items():
                 if isinstance(v, torch.Tensor):
                     assert torch.equal(v, expected[k]), (rank, k)
-                    covered.add(k)
+            covered |= {k for k, v in unstack_experts(sd, named_placements(chunk)).items() if torch.is_tensor(v)}
         # the placements optimizer, norm and checkpoint code read survive materialisation
         assert any(p.split for c in chunks for p in named_placements(c).values())
-    assert covered == {k for k, v in full.items() if isinstance(v, torch.Tensor)}  # every tensor held somewhere
+    # every tensor held somewhere, every routed expert of every layer included
+    assert covered == {k for k, v in unstack_experts(full, named_placements(full_model)).items() if torch.is_tensor(v)}
 
 
 @pytest.mark.slow
@@ -67,9 +72,17 @@ def test_moe_124b_structure_at_tiny_width():
         sd = chunk.state_dict()
         layers = {int(k.split(".")[1]) for k in sd if k.startswith("layers.")}
         assert layers == set(stages[st.pp_rank]), rank
-        experts = {int(k.split(".")[4]) for k in sd if k.startswith("layers.") and ".mlp.experts." in k}
-        assert experts == set(range(st.ep_rank * 16, (st.ep_rank + 1) * 16)), rank  # 512 / EP32 per rank
-        mtp_experts = {int(k.split(".")[5]) for k in sd if k.startswith("mtp.0.block.mlp.experts.")}
+        # the experts held, at their global indices: the stacked parameters' placements, each MoE
+        # layer's ``experts.indices`` and the per-expert checkpoint keys agree
+        placements = named_placements(chunk)
+        held = {n: p.experts for n, p in placements.items() if p.experts is not None}
+        mine = tuple(range(st.ep_rank * 16, (st.ep_rank + 1) * 16))  # 512 / EP32 per rank
+        assert held and set(held.values()) == {mine}, rank
+        assert all(moe.experts.indices == mine and len(moe.experts) == 16 for moe in chunk.moe_layers()), rank
+        per_expert = [stacked_name(k) for k in unstack_experts(sd, placements)]
+        experts = {e for n, e in filter(None, per_expert) if n.startswith("layers.")}
+        assert experts == set(mine), rank
+        mtp_experts = {e for n, e in filter(None, per_expert) if n.startswith("mtp.0.block.mlp.experts.")}
         assert mtp_experts == (experts if st.pp_rank == pp - 1 else set()), rank  # the MTP block: last stage
         # the embedding: first stage, and a copy on the last for MTP's token embedding
         assert ("embed.weight" in sd) == (st.pp_rank in (0, pp - 1)) and ("head.weight" in sd) == (st.pp_rank == pp - 1)

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megatron_ufp4.linear.expert_linear import per_expert_name
 from megatron_ufp4.model.placement import named_placements, placement_of
 from megatron_ufp4.parallel.mappings import all_reduce
 from megatron_ufp4.parallel.parallel_factory import shard_tensor
@@ -26,17 +27,53 @@ def _placement(model: nn.Module, key: str):
     return placement_of(module, attr) if attr in module._parameters else None
 
 
+def _held_experts(model: nn.Module, key: str):
+    """The global experts a stacked-expert module holds, for its extra-state key (None: another key)."""
+    prefix, _, attr = key.rpartition(".")
+    if attr != "_extra_state":
+        return None
+    held = getattr(model.get_submodule(prefix) if prefix else model, "experts", None)
+    return held if isinstance(held, tuple) else None
+
+
+def _full_value(full_sd: dict, key: str, experts):
+    """``full_sd[key]``; for stacked experts also from a per-expert keyed full state dict (the
+    checkpoint form, ``...experts.<e>.gate_up.weight``): the experts ``experts`` stacked."""
+    if key in full_sd:
+        return full_sd[key]
+    if experts is not None:
+        per = [per_expert_name(key, e) for e in experts]
+        if per and all(k in full_sd for k in per):
+            if key.endswith("_extra_state"):
+                return {e: full_sd[k] for e, k in zip(experts, per)}
+            return torch.stack([full_sd[k] for k in per])
+    raise KeyError(f"shard_state_dict: the full state dict has no {key!r}")
+
+
 def shard_state_dict(full_sd: dict, model: nn.Module, state) -> dict:
-    """This rank's state dict for ``model`` cut from a full state dict: TP-split parameters
-    sliced along their placement's dim, part by part, everything else copied."""
+    """This rank's state dict for ``model`` cut from a full state dict: stacked routed experts
+    cut to the experts the rank holds (their global indices, dim 0: ``placement.experts``),
+    TP-split parameters sliced along their placement's dim, part by part, extra state of
+    stacked experts kept for the held experts, everything else copied.  ``full_sd`` is a
+    one-process model's (stacked experts 0..E-1), or keyed per expert as checkpoints are."""
     out = {}
     for k, v in model.state_dict(keep_vars=True).items():
-        if k not in full_sd:
-            raise KeyError(f"shard_state_dict: the full state dict has no {k!r}")
-        src = full_sd[k]
         where = _placement(model, k)
+        held = where.experts if where is not None else _held_experts(model, k)
+        src = _full_value(full_sd, k, held)
+        if held is not None and k.endswith("_extra_state"):
+            if not isinstance(src, dict) or not set(held) <= set(src):
+                raise KeyError(f"shard_state_dict: {k!r} of the full state dict lacks experts of {held}")
+            src = {e: src[e] for e in held}
+        elif where is not None and where.experts is not None:
+            if src.shape[0] == where.global_shape[0]:  # a whole layer (experts 0..E-1): the held ones
+                src = src[list(held)]
+            elif k in full_sd:  # (stacked from per-expert keys: the held experts already)
+                raise ValueError(f"shard_state_dict: {k!r} stacks {src.shape[0]} experts, the layer "
+                                 f"{where.global_shape[0]}")
         if where is not None and where.split:
             src = shard_tensor(src, where.dim, where.parts, state.tp, state.tp_rank)
+        if where is not None:
             assert src.shape == v.shape, (k, tuple(src.shape), tuple(v.shape))
         out[k] = src
     return out
