@@ -428,3 +428,31 @@ def test_init_seed_none_follows_torch_manual_seed():
     assert all(same_bits(wa[k], wb[k]) for k in wa)
     assert not torch.equal(wa["embed.weight"], d.embed.weight)
     assert all(same_bits(wa[k], v) for k, v in _weights(full_model(c, init_seed=a.init_seed)).items())
+
+
+# -- the compiled path of large chunks: the eager values, bit for bit -----------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keyed_values_of_large_chunks_equal_the_eager_formula(dtype, monkeypatch):
+    """A chunk of >= 2^17 elements runs a compiled kernel whose float64 log / cos may differ from
+    the eager ops in the last bits; elements within 2^-44 of a rounding boundary are recomputed
+    eagerly, so the values are the eager formula's.  Mutation: a kernel that rounds every such
+    element the wrong way still gives the eager values."""
+    import megatron_ufp4.model.init as init
+
+    idx = torch.arange(1 << 21, dtype=torch.int64) + 12345  # ~4 elements near a float32 boundary
+    want = (keyed_normal(99, idx) * 0.02).to(dtype)
+    got = init.keyed_values(99, idx, 0.02, dtype)
+    assert init._compiled not in (None, False) and same_bits(got, want)
+
+    real = init._compiled
+
+    def wrong_near(*args):  # the kernel's values with every near-boundary element wrong
+        out, near = real(*args)
+        out = out.clone()
+        out[near] = -out[near]
+        return out, near
+
+    monkeypatch.setattr(init, "_compiled", wrong_near)
+    keys = [init.derive_key(99, j) for j in range(3)]
+    assert not same_bits(wrong_near(*keys, idx, torch.tensor(0.02, dtype=torch.float64), dtype)[0], want)
+    assert same_bits(init.keyed_values(99, idx, 0.02, dtype), want)

@@ -65,7 +65,7 @@ def keyed_normal(key: int, index: torch.Tensor) -> torch.Tensor:
 
 
 # -- the same values, fast: a compiled kernel for large chunks ------------------------------------------
-_COMPILE_MIN = 1 << 20  # elements: below, eager ops cost less than a compiled kernel's call
+_COMPILE_MIN = 1 << 17  # elements: below, eager ops cost less than a compiled kernel's call
 _MARGIN = 2.0 ** -44  # relative: far above any two float64 implementations' gap on these values (~8 ulp)
 _compiled = None  # torch.compile'd ``_narrow_values``, made at the first large chunk; False: unavailable
 
