@@ -281,6 +281,31 @@ def as_legacy_checkpoint(trainer, ckpt) -> Path:
     return ckpt / "state.pt"
 
 
+def as_per_expert_single_file(trainer, ckpt) -> Path:
+    """Replace the sharded checkpoint ``ckpt`` by the same state as earlier versions'
+    ``convert_checkpoint.py to-single`` wrote it: one key per routed expert, AdamW state by
+    (per-expert) name, the counters and the config."""
+    import shutil
+
+    import torch
+
+    from megatron_ufp4.config import dump_config
+    from megatron_ufp4.model.expert_keys import unstack_experts
+    from megatron_ufp4.model.placement import named_placements
+
+    ckpt = Path(ckpt)
+    shutil.rmtree(ckpt)
+    ckpt.mkdir()
+    model = unstack_experts(trainer.model.state_dict(), named_placements(trainer.model))
+    assert trainer.cfg.model.num_experts == 0 or any(".experts.0." in k for k in model)
+    torch.save({"model": model, "optimizer": trainer.optimizer.state_dict(), "step": trainer.step,
+                "trainer": {"step": trainer.step, "skipped_total": trainer.skipped_total,
+                            "consecutive_nonfinite": trainer.consecutive_nonfinite},
+                "config": trainer.cfg.to_dict()}, ckpt / "state.pt")
+    (ckpt / "config.yaml").write_text(dump_config(trainer.cfg), encoding="utf-8")
+    return ckpt / "state.pt"
+
+
 @pytest.fixture(scope="session")
 def sharded(trained_run):
     """The sharded checkpoint (step 2) the trained one-process run wrote (tests damage copies of it)."""

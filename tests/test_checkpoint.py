@@ -15,11 +15,11 @@ import torch
 import yaml
 
 try:  # tests/ as a package (with __init__.py) or as a plain directory on sys.path
-    from .conftest import (CONFIGS, RESUME_RUN, as_legacy_checkpoint, assert_state_equal, quiet, read_metrics,
-                           snapshot, wrap_loss)
+    from .conftest import (CONFIGS, RESUME_RUN, as_legacy_checkpoint, as_per_expert_single_file, assert_state_equal,
+                           quiet, read_metrics, snapshot, wrap_loss)
 except ImportError:
-    from conftest import (CONFIGS, RESUME_RUN, as_legacy_checkpoint, assert_state_equal, quiet,
-                          read_metrics, snapshot, wrap_loss)
+    from conftest import (CONFIGS, RESUME_RUN, as_legacy_checkpoint, as_per_expert_single_file, assert_state_equal,
+                          quiet, read_metrics, snapshot, wrap_loss)
 from megatron_ufp4.config import load_config
 from megatron_ufp4.linear import QuantizedLinear
 from megatron_ufp4.parallel.build import build_model
@@ -54,12 +54,14 @@ pytestmark = [pytest.mark.numerical, pytest.mark.usefixtures("single_thread")]
 
 
 # -- exact resume ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fmt", ["sharded", "legacy"])
+@pytest.mark.parametrize("fmt", ["sharded", "legacy", "per_expert_single"])
 @pytest.mark.parametrize("config", ["tiny_dense", "tiny_moe"])
 def test_exact_resume_matches_uninterrupted_run(config, fmt, reference_run, tiny_cfg, tmp_path):
     """Stopped after step 3 and resumed: the same records, final state and optimizer state as the
-    uninterrupted run, from the sharded checkpoint training writes and (``legacy``) from the same
-    state in the single-file ``state.pt`` of earlier versions, which still resumes directly."""
+    uninterrupted run, from the sharded checkpoint training writes and from the same state in
+    the single-file forms of earlier versions, which still resume directly: ``legacy`` (the
+    single-process trainer's ``state.pt``, numbered AdamW state) and ``per_expert_single`` (a
+    to-single file, optimizer state by name), both with one key per routed expert."""
     ref = reference_run(config)
     assert [r["step"] for r in ref["records"]] == [1, 2, 3, 4, 5, 6]
     assert len({r["loss"] for r in ref["records"]}) == 6  # the model really changes from step to step
@@ -73,6 +75,8 @@ def test_exact_resume_matches_uninterrupted_run(config, fmt, reference_run, tiny
     if fmt == "legacy":
         as_legacy_checkpoint(first, ckpt)
         assert step_names(tmp_path) == ["step_00000003"] and sorted(os.listdir(ckpt)) == ["config.yaml", "state.pt"]
+    elif fmt == "per_expert_single":
+        as_per_expert_single_file(first, ckpt)
     del first
 
     logs = []

@@ -80,7 +80,8 @@ def _run(code: Path, work: Path, env: dict, name: str, prefix: str, steps: int,
     proc = subprocess.run([*head, "megatron_ufp4.train", *args], cwd=code, env=env, capture_output=True, text=True,
                           timeout=900)
     if proc.returncode != 0:
-        raise RuntimeError(f"{name}: exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
+        errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()][:3]  # the ranks' own lines
+        raise RuntimeError(f"{name}: exit {proc.returncode}: {errors or proc.stderr.strip().splitlines()[-1:]}")
     if resume_from is not None and f"at step {steps // 2}" not in proc.stdout:  # a restart would match too
         raise RuntimeError(f"{name}: did not resume from its step {steps // 2} checkpoint")
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
