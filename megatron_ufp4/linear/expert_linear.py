@@ -30,7 +30,7 @@ from torch import nn
 
 from ..fp4.recipes import GEMM_ROLES, Recipe
 from .gemm import GemmState
-from .quantized_linear import QuantizedLinear
+from .quantized_linear import PhasedLinear, QuantizedLinear
 
 
 # A stacked expert parameter ``<layer>.experts.<proj>.<attr>`` is checkpointed per expert as
@@ -73,7 +73,7 @@ class _Layout:
         self.linear = linear
 
 
-class ExpertLinear(nn.Module):
+class ExpertLinear(PhasedLinear, nn.Module):
     """The routed experts ``experts`` of one layer, one of their linears, stacked (module doc)."""
 
     def __init__(self, layout: QuantizedLinear, experts: Sequence[int], num_experts: int, sr_seeds: Sequence[int],
@@ -103,23 +103,7 @@ class ExpertLinear(nn.Module):
     def layout(self) -> QuantizedLinear:
         return self._layout.linear
 
-    # -- the phase this step runs -------------------------------------------------------
-    @property
-    def phase(self) -> ExpertPhase:
-        return self.phases[0] if len(self.phases) == 1 else self.phases[self.step_context.phase]
-
-    @property
-    def recipe(self) -> Recipe:
-        return self.phase.recipe
-
-    @property
-    def quantized(self) -> bool:
-        return self.phase.quantized
-
-    @property
-    def gemms(self) -> tuple[GemmState, ...]:
-        return self.phase.gemms
-
+    # -- the phase this step runs: PhasedLinear (phase, recipe, quantized, gemms: one per expert) --
     def groupable(self) -> bool:
         """Whether this phase runs as grouped GEMMs: every GEMM in FP4 (else each expert runs
         on its own: the recipe keeps this layer, or one of its GEMMs, in high precision)."""

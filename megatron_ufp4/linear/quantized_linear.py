@@ -33,7 +33,35 @@ class LinearPhase:
     gemms: GemmState
 
 
-class QuantizedLinear(nn.Module):
+class PhasedLinear:
+    """What a linear runs in the precision phase its ``step_context`` names: ``phase`` (one of
+    ``self.phases``), its ``recipe``, whether it ``quantized`` and its ``gemms`` (a dense
+    linear's ``GemmState``; stacked experts': one per expert)."""
+
+    @property
+    def phase(self):
+        """The phase this step runs (the only one without a schedule)."""
+        if len(self.phases) == 1:
+            return self.phases[0]
+        i = self.step_context.phase
+        if not 0 <= i < len(self.phases):
+            raise IndexError(f"precision phase {i}: this linear has phases 0..{len(self.phases) - 1}")
+        return self.phases[i]
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.phase.recipe
+
+    @property
+    def quantized(self) -> bool:
+        return self.phase.quantized
+
+    @property
+    def gemms(self):
+        return self.phase.gemms
+
+
+class QuantizedLinear(PhasedLinear, nn.Module):
     """Linear layer whose three GEMMs follow ``recipe``.
 
     layer_index / num_layers: position of the transformer layer, so the recipe can keep
@@ -72,29 +100,7 @@ class QuantizedLinear(nn.Module):
         self.phases: tuple[LinearPhase, ...] = (LinearPhase(recipe, quantized, gemms),)
         self.reset_parameters()
 
-    # -- precision phases ---------------------------------------------------------------
-    @property
-    def phase(self) -> LinearPhase:
-        """The phase this step runs (the only one without a schedule)."""
-        if len(self.phases) == 1:
-            return self.phases[0]
-        i = self.step_context.phase
-        if not 0 <= i < len(self.phases):
-            raise IndexError(f"precision phase {i}: this linear has phases 0..{len(self.phases) - 1}")
-        return self.phases[i]
-
-    @property
-    def recipe(self) -> Recipe:
-        return self.phase.recipe
-
-    @property
-    def quantized(self) -> bool:
-        return self.phase.quantized
-
-    @property
-    def gemms(self) -> GemmState:
-        return self.phase.gemms
-
+    # -- precision phases (PhasedLinear: phase, recipe, quantized, gemms) ---------------
     def add_phase(self, recipe: Recipe, num_layers: int | None) -> int:
         """Append a precision phase running ``recipe`` (the high-precision layer rule and the
         shape checks applied to it); returns its index.  Its GEMM runner is phase 0's with
