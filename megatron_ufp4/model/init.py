@@ -22,6 +22,7 @@ import math
 import torch
 from torch import nn
 
+from ..fp4.compiled import compile_scope
 from ..fp4.sr_random import derive_key, uniform_from_index
 from .placement import Placement, placement_of
 
@@ -107,7 +108,8 @@ def keyed_values(key: int, index: torch.Tensor, std: float, dtype: torch.dtype) 
         _compiled = torch.compile(_narrow_values, dynamic=True)
     k1, k2, k3 = (derive_key(key, j) for j in range(3))
     try:
-        out, near = _compiled(k1, k2, k3, index, torch.tensor(float(std), dtype=torch.float64), dtype)
+        with compile_scope():  # on-disk cache entries keyed by the CPU target (fp4/compiled.py)
+            out, near = _compiled(k1, k2, k3, index, torch.tensor(float(std), dtype=torch.float64), dtype)
     except Exception:  # no compiler here: the eager ops, the same values
         _compiled = False
         return (keyed_normal(key, index) * std).to(dtype)
