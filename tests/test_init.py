@@ -439,11 +439,13 @@ def test_keyed_values_of_large_chunks_equal_the_eager_formula(dtype, monkeypatch
     element the wrong way still gives the eager values."""
     import megatron_ufp4.model.init as init
 
-    idx = torch.arange(1 << 21, dtype=torch.int64) + 12345  # ~4 elements near a float32 boundary
+    idx = torch.arange(1 << 21, dtype=torch.int64) + 12345  # some elements near a float32 boundary
     want = (keyed_normal(99, idx) * 0.02).to(dtype)
     got = init.keyed_values(99, idx, 0.02, dtype)
     assert init._compiled not in (None, False) and same_bits(got, want)
 
+    if dtype != torch.float32:  # bfloat16's boundaries are 2^16 times sparser: no element lies near one here
+        return
     real = init._compiled
 
     def wrong_near(*args):  # the kernel's values with every near-boundary element wrong
