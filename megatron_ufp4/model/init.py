@@ -68,14 +68,15 @@ def keyed_normal(key: int, index: torch.Tensor) -> torch.Tensor:
 # -- the same values, fast: a compiled kernel for large chunks ------------------------------------------
 _COMPILE_MIN = 1 << 17  # elements: below, eager ops cost less than a compiled kernel's call
 _MARGIN = 2.0 ** -44  # relative: far above any two float64 implementations' gap on these values (~8 ulp)
+_ROUNDED = (torch.float32, torch.bfloat16, torch.float16)  # float64 keeps every bit: eager only
 _compiled = None  # torch.compile'd ``_narrow_values``, made at the first large chunk; False: unavailable
 
 
 def _narrow_values(k1: int, k2: int, k3: int, index: torch.Tensor, std: torch.Tensor, dtype: torch.dtype):
     """``keyed_normal(...) * std`` for indices below 2^31 as one expression (for torch.compile),
-    rounded to ``dtype``, and where the float64 value lies within ``_MARGIN`` of a rounding
-    boundary of ``dtype`` (the elements another implementation of log / cos could round
-    the other way)."""
+    rounded to ``dtype``, and where the float64 value lies within ``_MARGIN`` of a float32
+    rounding boundary (the elements another implementation of log / cos could round the
+    other way)."""
     m = (1 << 31) - 1
 
     def mix(x):
@@ -88,7 +89,10 @@ def _narrow_values(k1: int, k2: int, k3: int, index: torch.Tensor, std: torch.Te
     h1, h2, h3 = ((mix(index ^ k) >> 7).double() for k in (k1, k2, k3))
     u1 = (h1 * 2.0 ** 24 + h2 + 0.5) * 2.0 ** -48
     v = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2 * math.pi) * (h3 + 0.5) * 2.0 ** -24) * std
-    return v.to(dtype), (v * (1 - _MARGIN)).to(dtype) != (v * (1 + _MARGIN)).to(dtype)
+    # float64 -> float32 -> dtype, as eager's casts round (bfloat16 / float16 from float64 go
+    # through float32): only the float32 rounding can see the implementations' difference
+    near = (v * (1 - _MARGIN)).to(torch.float32) != (v * (1 + _MARGIN)).to(torch.float32)
+    return v.to(torch.float32).to(dtype), near
 
 
 def keyed_values(key: int, index: torch.Tensor, std: float, dtype: torch.dtype) -> torch.Tensor:
@@ -97,12 +101,14 @@ def keyed_values(key: int, index: torch.Tensor, std: float, dtype: torch.dtype) 
     A chunk of at least 2^20 elements below 2^31 runs one compiled kernel of the same formula
     (several times the eager ops' speed on a CPU).  Its float64 log / cos may differ from the
     eager ones in the last bits, so every element whose value lies within 2^-44 (relative) of
-    a ``dtype`` rounding boundary -- about 2 per million for float32 -- is computed again by
-    ``keyed_normal``: the result equals the eager one bit for bit, on every layout.  Where
+    a float32 rounding boundary -- about 2 per million -- is computed again by ``keyed_normal``
+    (bfloat16 / float16 round from the float32 value, as eager's casts do): the result equals
+    the eager one bit for bit, on every layout.  Where
     torch.compile cannot run (no C++ compiler), the eager ops give the same values, slower."""
     global _compiled
     n = index.numel()
-    if n < _COMPILE_MIN or index.device.type != "cpu" or _compiled is False or int(index.max()) >= (1 << 31) - 1:
+    if (n < _COMPILE_MIN or index.device.type != "cpu" or _compiled is False or dtype not in _ROUNDED
+            or int(index.max()) >= (1 << 31) - 1):
         return (keyed_normal(key, index) * std).to(dtype)
     if _compiled is None:
         _compiled = torch.compile(_narrow_values, dynamic=True)
