@@ -29,7 +29,13 @@ def _shutdown_distributed(all_done: bool = False) -> None:
     checkpoint or metrics through it (a rank once aborted that way at exit)."""
     if "torch.distributed" not in sys.modules:
         return
+    import gc
+
     import torch.distributed as dist
+    # the run's objects are freed now, while the interpreter and the groups are alive: reference
+    # cycles (gradient hooks, closures) would keep collective handles and tensors to interpreter
+    # finalisation, where freeing them from Gloo's worker threads can abort the process
+    gc.collect()
     if dist.is_available() and dist.is_initialized():
         if all_done:
             try:
