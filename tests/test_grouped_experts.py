@@ -14,7 +14,7 @@ from megatron_ufp4.fp4.quantize import fake_quantize, tensor_amax
 from megatron_ufp4.fp4.recipes import PRESETS
 from megatron_ufp4.linear.backends import grouped_mm
 from megatron_ufp4.model import LinearFactory, ModelConfig, MoE
-from megatron_ufp4.model.expert_keys import stack_experts, unstack_experts
+from megatron_ufp4.model.expert_keys import per_expert_views, stack_experts, unstack_experts
 from megatron_ufp4.model.placement import named_placements
 from megatron_ufp4.model.experts import GroupedExperts
 from megatron_ufp4.model.init import KeyedInit
@@ -339,3 +339,46 @@ def test_tensor_and_expert_parallel_grouped_equals_loop():
                 assert v == [str(2 * rank), str(2 * rank + 1)], (rank, k, v)
             else:
                 assert v == [], (rank, k, v)
+
+
+# -- earlier versions' optimizer state, stacked -----------------------------------------------------------
+def test_stacking_optimizer_state_fills_experts_earlier_versions_kept_none_for():
+    """Earlier versions kept no AdamW state for an expert that never got a token: with the
+    stack's shape, such an expert (in the middle or last) gets AdamW's fresh state; without
+    it, a gap is one error, never a stack of the wrong size."""
+    from megatron_ufp4.model.expert_keys import stack_expert_optimizer
+
+    def st(v, step):
+        return {"exp_avg": torch.full((2, 3), float(v)), "exp_avg_sq": torch.full((2, 3), float(v) + 1),
+                "step": torch.tensor(float(step))}
+
+    for held in ([0, 2], [0, 1]):  # expert 1 missing; the last expert (2) missing
+        states = {f"l.experts.{e}.gate_up.weight": st(e + 1, 5) for e in held}
+        out = stack_expert_optimizer(states, {"l.experts.gate_up.weight": (3, 2, 3)})["l.experts.gate_up.weight"]
+        assert out["exp_avg"].shape == (3, 2, 3) and float(out["step"]) == 5
+        for e in range(3):
+            assert float(out["exp_avg"][e, 0, 0]) == (e + 1 if e in held else 0.0)
+            assert float(out["exp_avg_sq"][e, 0, 0]) == (e + 2 if e in held else 0.0)
+    with pytest.raises(ValueError, match="optimizer state of experts"):
+        stack_expert_optimizer({f"l.experts.{e}.down.weight": st(e, 1) for e in (0, 2)})
+
+
+def test_numbered_optimizer_of_one_expert_per_layer_reads_the_earlier_layout():
+    """With one expert per layer the two numbered layouts have equal group sizes; the saved
+    shapes (the earlier version's per-expert (out, in)) choose the per-expert one."""
+    from megatron_ufp4.model import GPTModel
+    from megatron_ufp4.training.checkpoint_formats import _optimizer_by_name
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, ffn_hidden_size=64,
+                      max_seq_len=16, num_experts=1, moe_top_k=1, moe_ffn_hidden_size=32).validate()
+    model = GPTModel(cfg, LinearFactory("bf16", 2), init_seed=0)
+    named = [(n, tuple(v.shape)) for n, v in per_expert_views(model.named_parameters(), named_placements(model))]
+    order = [n for n, s in named if len(s) >= 2] + [n for n, s in named if len(s) < 2]
+    shape = dict(named)
+    state = {i: {"exp_avg": torch.full(shape[n], 0.5), "exp_avg_sq": torch.ones(shape[n]), "step": torch.tensor(3.0)}
+             for i, n in enumerate(order)}
+    n_mat = sum(1 for _, s in named if len(s) >= 2)
+    opt = {"state": state, "param_groups": [{"params": list(range(n_mat))}, {"params": list(range(n_mat, len(order)))}]}
+    out = _optimizer_by_name({"optimizer": opt}, None, model, "f")
+    w = dict(model.named_parameters())["layers.1.mlp.experts.gate_up.weight"]
+    assert out["layers.1.mlp.experts.gate_up.weight"]["exp_avg"].shape == w.shape == (1, 64, 64)

@@ -38,10 +38,12 @@ def stack_experts(sd: dict) -> dict:
     return out
 
 
-def stack_expert_optimizer(states: dict) -> dict:
+def stack_expert_optimizer(states: dict, shapes: dict[str, tuple[int, ...]] | None = None) -> dict:
     """``{fqn: {exp_avg, exp_avg_sq, step}}`` with per-expert fqns in the stacked form.  The
     stack keeps one step count: the largest of its experts' (equal unless an expert of an
-    earlier version got no tokens in some step, which AdamW then skipped for it)."""
+    earlier version got no tokens in some step, which AdamW then skipped for it).  ``shapes``
+    (the stacked parameters' shapes): an expert without an entry -- earlier versions kept no
+    AdamW state for an expert that never got a token -- gets AdamW's fresh state (zeros)."""
     per_field: dict = {}
     out = {}
     for fqn, st in states.items():
@@ -52,10 +54,14 @@ def stack_expert_optimizer(states: dict) -> dict:
         out.setdefault(found[0], None)
         per_field.setdefault(found[0], {})[found[1]] = st
     for name, by_expert in per_field.items():
-        experts = sorted(by_expert)
-        if experts != list(range(len(experts))):
-            raise ValueError(f"{name}: optimizer state of experts {experts[0]}..{experts[-1]} with gaps")
-        rows = [by_expert[e] for e in experts]
+        shape = (shapes or {}).get(name)
+        experts = list(range(shape[0])) if shape else sorted(by_expert)
+        if not set(by_expert) <= set(experts) or (shape is None and experts != list(range(len(experts)))):
+            raise ValueError(f"{name}: optimizer state of experts {sorted(by_expert)}, the layer has "
+                             f"{len(experts) if shape else 'experts 0..E-1'}")
+        fresh = {"exp_avg": torch.zeros(shape[1:]) if shape else None,
+                 "exp_avg_sq": torch.zeros(shape[1:]) if shape else None, "step": torch.zeros(())}
+        rows = [by_expert.get(e, fresh) for e in experts]
         out[name] = {"exp_avg": torch.stack([r["exp_avg"] for r in rows]),
                      "exp_avg_sq": torch.stack([r["exp_avg_sq"] for r in rows]),
                      "step": torch.stack([torch.as_tensor(r["step"]).float().reshape(()) for r in rows]).max()}

@@ -98,7 +98,7 @@ def _narrow_values(k1: int, k2: int, k3: int, index: torch.Tensor, std: torch.Te
 def keyed_values(key: int, index: torch.Tensor, std: float, dtype: torch.dtype) -> torch.Tensor:
     """``(keyed_normal(key, index) * std).to(dtype)``, exactly, fast for large ``index``.
 
-    A chunk of at least 2^20 elements below 2^31 runs one compiled kernel of the same formula
+    A chunk of at least 2^17 elements below 2^31 runs one compiled kernel of the same formula
     (several times the eager ops' speed on a CPU).  Its float64 log / cos may differ from the
     eager ones in the last bits, so every element whose value lies within 2^-44 (relative) of
     a float32 rounding boundary -- about 2 per million -- is computed again by ``keyed_normal``
@@ -119,8 +119,9 @@ def keyed_values(key: int, index: torch.Tensor, std: float, dtype: torch.dtype) 
     except Exception:  # no compiler here: the eager ops, the same values
         _compiled = False
         return (keyed_normal(key, index) * std).to(dtype)
-    near = near.view(-1).nonzero().view(-1)
+    near = near.reshape(-1).nonzero().view(-1)
     if near.numel():
+        out = out.contiguous()
         out.view(-1)[near] = (keyed_normal(key, index.reshape(-1)[near]) * std).to(dtype)
     return out
 

@@ -58,25 +58,30 @@ def _optimizer_by_name(data: dict, cfg, model, src: Path) -> dict | None:
     opt = data.get("optimizer") if "optimizer" in data else None
     if opt is None:
         return None  # weights only
-    if "param_groups" not in opt:
-        return stack_expert_optimizer(opt)  # by name (a to-single file; per expert from earlier versions)
-    # numbered, matrices decayed first: the model's parameters, or earlier versions' (each routed
-    # expert its own) -- the group sizes tell them apart (they differ whenever there are experts)
-    saved = opt["param_groups"]
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    if "param_groups" not in opt:  # by name (a to-single file; per expert from earlier versions)
+        return _stacked(opt, shapes, src)
+    # numbered, matrices decayed first: earlier versions' parameters (each routed expert its
+    # own) or the model's; the group sizes tell them apart, and the saved shapes where they do
+    # not (one expert per layer)
+    saved, state = opt["param_groups"], opt.get("state", {})
     sizes = [len(g.get("params", [])) for g in saved] if isinstance(saved, list) else None
     placements = named_placements(model)
-    layouts = ([(n, tuple(p.shape), placements[n].matrix) for n, p in model.named_parameters()],
-               [(n, tuple(v.shape), v.dim() >= 2) for n, v in per_expert_views(model.named_parameters(), placements)])
+    layouts = ([(n, tuple(v.shape), v.dim() >= 2) for n, v in per_expert_views(model.named_parameters(), placements)],
+               [(n, tuple(p.shape), placements[n].matrix) for n, p in model.named_parameters()])
     for named in layouts:
         groups = [[(n, s) for n, s, m in named if m], [(n, s) for n, s, m in named if not m]]
-        if sizes == [len(g) for g in groups]:
+        if sizes == [len(g) for g in groups] and all(
+                tuple(state[pid]["exp_avg"].shape) == shape for g_saved, g in zip(saved, groups)
+                for pid, (_, shape) in zip(g_saved["params"], g) if isinstance(state.get(pid), dict)
+                and torch.is_tensor(state[pid].get("exp_avg"))):
             break
     else:
         raise CheckpointError(f"{src}: its optimizer's parameter groups do not match the model of its config")
     out = {}
     for g_saved, g in zip(saved, groups):
         for pid, (fqn, shape) in zip(g_saved["params"], g):
-            st = opt.get("state", {}).get(pid)
+            st = state.get(pid)
             if st is None:  # never stepped (e.g. an expert that got no tokens): AdamW's fresh state, exactly
                 st = {"exp_avg": torch.zeros(shape), "exp_avg_sq": torch.zeros(shape), "step": torch.zeros(())}
             if tuple(st["exp_avg"].shape) != shape or tuple(st["exp_avg_sq"].shape) != shape:
@@ -84,7 +89,14 @@ def _optimizer_by_name(data: dict, cfg, model, src: Path) -> dict | None:
                                       f"the parameter {shape}")
             out[fqn] = {"exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"],
                         "step": torch.as_tensor(st["step"]).detach().float().reshape(())}
-    return stack_expert_optimizer(out)
+    return _stacked(out, shapes, src)
+
+
+def _stacked(states: dict, shapes: dict, src) -> dict:
+    try:
+        return stack_expert_optimizer(states, shapes)
+    except ValueError as e:
+        raise CheckpointError(f"{src}: {e}") from None
 
 
 def _weight_keys(keys) -> set:

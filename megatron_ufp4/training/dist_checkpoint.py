@@ -433,7 +433,8 @@ def load_consolidated(path: str | Path) -> dict:
     for k, v in merge_parts(optim, meta.get("optim", {})).items():
         fqn, _, field = k.rpartition(".")
         optimizer.setdefault(fqn, {})[field] = v
-    optimizer = stack_expert_optimizer(optimizer)
+    # stacks as the model's (an expert without saved state: AdamW's fresh one)
+    optimizer = stack_expert_optimizer(optimizer, {k: tuple(v.shape) for k, v in model.items() if torch.is_tensor(v)})
     trainer = {k[len("trainer."):]: int(v) for k, v in flat.items() if k.startswith("trainer.")}
     return {"model": model, "optimizer": optimizer, "step": trainer.get("step", 0), "trainer": trainer,
             "config": meta.get("config", {}),
