@@ -272,7 +272,7 @@ def test_grouped_experts_report_the_loops_statistics(tiny_cfg, tmp_path, monkeyp
     per-operand statistics and GEMM log the per-expert loop reports; the values it trains with are
     the loop's, and those of a step without statistics (also where SR keys come from each layer's
     generator, outside a training position: drawn once, as the loop draws them)."""
-    from megatron_ufp4.linear import ExpertLinear, grouped
+    from megatron_ufp4.linear import ExpertLinear, expert_linear
     from megatron_ufp4.linear.telemetry import gemm_states
     from megatron_ufp4.parallel.build import build_model
 
@@ -281,13 +281,13 @@ def test_grouped_experts_report_the_loops_statistics(tiny_cfg, tmp_path, monkeyp
     g = torch.Generator().manual_seed(3)
     tokens, labels = (torch.randint(0, cfg.model.vocab_size, (2, 32), generator=g) for _ in range(2))
 
-    real, groupable = grouped.grouped_linear, ExpertLinear.groupable
+    real, groupable = expert_linear.grouped_linear, ExpertLinear.groupable
 
     def step(group: bool, stats_on: bool = True):
         calls = []
         # not grouped: every MoE layer runs its reference loop (GroupedExperts.forward_loop)
         monkeypatch.setattr(ExpertLinear, "groupable", groupable if group else (lambda self: False))
-        monkeypatch.setattr(grouped, "grouped_linear", lambda *a: calls.append(1) or real(*a))
+        monkeypatch.setattr(expert_linear, "grouped_linear", lambda *a: calls.append(1) or real(*a))
         torch.manual_seed(0)
         model, = build_model(cfg)
         model.train()

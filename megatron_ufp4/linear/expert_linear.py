@@ -30,6 +30,7 @@ from torch import nn
 
 from ..fp4.recipes import GEMM_ROLES, Recipe
 from .gemm import GemmState
+from .grouped import grouped_linear
 from .quantized_linear import PhasedLinear, QuantizedLinear
 
 
@@ -138,7 +139,6 @@ class ExpertLinear(PhasedLinear, nn.Module):
         """Rows of ``x`` grouped by expert (``sizes[j]`` for the j-th expert held) through
         their experts' linear: (sum sizes, out).  Grouped GEMMs where the phase allows."""
         if self.groupable():
-            from .grouped import grouped_linear
             return grouped_linear(self, x, sizes)
         return torch.cat([self.expert_forward(j, chunk) for j, chunk in enumerate(x.split(list(sizes)))
                           if chunk.shape[0]])

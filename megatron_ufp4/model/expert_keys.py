@@ -16,19 +16,25 @@ from ..linear.expert_linear import per_expert_name, stacked_name
 from .placement import Placement
 
 
-def stack_experts(sd: dict) -> dict:
-    """A whole state dict with per-expert keys in the stacked form (tensors stacked in expert
-    order, extra states as ``{expert: state}``); other keys, and stacked ones, pass as they are.
-    The experts of a layer must be 0..E-1 (a whole model's)."""
+def _by_stack(d: dict) -> tuple[dict, dict]:
+    """``d`` split into its other entries (a stacked name holding the place of its first expert,
+    value None for now) and ``{stacked name: {expert: value}}``."""
     out, groups = {}, {}
-    for k, v in sd.items():
+    for k, v in d.items():
         found = stacked_name(k)
         if found is None:
             out[k] = v
             continue
-        name, e = found
-        groups.setdefault(name, {})[e] = v
-        out.setdefault(name, None)  # the stacked key takes the first expert's place
+        groups.setdefault(found[0], {})[found[1]] = v
+        out.setdefault(found[0], None)
+    return out, groups
+
+
+def stack_experts(sd: dict) -> dict:
+    """A whole state dict with per-expert keys in the stacked form (tensors stacked in expert
+    order, extra states as ``{expert: state}``); other keys, and stacked ones, pass as they are.
+    The experts of a layer must be 0..E-1 (a whole model's)."""
+    out, groups = _by_stack(sd)
     for name, by_expert in groups.items():
         experts = sorted(by_expert)
         if experts != list(range(len(experts))):
@@ -44,16 +50,8 @@ def stack_expert_optimizer(states: dict, shapes: dict[str, tuple[int, ...]] | No
     earlier version got no tokens in some step, which AdamW then skipped for it).  ``shapes``
     (the stacked parameters' shapes): an expert without an entry -- earlier versions kept no
     AdamW state for an expert that never got a token -- gets AdamW's fresh state (zeros)."""
-    per_field: dict = {}
-    out = {}
-    for fqn, st in states.items():
-        found = stacked_name(fqn)
-        if found is None:
-            out[fqn] = st
-            continue
-        out.setdefault(found[0], None)
-        per_field.setdefault(found[0], {})[found[1]] = st
-    for name, by_expert in per_field.items():
+    out, groups = _by_stack(states)
+    for name, by_expert in groups.items():
         shape = (shapes or {}).get(name)
         experts = list(range(shape[0])) if shape else sorted(by_expert)
         if not set(by_expert) <= set(experts) or (shape is None and experts != list(range(len(experts)))):

@@ -310,8 +310,9 @@ def partitions_of(placements: dict) -> dict:
     out = {"model": {}, "optim": {}}
     for n, p in placements.items():
         if p.experts is not None:  # per expert, as checkpoints key them
-            out["model"].update(partitions_of({per_expert_name(n, e): p.per_expert() for e in p.experts})["model"])
-            out["optim"].update(partitions_of({per_expert_name(n, e): p.per_expert() for e in p.experts})["optim"])
+            each = partitions_of({per_expert_name(n, e): p.per_expert() for e in p.experts})
+            out["model"].update(each["model"])
+            out["optim"].update(each["optim"])
             continue
         if p.split:
             info = {"dim": p.dim, "stride": p.parts}
