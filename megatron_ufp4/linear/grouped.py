@@ -34,62 +34,11 @@ from typing import Sequence
 
 import torch
 
-from ..fp4.grouped import GroupedIndex, Segments
-from ..fp4.sr_random import SRIndex
-from .backends import GroupedOperand, get_backend
-from .gemm import GemmSplit, reduction_multiple
+from ..fp4.grouped import Segments
+from .backends import get_backend
 from .linear_fn import linear_output_dtype
 
-_M31 = (1 << 31) - 1
 
-
-# -- SR indices of a grouped operand -----------------------------------------------------------
-def _operand_parts(split: GemmSplit, which: str):
-    """(axis, [(slice, SRIndex)], whole-operand SRIndex) of operand ``which`` ("a" / "b") of a
-    split GEMM: the axis its parts cut, or None when the parts take it whole."""
-    first = split.parts[0]
-    for axis, cut in ((0, f"{which}_rows"), (1, f"{which}_cols")):
-        if getattr(first, cut) is not None:
-            return axis, [(getattr(p, cut), getattr(p, f"{which}_index") or SRIndex()) for p in split.parts], None
-    return None, None, getattr(first, f"{which}_index")
-
-
-def _coords(local: torch.Tensor, offset: int, parts, axis: int) -> torch.Tensor:
-    """Global coordinates of ``local`` positions: plus ``offset``, or per part (equal
-    consecutive slices, as a fused shard's parts are) plus that part's offset."""
-    if not parts:
-        return local + offset
-    n = parts[0][0].stop - parts[0][0].start
-    offs = torch.tensor([(i.row_offset if axis == 0 else i.col_offset) for _, i in parts], device=local.device)
-    return offs[local // n] + local % n
-
-
-def grouped_index(shape, seg: Segments, base: SRIndex | None, parts_axis, parts, device) -> GroupedIndex:
-    """Global SR indices of a grouped operand whose groups each sit in their logical operand
-    like the per-expert operand: ``base`` (its ``SRIndex``), or, for a split GEMM, ``parts``
-    along ``parts_axis`` (each with its own ``SRIndex``)."""
-    rows, cols = shape
-    base = base or SRIndex()
-    r_local = seg.local(device) if seg.axis == 0 else torch.arange(rows, device=device)
-    c_local = seg.local(device) if seg.axis == 1 else torch.arange(cols, device=device)
-    r = _coords(r_local, base.row_offset, parts if parts_axis == 0 else None, 0)
-    c = _coords(c_local, base.col_offset, parts if parts_axis == 1 else None, 1)
-    stride = base.row_stride
-    if parts_axis == 1:
-        stride = parts[0][1].row_stride
-    if stride is None:  # the (part) operand's own columns: K, or each group's padded tokens
-        stride = (torch.tensor(seg.sizes, dtype=torch.int64, device=device)[seg.ids(device)].view(1, -1)
-                  if seg.axis == 1 else cols)
-    # whether any index reaches 2^31 only decides a check (same bits): bound it on the host
-    r_max = max(rows, max(seg.sizes, default=0)) + base.row_offset + max(
-        [i.row_offset for _, i in parts] if parts_axis == 0 else [0])
-    c_max = max(cols, max(seg.sizes, default=0)) + base.col_offset + max(
-        [i.col_offset for _, i in parts] if parts_axis == 1 else [0])
-    s_max = stride if isinstance(stride, int) else max(seg.sizes, default=0)
-    return GroupedIndex(r, stride, c, r_max * s_max + c_max >= _M31)
-
-
-# -- the grouped GEMMs ---------------------------------------------------------------------------
 class GroupedPlan:
     """What one grouped call runs, fixed in forward: the experts' GEMM states (the lead's
     recipe, RHT, SR indices and splits stand for all: one layout), row counts, hooks, output
@@ -119,17 +68,10 @@ class GroupedPlan:
                 out.append((0, 0))
         return out
 
-    def _operand(self, gemm, which, t, seg, quant, rht, keys):
-        idx = None
-        if quant.rounding == "sr":
-            base, split = self.lead.operand_position(gemm, which)
-            axis, parts = None, None
-            if split is not None:
-                axis, parts, base = _operand_parts(split, which)
-            idx = grouped_index(t.shape, seg, base, axis, parts, t.device)
-        amax = self.lead.tensor_amax(t, quant, rht, seg)  # each expert's own, all-reduced over TP as one vector
-        key_list = tuple(k["ab".index(which)] or 0 for k in keys) if quant.rounding == "sr" else None
-        return self.backend.quantize_grouped(GroupedOperand(t, quant, seg, rht, key_list, idx, amax))
+    def _operand(self, gemm, which, t, seg, keys):
+        """Every expert's operand ``which`` in one, prepared as each expert's own (``GemmState.operand``)."""
+        key = tuple(k["ab".index(which)] for k in keys)
+        return self.backend.quantize_grouped(self.lead.operand(gemm, which, t, key, seg))
 
     def record_stats(self, gemm: str, keys, a_of, b_of) -> None:
         """Telemetry steps: each expert's GEMM log and per-operand statistics, made by its own
@@ -146,14 +88,12 @@ class GroupedPlan:
              loop_operands=None) -> torch.Tensor:
         """The quantized GEMM ``gemm`` of every expert: (T, N) for row groups, (E, M, N) for K groups.
         ``loop_operands``: (a_of, b_of) of ``record_stats``, used on telemetry steps."""
-        spec = self.recipe.gemm(gemm)
-        rht = self.lead.rht if spec.rht else None
         split = self.lead.splits.get(gemm)
         keys = self._keys(gemm)
         if self.lead.collect_stats and not (self.recomputed and gemm == "fprop"):
             self.record_stats(gemm, keys, *loop_operands)
-        qa = self._operand(gemm, "a", a, a_seg, spec.a, rht, keys)
-        qb = self._operand(gemm, "b", b, b_seg, spec.b, rht, keys)
+        qa = self._operand(gemm, "a", a, a_seg, keys)
+        qb = self._operand(gemm, "b", b, b_seg, keys)
         e = len(self.states)
         mm = functools.partial(self.backend.grouped_matmul, sizes=a_seg.sizes if gemm != "wgrad" else b_seg.sizes)
         if gemm == "wgrad":  # K groups: (E, M, N); a split cuts A's rows ("cat_rows")
@@ -170,8 +110,8 @@ class GroupedPlan:
                                             for p in split.parts])
 
     def padded_tokens(self) -> tuple[int, ...]:
-        m = reduction_multiple(self.recipe.gemm("wgrad"), self.recipe.rht_size)
-        return tuple(-(-n // m) * m for n in self.sizes)
+        """Each expert's tokens padded on their own, as its dense Wgrad pads them."""
+        return tuple(self.lead.padded("wgrad", n) for n in self.sizes)
 
     def token_columns(self, t: torch.Tensor, padded: Sequence[int]) -> torch.Tensor:
         """(T, c) rows grouped by expert -> (c, sum padded): each expert's rows as columns,
@@ -236,4 +176,4 @@ def grouped_linear(experts, x: torch.Tensor, sizes: Sequence[int]) -> torch.Tens
     return _GroupedLinearFunction.apply(x, GroupedPlan(experts, sizes, x), experts.weight, experts.bias)
 
 
-__all__ = ["GroupedPlan", "grouped_index", "grouped_linear"]
+__all__ = ["GroupedPlan", "grouped_linear"]
