@@ -442,7 +442,7 @@ def test_keyed_values_of_large_chunks_equal_the_eager_formula(dtype, monkeypatch
 
     idx = torch.arange(1 << 21, dtype=torch.int64) + 12345  # some elements near a float32 boundary
     want = (keyed_normal(99, idx) * 0.02).to(dtype)
-    got = init.keyed_values(99, idx, 0.02, dtype)
+    got = init.keyed_values(99, idx, 0.02, dtype, compiled=True)
     assert init._compiled not in (None, False) and same_bits(got, want)
 
     real = init._compiled
@@ -456,4 +456,22 @@ def test_keyed_values_of_large_chunks_equal_the_eager_formula(dtype, monkeypatch
     monkeypatch.setattr(init, "_compiled", wrong_near)
     keys = [init.derive_key(99, j) for j in range(3)]
     assert not same_bits(wrong_near(*keys, idx, torch.tensor(0.02, dtype=torch.float64), dtype)[0], want)
-    assert same_bits(init.keyed_values(99, idx, 0.02, dtype), want)
+    assert same_bits(init.keyed_values(99, idx, 0.02, dtype, compiled=True), want)
+
+
+def test_only_a_model_worth_the_compile_initialises_through_the_kernel(monkeypatch):
+    """The kernel's compile (seconds) pays off from ``COMPILE_WORTH`` elements per ``KeyedInit``;
+    below, the eager ops run and the kernel is never asked for (the values are equal either way)."""
+    import megatron_ufp4.model.init as init
+
+    small = torch.nn.Linear(1 << 10, 1 << 10, bias=False)
+    large = torch.nn.Linear(init.COMPILE_WORTH >> 10, 1 << 10, bias=False, device="meta")
+    assert not KeyedInit(small, 1).compiled and KeyedInit(large, 1).compiled
+
+    calls = []
+    monkeypatch.setattr(init, "_compiled", lambda *args: calls.append(args))  # (a failing kernel is set aside)
+    keyed = KeyedInit(small, 1)
+    keyed.normal_(small, std=0.02)
+    assert calls == [] and init._compiled is not False
+    idx = torch.arange(1 << 20, dtype=torch.int64).view(1 << 10, 1 << 10)
+    assert same_bits(small.weight.detach(), (keyed_normal(name_key(1, "weight"), idx) * 0.02).float())

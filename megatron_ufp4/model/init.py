@@ -67,6 +67,9 @@ def keyed_normal(key: int, index: torch.Tensor) -> torch.Tensor:
 
 # -- the same values, fast: a compiled kernel for large chunks ------------------------------------------
 _COMPILE_MIN = 1 << 17  # elements: below, eager ops cost less than a compiled kernel's call
+# elements a KeyedInit fills: below, eager (~4.5M/s on 2 cores) finishes before the kernel's
+# compile would (~6 s with a warm cache), so a small model never compiles it
+COMPILE_WORTH = 1 << 25
 _MARGIN = 2.0 ** -44  # relative: far above any two float64 implementations' gap on these values (~8 ulp)
 _ROUNDED = (torch.float32, torch.bfloat16, torch.float16)  # float64 keeps every bit: eager only
 _compiled = None  # torch.compile'd ``_narrow_values``, made at the first large chunk; False: unavailable
@@ -95,10 +98,11 @@ def _narrow_values(k1: int, k2: int, k3: int, index: torch.Tensor, std: torch.Te
     return v.to(torch.float32).to(dtype), near
 
 
-def keyed_values(key: int, index: torch.Tensor, std: float, dtype: torch.dtype) -> torch.Tensor:
-    """``(keyed_normal(key, index) * std).to(dtype)``, exactly, fast for large ``index``.
+def keyed_values(key: int, index: torch.Tensor, std: float, dtype: torch.dtype, compiled: bool = False) -> torch.Tensor:
+    """``(keyed_normal(key, index) * std).to(dtype)``, exactly; fast for large ``index`` when
+    ``compiled`` (worth its compile: a large model's initialisation).
 
-    A chunk of at least 2^17 elements below 2^31 runs one compiled kernel of the same formula
+    With ``compiled``, a chunk of at least 2^17 elements below 2^31 runs one compiled kernel of the same formula
     (several times the eager ops' speed on a CPU).  Its float64 log / cos may differ from the
     eager ones in the last bits, so every element whose value lies within 2^-44 (relative) of
     a float32 rounding boundary -- about 2 per million -- is computed again by ``keyed_normal``
@@ -107,7 +111,7 @@ def keyed_values(key: int, index: torch.Tensor, std: float, dtype: torch.dtype) 
     torch.compile cannot run (no C++ compiler), the eager ops give the same values, slower."""
     global _compiled
     n = index.numel()
-    if (n < _COMPILE_MIN or index.device.type != "cpu" or _compiled is False or dtype not in _ROUNDED
+    if (not compiled or n < _COMPILE_MIN or index.device.type != "cpu" or _compiled is False or dtype not in _ROUNDED
             or int(index.max()) >= (1 << 31) - 1):
         return (keyed_normal(key, index) * std).to(dtype)
     if _compiled is None:
@@ -137,6 +141,7 @@ class KeyedInit:
     def __init__(self, root: nn.Module, seed: int | None = None):
         self.seed = int(torch.randint(0, 2 ** 62, (1,), device="cpu")) if seed is None else int(seed)
         self._names = {id(m): n for n, m in root.named_modules()}
+        self.compiled = sum(p.numel() for p in root.parameters()) >= COMPILE_WORTH  # see keyed_values
 
     def name_of(self, module: nn.Module, attr: str) -> str:
         prefix = self._names.get(id(module))
@@ -160,4 +165,4 @@ class KeyedInit:
         for start in range(0, t.shape[0], step):
             rows = slice(start, min(start + step, t.shape[0]))
             idx = global_index(t.shape, spec, t.device, rows)
-            t[rows] = keyed_values(key, idx, std, t.dtype)
+            t[rows] = keyed_values(key, idx, std, t.dtype, self.compiled)
