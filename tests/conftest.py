@@ -17,15 +17,13 @@ if "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"
 
 def pytest_collection_modifyitems(session, config, items):
-    """The whole-matrix GPU kernel compile is a CPU job of its own: when its test is selected,
-    start it now in the background, on the core the mostly one-threaded tests leave idle; the
-    test (late in the suite) waits for it (tests/kernel_compile.py)."""
-    import importlib.util
+    """Checks whose whole work is other processes (a GPU-kernel compile, cross-target compile
+    probes) start now in the background, at the lowest priority, on the core the mostly
+    one-threaded tests leave idle; their tests (later in the suite) wait for them
+    (tests/background.py)."""
+    import background
 
-    import kernel_compile
-
-    if importlib.util.find_spec("triton") is not None and any(i.nodeid.endswith(kernel_compile.TEST) for i in items):
-        kernel_compile.start()
+    background.start_collected([i.nodeid for i in items])
 
 
 TESTS_DIR = Path(__file__).resolve().parent

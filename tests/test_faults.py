@@ -89,32 +89,45 @@ def _children(pid: int) -> dict[int, int]:
 
 # -- preemption: one process ---------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
-def test_signal_saves_a_checkpoint_at_the_step_boundary_and_resume_continues(tiny_overrides, tmp_path, sig, code):
-    run = tmp_path / "run"
-    proc = _start(tiny_overrides("tiny_dense", run, *LONG))
-    _wait_for(lambda: _metrics_steps(run) >= 3, proc, what="three logged steps")
-    t0 = time.monotonic()
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
-    elapsed = time.monotonic() - t0
-    assert proc.returncode == code, (proc.returncode, err[-3000:])
-    last = _lines(err)[-1]
-    steps = [r["step"] for r in read_metrics(run)]
-    saved = [p.name for p in list_checkpoints(run)]
-    assert last.startswith(f"stopped by {sig.name} at step {steps[-1]}: saved checkpoint"), err[-2000:]
-    assert saved == [f"step_{steps[-1]:08d}"] and steps == list(range(1, steps[-1] + 1))
-    assert (run / "checkpoints" / saved[0] / ".metadata").is_file()  # sharded, as on every layout
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == saved  # no temporary directory left
-    assert not [line for line in _lines(err) if "Traceback" in line]
-    assert elapsed < 60, elapsed  # the rest of one ~0.1 s step plus one save
-    # training.resume=auto continues from it
-    more = subprocess.run(_train_cmd(tiny_overrides("tiny_dense", run, *LONG[:1], "training.eval_interval=0",
-                                                    f"training.train_steps={steps[-1] + 2}")),
-                          cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert more.returncode == 0, more.stderr[-2000:]
-    assert f"resumed from {run / 'checkpoints' / saved[0]} at step {steps[-1]}" in more.stdout
-    assert [r["step"] for r in read_metrics(run)] == list(range(1, steps[-1] + 3))
+def test_signal_saves_a_checkpoint_at_the_step_boundary_and_resume_continues(tiny_overrides, tmp_path):
+    """SIGTERM and SIGINT, each sent to a run of its own; the two runs go side by side."""
+    cases = {signal.SIGTERM: 143, signal.SIGINT: 130}
+    runs = {sig: tmp_path / sig.name for sig in cases}
+    procs = {sig: _start(tiny_overrides("tiny_dense", runs[sig], *LONG)) for sig in cases}
+    try:
+        results = {}
+        for sig, proc in procs.items():
+            _wait_for(lambda: _metrics_steps(runs[sig]) >= 3, proc, what=f"three logged steps before {sig.name}")
+            t0 = time.monotonic()
+            proc.send_signal(sig)
+            out, err = proc.communicate(timeout=120)
+            results[sig] = (proc.returncode, err, time.monotonic() - t0)
+    finally:
+        for proc in procs.values():
+            _kill_tree(proc)
+    resumes = {}
+    for sig, (rc, err, elapsed) in results.items():
+        run = runs[sig]
+        assert rc == cases[sig], (sig.name, rc, err[-3000:])
+        last = _lines(err)[-1]
+        steps = [r["step"] for r in read_metrics(run)]
+        saved = [p.name for p in list_checkpoints(run)]
+        assert last.startswith(f"stopped by {sig.name} at step {steps[-1]}: saved checkpoint"), err[-2000:]
+        assert saved == [f"step_{steps[-1]:08d}"] and steps == list(range(1, steps[-1] + 1))
+        assert (run / "checkpoints" / saved[0] / ".metadata").is_file()  # sharded, as on every layout
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == saved  # no temporary directory left
+        assert not [line for line in _lines(err) if "Traceback" in line]
+        assert elapsed < 60, elapsed  # the rest of one ~0.1 s step plus one save
+        # training.resume=auto continues from it (both resumes side by side)
+        resumes[sig] = (steps[-1], saved[0], subprocess.Popen(
+            _train_cmd(tiny_overrides("tiny_dense", run, *LONG[:1], "training.eval_interval=0",
+                                      f"training.train_steps={steps[-1] + 2}")),
+            cwd=REPO_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for sig, (last_step, saved, proc) in resumes.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+        assert f"resumed from {runs[sig] / 'checkpoints' / saved} at step {last_step}" in out
+        assert [r["step"] for r in read_metrics(runs[sig])] == list(range(1, last_step + 3))
 
 
 @pytest.mark.slow

@@ -15,79 +15,41 @@ AVX2 from an AVX-512 entry it returns wrong values (NaN, 1e15) and can abort wit
 corruption; at ``default`` from an AVX2 entry the C++ does not compile.  Two processes share
 one fresh cache directory, the first at the CPU's highest level, the second one level lower;
 each quantizes the same tensor through the compiled core with the guard (``fake_quantize(...,
-fused=True)``) and then without it (a bare ``torch.compile`` of the same core).
+fused=True)``) and then without it (a bare ``torch.compile`` of the same core).  The
+probes (tests/helpers/cpu_target_probes.py) run in the background from collection
+(tests/background.py).
 """
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+import background
 from megatron_ufp4.fp4 import RHT, fake_quantize
 
 pytestmark = pytest.mark.numerical
 
-PROBE = """
-import importlib, json
-import torch
-from megatron_ufp4.fp4 import fake_quantize
-from megatron_ufp4.fp4.compiled import target_isa
-Q = importlib.import_module("megatron_ufp4.fp4.quantize")
-from megatron_ufp4.fp4.formats import make_format
-
-x = torch.randn(64, 512, generator=torch.Generator().manual_seed(0))
-eager = fake_quantize(x, "int4")
-guarded = fake_quantize(x, "int4", fused=True)
-print(json.dumps({"isa": target_isa(), "guarded": torch.equal(guarded, eager)}), flush=True)
-bare = torch.compile(Q._blocks_core, dynamic=True)(x, make_format("int4"), "rtne", None, None, None, None, True)[0]
-print(json.dumps({"bare": torch.equal(bare.reshape(x.shape), eager)}), flush=True)
-"""
-
-
-def _levels() -> list[str]:
-    """The dispatch levels this CPU runs, lowest first."""
-    out = []
-    for level in ("default", "avx2", "avx512"):
-        env = {**os.environ, "ATEN_CPU_CAPABILITY": level}
-        got = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
-                             env=env, capture_output=True, text=True, check=True).stdout.strip().lower()
-        if got == level:
-            out.append(level)
-    return out
-
-
-def _probe(level: str, cache: str) -> tuple[dict, int]:
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": level, "TORCHINDUCTOR_CACHE_DIR": cache,
-           "PYTHONPATH": str(REPO_ROOT)}
-    env.pop("TORCH_COMPILE_CACHE_KEY_TAG", None)
-    proc = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=600)
-    result = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("{"):
-            result.update(json.loads(line))
-    return result, proc.returncode
-
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="the ISA levels are x86 Linux dispatch levels")
-def test_compiled_quantizer_is_not_reused_across_cpu_targets(tmp_path):
-    levels = _levels()
+def test_compiled_quantizer_is_not_reused_across_cpu_targets():
+    # the two probes (tests/helpers/cpu_target_probes.py) ran in the background from collection
+    rc, out, err = background.result("cpu_target_probes")
+    assert rc == 0, err[-3000:]
+    report = json.loads(out.strip().splitlines()[-1])
+    levels = report["levels"]
     if len(levels) < 2 or levels[-1] == "default":
         pytest.skip("this CPU offers a single dispatch level")
     writer, reader = levels[-1], levels[-2]
-    cache = str(tmp_path / "inductor")
-    first, rc = _probe(writer, cache)
-    assert rc == 0 and first["isa"].split()[0] == writer and first["guarded"] and first["bare"], (first, rc)
-    second, rc = _probe(reader, cache)
+    first, second = report["writer"], report["reader"]
+    assert first["rc"] == 0 and first["isa"].split()[0] == writer and first["guarded"] and first["bare"], first
     assert second.get("isa", "").split()[:1] == ["scalar" if reader == "default" else reader], second
     assert second.get("guarded") is True, second  # with the tag: compiled afresh for this target, exact
     # without it the entry made for the other target is reused: wrong values, a crash or a C++ compile error
-    assert second.get("bare") is not True or rc != 0, (second, rc)
+    assert second.get("bare") is not True or second["rc"] != 0, second
 
 
 def test_cache_key_tag_names_the_target_and_keeps_the_users_tag():

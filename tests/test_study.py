@@ -268,18 +268,21 @@ def study_run(shakespeare_prefix, tmp_path_factory):
     study = load_study(path)
     partial = next(r for r in study.runs() if r.key == "ufp4/seed_2")
     with _one_thread_per_run():
-        threads = StudyRunner(study, jobs=1).threads
+        threads = StudyRunner(study, jobs=2).threads
         assert threads == 1
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        pre = subprocess.run([sys.executable, "-m", "megatron_ufp4.train", BASE, *partial.overrides,
-                              "training.resume=auto", "--exit-after", "2"], env=env, capture_output=True, text=True)
-        assert pre.returncode == 0, pre.stderr[-2000:]
-        before = {r.key: status(study, r) for r in study.runs()}
-        rc, log = _main_quietly([path, "--jobs", "1"])
-        # the same run, uninterrupted, in another study (only that arm and seed)
+        # the interrupted run's first two steps, while the same run, uninterrupted, goes in another
+        # study (only that arm and seed): the two are independent processes
+        pre = subprocess.Popen([sys.executable, "-m", "megatron_ufp4.train", BASE, *partial.overrides,
+                                "training.resume=auto", "--exit-after", "2"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
         fresh_path = _write(root / "fresh.yaml", _spec(shakespeare_prefix, root / "fresh",
                                                        arms={"ufp4": {"recipe.name": "ufp4"}}, seeds=[2]))
         fresh_rc, fresh_log = _main_quietly([fresh_path, "--jobs", "1"])
+        pre_err = pre.communicate()[1]
+        assert pre.returncode == 0, pre_err[-2000:]
+        before = {r.key: status(study, r) for r in study.runs()}
+        rc, log = _main_quietly([path, "--jobs", "2"])  # two runs at a time, one thread each: the same bits
     fresh_study = load_study(fresh_path)
     return dict(path=path, study=study, partial=partial, before=before, rc=rc, log=log, fresh_rc=fresh_rc,
                 fresh_log=fresh_log, fresh=fresh_study.runs()[0])

@@ -16,7 +16,7 @@ import importlib.util
 
 import pytest
 
-import kernel_compile
+import background
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -42,8 +42,8 @@ def test_launcher_matrix_covers_every_kernel_variant():
 
 @pytest.mark.slow
 def test_every_kernel_configuration_compiles_for_hopper_and_blackwell_without_spills():
-    # compiled in a background process started when this test was collected (tests/kernel_compile.py)
-    returncode, stdout, stderr = kernel_compile.result()
+    # compiled in a background process started when this test was collected (tests/background.py)
+    returncode, stdout, stderr = background.result("kernel_compile")
     rows = [ln.split("|")[1:-1] for ln in stdout.splitlines() if ln.startswith("| quantize_")
             or ln.startswith("| tensor_")]
     rows = [[c.strip() for c in r] for r in rows if len(r) == 11]  # the per-configuration table
