@@ -90,8 +90,7 @@ class GroupedExperts(nn.Module):
         expert gets, on any layout."""
         for linear, s in ((self.gate_up, std), (self.down, out_std)):
             name, spec = init.name_of(linear, "weight"), placement_of(linear, "weight").per_expert()
-            for j, e in enumerate(linear.experts):
-                init.fill_normal(linear.weight[j], spec, per_expert_name(name, e), s)
+            init.fill_normal_stack(linear.weight, spec, [per_expert_name(name, e) for e in linear.experts], s)
             if linear.bias is not None:
                 nn.init.zeros_(linear.bias)
 

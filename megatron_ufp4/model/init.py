@@ -166,3 +166,16 @@ class KeyedInit:
             rows = slice(start, min(start + step, t.shape[0]))
             idx = global_index(t.shape, spec, t.device, rows)
             t[rows] = keyed_values(key, idx, std, t.dtype, self.compiled)
+
+    @torch.no_grad()
+    def fill_normal_stack(self, t: torch.Tensor, spec: Placement, names, std: float = 1.0) -> None:
+        """Each ``t[j]`` (placed as ``spec``) <- N(0, std^2) keyed by ``names[j]``: a stack of
+        experts, every slice what ``fill_normal`` gives it alone; a slice of one chunk shares
+        one global index with the others (hundreds of small experts per layer)."""
+        if t[0].numel() > _ROWS_PER_CHUNK:
+            for j, name in enumerate(names):
+                self.fill_normal(t[j], spec, name, std)
+            return
+        idx = global_index(t[0].shape, spec, t.device)
+        for j, name in enumerate(names):
+            t[j] = keyed_values(name_key(self.seed, name), idx, std, t.dtype, self.compiled)
