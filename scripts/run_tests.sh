@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up the environment, lint (ruff.toml) and run the whole test suite (CPU only, about 7.5 minutes on 2 cores).
+# Set up the environment, lint (ruff.toml) and run the whole test suite (CPU only, about 6 minutes on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh

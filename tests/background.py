@@ -3,9 +3,11 @@
 The full GPU-kernel compile (tools/compile_kernels.py, every configuration for sm_90 and
 sm_100) and the compiled quantizer's cross-target probes (tests/helpers/cpu_target_probes.py,
 two cold Inductor compiles one after the other) need nothing from the session but CPU time.
-When its test is collected, a job starts at the lowest CPU priority (nice 19), so it takes only
-the cycles the mostly one-threaded tests leave idle and never slows a test down; the test,
-reached later, waits for the job's result.  Run alone, the test starts its job itself.
+When its test is collected, a job starts at the lowest CPU priority (nice 19), so it takes
+mostly the cycles the mostly one-threaded tests leave idle (processes a test starts in a
+session of their own, as the fault tests do, are another Linux autogroup and share the CPU
+with it evenly); the test, reached later, waits for the job's result.  Run alone, the test
+starts its job itself.
 """
 from __future__ import annotations
 
